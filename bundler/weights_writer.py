@@ -1,0 +1,211 @@
+"""Writes the weight store: dedupes tensors into blobs, splits them into independent zstd frames, content-addresses the file.
+
+Format: docs/WEIGHT_STORE.md. Output is deterministic: the same tensors, encoding, level and chunk size give the
+same bytes whatever the thread count (frames are compressed independently, each by its own compressor, and
+written in index order).
+"""
+from __future__ import annotations
+
+import collections
+import concurrent.futures as cf
+import hashlib
+import logging
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Sequence, Union
+
+import numpy as np
+import zstandard
+
+from runtime_shim.errors import ModelError
+from runtime_shim.fsutil import atomic_writer
+from runtime_shim.manifest import DTYPES, WEIGHT_ENCODINGS, Blob, FileRef, Frame, WeightStore, WeightTensor
+from runtime_shim.weights import FLOAT_DTYPES, ITEMSIZE, MAGIC, nbytes_for
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LEVEL = 3  # see docs/WEIGHT_STORE.md for the measurements behind it
+DEFAULT_CHUNK = 4 << 20
+ALIGNMENT = 64  # raw_offset alignment in the unpacked layout: cache lines, and what ONNX/ORT readers seek to
+MIN_SAVING = 0.02  # a blob whose frames save less than this fraction is stored as "none": decoding it would cost for nothing
+
+Buffer = Union[bytes, bytearray, memoryview, np.ndarray]
+Progress = Callable[[int, int], None]  # (raw bytes done, raw bytes in all)
+
+
+@dataclass(frozen=True)
+class Weight:
+    """One tensor to store: its ONNX initializer name, manifest dtype name, shape, and raw little-endian bytes."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    data: Buffer
+
+
+# --------------------------------------------------------------------------- one frame
+def encode_frame(raw: bytes | memoryview, encoding: str, element_size: int, level: int) -> bytes:
+    """Encode one frame's raw bytes; the inverse is runtime_shim.weights.decode_frame_into."""
+    if encoding == "none":
+        return bytes(raw)
+    if encoding == "zstd-byteplane" and element_size > 1:
+        # byte k of every element together: the sign/exponent plane is low-entropy and compresses well
+        raw = np.ascontiguousarray(np.frombuffer(raw, dtype=np.uint8).reshape(-1, element_size).T).data
+    elif encoding not in ("zstd", "zstd-byteplane"):
+        raise ValueError(f"unknown encoding {encoding!r}")
+    return zstandard.ZstdCompressor(level=level, write_content_size=True, write_checksum=False).compress(raw)
+
+
+def _as_bytes(data: Buffer) -> memoryview:
+    if isinstance(data, np.ndarray):
+        arr = data
+        if arr.dtype.byteorder == ">":
+            arr = arr.astype(arr.dtype.newbyteorder("<"))
+        return memoryview(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))
+    return memoryview(data).cast("B")
+
+
+def _check(w: Weight, i: int, raw: memoryview) -> None:
+    where = f"weight {i} ({w.name!r})"
+    if w.dtype not in DTYPES:
+        raise ModelError(f"{where}: dtype {w.dtype!r} cannot be stored; expected one of {', '.join(DTYPES)}")
+    expected = nbytes_for(w.dtype, w.shape)
+    if len(raw) != expected:
+        raise ModelError(f"{where}: {len(raw)} bytes, expected {expected} for {w.dtype} {list(w.shape)}")
+
+
+@dataclass
+class _Plan:
+    blob_of: list[int]  # per input tensor
+    firsts: list[int]  # per blob: the input tensor whose bytes it holds
+    shas: list[str]
+    offsets: list[int]  # raw_offset per blob
+
+
+def _plan(weights: Sequence[Weight], raws: Sequence[memoryview], alignment: int) -> _Plan:
+    seen: dict[tuple[str, str], int] = {}
+    plan = _Plan([], [], [], [])
+    pos = 0
+    for i, (w, raw) in enumerate(zip(weights, raws)):
+        sha = hashlib.sha256(raw).hexdigest()
+        key = (w.dtype, sha)  # same bytes but another dtype stays separate: the byte-plane width differs
+        if key not in seen:
+            seen[key] = len(plan.firsts)
+            pos = -(-pos // alignment) * alignment
+            plan.firsts.append(i)
+            plan.shas.append(sha)
+            plan.offsets.append(pos)
+            pos += len(raw)
+        plan.blob_of.append(seen[key])
+    return plan
+
+
+def write_weight_store(
+    tensors: Iterable[Weight | tuple],
+    bundle_dir: str | os.PathLike[str],
+    *,
+    encoding: str = "zstd-byteplane",
+    level: int = DEFAULT_LEVEL,
+    chunk_bytes: int = DEFAULT_CHUNK,
+    threads: int | None = None,
+    progress: Progress | None = None,
+    alignment: int = ALIGNMENT,
+) -> WeightStore:
+    """Write ``bundle_dir/weights/<sha256>.trtxw`` atomically and return its index for the manifest.
+
+    ``tensors`` are Weight (or (name, dtype, shape, data) tuples) in the order the manifest lists them.
+    ``encoding`` "zstd-byteplane" applies the split to floating dtypes only and plain zstd to the rest.
+    """
+    if encoding not in WEIGHT_ENCODINGS:
+        raise ValueError(f"encoding {encoding!r}: expected one of {', '.join(WEIGHT_ENCODINGS)}")
+    if chunk_bytes < 8:
+        raise ValueError(f"chunk_bytes {chunk_bytes}: expected at least 8")
+    weights = [t if isinstance(t, Weight) else Weight(t[0], t[1], tuple(int(d) for d in t[2]), t[3]) for t in tensors]
+    names = collections.Counter(w.name for w in weights)
+    if dupes := sorted(n for n, c in names.items() if c > 1):
+        raise ModelError(f"weight names must be unique; repeated: {', '.join(map(repr, dupes[:5]))}")
+    raws = [_as_bytes(w.data) for w in weights]
+    for i, (w, raw) in enumerate(zip(weights, raws)):
+        _check(w, i, raw)
+    plan = _plan(weights, raws, alignment)
+    total = sum(len(raws[i]) for i in plan.firsts)
+    threads = max(1, threads if threads is not None else min(8, os.cpu_count() or 1))
+
+    folder = Path(bundle_dir) / "weights"
+    folder.mkdir(parents=True, exist_ok=True)
+    # The name is the content's sha256, known only at the end: write a unique staging file atomically, then rename.
+    staging = folder / f".staging-{uuid.uuid4().hex}.trtxw"
+    blobs: list[Blob] = []
+    file_hash = hashlib.sha256(MAGIC)
+    try:
+        with atomic_writer(staging) as f, cf.ThreadPoolExecutor(threads) as pool:
+            f.write(MAGIC)
+            offset, done = len(MAGIC), 0
+            for b, (stored_frames, blob_encoding, element_size) in enumerate(_encode_blobs(plan, weights, raws, encoding, level, chunk_bytes, pool, 4 * threads)):
+                frames = []
+                for raw_size, stored in stored_frames:
+                    f.write(stored)
+                    file_hash.update(stored)
+                    frames.append(Frame(offset=offset, size=len(stored), raw_size=raw_size, sha256=hashlib.sha256(stored).hexdigest()))
+                    offset += len(stored)
+                raw = raws[plan.firsts[b]]
+                blobs.append(Blob(sha256=plan.shas[b], nbytes=len(raw), raw_offset=plan.offsets[b], encoding=blob_encoding,
+                                  element_size=element_size, frames=tuple(frames)))
+                done += len(raw)
+                if progress is not None:
+                    progress(done, total)
+        sha = file_hash.hexdigest()
+        ref = FileRef.for_content("weights", sha, offset)
+        os.replace(staging, Path(bundle_dir) / ref.path)
+    finally:
+        if staging.exists():
+            staging.unlink()
+    raw_size = max((b.raw_offset + b.nbytes for b in blobs), default=0)
+    store = WeightStore(
+        file=ref, raw_size=raw_size, alignment=alignment, blobs=tuple(blobs),
+        tensors=tuple(WeightTensor(name=w.name, dtype=w.dtype, shape=tuple(w.shape), blob=plan.blob_of[i]) for i, w in enumerate(weights)),
+    )
+    log.info("weight store %s: %d tensors in %d blobs, %d raw bytes -> %d stored (%s)", ref.path, len(weights), len(blobs), total, ref.size, encoding)
+    return store
+
+
+def _encode_blobs(plan: _Plan, weights: Sequence[Weight], raws: Sequence[memoryview], encoding: str, level: int,
+                  chunk_bytes: int, pool: cf.Executor, window: int) -> Iterable[tuple[list[tuple[int, bytes]], str, int]]:
+    """Per blob, in order: its stored frames [(raw_size, bytes)], the encoding chosen and the element size.
+
+    Frames are submitted ahead across blob boundaries with a bounded window, so small blobs keep every thread busy
+    while memory stays bounded by the window (plus one blob's frames).
+    """
+    jobs: collections.deque = collections.deque()
+
+    def blob_params(b: int) -> tuple[str, int, list[memoryview]]:
+        w, raw = weights[plan.firsts[b]], raws[plan.firsts[b]]
+        enc = encoding
+        if enc == "zstd-byteplane" and w.dtype not in FLOAT_DTYPES:
+            enc = "zstd"
+        element_size = ITEMSIZE[w.dtype] if enc == "zstd-byteplane" else 1
+        chunk = max(element_size, chunk_bytes - chunk_bytes % element_size)
+        return enc, element_size, [raw[p:p + chunk] for p in range(0, len(raw), chunk)]
+
+    blobs = iter(range(len(plan.firsts)))
+    queued = 0
+
+    def fill() -> None:
+        nonlocal queued
+        while queued < window and (b := next(blobs, None)) is not None:
+            enc, element_size, pieces = blob_params(b)
+            futs = [pool.submit(encode_frame, piece, enc, element_size, level) for piece in pieces]
+            jobs.append((enc, element_size, pieces, futs))
+            queued += len(futs)
+
+    for _ in range(len(plan.firsts)):
+        fill()
+        enc, element_size, pieces, futs = jobs.popleft()
+        queued -= len(futs)
+        stored = [fut.result() for fut in futs]
+        nbytes = sum(len(p) for p in pieces)
+        if enc != "none" and (nbytes == 0 or sum(len(s) for s in stored) > nbytes * (1 - MIN_SAVING)):
+            enc, element_size, stored = "none", 1, [bytes(p) for p in pieces]
+        yield [(len(p), s) for p, s in zip(pieces, stored)], enc, element_size

@@ -1,0 +1,262 @@
+"""Weight store reader: streams, verifies and decodes the frames of a bundle's weight file (format: docs/WEIGHT_STORE.md).
+
+Shim side: stdlib + numpy + zstandard only (ml_dtypes is used for bfloat16/float8 when importable). Every frame's
+stored bytes are checked against the manifest's sha256 before they are decoded, and every decoded size is checked,
+so a tampered or truncated file fails with an IntegrityError naming the file, the blob, its tensors and the frame.
+"""
+from __future__ import annotations
+
+import collections
+import concurrent.futures as cf
+import hashlib
+import os
+import threading
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import zstandard
+
+from .errors import IntegrityError
+from .fsutil import atomic_writer
+from .manifest import Blob, WeightStore
+
+MAGIC = b"TRTXW\x00\x01\x00"  # "TRTXW", NUL, format version 1, reserved
+HINT_CORRUPT = "the bundle's weight file is damaged or was modified; fetch the bundle again ('trtx-bundle verify' lists every bad file)"
+
+# Bytes per element as stored; int4/uint4 pack two elements per byte (see nbytes_for).
+ITEMSIZE = {
+    "float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "int8": 1, "uint8": 1, "int16": 2, "uint16": 2,
+    "int32": 4, "uint32": 4, "int64": 8, "uint64": 8, "bool": 1, "float8e4m3fn": 1, "int4": 1, "uint4": 1,
+}
+FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")  # the ones a byte-plane split helps
+
+
+def nbytes_for(dtype: str, shape: Iterable[int]) -> int:
+    """Raw size of a tensor: little-endian elements, int4/uint4 packed two per byte (ONNX's layout)."""
+    count = 1
+    for d in shape:
+        count *= int(d)
+    return (count + 1) // 2 if dtype in ("int4", "uint4") else count * ITEMSIZE[dtype]
+
+
+def numpy_dtype(dtype: str) -> np.dtype:
+    """The numpy dtype a tensor is returned as.
+
+    bfloat16 and float8e4m3fn use ml_dtypes when it is importable, else their bit patterns (uint16 / uint8);
+    int4/uint4 come back as their packed bytes (uint8, two elements a byte, low nibble first), which is the layout
+    TensorRT refit expects anyway.
+    """
+    if dtype in ("bfloat16", "float8e4m3fn"):
+        try:
+            import ml_dtypes
+        except ImportError:
+            return np.dtype(np.uint16 if dtype == "bfloat16" else np.uint8)
+        return np.dtype(ml_dtypes.bfloat16 if dtype == "bfloat16" else ml_dtypes.float8_e4m3fn)
+    if dtype in ("int4", "uint4"):
+        return np.dtype(np.uint8)
+    return np.dtype(dtype).newbyteorder("<")
+
+
+# --------------------------------------------------------------------------- one frame
+def decode_frame_into(stored: bytes | memoryview, encoding: str, element_size: int, out: memoryview) -> None:
+    """Decode one stored frame into ``out`` (exactly its raw size). Raises ValueError if the sizes disagree."""
+    if encoding == "none":
+        if len(stored) != len(out):
+            raise ValueError(f"stored {len(stored)} bytes, expected {len(out)}")
+        out[:] = stored
+        return
+    raw = zstandard.ZstdDecompressor().decompress(stored, max_output_size=len(out))
+    if len(raw) != len(out):
+        raise ValueError(f"decoded {len(raw)} bytes, expected {len(out)}")
+    if encoding == "zstd" or element_size == 1:
+        out[:] = raw
+    elif encoding == "zstd-byteplane":
+        # planes[k] holds byte k of every element; interleave them back into elements
+        planes = np.frombuffer(raw, dtype=np.uint8).reshape(element_size, -1)
+        np.copyto(np.frombuffer(out, dtype=np.uint8).reshape(-1, element_size), planes.T)
+    else:
+        raise ValueError(f"unknown encoding {encoding!r}")
+
+
+class WeightReader:
+    """Reads the weight store of one bundle. Thread pools are per call; the reader holds one open file."""
+
+    def __init__(self, bundle_dir: str | os.PathLike[str], store: WeightStore, *, threads: int | None = None, verify_raw: bool = False) -> None:
+        """``verify_raw`` also checks each decoded blob against its raw sha256 (frame hashes already cover the stored bytes)."""
+        self.store = store
+        self.path = Path(bundle_dir) / store.file.path
+        self.threads = max(1, threads if threads is not None else min(8, os.cpu_count() or 1))
+        self.verify_raw = verify_raw
+        self._lock = threading.Lock()  # for seek+read where os.pread is missing (Windows)
+        self._names: dict[int, list[str]] = collections.defaultdict(list)
+        for t in store.tensors:
+            self._names[t.blob].append(t.name)
+        try:
+            self._file = open(self.path, "rb")
+        except FileNotFoundError:
+            raise IntegrityError(f"{self.path}: weight file missing (pinned by the manifest's weights.file)", hint=HINT_CORRUPT) from None
+        try:
+            size = os.fstat(self._file.fileno()).st_size
+            if size != store.file.size:
+                raise IntegrityError(f"{self.path}: size {size} bytes, expected {store.file.size} (weights.file.size); truncated or replaced", hint=HINT_CORRUPT)
+            head = self._file.read(len(MAGIC))
+            if head != MAGIC:
+                raise IntegrityError(f"{self.path}: does not start with the weight store magic {MAGIC!r} (got {head!r}); not a trtx weight file", hint=HINT_CORRUPT)
+        except BaseException:
+            self._file.close()
+            raise
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> WeightReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ----------------------------------------------------------------------- low level
+    def _what(self, index: int) -> str:
+        names = self._names.get(index, [])
+        shown = ", ".join(repr(n) for n in names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        return f"blob {index} (tensor {shown or 'none'})"
+
+    def _read_at(self, offset: int, size: int) -> bytes:
+        if hasattr(os, "pread"):
+            data = os.pread(self._file.fileno(), size, offset)
+        else:  # pragma: no cover - Windows
+            with self._lock:
+                self._file.seek(offset)
+                data = self._file.read(size)
+        return data
+
+    def _decode_frame(self, index: int, j: int, out: memoryview) -> None:
+        blob = self.store.blobs[index]
+        frame = blob.frames[j]
+        where = f"{self.path}: {self._what(index)}, frame {j} (file offset {frame.offset}, {frame.size} bytes)"
+        stored = self._read_at(frame.offset, frame.size)
+        if len(stored) != frame.size:
+            raise IntegrityError(f"{where}: file ends after {len(stored)} bytes of it; truncated", hint=HINT_CORRUPT)
+        actual = hashlib.sha256(stored).hexdigest()
+        if actual != frame.sha256:
+            raise IntegrityError(f"{where}: sha256 {actual}, expected {frame.sha256}", hint=HINT_CORRUPT)
+        try:
+            decode_frame_into(stored, blob.encoding, blob.element_size, out)
+        except (ValueError, zstandard.ZstdError) as e:
+            raise IntegrityError(f"{where}: cannot decode as {blob.encoding} ({e})", hint=HINT_CORRUPT) from None
+
+    def _frame_slices(self, index: int, out: memoryview) -> list[tuple[int, memoryview]]:
+        blob = self.store.blobs[index]
+        if len(out) != blob.nbytes:
+            raise ValueError(f"buffer for {self._what(index)} has {len(out)} bytes, expected {blob.nbytes}")
+        slices, pos = [], 0
+        for j, f in enumerate(blob.frames):
+            slices.append((j, out[pos:pos + f.raw_size]))
+            pos += f.raw_size
+        return slices
+
+    def _check_raw(self, index: int, out: memoryview) -> None:
+        if self.verify_raw:
+            blob = self.store.blobs[index]
+            actual = hashlib.sha256(out).hexdigest()
+            if actual != blob.sha256:
+                raise IntegrityError(f"{self.path}: {self._what(index)} decodes to sha256 {actual}, expected {blob.sha256}", hint=HINT_CORRUPT)
+
+    # ----------------------------------------------------------------------- public
+    def decode_blob_into(self, index: int, out: memoryview) -> None:
+        """Decode blob ``index`` into a caller-provided buffer of exactly ``nbytes`` (e.g. pinned host memory)."""
+        out = memoryview(out).cast("B")
+        slices = self._frame_slices(index, out)
+        if self.threads == 1 or len(slices) <= 1:
+            for j, piece in slices:
+                self._decode_frame(index, j, piece)
+        else:
+            with cf.ThreadPoolExecutor(self.threads) as pool:
+                for fut in [pool.submit(self._decode_frame, index, j, piece) for j, piece in slices]:
+                    fut.result()
+        self._check_raw(index, out)
+
+    def iter_blobs(self, indices: Iterable[int] | None = None) -> Iterator[tuple[int, memoryview]]:
+        """Yield ``(index, raw bytes)`` per blob in the given order (default: all), decoding ahead on threads.
+
+        At most ``2 * threads`` frames are in flight, so memory is bounded by the blobs being decoded, not by
+        the model. Each yielded buffer is new; keeping it is the caller's choice.
+        """
+        order = list(range(len(self.store.blobs)) if indices is None else indices)
+        window = 2 * self.threads
+        # FIFO of frame futures and end-of-blob markers (future None): a blob is yielded when its marker comes out
+        pending: collections.deque[tuple[int, cf.Future[None] | None, memoryview]] = collections.deque()
+        in_flight = 0
+        with cf.ThreadPoolExecutor(self.threads) as pool:
+            try:
+                for index in order:
+                    buf = memoryview(bytearray(self.store.blobs[index].nbytes))
+                    for j, piece in self._frame_slices(index, buf):
+                        pending.append((index, pool.submit(self._decode_frame, index, j, piece), piece))
+                        in_flight += 1
+                        while in_flight > window:
+                            done, fut, item = pending.popleft()
+                            if fut is None:
+                                self._check_raw(done, item)
+                                yield done, item
+                            else:
+                                fut.result()
+                                in_flight -= 1
+                    pending.append((index, None, buf))
+                while pending:
+                    done, fut, item = pending.popleft()
+                    if fut is None:
+                        self._check_raw(done, item)
+                        yield done, item
+                    else:
+                        fut.result()
+            finally:
+                for _, fut, _ in pending:
+                    if fut is not None:
+                        fut.cancel()
+
+    def read_tensor(self, name: str) -> np.ndarray:
+        """A new, writable array with the tensor's dtype (see numpy_dtype) and shape."""
+        try:
+            t = self.store.tensor(name)
+        except KeyError:
+            raise KeyError(f"{self.path}: no tensor named {name!r} in the weight store ({len(self.store.tensors)} tensors)") from None
+        blob = self.store.blobs[t.blob]
+        arr = np.empty(blob.nbytes, dtype=np.uint8)
+        self.decode_blob_into(t.blob, memoryview(arr))
+        return _shaped(arr, t.dtype, t.shape)
+
+    def read_all(self) -> dict[str, np.ndarray]:
+        """Every tensor by name. Tensors with identical bytes share one read-only buffer (so arrays are read-only)."""
+        by_blob: dict[int, list] = collections.defaultdict(list)
+        for t in self.store.tensors:
+            by_blob[t.blob].append(t)
+        out: dict[str, np.ndarray] = {}
+        for index, buf in self.iter_blobs(sorted(by_blob)):
+            raw = np.frombuffer(buf, dtype=np.uint8)
+            for t in by_blob[index]:
+                arr = _shaped(raw, t.dtype, t.shape)
+                arr.flags.writeable = False
+                out[t.name] = arr
+        return {t.name: out[t.name] for t in self.store.tensors}
+
+    def unpack_raw(self, path: str | os.PathLike[str]) -> None:
+        """Write the unpacked raw layout (each blob at its raw_offset, zero padding between) atomically, streaming."""
+        order = sorted(range(len(self.store.blobs)), key=lambda i: self.store.blobs[i].raw_offset)
+        with atomic_writer(path) as f:
+            pos = 0
+            for index, buf in self.iter_blobs(order):
+                blob: Blob = self.store.blobs[index]
+                if blob.raw_offset < pos:
+                    raise IntegrityError(f"{self.path}: {self._what(index)} raw_offset {blob.raw_offset} overlaps the previous blob (ends at {pos})", hint=HINT_CORRUPT)
+                f.write(bytes(blob.raw_offset - pos))
+                f.write(buf)
+                pos = blob.raw_offset + blob.nbytes
+            f.write(bytes(self.store.raw_size - pos))
+
+
+def _shaped(raw: np.ndarray, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
+    if dtype in ("int4", "uint4"):
+        return raw  # packed bytes: there is no numpy shape for half-byte elements
+    return raw.view(numpy_dtype(dtype)).reshape(shape)

@@ -6,15 +6,20 @@ modules registered on one group: build-side here, run-side in cli_run.py, farm-s
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import sys
-from typing import Any, Callable
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
 
 import click
 
 from runtime_shim.errors import BundleError
+from runtime_shim.manifest import WEIGHT_ENCODINGS
 
 from . import __version__
 
@@ -74,3 +79,211 @@ def main(verbose: int) -> None:
     root.setLevel(logging.WARNING)
     for name in ("bundler", "runtime_shim"):
         logging.getLogger(name).setLevel(logging.DEBUG if verbose >= 2 else logging.INFO if verbose else logging.WARNING)
+
+
+# =========================================================================== build side: build, inspect, verify, pack, unpack
+class _StderrProgress:
+    """Progress for the build: a step that runs past a second is announced on stderr, then closed with its time."""
+
+    DELAY = 1.0
+
+    def __init__(self, quiet: bool = False) -> None:
+        self.quiet = quiet
+        self._lock = threading.Lock()
+        self._shown: set[str] = set()
+        self._last_advance = 0.0
+
+    @contextlib.contextmanager
+    def step(self, label: str) -> Iterator[None]:
+        t0 = time.monotonic()
+        timer = threading.Timer(self.DELAY, self._announce, (label,))
+        timer.daemon = True
+        timer.start()
+        try:
+            yield
+        finally:
+            timer.cancel()
+            with self._lock:
+                shown = label in self._shown
+                self._shown.discard(label)
+            if shown and not self.quiet:
+                info(f"  {label}: done in {time.monotonic() - t0:.1f} s")
+
+    def _announce(self, label: str) -> None:
+        with self._lock:
+            self._shown.add(label)
+        if not self.quiet:
+            info(f"  {label} ...")
+
+    def note(self, message: str) -> None:
+        info(message)
+
+    def advance(self, label: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if label not in self._shown or now - self._last_advance < self.DELAY or not total:
+                return
+            self._last_advance = now
+        if not self.quiet:
+            info(f"  {label}: {100 * done // total}% of {_mib(total)}")
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB" if n >= 1 << 20 else f"{n / 1024:.1f} KiB" if n >= 1024 else f"{n} B"
+
+
+def _parse_sms(_ctx: click.Context, _param: click.Parameter, value: str | None) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    try:
+        return tuple(int(v.strip().replace(".", "")) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected compute capabilities like 80,86,89,120, got {value!r}") from None
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-o", "--output", "output", required=True, type=click.Path(file_okay=False, path_type=Path), help="Bundle directory to create.")
+@click.option("--shape", "shapes", multiple=True, metavar="NAME=MIN:OPT:MAX",
+              help="Range of a dynamic input, dims joined by x (1x3x224x224:4x3x224x224:16x3x224x224; one shape = fixed). "
+                   "The k-th --shape of an input goes to profile k; an input given once applies to every profile. "
+                   "Replaces the profiles of --config.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), help="bundle.toml (see templates/bundle.toml).")
+@click.option("--sm", callback=_parse_sms, metavar="80,86,...", help="Targets of the weightful engine (default: TRT-RTX's default targets).")
+@click.option("--name", help="Model name in the manifest (default: the ONNX file's stem).")
+@click.option("--model-version", help="Model version in the manifest (default: 0).")
+@click.option("--no-weightful", is_flag=True, help="Skip the weightful multi-SM engine (the farm builds weightless ones).")
+@click.option("--encoding", type=click.Choice(WEIGHT_ENCODINGS), help="Weight store encoding (default zstd-byteplane).")
+@click.option("--force", is_flag=True, help="Write into a non-empty directory: replaces the bundle's own files only, never deletes others.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
+@render_errors
+def build(model: Path, output: Path, shapes: tuple[str, ...], config_path: Path | None, sm: tuple[int, ...] | None,
+          name: str | None, model_version: str | None, no_weightful: bool, encoding: str | None, force: bool, as_json: bool) -> None:
+    """Turn MODEL.onnx into a bundle: weight store, skeleton, engines, manifest."""
+    from .build import build_bundle
+    from .config import load_config, make_options
+
+    config = load_config(config_path) if config_path else None
+    options = make_options(config, shapes=shapes, sms=sm, name=name, version=model_version,
+                           weightful=False if no_weightful else None, encoding=encoding, force=force)
+    t0 = time.monotonic()
+    result = build_bundle(model, output, options=options, progress=_StderrProgress())
+    m = result.manifest
+    summary = {
+        "bundle": str(result.bundle_dir), "model": m.model.name, "seconds": round(time.monotonic() - t0, 3),
+        "raw_weight_bytes": result.raw_weight_bytes, "stored_weight_bytes": result.stored_weight_bytes,
+        "engines": [{"kind": e.kind, "platform": e.platform, "compute_capabilities": list(e.compute_capabilities),
+                     "size": e.file.size, "path": e.file.path} for e in m.engines],
+        "notes": list(result.notes), "left_alone": list(result.left_alone),
+        "step_seconds": {k: round(v, 3) for k, v in result.seconds.items()},
+    }
+    if as_json:
+        emit_json(summary)
+        return
+    ratio = f" ({result.raw_weight_bytes / result.stored_weight_bytes:.2f}x)" if result.stored_weight_bytes else ""
+    info(f"built {result.bundle_dir} in {summary['seconds']:.1f} s")
+    info(f"  weights: {_mib(result.raw_weight_bytes)} raw -> {_mib(result.stored_weight_bytes)} stored{ratio}")
+    for e in m.engines:
+        targets = ", ".join(f"{s // 10}.{s % 10}" for s in e.compute_capabilities) or "TRT-RTX default targets"
+        info(f"  engine: {e.kind} {e.platform} SM {targets}: {_mib(e.file.size)}")
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
+@render_errors
+def inspect(bundle: Path, as_json: bool) -> None:
+    """Show what a bundle holds: model, I/O, profiles, weights, engines, runtime caches."""
+    from .bundle_io import describe_bundle
+
+    d = describe_bundle(bundle)
+    if as_json:
+        emit_json(d)
+        return
+    model, w = d["model"], d["weights"]
+    out = [f"bundle   {d['bundle']}", f"model    {model['name']} {model['version']} (opset {model['opset']}; schema {d['schema_version']})",
+           f"TRT-RTX  {d['trt_rtx']['version']} ({d['trt_rtx']['cuda_flavour']})", "inputs"]
+    out += [f"  {t['name']:<24} {t['dtype']:<9} {_dims(t['shape'])}" for t in d["inputs"]]
+    out += ["outputs"] + [f"  {t['name']:<24} {t['dtype']:<9} {_dims(t['shape'])}" for t in d["outputs"]]
+    out.append("profiles" + ("" if d["profiles"] else "  (none: every input is fixed)"))
+    for i, p in enumerate(d["profiles"]):
+        for n, r in p["shapes"].items():
+            out.append(f"  [{i}] {n:<20} {'x'.join(map(str, r['min']))} : {'x'.join(map(str, r['opt']))} : {'x'.join(map(str, r['max']))}")
+    if d["warmup_shapes"]:
+        out += ["warm-up"] + [f"  [{i}] " + ", ".join(f"{n}={'x'.join(map(str, s))}" for n, s in ws.items()) for i, ws in enumerate(d["warmup_shapes"])]
+    ratio = f"{w['ratio']:.2f}x" if w["ratio"] else "-"
+    out.append(f"weights  {w['tensors']} tensors in {w['blobs']} blobs: {w['raw_bytes']:,} bytes raw -> {w['stored_bytes']:,} stored ({ratio}; "
+               + ", ".join(f"{k} x{v}" for k, v in w["encodings"].items()) + ")")
+    out.append("engines" + ("" if d["engines"] else "  (none)"))
+    for e in d["engines"]:
+        targets = ", ".join(f"{s // 10}.{s % 10}" for s in e["compute_capabilities"]) or "TRT-RTX default targets"
+        out.append(f"  {e['kind']:<10} {e['platform']:<13} SM {targets:<24} {e['file']['size']:>12,} bytes  {e['file']['sha256'][:12]}")
+    out.append("runtime caches" + ("" if d["runtime_caches"] else "  (none)"))
+    for c in d["runtime_caches"]:
+        k = c["key"]
+        out.append(f"  {k['gpu_name']} (SM {k['sm']}, {k['os']}, driver >= {k['driver_version']}, {k['cuda_flavour']}): {c['file']['size']:,} bytes")
+    # COVERAGE MATRIX: the farm helper renders d["coverage"] here (GPU x driver x OS -> engine, cache).
+    created = d["creator"]["created"]
+    out.append(f"created  by {d['creator']['tool']} {d['creator']['version']}" + (f" at {created} (SOURCE_DATE_EPOCH)" if created is not None else ""))
+    out += [f"warning: {msg}" for msg in d["warnings"]]
+    info("\n".join(out))
+
+
+def _dims(shape: list) -> str:
+    return "[" + ", ".join(str(s) for s in shape) + "]"
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the problems as JSON on stdout.")
+def verify(bundle: Path, as_json: bool) -> None:
+    """Check the schema and every file's size and sha256; name what is missing, changed, truncated or extra."""
+    from .bundle_io import verify_bundle
+
+    problems = verify_bundle(bundle)
+    fatal = [p for p in problems if p.fatal]
+    if as_json:
+        emit_json({"bundle": str(bundle), "ok": not fatal, "problems": [p.to_dict() for p in problems]})
+    else:
+        for p in problems:
+            if not p.fatal:
+                info(f"warning: {p}")
+        if fatal:
+            click.secho(f"ERROR {bundle}: {len(fatal)} problem(s)", fg="red", err=True)
+            for p in fatal[:20]:
+                info(f"  {p}")
+            if len(fatal) > 20:
+                info(f"  ... and {len(fatal) - 20} more (--json lists them all)")
+            hint = next((p.hint for p in fatal if p.hint), None)
+            if hint:
+                info(f"hint: {hint}")
+        else:
+            info(f"OK {bundle}: every file matches the manifest")
+    if fatal:
+        sys.exit(EXIT_ERROR)
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Archive file to write.")
+@render_errors
+def pack(bundle: Path, output: Path) -> None:
+    """Pack a verified bundle into one file (a deterministic, uncompressed tar)."""
+    from .bundle_io import pack_bundle
+
+    r = pack_bundle(bundle, output)
+    info(f"packed {r.files} files into {r.path} ({_mib(r.size)})")
+    if r.left_out:
+        info(f"warning: left out {len(r.left_out)} file(s) the manifest does not list: {', '.join(r.left_out[:5])}")
+
+
+@main.command()
+@click.argument("archive", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-o", "--output", "output", required=True, type=click.Path(file_okay=False, path_type=Path), help="New (or empty) directory.")
+@render_errors
+def unpack(archive: Path, output: Path) -> None:
+    """Unpack a bundle archive safely (no links, devices, absolute paths or '..') and verify it."""
+    from .bundle_io import unpack_bundle
+
+    m = unpack_bundle(archive, output)
+    info(f"unpacked {archive} into {output}: {m.model.name} {m.model.version}, {len(m.files())} files verified")

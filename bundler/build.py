@@ -1,0 +1,231 @@
+"""`build_bundle`: ONNX model -> bundle directory (weight store, skeleton, engines, manifest), all or nothing.
+
+Order: load and normalize the model, check the profiles, write the weight store and the skeleton, build the
+engines from a normalized full model (so engine weight names are the store's names), write manifest.json
+last, verify, then move the result into place. Everything is written into a temp sibling directory first,
+so an error leaves the output path as it was.
+
+Output directory rule: a missing or empty directory is filled; a non-empty one is refused unless
+``force``. With ``force`` only the bundle's own files are replaced: manifest.json, the new content files, and
+the old content files that the old manifest listed. Any other file there is left alone (and reported).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ContextManager, Iterator, Protocol
+
+from runtime_shim.errors import BundleError, ManifestError, ModelError
+from runtime_shim.fsutil import atomic_write, sha256_bytes, sha256_file
+from runtime_shim.manifest import (
+    MANIFEST_NAME, Creator, FileRef, Manifest, ModelInfo, Skeleton, TrtRtx, read_manifest,
+)
+
+from . import __version__
+from .bundle_io import raise_for_problems, verify_bundle
+from .config import BuildOptions, check_warmups, resolve_profiles
+from .engines import BuiltEngine, build_engines, plan_engines, trt_rtx_identity
+
+__all__ = ["BuildOptions", "BuildResult", "Progress", "build_bundle", "OutputDirError"]
+
+SKELETON_EXTERNAL_DATA = "weights.bin"
+NORMALIZED_MODEL_NAME = "model.onnx"  # fixed: TRT-RTX engine bytes depend on the model file's name
+
+
+class OutputDirError(BundleError):
+    """The output directory cannot be used as asked (not empty without --force, not a directory, ...)."""
+
+
+class Progress(Protocol):
+    """What the build reports: timed steps (the CLI shows slow ones) and one-line notes."""
+
+    def step(self, label: str) -> ContextManager[Any]: ...
+
+    def note(self, message: str) -> None: ...
+
+    def advance(self, label: str, done: int, total: int) -> None: ...
+
+
+class _Quiet:
+    @contextlib.contextmanager
+    def step(self, label: str) -> Iterator[None]:
+        yield
+
+    def note(self, message: str) -> None:
+        pass
+
+    def advance(self, label: str, done: int, total: int) -> None:
+        pass
+
+
+@dataclass(frozen=True, kw_only=True)
+class BuildResult:
+    bundle_dir: Path
+    manifest: Manifest
+    notes: tuple[str, ...] = ()  # e.g. why no weightless engine was built
+    left_alone: tuple[str, ...] = ()  # files in the output directory that are not the bundle's (with force)
+    seconds: dict[str, float] = field(default_factory=dict)  # per step, engines by label
+
+    @property
+    def raw_weight_bytes(self) -> int:
+        return sum(b.nbytes for b in self.manifest.weights.blobs)
+
+    @property
+    def stored_weight_bytes(self) -> int:
+        return self.manifest.weights.file.size
+
+    @property
+    def engine_bytes(self) -> int:
+        return sum(e.file.size for e in self.manifest.engines)
+
+
+def build_bundle(onnx_path: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, options: BuildOptions,
+                 progress: Progress | None = None, probe: Callable[[], Any] | None = None) -> BuildResult:
+    """Turn ``onnx_path`` into a verified bundle at ``out_dir`` (see the module docstring for the directory rule).
+
+    ``probe`` replaces runtime_shim.machine.probe when deciding on a weightless engine (tests).
+    """
+    from .onnx_model import load_model, make_skeleton, write_normalized_model  # landed by the ONNX helper
+    from .weights_writer import write_weight_store
+
+    progress = progress or _Quiet()
+    src, out = Path(onnx_path), Path(out_dir)
+    _check_output_dir(out, force=options.force)
+    seconds: dict[str, float] = {}
+    notes: list[str] = []
+
+    def timed(label: str) -> ContextManager[Any]:
+        return _Timed(progress.step(label), seconds, label)
+
+    with timed("load model"):
+        model = load_model(src)
+    profiles = resolve_profiles(model.inputs, options.profiles, source=str(src))
+    check_warmups(model.inputs, profiles, options.warmup_shapes, source=str(src))
+    plans = plan_engines(options, probe=probe, note=lambda m: (notes.append(m), progress.note(m)))
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
+    try:
+        writer_kwargs = {k: v for k, v in (("level", options.level), ("threads", options.threads)) if v is not None}
+        with timed("write weight store"):
+            store = write_weight_store(model.weights, tmp, encoding=options.encoding,
+                                       progress=lambda done, total: progress.advance("write weight store", done, total), **writer_kwargs)
+        with timed("write skeleton"):
+            skeleton_bytes = make_skeleton(model, store, SKELETON_EXTERNAL_DATA)
+            ref = FileRef.for_content("skeleton", sha256_bytes(skeleton_bytes), len(skeleton_bytes))
+            (tmp / "skeleton").mkdir(exist_ok=True)
+            atomic_write(tmp / ref.path, skeleton_bytes)
+        built: list[BuiltEngine] = []
+        if plans:
+            with tempfile.TemporaryDirectory(prefix="trtx-normalized-") as norm_dir:
+                with timed("write normalized model"):
+                    model_file = write_normalized_model(model, Path(norm_dir), NORMALIZED_MODEL_NAME)
+                built = build_engines(Path(model_file), profiles, plans, tmp, step=progress.step)
+        for b in built:
+            seconds[f"engine {b.engine.kind} {b.engine.platform} {list(b.engine.compute_capabilities) or 'default'}"] = b.seconds
+        version, flavour = trt_rtx_identity()
+        source_sha, _ = sha256_file(src)
+        manifest = Manifest(
+            model=ModelInfo(name=options.name or src.stem, version=options.version, source_sha256=source_sha,
+                            opset=getattr(model, "opset", None)),
+            inputs=tuple(model.inputs),
+            outputs=tuple(model.outputs),
+            profiles=profiles,
+            warmup_shapes=tuple(options.warmup_shapes),
+            trt_rtx=TrtRtx(version=version, cuda_flavour=flavour),
+            weights=store,
+            skeleton=Skeleton(file=ref, external_data=SKELETON_EXTERNAL_DATA),
+            engines=tuple(b.engine for b in built),
+            creator=Creator(tool="trtx-bundler", version=__version__, created=_source_date_epoch()),
+        )
+        # Round-trip through the parser: what we write must be what every reader accepts.
+        Manifest.from_json(manifest.to_json(), source=f"{out}/{MANIFEST_NAME} (as built)")
+        atomic_write(tmp / MANIFEST_NAME, manifest.to_json())
+        with timed("verify"):
+            raise_for_problems(verify_bundle(tmp), what=f"{out} (as built)")
+        left_alone = _move_into_place(tmp, out)
+        tmp = None
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if left_alone:
+        progress.note(f"{out}: left {len(left_alone)} file(s) that are not part of the bundle: {', '.join(left_alone[:5])}"
+                      + (" ..." if len(left_alone) > 5 else ""))
+    return BuildResult(bundle_dir=out, manifest=manifest, notes=tuple(notes), left_alone=tuple(left_alone), seconds=seconds)
+
+
+class _Timed:
+    """Wraps a progress step and records how long it took."""
+
+    def __init__(self, inner: ContextManager[Any], seconds: dict[str, float], label: str) -> None:
+        self.inner, self.seconds, self.label = inner, seconds, label
+
+    def __enter__(self) -> Any:
+        self.t0 = time.monotonic()
+        return self.inner.__enter__()
+
+    def __exit__(self, *exc: Any) -> Any:
+        self.seconds[self.label] = time.monotonic() - self.t0
+        return self.inner.__exit__(*exc)
+
+
+def _source_date_epoch() -> int | None:
+    """SOURCE_DATE_EPOCH when set (reproducible-builds.org), else None: a wall-clock time would break byte-identity."""
+    value = os.environ.get("SOURCE_DATE_EPOCH")
+    if value is None or not value.strip():
+        return None
+    try:
+        return int(value.strip())
+    except ValueError:
+        raise ModelError(f"SOURCE_DATE_EPOCH: expected an integer (unix seconds), got {value!r}",
+                         hint="unset it or set it to e.g. $(git log -1 --format=%ct)") from None
+
+
+# --------------------------------------------------------------------------- output directory
+def _check_output_dir(out: Path, *, force: bool) -> None:
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise OutputDirError(f"{out}: exists and is not a directory", hint="choose another output path")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise OutputDirError(f"{out}: exists and is not empty; refusing to write a bundle into it",
+                             hint="choose a new directory, or pass --force to replace the bundle's own files there "
+                                  "(other files are never deleted)")
+
+
+def _move_into_place(tmp: Path, out: Path) -> list[str]:
+    """Put the finished bundle at ``out``; returns the files found there that are not the bundle's (left alone)."""
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        if out.exists():
+            out.rmdir()  # empty: os.rename cannot replace a directory on Windows
+        os.rename(tmp, out)
+        return []
+    old_files: set[str] = set()
+    with contextlib.suppress(ManifestError, OSError):
+        old_manifest, _ = read_manifest(out)
+        old_files = {ref.path for _, ref in old_manifest.files()}
+    new_manifest, _ = read_manifest(tmp)
+    new_files = {ref.path for _, ref in new_manifest.files()}
+    # Content files first (a name is its content, so replacing one is harmless), then the manifest: the
+    # commit point. A crash in between leaves the old manifest, still pointing at files that are there.
+    for rel in sorted(new_files):
+        dest = out / rel
+        if dest.parent.exists() and not dest.parent.is_dir():
+            raise OutputDirError(f"{dest.parent}: is a file where the bundle needs a folder; not touched",
+                                 hint="move that file away, or build into a new directory")
+        dest.parent.mkdir(exist_ok=True)
+        if dest.is_symlink() or (dest.exists() and not dest.is_file()):
+            raise OutputDirError(f"{dest}: exists and is not a regular file; not touched", hint="move it away, or build into a new directory")
+        os.replace(tmp / rel, dest)
+    os.replace(tmp / MANIFEST_NAME, out / MANIFEST_NAME)
+    for rel in sorted(old_files - new_files):
+        with contextlib.suppress(FileNotFoundError):
+            (out / rel).unlink()
+    shutil.rmtree(tmp, ignore_errors=True)  # only empty folders remain in it by now
+    for folder in ("engines", "caches", "weights", "skeleton"):
+        with contextlib.suppress(OSError):
+            (out / folder).rmdir()  # only if empty
+    return [p.path for p in verify_bundle(out) if p.kind == "extra"]

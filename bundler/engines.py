@@ -1,0 +1,176 @@
+"""Which engines a build makes and building them: weightful multi-SM (works without a GPU), weightless for the local GPU.
+
+Every engine goes through ``runtime_shim.trt_session.build_engine``, the one place that calls the TRT-RTX
+builder. Engines are built from the normalized model file (initializer names = weight store names), so that
+a weightless engine's refit names match the bundle's weights.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from runtime_shim.errors import EngineBuildError
+from runtime_shim.fsutil import atomic_write, sha256_bytes
+from runtime_shim.manifest import Engine, FileRef, Profile
+from runtime_shim.trt_session import BuildRequest, build_engine
+
+from . import __version__
+from .config import BuildOptions, host_platform
+
+log = logging.getLogger(__name__)
+
+NO_GPU_NOTE = "no GPU that TensorRT for RTX supports here: weightless engine left to the farm"
+Note = Callable[[str], None]
+
+
+@dataclass(frozen=True, kw_only=True)
+class EnginePlan:
+    kind: str  # "weightful" | "weightless"
+    platform: str
+    compute_capabilities: tuple[int, ...]  # () = TRT-RTX's default targets (weightful only)
+    gpu: str | None = None  # the local GPU a weightless engine is built on
+
+    @property
+    def label(self) -> str:
+        if self.kind == "weightless":
+            return f"weightless engine for {self.gpu} (SM {_sm_text(self.compute_capabilities[0])})"
+        targets = ", ".join(_sm_text(s) for s in self.compute_capabilities) or "TRT-RTX default targets"
+        return f"weightful engine ({self.platform}; SM {targets})" if self.compute_capabilities else f"weightful engine ({self.platform}; {targets})"
+
+
+@dataclass(frozen=True, kw_only=True)
+class BuiltEngine:
+    engine: Engine
+    seconds: float
+
+
+def trt_rtx_identity() -> tuple[str, str]:
+    """(exact TRT-RTX version, CUDA flavour) of the installed builder: engines run only on that version."""
+    import tensorrt_rtx  # the builder needs it anyway; import errors are reported by build_engine's trt()
+
+    flavour = "cu13"  # the plain tensorrt-rtx package pulls the CUDA 13 build since 1.7
+    for dist, fl in (("tensorrt_rtx_cu12", "cu12"), ("tensorrt_rtx_cu13", "cu13")):
+        try:
+            importlib.metadata.version(dist)
+            flavour = fl
+            break
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return str(tensorrt_rtx.__version__), flavour
+
+
+def local_weightless_target(probe: Callable[[], Any] | None = None) -> tuple[Any | None, str | None]:
+    """(the GPU to build a weightless engine on, None) or (None, why not, in one line).
+
+    Uses ``runtime_shim.machine.probe``; ``probe`` replaces it in tests.
+    """
+    if probe is None:
+        try:
+            from runtime_shim.machine import probe as probe  # noqa: PLW0127 - optional module
+        except ImportError:
+            return None, NO_GPU_NOTE
+    try:
+        machine = probe()
+    except Exception as e:  # noqa: BLE001 - a failed probe must never stop a CPU build
+        log.debug("machine probe failed: %s", e)
+        return None, NO_GPU_NOTE
+    gpus = tuple(getattr(machine, "gpus", ()) or ())
+    supported = [g for g in gpus if _supported(g.sm)]
+    if not supported:
+        return None, NO_GPU_NOTE
+    gpu = supported[0]
+    if gpu.index != 0:
+        # ComputeCapability.CURRENT builds for the current CUDA device, which is device 0 here.
+        return None, (f"{NO_GPU_NOTE} (GPU {gpu.index} {gpu.name} is supported but is not the default device; "
+                      f"set CUDA_VISIBLE_DEVICES={gpu.index} to build for it)")
+    driver_problem = getattr(machine, "driver_problem", lambda: None)()
+    if driver_problem:
+        return None, f"weightless engine not built: {driver_problem}"
+    return gpu, None
+
+
+def _supported(sm: int) -> bool:
+    try:
+        from runtime_shim.machine import trt_rtx_supports
+    except ImportError:
+        return sm in (75, 80, 86, 89) or sm >= 120
+    return trt_rtx_supports(sm)
+
+
+def plan_engines(options: BuildOptions, *, probe: Callable[[], Any] | None = None, note: Note = lambda _: None) -> list[EnginePlan]:
+    """The engines this build makes, in manifest order: weightful per platform, then weightless (if a GPU allows)."""
+    plans: list[EnginePlan] = []
+    if options.weightful:
+        for platform in options.platforms:
+            plans.append(EnginePlan(kind="weightful", platform=platform, compute_capabilities=tuple(options.sms or ())))
+    if options.weightless:
+        gpu, why_not = local_weightless_target(probe)
+        if gpu is None:
+            note(why_not or NO_GPU_NOTE)
+        else:
+            plans.append(EnginePlan(kind="weightless", platform=host_platform(), compute_capabilities=(gpu.sm,), gpu=gpu.name))
+    return plans
+
+
+def build_engines(
+    model_path: Path,
+    profiles: Sequence[Profile],
+    plans: Sequence[EnginePlan],
+    bundle_dir: Path,
+    *,
+    step: Callable[[str], Any] | None = None,
+) -> list[BuiltEngine]:
+    """Build each planned engine from ``model_path`` and write it to ``bundle_dir/engines/<sha256>.engine``.
+
+    ``step(label)`` returns a context manager around each build (the CLI shows progress for slow ones).
+    """
+    version, _ = trt_rtx_identity()
+    request_profiles = [
+        {name: (r.min, r.opt, r.max) for name, r in sorted(p.shapes.items())} for p in profiles
+    ]
+    engines_dir = bundle_dir / "engines"
+    engines_dir.mkdir(parents=True, exist_ok=True)
+    out = []
+    for plan in plans:
+        req = BuildRequest(
+            onnx_path=str(model_path),
+            profiles=request_profiles,
+            compute_capabilities=() if plan.kind == "weightless" else plan.compute_capabilities,
+            weightless=plan.kind == "weightless",
+            windows_target=plan.platform == "windows_amd64" and host_platform() != "windows_amd64",
+        )
+        t0 = time.monotonic()
+        try:
+            if step is None:
+                plan_bytes = build_engine(req)
+            else:
+                with step(f"building {plan.label}"):
+                    plan_bytes = build_engine(req)
+        except EngineBuildError as e:
+            if req.windows_target:
+                raise EngineBuildError(f"{e} (while building {plan.label} on {host_platform()})",
+                                       hint="TensorRT for RTX refuses cross-OS builds without a GPU; build Windows engines on a Windows farm machine") from None
+            raise
+        seconds = time.monotonic() - t0
+        sha = sha256_bytes(plan_bytes)
+        ref = FileRef.for_content("engines", sha, len(plan_bytes))
+        atomic_write(bundle_dir / ref.path, plan_bytes)
+        # No host names or times here: the same model must give the same manifest bytes.
+        built_by = {"tool": f"trtx-bundler {__version__}", "builder": "aot" if plan.kind == "weightful" else "gpu"}
+        if plan.gpu:
+            built_by["gpu"] = plan.gpu
+        if plan.kind == "weightful" and not plan.compute_capabilities:
+            built_by["targets"] = "TRT-RTX default (SM 8.0, 8.6, 8.9, 12.0 and later)"
+        engine = Engine(kind=plan.kind, platform=plan.platform, compute_capabilities=plan.compute_capabilities,
+                        trt_rtx_version=version, file=ref, built_by=built_by)
+        log.info("%s: %d bytes in %.2f s", plan.label, len(plan_bytes), seconds)
+        out.append(BuiltEngine(engine=engine, seconds=seconds))
+    return out
+
+
+def _sm_text(sm: int) -> str:
+    return f"{sm // 10}.{sm % 10}"

@@ -107,3 +107,272 @@ def build_engine(req: BuildRequest) -> bytes:
 
 # ============================================================================ GPU runtime session
 # (issue "runtime shim": header validity, deserialize, refit, runtime config, cache, execution)
+import time  # noqa: E402 - imports of the runtime half, kept below the build half
+from typing import Protocol  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from .errors import BundleError, IntegrityError, MachineError  # noqa: E402
+
+SPECIALIZATIONS = {"lazy": "LAZY", "eager": "EAGER", "none": "NONE"}
+# EngineInvalidityDiagnostics bits, in words a user can act on.
+DIAGNOSTICS = {
+    1: ("VERSION_MISMATCH", "the engine was built by another TensorRT for RTX version"),
+    2: ("UNSUPPORTED_CC", "the engine does not support this GPU's compute capability (or TRT-RTX does not)"),
+    4: ("OLD_CUDA_DRIVER", "the NVIDIA driver is too old for this engine"),
+    8: ("OLD_CUDA_RUNTIME", "the CUDA runtime is too old for this engine"),
+    16: ("INSUFFICIENT_GPU_MEMORY", "the GPU does not have enough free memory"),
+    32: ("MALFORMED_ENGINE", "the engine file is malformed"),
+    64: ("CUDA_ERROR", "a CUDA error occurred while checking"),
+}
+# our dtype names <-> TRT DataType member names
+_DTYPES = {"float32": "FLOAT", "float16": "HALF", "bfloat16": "BF16", "int8": "INT8", "int32": "INT32", "int64": "INT64",
+           "bool": "BOOL", "uint8": "UINT8", "float8e4m3fn": "FP8", "int4": "INT4"}
+_MAX_SHAPE_SETS = 8  # device buffer sets kept per context (one per input-shape signature)
+
+
+def decode_diagnostics(bits: int) -> list[str]:
+    words = [f"{name}: {text}" for bit, (name, text) in DIAGNOSTICS.items() if bits & bit]
+    unknown = bits & ~sum(DIAGNOSTICS)
+    return words + ([f"unknown diagnostics bits 0x{unknown:x}"] if unknown else [])
+
+
+class TrtRuntime(Protocol):
+    """The seam between the load sequence (TrtSession) and TRT-RTX + CUDA; a recording fake stands in for tests."""
+
+    def engine_validity(self, header: bytes) -> tuple[str, int]: ...  # ("VALID"|"SUBOPTIMAL"|"INVALID", bits)
+    def deserialize(self, plan: bytes) -> Any: ...  # engine handle, or None
+    def refittable_weights(self, engine: Any) -> list[str]: ...
+    def weight_prototype(self, engine: Any, name: str) -> tuple[str, int]: ...  # (our dtype name, element count)
+    def set_weights(self, engine: Any, name: str, dtype: str, count: int, array: np.ndarray, on_device: bool) -> bool: ...
+    def refit(self, engine: Any) -> bool: ...
+    def create_context(self, engine: Any, *, specialization: str, cuda_graphs: bool, caches: Sequence[bytes]) -> tuple[Any, int | None]: ...
+    def execute(self, context: Any, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+    def serialize_cache(self, context: Any) -> bytes: ...
+    def release(self, context: Any, engine: Any) -> None: ...
+
+
+class WeightSource(Protocol):
+    """The weight store as the refit sees it (names are ONNX initializer names)."""
+
+    def spec(self, name: str) -> tuple[str, int]: ...  # (dtype name, element count); KeyError if absent
+    def read(self, name: str) -> np.ndarray: ...  # raw little-endian bytes in any numpy view
+
+
+class TrtSession:
+    """The load sequence: header validity, deserialize, refit every weight, runtime config + cache, execute."""
+
+    def __init__(self, runtime: TrtRuntime, plan: bytes, *, weights: WeightSource | None, specialization: str = "lazy",
+                 cuda_graphs: bool = True, caches: Sequence[bytes] = (), weights_on_device: bool = False, source: str = "engine") -> None:
+        if specialization not in SPECIALIZATIONS:
+            raise BundleError(f"specialization: expected one of {', '.join(SPECIALIZATIONS)}, got {specialization!r}")
+        self.runtime, self.source, self.timings = runtime, source, {}
+        self.validity, bits = runtime.engine_validity(bytes(plan[:64]))
+        if self.validity == "INVALID":
+            words = decode_diagnostics(bits) or ["TRT-RTX gave no reason (is an NVIDIA driver present?)"]
+            raise MachineError(f"{source}: TensorRT for RTX says this engine cannot run here: " + "; ".join(words))
+        if self.validity == "SUBOPTIMAL":
+            log.warning("%s: TensorRT for RTX says this engine may run slower here: %s", source, "; ".join(decode_diagnostics(bits)))
+        t0 = time.perf_counter()
+        self.engine = runtime.deserialize(plan)
+        if self.engine is None:
+            raise MachineError(f"{source}: TensorRT for RTX could not deserialize the engine", hint="run with -vv to see TRT-RTX's log")
+        self.timings["deserialize_s"] = time.perf_counter() - t0
+        if weights is not None:
+            t0 = time.perf_counter()
+            self.refitted = self._refit(weights, weights_on_device)
+            self.timings["refit_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        self.context, self.cache_loaded = runtime.create_context(self.engine, specialization=specialization, cuda_graphs=cuda_graphs,
+                                                                 caches=list(caches))
+        self.timings["context_s"] = time.perf_counter() - t0
+
+    def _refit(self, weights: WeightSource, on_device: bool) -> list[str]:
+        names = list(self.runtime.refittable_weights(self.engine))
+        done: list[str] = []
+        for name in names:
+            want_dtype, want_count = self.runtime.weight_prototype(self.engine, name)
+            try:
+                dtype, count = weights.spec(name)
+            except KeyError:
+                raise IntegrityError(f"{self.source}: the engine asks for weight {name!r}, which the bundle's weight store lacks",
+                                     hint="the engine and the weight store come from different models; rebuild the bundle") from None
+            if dtype != want_dtype or count != want_count:
+                raise IntegrityError(f"{self.source}: weight {name!r}: the engine expects {want_dtype} x {want_count}, the weight "
+                                     f"store has {dtype} x {count}", hint="rebuild the bundle from one model")
+            array = np.ascontiguousarray(weights.read(name))
+            if not self.runtime.set_weights(self.engine, name, dtype, count, array, on_device):
+                raise MachineError(f"{self.source}: TensorRT for RTX rejected weight {name!r}")
+            done.append(name)
+        # get_missing_weights() has been seen to come back empty with a weight never set: check ourselves.
+        if set(done) != set(names):
+            raise MachineError(f"{self.source}: weights left unset: {sorted(set(names) - set(done))}")
+        if names and not self.runtime.refit(self.engine):
+            raise MachineError(f"{self.source}: TensorRT for RTX refused the refit", hint="run with -vv to see TRT-RTX's log")
+        return done
+
+    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.runtime.execute(self.context, inputs)
+
+    def serialize_cache(self) -> bytes:
+        return self.runtime.serialize_cache(self.context)
+
+    def close(self) -> None:
+        if self.context is not None or self.engine is not None:
+            self.runtime.release(self.context, self.engine)
+        self.context = self.engine = None
+
+
+def _cuda():
+    from cuda.bindings import runtime as cudart
+
+    return cudart
+
+
+def _ck(result: Any, what: str) -> Any:
+    err, *values = result if isinstance(result, tuple) else (result,)
+    if int(err) != 0:
+        raise MachineError(f"CUDA error in {what}: {getattr(err, 'name', err)}")
+    return values[0] if len(values) == 1 else values or None
+
+
+class _Context:
+    def __init__(self, ctx: Any, config: Any, cache: Any, stream: int) -> None:
+        self.ctx, self.config, self.cache, self.stream = ctx, config, cache, stream
+        self.buffers: dict[tuple, dict[str, tuple[int, int]]] = {}  # shape signature -> name -> (device ptr, bytes)
+
+
+class TrtRtxRuntime:
+    """The real TrtRuntime: tensorrt_rtx for the engine, cuda.bindings.runtime for device memory and streams."""
+
+    def __init__(self, device: int = 0) -> None:
+        self.t, self.cu = trt(), _cuda()
+        _ck(self.cu.cudaSetDevice(device), "cudaSetDevice")
+        _ck(self.cu.cudaFree(0), "cudaFree(0)")  # makes the primary context current: cache (de)serialize needs one
+        self.logger = _Logger()
+        self.rt = self.t.Runtime(self.logger)
+        self._refitters: dict[int, Any] = {}
+        self._keep: list[Any] = []  # host arrays / device pointers that must outlive refit_cuda_engine()
+
+    def engine_validity(self, header: bytes) -> tuple[str, int]:
+        validity, bits = self.rt.get_engine_validity(header)
+        return validity.name, int(bits)
+
+    def deserialize(self, plan: bytes) -> Any:
+        return self.rt.deserialize_cuda_engine(plan)
+
+    def _refitter(self, engine: Any) -> Any:
+        return self._refitters.setdefault(id(engine), self.t.Refitter(engine, self.logger))
+
+    def refittable_weights(self, engine: Any) -> list[str]:
+        return list(self._refitter(engine).get_all_weights()) if engine.refittable else []
+
+    def weight_prototype(self, engine: Any, name: str) -> tuple[str, int]:
+        proto = self._refitter(engine).get_weights_prototype(name)
+        by_trt = {v: k for k, v in _DTYPES.items()}
+        return by_trt.get(proto.dtype.name, proto.dtype.name), int(proto.size)
+
+    def set_weights(self, engine: Any, name: str, dtype_name: str, count: int, array: np.ndarray, on_device: bool) -> bool:
+        if dtype_name not in _DTYPES:
+            raise BundleError(f"weight {name!r}: dtype {dtype_name} cannot be refit into a TRT-RTX engine")
+        dtype = getattr(self.t.DataType, _DTYPES[dtype_name])
+        if on_device:
+            ptr = _ck(self.cu.cudaMalloc(max(array.nbytes, 1)), "cudaMalloc")
+            self._keep.append(("device", ptr))
+            _ck(self.cu.cudaMemcpy(ptr, array.ctypes.data, array.nbytes, self.cu.cudaMemcpyKind.cudaMemcpyHostToDevice), "cudaMemcpy")
+            w = self.t.Weights(dtype, int(ptr), count)
+            return bool(self._refitter(engine).set_named_weights(name, w, self.t.TensorLocation.DEVICE))
+        self._keep.append(("host", array))
+        return bool(self._refitter(engine).set_named_weights(name, self.t.Weights(dtype, array.ctypes.data, count)))
+
+    def refit(self, engine: Any) -> bool:
+        refitter = self._refitter(engine)
+        try:
+            missing = refitter.get_missing_weights()
+            if missing:
+                log.error("TRT-RTX reports weights still missing: %s", list(missing))
+                return False
+            return bool(refitter.refit_cuda_engine())
+        finally:
+            for kind, item in self._keep:
+                if kind == "device":
+                    self.cu.cudaFree(item)
+            self._keep.clear()
+
+    def create_context(self, engine: Any, *, specialization: str, cuda_graphs: bool, caches: Sequence[bytes]) -> tuple[Any, int | None]:
+        t = self.t
+        config = engine.create_runtime_config()
+        config.dynamic_shapes_kernel_specialization_strategy = getattr(t.DynamicShapesKernelSpecializationStrategy,
+                                                                       SPECIALIZATIONS[specialization])
+        if cuda_graphs:
+            config.cuda_graph_strategy = t.CudaGraphStrategy.WHOLE_GRAPH_CAPTURE
+        cache = config.create_runtime_cache()
+        loaded = None
+        for i, blob in enumerate(caches):
+            if cache.deserialize(blob):
+                loaded = i
+                break
+            log.info("runtime cache %d of %d rejected by TRT-RTX (another GPU, driver or version): trying the next", i + 1, len(caches))
+        config.set_runtime_cache(cache)
+        ctx = engine.create_execution_context(config)
+        if ctx is None:
+            raise MachineError("TensorRT for RTX could not create an execution context: " + "; ".join(self.logger.errors[-3:]))
+        # Graph capture cannot use the legacy default stream.
+        stream = _ck(self.cu.cudaStreamCreateWithFlags(self.cu.cudaStreamNonBlocking), "cudaStreamCreateWithFlags")
+        return _Context(ctx, config, cache, stream), loaded
+
+    def execute(self, context: Any, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        c, cu = context, self.cu
+        engine = c.ctx.engine
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        outs = [n for n in names if engine.get_tensor_mode(n) == self.t.TensorIOMode.OUTPUT]
+        for name, array in inputs.items():
+            if not c.ctx.set_input_shape(name, tuple(array.shape)):
+                raise MachineError(f"TensorRT for RTX refused input {name!r} of shape {tuple(array.shape)}")
+        shapes = {n: tuple(c.ctx.get_tensor_shape(n)) for n in outs}
+        if any(d < 0 for s in shapes.values() for d in s):
+            raise BundleError(f"outputs with data-dependent shapes are not supported by this shim: {shapes}")
+        signature = tuple(sorted((n, tuple(a.shape)) for n, a in inputs.items()))
+        if signature not in c.buffers:  # stable addresses per shape let CUDA graphs replay instead of re-capturing
+            if len(c.buffers) >= _MAX_SHAPE_SETS:
+                self._free(c.buffers.pop(next(iter(c.buffers))))
+            sizes = {n: a.nbytes for n, a in inputs.items()}
+            sizes.update({n: int(np.prod(s)) * _np_dtype(engine.get_tensor_dtype(n).name).itemsize for n, s in shapes.items()})
+            c.buffers[signature] = {n: (_ck(cu.cudaMalloc(max(b, 1)), "cudaMalloc"), b) for n, b in sizes.items()}
+        bufs = c.buffers[signature]
+        results = {n: np.empty(shapes[n], dtype=_np_dtype(engine.get_tensor_dtype(n).name)) for n in outs}
+        for name, (ptr, _) in bufs.items():
+            c.ctx.set_tensor_address(name, int(ptr))
+        h2d, d2h = cu.cudaMemcpyKind.cudaMemcpyHostToDevice, cu.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        held = {n: np.ascontiguousarray(a) for n, a in inputs.items()}
+        for name, array in held.items():
+            _ck(cu.cudaMemcpyAsync(bufs[name][0], array.ctypes.data, array.nbytes, h2d, c.stream), "cudaMemcpyAsync")
+        if not c.ctx.execute_async_v3(int(c.stream)):
+            raise MachineError("TensorRT for RTX failed to execute: " + "; ".join(self.logger.errors[-3:]))
+        for name, out in results.items():
+            _ck(cu.cudaMemcpyAsync(out.ctypes.data, bufs[name][0], out.nbytes, d2h, c.stream), "cudaMemcpyAsync")
+        _ck(cu.cudaStreamSynchronize(c.stream), "cudaStreamSynchronize")
+        return results
+
+    def serialize_cache(self, context: Any) -> bytes:
+        return bytes(memoryview(context.cache.serialize()))
+
+    def _free(self, bufs: Mapping[str, tuple[int, int]]) -> None:
+        for ptr, _ in bufs.values():
+            self.cu.cudaFree(ptr)
+
+    def release(self, context: Any, engine: Any) -> None:
+        if context is not None:
+            self.cu.cudaStreamSynchronize(context.stream)
+            for bufs in context.buffers.values():
+                self._free(bufs)
+            self.cu.cudaStreamDestroy(context.stream)
+            context.ctx = context.cache = context.config = None
+        self._refitters.pop(id(engine), None)
+
+
+def _np_dtype(trt_name: str) -> np.dtype:
+    by_trt = {v: k for k, v in _DTYPES.items() if k not in ("bfloat16", "float8e4m3fn", "int4")}
+    if trt_name not in by_trt:
+        raise BundleError(f"I/O tensors of TRT type {trt_name} are not supported by this shim's run()")
+    return np.dtype(by_trt[trt_name])

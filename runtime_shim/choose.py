@@ -1,0 +1,185 @@
+"""Which engine and which runtime cache fit this machine: pure, ranked, every candidate with a reason in words.
+
+Engines: weightless for this SM > weightful covering this SM > build here from the skeleton > ONNX Runtime.
+Caches: the user's own cache for this key > bundled exact key > bundled cache TRT-RTX may still accept > none.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import MachineError
+from .machine import Gpu, Machine, cache_key_for, trt_rtx_supports, unsupported_reason
+from .manifest import CacheKey, Engine, Manifest, RuntimeCache
+
+# What an engine built with no explicit compute capability covers: TRT-RTX's default is "Ampere and later";
+# Turing (7.5) must be asked for explicitly.
+DEFAULT_ENGINE_SMS = frozenset({80, 86, 89, 120, 121})
+
+ENGINE_KINDS_RANK = {"weightless": 0, "weightful": 1, "build": 2, "fallback": 3}
+CACHE_KINDS_RANK = {"user_cache": 0, "bundled_exact": 1, "bundled_compatible": 2, "none": 3}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Choice:
+    """One candidate: ``kind`` is weightless|weightful|build|fallback for engines, user_cache|bundled_*|none for caches."""
+
+    kind: str
+    index: int | None  # position in manifest.engines / manifest.runtime_caches; None for build/fallback/user/none
+    candidate: Engine | RuntimeCache | None
+    viable: bool  # could be used on this machine
+    taken: bool  # the first viable one in rank order
+    reason: str  # why it was taken or passed over, in words
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"kind": self.kind, "index": self.index, "viable": self.viable, "taken": self.taken, "reason": self.reason}
+        if isinstance(self.candidate, Engine):
+            d["file"] = self.candidate.file.path
+            d["compute_capabilities"] = list(self.candidate.compute_capabilities)
+        elif isinstance(self.candidate, RuntimeCache):
+            d["file"] = self.candidate.file.path
+            d["key"] = self.candidate.key.to_dict()
+        return d
+
+
+def trt_blocker(manifest: Manifest, machine: Machine, gpu: Gpu | None) -> str | None:
+    """Why TRT-RTX cannot run on this machine at all (before looking at engines), or None."""
+    if machine.trt_rtx_version is None:
+        return "tensorrt_rtx is not installed (pip install tensorrt-rtx)"
+    if gpu is None:
+        return machine.problem or "no NVIDIA GPU was found"
+    if (why := unsupported_reason(gpu)) is not None:
+        return why
+    if (why := machine.driver_problem()) is not None:
+        return why
+    if machine.os not in ("linux", "windows"):
+        return f"TensorRT for RTX runs on Linux and Windows, not {machine.os}"
+    return None
+
+
+def choose_engines(manifest: Manifest, machine: Machine, gpu: Gpu | None) -> list[Choice]:
+    """Every engine of the bundle, plus 'build here' and 'fallback', ranked; the first viable one is taken."""
+    blocker = trt_blocker(manifest, machine, gpu)
+    rows: list[tuple[int, int, Choice]] = []
+    for i, engine in enumerate(manifest.engines):
+        why = blocker or _engine_mismatch(engine, machine, gpu)  # type: ignore[arg-type]
+        good = (f"weightless engine built for SM {_sm(gpu.sm)}: refit from the weight store" if engine.kind == "weightless"
+                else f"weightful engine covering SM {_sm(gpu.sm)}") if gpu and why is None else ""
+        rows.append((ENGINE_KINDS_RANK[engine.kind], i, Choice(kind=engine.kind, index=i, candidate=engine, viable=why is None,
+                                                               taken=False, reason=why or good)))
+    build_why = blocker
+    rows.append((2, 0, Choice(kind="build", index=None, candidate=None, viable=build_why is None, taken=False,
+                              reason=build_why or "build a weightless engine for this GPU from the skeleton (CURRENT), once; "
+                                                  "it is kept in the user cache dir")))
+    rows.append((3, 0, Choice(kind="fallback", index=None, candidate=None, viable=True, taken=False,
+                              reason="ONNX Runtime on the CPU, from the skeleton and the weight store")))
+    return _take_first(rows)
+
+
+def _engine_mismatch(engine: Engine, machine: Machine, gpu: Gpu) -> str | None:
+    if engine.trt_rtx_version != machine.trt_rtx_version:
+        return (f"built with TensorRT for RTX {engine.trt_rtx_version}, but {machine.trt_rtx_version} is installed "
+                f"(engines run only on the exact version that built them)")
+    if engine.platform != machine.platform:
+        return f"built for {engine.platform}, this machine is {machine.platform}"
+    if engine.kind == "weightless":
+        if tuple(engine.compute_capabilities) != (gpu.sm,):
+            built = ", ".join(_sm(s) for s in engine.compute_capabilities) or "?"
+            return f"weightless engine for SM {built}, this GPU is SM {_sm(gpu.sm)}"
+        return None
+    covered = set(engine.compute_capabilities) or DEFAULT_ENGINE_SMS
+    if gpu.sm not in covered:
+        return f"weightful engine for SM {', '.join(_sm(s) for s in sorted(covered))}, which does not cover this GPU's SM {_sm(gpu.sm)}"
+    return None
+
+
+def choose_caches(manifest: Manifest, machine: Machine, gpu: Gpu | None, user_cache_available: bool) -> list[Choice]:
+    """The runtime caches worth trying, ranked; the first viable one is taken, the others may be tried if it is rejected."""
+    blocker = trt_blocker(manifest, machine, gpu)
+    key: CacheKey | None = None
+    if blocker is None and gpu is not None:
+        try:
+            key = cache_key_for(machine, gpu)
+        except MachineError as e:
+            blocker = str(e)
+    rows: list[tuple[int, int, Choice]] = []
+    if blocker is not None:
+        blocker = f"no TRT-RTX session on this machine ({blocker})"
+    rows.append((0, 0, Choice(kind="user_cache", index=None, candidate=None, viable=blocker is None and user_cache_available,
+                              taken=False, reason=blocker or ("your own cache for this GPU, driver and TRT-RTX, saved by an earlier run"
+                                                              if user_cache_available else "no cache saved yet for this GPU and driver"))))
+    for i, cache in enumerate(manifest.runtime_caches):
+        if key is None:
+            rows.append((9, i, Choice(kind="bundled_mismatch", index=i, candidate=cache, viable=False, taken=False, reason=blocker or "")))
+            continue
+        kind, why = classify_cache(cache.key, key)
+        rank = CACHE_KINDS_RANK.get(kind, 9)
+        # Among equals, the newest cache holds the most kernels.
+        rows.append((rank, -(cache.created or 0) * 1000 + i, Choice(kind=kind, index=i, candidate=cache, viable=kind != "bundled_mismatch",
+                                                                   taken=False, reason=why)))
+    rows.append((3, 0, Choice(kind="none", index=None, candidate=None, viable=True, taken=False,
+                              reason="no runtime cache: kernels are compiled on first use (JIT) and saved to the user cache")))
+    return _take_first(rows)
+
+
+def classify_cache(made: CacheKey, here: CacheKey) -> tuple[str, str]:
+    """('bundled_exact' | 'bundled_compatible' | 'bundled_mismatch', reason) for a cache made under ``made`` used under ``here``."""
+    problems = []
+    if made.os != here.os:
+        problems.append(f"made on {made.os}, this machine runs {here.os}")
+    if made.pci_device_id != here.pci_device_id or made.sm != here.sm:
+        problems.append(f"made on {made.gpu_name} (device 0x{made.pci_device_id:04x}, SM {_sm(made.sm)}), this GPU is "
+                        f"{here.gpu_name} (device 0x{here.pci_device_id:04x}, SM {_sm(here.sm)}); caches are tied to the GPU model")
+    if made.trt_rtx_version != here.trt_rtx_version:
+        problems.append(f"made with TensorRT for RTX {made.trt_rtx_version}, {here.trt_rtx_version} is installed")
+    if made.cuda_flavour != here.cuda_flavour:
+        problems.append(f"made with the {made.cuda_flavour} build of TRT-RTX, this one is {here.cuda_flavour}")
+    if made.cig != here.cig:
+        problems.append(f"made with CUDA-in-Graphics {'on' if made.cig else 'off'}, here it is {'on' if here.cig else 'off'}")
+    dm, dh = _version(made.driver_version), _version(here.driver_version)
+    if dm[:1] != dh[:1]:
+        problems.append(f"made with driver {made.driver_version}, this machine has {here.driver_version} (another major version)")
+    elif dh < dm:
+        problems.append(f"made with driver {made.driver_version}, this machine has the older {here.driver_version} "
+                        f"(a cache needs the same or a newer driver)")
+    if problems:
+        return "bundled_mismatch", "; ".join(problems)
+    if dm == dh:
+        return "bundled_exact", f"bundled cache made on this GPU model, driver {made.driver_version} and TRT-RTX {made.trt_rtx_version}"
+    return "bundled_compatible", (f"bundled cache made with driver {made.driver_version}; this machine has the newer "
+                                  f"{here.driver_version} of the same major, which TRT-RTX may still accept")
+
+
+def _take_first(rows: list[tuple[int, int, Choice]]) -> list[Choice]:
+    ordered = [c for _, _, c in sorted(rows, key=lambda r: (not r[2].viable, r[0], r[1]))]
+    out, taken = [], False
+    for c in ordered:
+        if c.viable and not taken:
+            taken = True
+            out.append(Choice(kind=c.kind, index=c.index, candidate=c.candidate, viable=True, taken=True, reason=c.reason))
+        elif c.viable:
+            out.append(Choice(kind=c.kind, index=c.index, candidate=c.candidate, viable=True, taken=False,
+                              reason=f"usable, ranked below the one taken: {c.reason}"))
+        else:
+            out.append(c)
+    return out
+
+
+def _version(v: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in v.split(".") if p.isdigit())
+
+
+def _sm(sm: int) -> str:
+    return f"{sm // 10}.{sm % 10}"
+
+
+def pick_gpu(machine: Machine, device: int | None = None) -> Gpu | None:
+    """The GPU to use: the one asked for, else the first TRT-RTX supports, else the first (so reports name it)."""
+    if not machine.gpus:
+        return None
+    if device is not None:
+        for g in machine.gpus:
+            if g.index == device:
+                return g
+        return None
+    return next((g for g in machine.gpus if trt_rtx_supports(g.sm)), machine.gpus[0])

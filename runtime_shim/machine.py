@@ -1,0 +1,256 @@
+"""What this machine is: OS, CPU, TRT-RTX install, NVIDIA driver and GPUs, probed without a CUDA context.
+
+No driver, no GPU, or no cuda-python are normal outcomes: ``probe()`` never raises, it describes the
+problem in ``Machine.problem`` so that choice, ``doctor`` and the report can say it in words.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform as _platform
+import re
+import sys
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .errors import MachineError
+from .manifest import CacheKey
+
+# TRT-RTX 1.7 targets (ComputeCapability has SM75..SM121); Hopper (90) and SM 10.x are not among them.
+_SUPPORTED_BELOW_120 = frozenset({75, 80, 86, 89})
+# The driver a CUDA flavour needs, as cuDriverGetVersion reports it (1000 * major + 10 * minor).
+_MIN_DRIVER_CUDA = {"cu12": 12000, "cu13": 13000}
+# Distribution names that carry the `tensorrt_rtx` import package, with the CUDA flavour each implies.
+_TRT_DISTS = (("tensorrt-rtx-cu13", "cu13"), ("tensorrt-rtx-cu12", "cu12"), ("tensorrt_rtx", None), ("tensorrt-rtx", None))
+_PROC_DRIVER_VERSION = "/proc/driver/nvidia/version"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Gpu:
+    index: int
+    name: str  # e.g. "NVIDIA GeForce RTX 4090"
+    pci_device_id: int  # the SKU, e.g. 0x2684
+    uuid: str  # "GPU-xxxxxxxx-..."; stable across reboots, unlike the index
+    sm: int  # compute capability as 10 * major + minor, e.g. 89, 90, 120
+    total_memory: int  # bytes
+
+    @property
+    def sm_text(self) -> str:
+        return f"{self.sm // 10}.{self.sm % 10}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Machine:
+    os: str  # "linux" | "windows" | "darwin" | ...
+    platform: str  # "linux_x86_64" | "windows_amd64" | other
+    cpu_arch: str
+    python: str
+    trt_rtx_version: str | None  # None when tensorrt_rtx is not installed
+    cuda_flavour: str | None  # "cu13" | "cu12" | None
+    driver_version: str | None  # e.g. "580.95.05"; None without a driver (or when it cannot be read)
+    driver_cuda_version: int | None  # from cuDriverGetVersion, e.g. 13000 for CUDA 13.0
+    gpus: tuple[Gpu, ...] = ()
+    problem: str | None = None  # why no GPU could be probed, in words
+    cig: bool = False  # CUDA in Graphics: the shim never creates CiG contexts
+    notes: tuple[str, ...] = field(default=())  # things worth knowing that are not a problem
+
+    @property
+    def driver_cuda_text(self) -> str | None:
+        v = self.driver_cuda_version
+        return None if v is None else f"{v // 1000}.{(v % 1000) // 10}"
+
+    def driver_problem(self) -> str | None:
+        """Why the driver is too old for the installed TRT-RTX flavour, or None."""
+        need = _MIN_DRIVER_CUDA.get(self.cuda_flavour or "")
+        if need is None or self.driver_cuda_version is None or self.driver_cuda_version >= need:
+            return None
+        return (f"the NVIDIA driver {self.driver_version or '?'} supports CUDA {self.driver_cuda_text}, but TensorRT for RTX "
+                f"({self.cuda_flavour}) needs a driver for CUDA {need // 1000}.0 or newer: update the NVIDIA driver")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["gpus"] = [dict(asdict(g), sm_text=g.sm_text, trt_rtx_supported=trt_rtx_supports(g.sm)) for g in self.gpus]
+        d["notes"] = list(self.notes)
+        return d
+
+
+def trt_rtx_supports(sm: int) -> bool:
+    """Whether TensorRT for RTX 1.7 can run engines on a GPU of this compute capability (89 = SM 8.9)."""
+    return sm in _SUPPORTED_BELOW_120 or sm >= 120
+
+
+def unsupported_reason(gpu: Gpu) -> str | None:
+    if trt_rtx_supports(gpu.sm):
+        return None
+    family = {90: " (Hopper, a data-center GPU)", 100: " (Blackwell data-center)", 103: " (Blackwell data-center)",
+              110: " (Thor)", 87: " (Jetson Orin)", 70: " (Volta)", 72: " (Xavier)"}.get(gpu.sm, "")
+    return (f"GPU {gpu.index} {gpu.name} has compute capability {gpu.sm_text}{family}, which TensorRT for RTX does not "
+            f"support (it targets SM 7.5, 8.0, 8.6, 8.9 and 12.x: RTX and workstation GPUs)")
+
+
+def cache_key_for(machine: Machine, gpu: Gpu) -> CacheKey:
+    """The runtime-cache key of this machine and GPU: what TRT-RTX compares before it accepts a cache."""
+    missing = [name for name, v in (("driver version", machine.driver_version), ("CUDA flavour", machine.cuda_flavour),
+                                     ("TRT-RTX version", machine.trt_rtx_version)) if not v]
+    if missing or machine.os not in ("linux", "windows"):
+        raise MachineError(
+            f"cannot form a runtime-cache key for GPU {gpu.index} ({gpu.name}): "
+            + (f"unknown {', '.join(missing)}" if missing else f"OS {machine.os!r} is not one TRT-RTX runs on"),
+            hint="run 'trtx-bundle doctor' to see what was probed",
+        )
+    return CacheKey(os=machine.os, gpu_name=gpu.name, pci_device_id=gpu.pci_device_id, sm=gpu.sm,
+                    driver_version=_short_driver(machine.driver_version), cuda_flavour=machine.cuda_flavour,
+                    trt_rtx_version=machine.trt_rtx_version, cig=machine.cig)
+
+
+def _short_driver(version: str | None) -> str:
+    # CacheKey wants digits and dots only; Linux drivers read "580.95.05", Windows "581.57".
+    m = re.match(r"^\d+(\.\d+)*", version or "")
+    return m.group(0) if m else "0"
+
+
+# ------------------------------------------------------------------------------------------- probing
+def probe(*, driver: Any = None, nvml: Any = None, proc_version_path: str = _PROC_DRIVER_VERSION) -> Machine:
+    """Describe this machine. ``driver``/``nvml`` replace cuda.bindings modules (tests); never raises."""
+    os_name = {"win32": "windows", "cygwin": "windows"}.get(sys.platform, sys.platform.rstrip("0123456789") or sys.platform)
+    arch = _platform.machine().lower()
+    plat = {("linux", "x86_64"): "linux_x86_64", ("linux", "amd64"): "linux_x86_64",
+            ("windows", "amd64"): "windows_amd64", ("windows", "x86_64"): "windows_amd64"}.get((os_name, arch), f"{os_name}_{arch}")
+    trt_version, flavour = _trt_rtx_install()
+    notes: list[str] = []
+    gpus: tuple[Gpu, ...] = ()
+    driver_cuda: int | None = None
+    problem: str | None = None
+    try:
+        driver_cuda, gpus = _probe_driver(driver)
+    except _NoGpu as e:
+        problem = str(e)
+    driver_version = None
+    if problem is None or "no CUDA-capable device" in problem:
+        driver_version, note = _driver_version(nvml, proc_version_path)
+        if note:
+            notes.append(note)
+    if trt_version is None:
+        notes.append("tensorrt_rtx is not installed: only the ONNX Runtime fallback can run bundles here")
+    return Machine(os=os_name, platform=plat, cpu_arch=arch, python=_platform.python_version(), trt_rtx_version=trt_version,
+                   cuda_flavour=flavour, driver_version=driver_version, driver_cuda_version=driver_cuda, gpus=gpus,
+                   problem=problem, notes=tuple(notes))
+
+
+def _trt_rtx_install() -> tuple[str | None, str | None]:
+    # Read the installed distributions rather than importing tensorrt_rtx: the import loads ~230 MB of libraries.
+    version, flavour = None, None
+    for dist, dist_flavour in _TRT_DISTS:
+        try:
+            v = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        version = version or v
+        flavour = flavour or dist_flavour
+    if version is not None and flavour is None:
+        flavour = "cu13"  # the plain `tensorrt-rtx` metapackage has pulled the CUDA 13 build since 1.7
+    return version, flavour
+
+
+class _NoGpu(Exception):
+    pass
+
+
+def _probe_driver(driver: Any) -> tuple[int | None, tuple[Gpu, ...]]:
+    if driver is None:
+        try:
+            from cuda.bindings import driver  # type: ignore[no-redef]
+        except ImportError as e:
+            raise _NoGpu(f"cuda-python is not installed ({e}); it is needed to find NVIDIA GPUs (pip install cuda-python)") from None
+    try:
+        (err,) = driver.cuInit(0)
+    except Exception as e:  # cuda-python raises when libcuda itself cannot be loaded: no driver at all
+        raise _NoGpu(f"no NVIDIA driver found (libcuda could not be loaded: {_first_line(e)})") from None
+    ok = driver.CUresult.CUDA_SUCCESS
+    if err != ok:
+        name = _err_name(driver, err)
+        what = "no CUDA-capable device" if "NO_DEVICE" in name else "the NVIDIA driver did not initialize"
+        raise _NoGpu(f"{what} (cuInit returned {name})")
+    err, cuda_version = driver.cuDriverGetVersion()
+    cuda_version = int(cuda_version) if err == ok else None
+    err, count = driver.cuDeviceGetCount()
+    if err != ok:
+        raise _NoGpu(f"cannot count GPUs (cuDeviceGetCount returned {_err_name(driver, err)})")
+    if count == 0:
+        raise _NoGpu("the NVIDIA driver is loaded but reports no GPU (cuDeviceGetCount = 0)")
+    attr = driver.CUdevice_attribute
+    gpus = []
+    for index in range(count):
+        err, dev = driver.cuDeviceGet(index)
+        if err != ok:
+            continue
+        name = _checked(driver, driver.cuDeviceGetName(256, dev), b"?")
+        name = name.split(b"\0", 1)[0].decode("utf-8", "replace") if isinstance(name, (bytes, bytearray)) else str(name)
+        major = _checked(driver, driver.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, dev), 0)
+        minor = _checked(driver, driver.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, dev), 0)
+        pci = _checked(driver, driver.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_PCI_DEVICE_ID, dev), 0)
+        uuid = _checked(driver, driver.cuDeviceGetUuid(dev), None)
+        memory = _checked(driver, driver.cuDeviceTotalMem(dev), 0)
+        gpus.append(Gpu(index=index, name=name, pci_device_id=int(pci), uuid=_uuid_text(uuid), sm=10 * int(major) + int(minor),
+                        total_memory=int(memory)))
+    return cuda_version, tuple(gpus)
+
+
+def _checked(driver: Any, result: tuple, default: Any) -> Any:
+    # Every cuda-python call returns (CUresult, value...): an error means "unknown", never an exception here.
+    err, *values = result
+    return default if err != driver.CUresult.CUDA_SUCCESS or not values else values[0]
+
+
+def _err_name(driver: Any, err: Any) -> str:
+    try:
+        e2, name = driver.cuGetErrorName(err)
+        if e2 == driver.CUresult.CUDA_SUCCESS and name:
+            return name.decode() if isinstance(name, bytes) else str(name)
+    except Exception:  # noqa: BLE001 - a name is only decoration
+        pass
+    return getattr(err, "name", str(err))
+
+
+def _uuid_text(uuid: Any) -> str:
+    raw = getattr(uuid, "bytes", uuid)
+    if not isinstance(raw, (bytes, bytearray)) or len(raw) != 16:
+        return ""
+    h = bytes(raw).hex()
+    return f"GPU-{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"  # the form nvidia-smi prints
+
+
+def _driver_version(nvml: Any, proc_path: str) -> tuple[str | None, str | None]:
+    """The display-driver version ("580.95.05"): NVML where cuda.bindings has it, else the Linux kernel module file."""
+    if nvml is None:
+        try:
+            from cuda.bindings import nvml  # type: ignore[no-redef]
+        except ImportError:
+            nvml = None
+    nvml_problem = None
+    if nvml is not None:
+        try:
+            nvml.init_v2()
+            try:
+                v = nvml.system_get_driver_version()
+            finally:
+                nvml.shutdown()
+            return (v.decode() if isinstance(v, bytes) else str(v)), None
+        except Exception as e:  # noqa: BLE001 - NVML missing or refusing is common (containers, WSL)
+            nvml_problem = _first_line(e)
+    try:
+        with open(proc_path, encoding="utf-8", errors="replace") as f:
+            text = f.read()
+        m = re.search(r"Kernel Module(?:\s+for\s+\S+)?\s+(\d+\.\d+(?:\.\d+)?)", text)
+        if m:
+            return m.group(1), None
+    except OSError:
+        pass
+    if nvml_problem or os.path.exists(proc_path):
+        return None, f"driver version unknown (NVML: {nvml_problem or 'not available'}; {proc_path} unreadable)"
+    return None, None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return (text[0] if text else type(e).__name__)[:200]

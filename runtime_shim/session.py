@@ -1,0 +1,336 @@
+"""``load()`` and ``Session``: read the bundle, probe, choose, verify, then run on TRT-RTX or ONNX Runtime.
+
+The report says what was chosen and why (engine, runtime cache, machine, timings), and above all why
+TRT-RTX was not used when it was not. Runtime caches are saved on close(), at interpreter exit and on request.
+"""
+from __future__ import annotations
+
+import atexit
+import logging
+import re
+import time
+import weakref
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from .choose import Choice, choose_caches, choose_engines, pick_gpu, trt_blocker
+from .errors import BackendUnavailableError, BundleError, InputError, MachineError
+from .fallback import OrtSession, materialize_model, verify_file
+from .machine import Machine, cache_key_for, probe
+from .manifest import CacheKey, Engine, Manifest, read_manifest
+from .user_cache import UserCache
+
+log = logging.getLogger(__name__)
+
+FALLBACKS = ("onnxruntime", "error")
+_OPEN: "weakref.WeakSet[Session]" = weakref.WeakSet()
+
+
+@dataclass(kw_only=True)
+class Report:
+    """What load() chose and why; ``to_dict()`` is JSON-ready, ``lines()`` is for people."""
+
+    bundle: str
+    model: str
+    backend: str = ""  # "tensorrt_rtx" | "onnxruntime"
+    engine: dict[str, Any] | None = None
+    runtime_cache: str | None = None  # which cache TRT-RTX accepted, in words
+    why_not_trt: str | None = None
+    machine: dict[str, Any] = field(default_factory=dict)
+    gpu: dict[str, Any] | None = None
+    engine_choices: list[dict[str, Any]] = field(default_factory=list)
+    cache_choices: list[dict[str, Any]] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    cache_dir: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def lines(self) -> list[str]:
+        out = [f"bundle {self.bundle} (model {self.model})", f"backend: {self.backend or 'none'}"]
+        if self.gpu:
+            out.append(f"GPU {self.gpu['index']}: {self.gpu['name']} (SM {self.gpu['sm_text']}, device 0x{self.gpu['pci_device_id']:04x})")
+        if self.why_not_trt:
+            out.append(f"TensorRT for RTX not used: {self.why_not_trt}")
+        if self.engine:
+            out.append(f"engine: {self.engine.get('kind')} {self.engine.get('file', '')}")
+        out.append(f"runtime cache: {self.runtime_cache or 'none (kernels compiled on first use)'}")
+        out += [f"warning: {w}" for w in self.warnings]
+        out.append("timings: " + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in self.timings.items()))
+        return out
+
+
+def model_id(manifest: Manifest) -> str:
+    # Kernels depend on the graph, not on weight values: the skeleton's hash names the cache family.
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", manifest.model.name)[:40] or "model"
+    return f"{slug}-{manifest.skeleton.file.sha256[:16]}"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What would run here: the probe, the GPU, and the ranked choices (used by load() and by doctor)."""
+
+    manifest: Manifest
+    warnings: list[str]
+    machine: Machine
+    gpu: Any
+    key: CacheKey | None
+    blocker: str | None
+    engines: list[Choice]
+    caches: list[Choice]
+
+
+def plan(bundle_path: str | Path, user_cache: UserCache, *, machine: Machine | None = None, device: int | None = None) -> Plan:
+    manifest, warnings = read_manifest(bundle_path)
+    machine = machine or probe()
+    gpu = pick_gpu(machine, device)
+    blocker = trt_blocker(manifest, machine, gpu)
+    key = None
+    if blocker is None:
+        try:
+            key = cache_key_for(machine, gpu)
+        except MachineError as e:
+            blocker = str(e)
+    have_user = key is not None and user_cache.has_runtime_cache(model_id(manifest), key)
+    return Plan(manifest, warnings, machine, gpu, key, blocker, choose_engines(manifest, machine, gpu),
+                choose_caches(manifest, machine, gpu, have_user))
+
+
+def load(bundle_path: str | Path, app: str = "MyApp", *, cache_dir: str | Path | None = None, specialization: str = "lazy",
+         cuda_graphs: bool = True, fallback: str = "onnxruntime", device: int | None = None, weights_on_device: bool = False,
+         _machine: Machine | None = None, _trt_runtime: Any = None) -> Session:
+    """Open a bundle for inference on this machine. ``_machine``/``_trt_runtime`` replace the probe and TRT-RTX (tests)."""
+    from .trt_session import SPECIALIZATIONS
+
+    if fallback not in FALLBACKS:
+        raise BundleError(f"fallback: expected one of {', '.join(FALLBACKS)}, got {fallback!r}")
+    if specialization not in SPECIALIZATIONS:
+        raise BundleError(f"specialization: expected one of {', '.join(SPECIALIZATIONS)}, got {specialization!r}")
+    t_start = time.perf_counter()
+    bundle_dir = Path(bundle_path)
+    if bundle_dir.is_file():
+        raise BundleError(f"{bundle_dir}: a file, expected a bundle directory", hint="unpack the archive first: trtx-bundle unpack FILE -o DIR")
+    user_cache = UserCache(app, cache_dir)
+    p = plan(bundle_dir, user_cache, machine=_machine, device=device)
+    for w in p.warnings:
+        log.warning("%s", w)
+    report = Report(bundle=str(bundle_dir), model=p.manifest.model.name, machine=p.machine.to_dict(), warnings=list(p.warnings),
+                    gpu=next((g for g in report_gpus(p.machine) if p.gpu and g["index"] == p.gpu.index), None),
+                    engine_choices=[c.to_dict() for c in p.engines], cache_choices=[c.to_dict() for c in p.caches],
+                    cache_dir=str(user_cache.dir))
+    if p.manifest.trt_rtx.version != p.machine.trt_rtx_version and p.machine.trt_rtx_version:
+        report.warnings.append(f"the bundle was made for TensorRT for RTX {p.manifest.trt_rtx.version}, "
+                               f"{p.machine.trt_rtx_version} is installed: its engines and caches cannot be used here")
+    failures: list[str] = []
+    impl: Any = None
+    engine_used: Engine | None = None
+    for choice in p.engines:
+        if not choice.viable or choice.kind == "fallback":
+            continue
+        try:
+            impl = _open_trt(p, choice, bundle_dir, user_cache, report, specialization=specialization, cuda_graphs=cuda_graphs,
+                             weights_on_device=weights_on_device, runtime=_trt_runtime)
+            engine_used = choice.candidate if isinstance(choice.candidate, Engine) else None
+            report.backend = "tensorrt_rtx"
+            break
+        except MachineError as e:
+            failures.append(f"{choice.kind} engine {choice.candidate.file.path if choice.candidate else ''}: {e}".replace("  ", " "))
+            log.warning("TensorRT for RTX could not use the %s engine: %s", choice.kind, e)
+    if impl is None:
+        report.why_not_trt = p.blocker or "; ".join(failures) or "no engine in the bundle fits this machine"
+        if p.blocker is None and not failures:
+            report.why_not_trt = "; ".join(c.reason for c in p.engines if c.kind in ("weightless", "weightful")) or report.why_not_trt
+        if fallback == "error":
+            raise BackendUnavailableError(f"{bundle_dir}: TensorRT for RTX cannot run this bundle here: {report.why_not_trt}",
+                                          hint="run 'trtx-bundle doctor BUNDLE' for details, or load with fallback='onnxruntime'")
+        impl = OrtSession(p.manifest, bundle_dir, user_cache)
+        report.backend = "onnxruntime"
+        report.timings.update(impl.timings)
+    report.timings["load_s"] = time.perf_counter() - t_start
+    return Session(manifest=p.manifest, impl=impl, report=report, user_cache=user_cache, key=p.key, engine=engine_used)
+
+
+def report_gpus(machine: Machine) -> list[dict[str, Any]]:
+    return machine.to_dict()["gpus"]
+
+
+class _StoreWeights:
+    """The weight store as a TRT-RTX refit source: names and sizes from the manifest, bytes from the reader."""
+
+    def __init__(self, manifest: Manifest, bundle_dir: Path) -> None:
+        from .weights import WeightReader
+
+        self.store, self.reader = manifest.weights, WeightReader(bundle_dir, manifest.weights)
+
+    def spec(self, name: str) -> tuple[str, int]:
+        t = self.store.tensor(name)  # KeyError when absent
+        return t.dtype, int(np.prod(t.shape, dtype=np.int64))
+
+    def read(self, name: str) -> np.ndarray:
+        return self.reader.read_tensor(name)
+
+
+def _open_trt(p: Plan, choice: Choice, bundle_dir: Path, user_cache: UserCache, report: Report, *, specialization: str,
+              cuda_graphs: bool, weights_on_device: bool, runtime: Any) -> Any:
+    from .trt_session import TrtRtxRuntime, TrtSession
+
+    t0 = time.perf_counter()
+    if isinstance(choice.candidate, Engine):
+        where = f"engines[{choice.index}].file"
+        plan_bytes = verify_file(bundle_dir, choice.candidate.file, where).read_bytes()
+        report.engine = {"kind": choice.kind, "file": choice.candidate.file.path, "index": choice.index}
+    else:
+        where, plan_bytes = _built_here(p, bundle_dir, user_cache)
+        report.engine = {"kind": "built_here", "file": where}
+    report.timings["engine_read_s"] = time.perf_counter() - t0
+    # Caches in rank order; TRT-RTX takes the first it accepts. Each is verified before TRT-RTX sees its bytes.
+    blobs, names = [], []
+    for c in p.caches:
+        if not c.viable or c.kind == "none":
+            continue
+        if c.kind == "user_cache" and p.key is not None:
+            data = user_cache.read_runtime_cache(model_id(p.manifest), p.key)
+            if data is not None:
+                blobs.append(data)
+                names.append(f"user cache {user_cache.runtime_cache_path(model_id(p.manifest), p.key)}")
+        elif c.candidate is not None:
+            blobs.append(verify_file(bundle_dir, c.candidate.file, f"runtime_caches[{c.index}].file").read_bytes())
+            names.append(f"bundled runtime_caches[{c.index}] ({c.kind.replace('bundled_', '')} key)")
+    weights = _StoreWeights(p.manifest, bundle_dir) if choice.kind in ("weightless", "build") else None
+    try:
+        session = TrtSession(runtime or TrtRtxRuntime(p.gpu.index), plan_bytes, weights=weights, specialization=specialization,
+                             cuda_graphs=cuda_graphs, caches=blobs, weights_on_device=weights_on_device, source=where)
+    finally:
+        if weights is not None:
+            weights.reader.close()
+    report.timings.update(session.timings)
+    if session.cache_loaded is not None:
+        report.runtime_cache = names[session.cache_loaded]
+    elif blobs:
+        report.runtime_cache = f"none: TRT-RTX rejected all {len(blobs)} candidate(s); kernels compile on first use"
+        log.info("%s", report.runtime_cache)
+    return session
+
+
+def _built_here(p: Plan, bundle_dir: Path, user_cache: UserCache) -> tuple[str, bytes]:
+    """A weightless engine for this GPU, built from the skeleton once and kept in the user cache."""
+    from .trt_session import BuildRequest, build_engine
+
+    name = f"{model_id(p.manifest)}-sm{p.gpu.sm}-{p.machine.trt_rtx_version}"
+    path = user_cache.engine_path(name)
+    if path.is_file():
+        return str(path), path.read_bytes()
+    onnx_path, tmp = materialize_model(p.manifest, bundle_dir, user_cache)
+    try:
+        profiles = [{k: (r.min, r.opt, r.max) for k, r in prof.shapes.items()} for prof in p.manifest.profiles]
+        try:
+            data = build_engine(BuildRequest(onnx_path=str(onnx_path), profiles=profiles, weightless=True))
+        except BundleError as e:
+            raise MachineError(f"building an engine for this GPU failed: {e}") from None
+    finally:
+        if tmp is not None:
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+    user_cache.save_engine(name, data)
+    return str(path), data
+
+
+def validate_inputs(manifest: Manifest, inputs: Mapping[str, Any]) -> None:
+    """Names, dtypes, ranks, fixed dims and profile ranges, checked before any backend runs (InputError)."""
+    if not isinstance(inputs, Mapping):
+        raise InputError(f"run() takes a dict of input name -> numpy array, got {type(inputs).__name__}")
+    expected = [t.name for t in manifest.inputs]
+    missing, extra = [n for n in expected if n not in inputs], sorted(set(inputs) - set(expected))
+    if missing or extra:
+        raise InputError(f"inputs: expected {expected}" + (f"; missing {missing}" if missing else "") + (f"; unexpected {extra}" if extra else ""))
+    named: dict[str, tuple[str, int]] = {}
+    for spec in manifest.inputs:
+        a = inputs[spec.name]
+        if not isinstance(a, np.ndarray):
+            raise InputError(f"input {spec.name!r}: expected a numpy array, got {type(a).__name__}", hint="wrap it with numpy.asarray(...)")
+        if a.dtype.name != spec.dtype:
+            raise InputError(f"input {spec.name!r}: expected dtype {spec.dtype}, got {a.dtype.name}", hint=f"convert with .astype('{spec.dtype}')")
+        if a.ndim != len(spec.shape):
+            raise InputError(f"input {spec.name!r}: expected rank {len(spec.shape)} (shape {list(spec.shape)}), got rank {a.ndim} {a.shape}")
+        for axis, (want, got) in enumerate(zip(spec.shape, a.shape)):
+            if isinstance(want, int) and want >= 0 and want != got:
+                raise InputError(f"input {spec.name!r}: axis {axis} must be {want}, got {got} (shape {a.shape})")
+            if isinstance(want, str):
+                if want in named and named[want][1] != got:
+                    raise InputError(f"input {spec.name!r}: axis {axis} ({want!r}) is {got}, but {named[want][0]!r} has {want!r} = {named[want][1]}")
+                named.setdefault(want, (spec.name, got))
+    if manifest.profiles and not any(all(r.contains(tuple(inputs[n].shape)) for n, r in prof.shapes.items()) for prof in manifest.profiles):
+        prof = manifest.profiles[0]
+        detail = "; ".join(f"{n}: shape {list(inputs[n].shape)}, min {list(r.min)}, max {list(r.max)}"
+                           for n, r in prof.shapes.items() if not r.contains(tuple(inputs[n].shape)))
+        raise InputError(f"inputs outside the bundle's shape profile ({detail})",
+                         hint="split or pad the input, or rebuild the bundle with a wider profile (--shape NAME=MIN:OPT:MAX)")
+
+
+class Session:
+    """A loaded bundle: ``run(dict) -> dict``; saves its runtime cache on close(), at exit and on request."""
+
+    def __init__(self, *, manifest: Manifest, impl: Any, report: Report, user_cache: UserCache, key: CacheKey | None,
+                 engine: Engine | None) -> None:
+        self.manifest, self.report, self.user_cache, self._impl, self._key = manifest, report, user_cache, impl, key
+        self.engine = engine  # the bundle's Engine that runs (None: built here, or ONNX Runtime)
+        self.closed = False
+        _OPEN.add(self)
+
+    @property
+    def backend(self) -> str:
+        return self.report.backend
+
+    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.closed:
+            raise BundleError("run() on a closed session", hint="load() the bundle again")
+        validate_inputs(self.manifest, inputs)
+        return self._impl.run(inputs)
+
+    def serialize_cache(self) -> bytes | None:
+        """The TRT-RTX runtime cache as it is now (None on ONNX Runtime)."""
+        if self.backend != "tensorrt_rtx" or self._impl is None:
+            return None
+        return self._impl.serialize_cache()
+
+    def save_cache(self) -> bool:
+        """Save the runtime cache to the user cache dir. Never raises: failures are logged and False returned."""
+        if self.backend != "tensorrt_rtx" or self._key is None or self._impl is None:
+            return False
+        try:
+            data = self.serialize_cache()
+        except Exception as e:  # noqa: BLE001 - a cache is an optimization; the app goes on
+            log.warning("runtime cache not saved: serializing it failed (%s)", e)
+            return False
+        return bool(data) and self.user_cache.save_runtime_cache(model_id(self.manifest), self._key, data)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self.save_cache()
+        finally:
+            _OPEN.discard(self)
+            impl, self._impl = self._impl, None
+            if impl is not None:
+                impl.close()
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@atexit.register
+def _save_open_sessions() -> None:
+    # Apps that never call close() still keep their warm cache; save only, TRT-RTX tears itself down.
+    for s in list(_OPEN):
+        if not s.closed:
+            s.save_cache()

@@ -42,7 +42,7 @@ class Choice:
         return d
 
 
-def trt_blocker(manifest: Manifest, machine: Machine, gpu: Gpu | None) -> str | None:
+def trt_blocker(manifest: Manifest | None, machine: Machine, gpu: Gpu | None) -> str | None:
     """Why TRT-RTX cannot run on this machine at all (before looking at engines), or None."""
     if machine.trt_rtx_version is None:
         return "tensorrt_rtx is not installed (pip install tensorrt-rtx)"

@@ -1,0 +1,153 @@
+"""`trtx-bundle run` and `trtx-bundle doctor`: the run side of the CLI (parse, call runtime_shim, render)."""
+from __future__ import annotations
+
+import io
+import re
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+
+from runtime_shim.choose import Choice
+from runtime_shim.errors import InputError
+from runtime_shim.fsutil import atomic_write
+from runtime_shim.machine import Machine, probe, trt_rtx_supports
+from runtime_shim.session import load, plan
+from runtime_shim.user_cache import UserCache
+
+from .cli import emit_json, info, main, render_errors
+
+_MARK = {(True, True): "*", (True, False): "+", (False, False): "-"}
+
+
+def _machine_lines(m: Machine) -> list[str]:
+    lines = [f"OS {m.os} ({m.platform}), Python {m.python}",
+             f"TensorRT for RTX: {m.trt_rtx_version or 'not installed'}" + (f" ({m.cuda_flavour})" if m.cuda_flavour else "")]
+    if m.driver_version or m.driver_cuda_version:
+        lines.append(f"NVIDIA driver {m.driver_version or '?'} (supports CUDA {m.driver_cuda_text or '?'})")
+    if m.problem:
+        lines.append(f"GPU: none usable: {m.problem}")
+    for g in m.gpus:
+        ok = "supported by TRT-RTX" if trt_rtx_supports(g.sm) else "NOT supported by TRT-RTX"
+        lines.append(f"GPU {g.index}: {g.name}, SM {g.sm_text}, device 0x{g.pci_device_id:04x}, "
+                     f"{g.total_memory / 2**30:.1f} GiB, {g.uuid}: {ok}")
+    lines += [f"note: {n}" for n in m.notes]
+    return lines
+
+
+def _choice_lines(title: str, choices: list[Choice]) -> list[str]:
+    out = [f"{title} (* taken, + usable, - passed over):"]
+    for c in choices:
+        what = c.kind + (f" [{c.index}]" if c.index is not None else "")
+        out.append(f"  {_MARK[(c.viable, c.taken)]} {what}: {c.reason}")
+    return out
+
+
+@main.command()
+@click.argument("bundle", required=False, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--app", default="MyApp", show_default=True, help="App name: picks the user cache dir the app would use.")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), help="Use this cache dir instead.")
+@click.option("--device", type=int, help="GPU index to consider (default: the first TRT-RTX supports).")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON report on stdout.")
+@render_errors
+def doctor(bundle: Path | None, app: str, cache_dir: Path | None, device: int | None, as_json: bool) -> None:
+    """What this machine is, and what a bundle would run on here, and why.
+
+    \b
+    Prints the probe (OS, TRT-RTX, driver, GPUs), whether TensorRT for RTX can run here, and for BUNDLE
+    the ranked engines and runtime caches with the reason each was taken or passed over.
+    """
+    machine = probe()
+    cache = UserCache(app, cache_dir)
+    report: dict[str, Any] = {"machine": machine.to_dict(), "cache_dir": str(cache.dir)}
+    from runtime_shim.choose import pick_gpu, trt_blocker
+
+    if bundle is not None:
+        p = plan(bundle, cache, machine=machine, device=device)
+        report["bundle"] = {"path": str(bundle), "model": p.manifest.model.name, "trt_rtx_version": p.manifest.trt_rtx.version,
+                            "engines": [c.to_dict() for c in p.engines], "runtime_caches": [c.to_dict() for c in p.caches],
+                            "warnings": p.warnings}
+        blocker = p.blocker
+        taken = next(c for c in p.engines if c.taken)
+        can_run = taken.kind != "fallback"
+        why = blocker or (None if can_run else "no engine in the bundle fits: " + "; ".join(
+            c.reason for c in p.engines if c.kind in ("weightless", "weightful")))
+    else:
+        blocker = trt_blocker(None, machine, pick_gpu(machine, device))
+        can_run, why = blocker is None, blocker
+    report["trt_rtx_can_run"], report["why_not"] = can_run, why
+    if as_json:
+        emit_json(report)
+        return
+    for line in _machine_lines(machine):
+        info(line)
+    info(f"user cache dir: {cache.dir}")
+    if bundle is not None:
+        info(f"bundle {bundle}: model {p.manifest.model.name}, made for TRT-RTX {p.manifest.trt_rtx.version}")
+        for w in p.warnings:
+            info(f"warning: {w}")
+        for line in _choice_lines("engines", p.engines) + _choice_lines("runtime caches", p.caches):
+            info(line)
+    info(("TensorRT for RTX can run here" + (" (this bundle: yes)" if bundle else "")) if can_run
+         else f"TensorRT for RTX cannot run {'this bundle ' if bundle else ''}here: {why}")
+
+
+def _parse_input(spec: str) -> tuple[str, Path]:
+    name, sep, file = spec.partition("=")
+    if not sep or not name or not file:
+        raise click.BadParameter(f"expected NAME=FILE.npy, got {spec!r}", param_hint="--input")
+    return name, Path(file)
+
+
+def _load_array(name: str, path: Path) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise InputError(f"--input {name}={path}: cannot read a .npy array ({e})",
+                         hint="save it with numpy.save(path, array); pickled objects are refused") from None
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("-i", "--input", "inputs", multiple=True, metavar="NAME=FILE.npy", required=True, help="An input array (repeat per input).")
+@click.option("-o", "--output-dir", type=click.Path(file_okay=False, path_type=Path), help="Save each output as NAME.npy here.")
+@click.option("--app", default="MyApp", show_default=True, help="App name: picks the user cache dir.")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), help="Use this cache dir instead.")
+@click.option("--fallback", type=click.Choice(["onnxruntime", "error"]), default="onnxruntime", show_default=True,
+              help="What to do where TRT-RTX cannot run this bundle.")
+@click.option("--specialization", type=click.Choice(["lazy", "eager", "none"]), default="lazy", show_default=True,
+              help="Dynamic-shape kernel specialization (TRT-RTX).")
+@click.option("--no-cuda-graphs", is_flag=True, help="Do not capture CUDA graphs.")
+@click.option("--json", "as_json", is_flag=True, help="Print the load report and the outputs' shapes as JSON on stdout.")
+@render_errors
+def run(bundle: Path, inputs: tuple[str, ...], output_dir: Path | None, app: str, cache_dir: Path | None, fallback: str,
+        specialization: str, no_cuda_graphs: bool, as_json: bool) -> None:
+    """Run BUNDLE once on arrays from .npy files; save the outputs as .npy."""
+    feeds = {}
+    for spec in inputs:
+        name, path = _parse_input(spec)
+        feeds[name] = _load_array(name, path)
+    with load(bundle, app, cache_dir=cache_dir, specialization=specialization, cuda_graphs=not no_cuda_graphs,
+              fallback=fallback) as session:
+        outputs = session.run(feeds)
+        report = session.report
+    saved: dict[str, Any] = {}
+    if output_dir is not None:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    for name, array in outputs.items():
+        entry: dict[str, Any] = {"shape": list(array.shape), "dtype": array.dtype.name}
+        if output_dir is not None:
+            target = output_dir / (re.sub(r"[^A-Za-z0-9._-]+", "_", name).lstrip(".") or "output") + ".npy"
+            buf = io.BytesIO()
+            np.save(buf, array, allow_pickle=False)
+            atomic_write(target, buf.getvalue())
+            entry["file"] = str(target)
+        saved[name] = entry
+    if as_json:
+        emit_json({"report": report.to_dict(), "outputs": saved})
+        return
+    for line in report.lines():
+        info(line)
+    for name, entry in saved.items():
+        info(f"output {name}: {entry['dtype']} {entry['shape']}" + (f" -> {entry['file']}" if "file" in entry else ""))

@@ -288,3 +288,4 @@ def unpack(archive: Path, output: Path) -> None:
     m = unpack_bundle(archive, output)
     info(f"unpacked {archive} into {output}: {m.model.name} {m.model.version}, {len(m.files())} files verified")
 from . import cli_run  # noqa: E402,F401
+from . import cli_farm  # noqa: E402,F401

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, ContextManager, Iterator, Protocol
 
 from runtime_shim.errors import BundleError, ManifestError, ModelError
-from runtime_shim.fsutil import atomic_write, sha256_bytes, sha256_file
+from runtime_shim.fsutil import atomic_write, sha256_bytes
 from runtime_shim.manifest import (
     MANIFEST_NAME, Creator, FileRef, Manifest, ModelInfo, Skeleton, TrtRtx, read_manifest,
 )
@@ -30,11 +30,12 @@ from . import __version__
 from .bundle_io import raise_for_problems, verify_bundle
 from .config import BuildOptions, check_warmups, resolve_profiles
 from .engines import BuiltEngine, build_engines, plan_engines, trt_rtx_identity
+from .onnx_model import load_model, make_skeleton, write_normalized_model
+from .weights_writer import write_weight_store
 
 __all__ = ["BuildOptions", "BuildResult", "Progress", "build_bundle", "OutputDirError"]
 
 SKELETON_EXTERNAL_DATA = "weights.bin"
-NORMALIZED_MODEL_NAME = "model.onnx"  # fixed: TRT-RTX engine bytes depend on the model file's name
 
 
 class OutputDirError(BundleError):
@@ -90,9 +91,6 @@ def build_bundle(onnx_path: str | os.PathLike[str], out_dir: str | os.PathLike[s
 
     ``probe`` replaces runtime_shim.machine.probe when deciding on a weightless engine (tests).
     """
-    from .onnx_model import load_model, make_skeleton, write_normalized_model  # landed by the ONNX helper
-    from .weights_writer import write_weight_store
-
     progress = progress or _Quiet()
     src, out = Path(onnx_path), Path(out_dir)
     _check_output_dir(out, force=options.force)
@@ -122,16 +120,17 @@ def build_bundle(onnx_path: str | os.PathLike[str], out_dir: str | os.PathLike[s
             atomic_write(tmp / ref.path, skeleton_bytes)
         built: list[BuiltEngine] = []
         if plans:
+            # The normalized model's file name is fixed (onnx_model.SKELETON_NAME): TRT-RTX engine bytes depend
+            # on it (observed), so a random name would break byte-identical rebuilds.
             with tempfile.TemporaryDirectory(prefix="trtx-normalized-") as norm_dir:
                 with timed("write normalized model"):
-                    model_file = write_normalized_model(model, Path(norm_dir), NORMALIZED_MODEL_NAME)
+                    model_file = write_normalized_model(model, store, Path(norm_dir), SKELETON_EXTERNAL_DATA)
                 built = build_engines(Path(model_file), profiles, plans, tmp, step=progress.step)
         for b in built:
             seconds[f"engine {b.engine.kind} {b.engine.platform} {list(b.engine.compute_capabilities) or 'default'}"] = b.seconds
         version, flavour = trt_rtx_identity()
-        source_sha, _ = sha256_file(src)
         manifest = Manifest(
-            model=ModelInfo(name=options.name or src.stem, version=options.version, source_sha256=source_sha,
+            model=ModelInfo(name=options.name or src.stem, version=options.version, source_sha256=model.source_sha256,
                             opset=getattr(model, "opset", None)),
             inputs=tuple(model.inputs),
             outputs=tuple(model.outputs),

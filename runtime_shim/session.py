@@ -139,7 +139,8 @@ def load(bundle_path: str | Path, app: str = "MyApp", *, cache_dir: str | Path |
             break
         except MachineError as e:
             failures.append(f"{choice.kind} engine {choice.candidate.file.path if choice.candidate else ''}: {e}".replace("  ", " "))
-            log.warning("TensorRT for RTX could not use the %s engine: %s", choice.kind, e)
+            report.warnings.append(f"TensorRT for RTX could not use the {choice.kind} engine: {e}")
+            log.warning("%s", report.warnings[-1])
     if impl is None:
         report.why_not_trt = p.blocker or "; ".join(failures) or "no engine in the bundle fits this machine"
         if p.blocker is None and not failures:

@@ -174,18 +174,23 @@ class TrtSession:
         if self.validity == "SUBOPTIMAL":
             log.warning("%s: TensorRT for RTX says this engine may run slower here: %s", source, "; ".join(decode_diagnostics(bits)))
         t0 = time.perf_counter()
+        self.context: Any = None
         self.engine = runtime.deserialize(plan)
         if self.engine is None:
             raise MachineError(f"{source}: TensorRT for RTX could not deserialize the engine", hint="run with -vv to see TRT-RTX's log")
         self.timings["deserialize_s"] = time.perf_counter() - t0
-        if weights is not None:
+        try:
+            if weights is not None:
+                t0 = time.perf_counter()
+                self.refitted = self._refit(weights, weights_on_device)
+                self.timings["refit_s"] = time.perf_counter() - t0
             t0 = time.perf_counter()
-            self.refitted = self._refit(weights, weights_on_device)
-            self.timings["refit_s"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        self.context, self.cache_loaded = runtime.create_context(self.engine, specialization=specialization, cuda_graphs=cuda_graphs,
-                                                                 caches=list(caches))
-        self.timings["context_s"] = time.perf_counter() - t0
+            self.context, self.cache_loaded = runtime.create_context(self.engine, specialization=specialization,
+                                                                     cuda_graphs=cuda_graphs, caches=list(caches))
+            self.timings["context_s"] = time.perf_counter() - t0
+        except BaseException:
+            self.close()  # a half-loaded engine must not keep GPU memory while the caller tries the next one
+            raise
 
     def _refit(self, weights: WeightSource, on_device: bool) -> list[str]:
         names = list(self.runtime.refittable_weights(self.engine))
@@ -362,6 +367,10 @@ class TrtRtxRuntime:
             self.cu.cudaFree(ptr)
 
     def release(self, context: Any, engine: Any) -> None:
+        for kind, item in self._keep:  # a refit that never ran leaves its device copies here
+            if kind == "device":
+                self.cu.cudaFree(item)
+        self._keep.clear()
         if context is not None:
             self.cu.cudaStreamSynchronize(context.stream)
             for bufs in context.buffers.values():

@@ -283,7 +283,7 @@ def run_farm_job(
             runtime_cache=RuntimeCache(key=key, engines=(engine_sha,), file=FileRef.for_content("caches", cache_sha, len(cache_bytes)),
                                        created=int(time.time())),
             warmup=tuple(done_runs),
-            timings={**timings, "total_s": time.perf_counter() - t_start},
+            timings={k: round(v, 6) for k, v in {**timings, "total_s": time.perf_counter() - t_start}.items()},
             machine={"host": socket.gethostname(), "gpu_uuid": gpu.uuid, "gpu_index": str(gpu.index),
                      "driver_version": machine.driver_version or "", "platform": machine.platform},
             created=int(time.time()),

@@ -257,6 +257,8 @@ def _member_kind(member: tarfile.TarInfo) -> str | None:
 # --------------------------------------------------------------------------- inspect
 def describe_bundle(bundle_dir: str | os.PathLike[str]) -> dict:
     """A summary of the bundle for `inspect`: model, I/O, profiles, weights (raw vs stored), engines, caches."""
+    from .coverage import coverage
+
     root = Path(bundle_dir)
     manifest, warnings = read_manifest(root)
     w = manifest.weights
@@ -282,8 +284,7 @@ def describe_bundle(bundle_dir: str | os.PathLike[str]) -> dict:
         "skeleton": manifest.skeleton.to_dict(),
         "engines": [e.to_dict() for e in manifest.engines],
         "runtime_caches": [c.to_dict() for c in manifest.runtime_caches],
-        # COVERAGE MATRIX: the farm helper (bundler/farm.py) adds "coverage" here (which GPU/driver/OS each
-        # engine and cache serves); until then inspect shows no matrix.
+        "coverage": coverage(manifest).to_dict(),  # per platform x SM: engine a user gets, GPUs with a cache
         "creator": manifest.creator.to_dict(),
         "warnings": warnings,
     }

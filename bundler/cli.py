@@ -222,7 +222,9 @@ def inspect(bundle: Path, as_json: bool) -> None:
     for c in d["runtime_caches"]:
         k = c["key"]
         out.append(f"  {k['gpu_name']} (SM {k['sm']}, {k['os']}, driver >= {k['driver_version']}, {k['cuda_flavour']}): {c['file']['size']:,} bytes")
-    # COVERAGE MATRIX: the farm helper renders d["coverage"] here (GPU x driver x OS -> engine, cache).
+    from .coverage import render as render_coverage
+
+    out += render_coverage(d["coverage"])
     created = d["creator"]["created"]
     out.append(f"created  by {d['creator']['tool']} {d['creator']['version']}" + (f" at {created} (SOURCE_DATE_EPOCH)" if created is not None else ""))
     out += [f"warning: {msg}" for msg in d["warnings"]]

@@ -6,7 +6,7 @@ each SM, so what ``inspect`` promises is what ``load`` does.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 from runtime_shim.choose import choose_engines
 from runtime_shim.machine import Gpu, Machine
@@ -20,7 +20,7 @@ ENGINE_WORDS = {
     "build": "none bundled: built on the user's GPU from the skeleton on first run (slow once), then kept in the user cache",
     "fallback": "ONNX Runtime fallback",
 }
-NO_CACHE = "no pregenerated cache: kernels JIT-compile on first use of each shape, then are kept in the user cache"
+NO_CACHE = "no pregenerated cache: kernels JIT-compile on first use of each shape (seconds), then are kept in the user cache"
 UNSUPPORTED = ("GPUs TensorRT for RTX does not support (SM 9.0 Hopper, SM 10.x, older than SM 7.5) and machines without an "
                "NVIDIA GPU or with an old driver: the ONNX Runtime fallback where the app allows it, otherwise a clear error")
 
@@ -57,22 +57,6 @@ class Coverage:
             "unsupported_gpus": UNSUPPORTED,
         }
 
-    def render(self) -> list[str]:
-        """The matrix as text lines for `inspect`."""
-        lines = [f"coverage (TensorRT for RTX {self.trt_rtx_version}, {self.cuda_flavour}):",
-                 f"  {'platform':<14} {'SM':<5} {'engine':<11} runtime caches (GPU, device id, driver >=)"]
-        for r in self.rows:
-            caches = "; ".join(f"{c.key.gpu_name} 0x{c.key.pci_device_id:04x} {c.key.driver_version}" + (" CiG" if c.key.cig else "")
-                               for c in r.caches) or "-"
-            engine = "build here" if r.engine == "build" else r.engine
-            lines.append(f"  {r.platform:<14} {_sm(r.sm):<5} {engine:<11} {caches}")
-        lines.append("  engine 'build here': " + ENGINE_WORDS["build"])
-        lines.append("  a GPU model or driver major with no cache listed: " + NO_CACHE)
-        for c in self.other_caches:
-            lines.append(f"  cache not matching any row (not used by this bundle's users): {_key_words(c)}")
-        lines.append("  " + UNSUPPORTED)
-        return lines
-
 
 def coverage(manifest: Manifest) -> Coverage:
     version, flavour = manifest.trt_rtx.version, manifest.trt_rtx.cuda_flavour
@@ -99,10 +83,23 @@ def _cache_dict(c: RuntimeCache) -> dict[str, Any]:
     return {**c.key.to_dict(), "file": c.file.path, "engines": list(c.engines), "created": c.created}
 
 
-def _key_words(c: RuntimeCache) -> str:
-    k = c.key
-    return f"{k.gpu_name} (SM {_sm(k.sm)}, {k.os}, driver {k.driver_version}, TRT-RTX {k.trt_rtx_version} {k.cuda_flavour})"
-
-
 def _sm(sm: int) -> str:
     return f"{sm // 10}.{sm % 10}"
+
+
+def render(d: Mapping[str, Any]) -> list[str]:
+    """The matrix as text lines for `inspect`, from ``Coverage.to_dict()`` (what `inspect --json` prints)."""
+    lines = [f"coverage (TensorRT for RTX {d['trt_rtx_version']}, {d['cuda_flavour']}): what a user's GPU gets",
+             f"  {'platform':<14} {'SM':<5} {'engine':<11} runtime caches (GPU, device id, driver >=)"]
+    for r in d["rows"]:
+        caches = "; ".join(f"{c['gpu_name']} 0x{c['pci_device_id']:04x} {c['driver_version']}" + (" CiG" if c["cig"] else "")
+                           for c in r["caches"]) or "-"
+        engine = "build here" if r["engine"] == "build" else r["engine"]
+        lines.append(f"  {r['platform']:<14} {_sm(r['sm']):<5} {engine:<11} {caches}")
+    lines.append("  engine 'build here': " + ENGINE_WORDS["build"])
+    lines.append("  a GPU model, OS or driver major not listed: " + NO_CACHE)
+    for c in d["other_caches"]:
+        lines.append(f"  cache no row uses (another TRT-RTX version or SM): {c['gpu_name']} SM {_sm(c['sm'])} {c['os']} "
+                     f"driver {c['driver_version']} TRT-RTX {c['trt_rtx_version']} {c['cuda_flavour']}")
+    lines.append("  " + UNSUPPORTED)
+    return lines

@@ -144,6 +144,11 @@ def test_merge_cli_json_and_coverage(tmp_path: Path, bundle: Path) -> None:
     assert cov[("linux_x86_64", 89)].engine == "weightless" and cov[("linux_x86_64", 89)].caches[0].key.gpu_name == RTX4090[0]
     assert cov[("linux_x86_64", 86)].engine == "weightful" and cov[("linux_x86_64", 86)].caches == ()
     assert cov[("linux_x86_64", 75)].engine == "build"  # TRT-RTX's default targets leave Turing out
+    res = CliRunner().invoke(main, ["inspect", str(bundle), "--json"])
+    rows = {(r["platform"], r["sm"]): r for r in json.loads(res.stdout)["coverage"]["rows"]}
+    assert rows[("linux_x86_64", 89)]["caches"][0]["pci_device_id"] == 0x2684
+    res = CliRunner().invoke(main, ["inspect", str(bundle)])
+    assert res.exit_code == 0 and "linux_x86_64   8.9   weightless  NVIDIA GeForce RTX 4090 0x2684 580.95" in res.stderr
 
 
 # --------------------------------------------------------------------------- refused parts

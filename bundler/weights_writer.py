@@ -56,7 +56,10 @@ def encode_frame(raw: bytes | memoryview, encoding: str, element_size: int, leve
     if encoding == "zstd" or element_size == 1:
         return cctx.compress(raw)
     # Byte k of every element together: the sign/exponent plane is low-entropy, the low mantissa planes are noise.
-    planes = np.ascontiguousarray(np.frombuffer(raw, dtype=np.uint8).reshape(-1, element_size).T)
+    elements = np.frombuffer(raw, dtype=np.uint8).reshape(-1, element_size)
+    planes = np.empty((element_size, len(elements)), dtype=np.uint8)
+    for k in range(element_size):  # a strided column read per plane: far faster than a generic transposed copy
+        planes[k] = elements[:, k]
     # Still one ordinary zstd frame, but a block ends at each plane boundary, so no entropy table is shared
     # between planes (measured on silero-vad: 83.2% -> 80.2% of raw; no change for frames of several MiB).
     cobj = cctx.compressobj(size=len(raw))
@@ -66,6 +69,15 @@ def encode_frame(raw: bytes | memoryview, encoding: str, element_size: int, leve
         parts.append(cobj.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK))
     parts.append(cobj.flush())
     return b"".join(parts)
+
+
+def _sha256(data: bytes | memoryview) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _encode_and_hash(raw: memoryview, encoding: str, element_size: int, level: int) -> tuple[bytes, str]:
+    stored = encode_frame(raw, encoding, element_size, level)
+    return stored, _sha256(stored)
 
 
 def _as_bytes(data: Buffer) -> memoryview:
@@ -94,12 +106,11 @@ class _Plan:
     offsets: list[int]  # raw_offset per blob
 
 
-def _plan(weights: Sequence[Weight], raws: Sequence[memoryview], alignment: int) -> _Plan:
+def _plan(weights: Sequence[Weight], raws: Sequence[memoryview], shas: Sequence[str], alignment: int) -> _Plan:
     seen: dict[tuple[str, str], int] = {}
     plan = _Plan([], [], [], [])
     pos = 0
-    for i, (w, raw) in enumerate(zip(weights, raws)):
-        sha = hashlib.sha256(raw).hexdigest()
+    for i, (w, raw, sha) in enumerate(zip(weights, raws, shas)):
         key = (w.dtype, sha)  # same bytes but another dtype stays separate: the byte-plane width differs
         if key not in seen:
             seen[key] = len(plan.firsts)
@@ -139,9 +150,11 @@ def write_weight_store(
     raws = [_as_bytes(w.data) for w in weights]
     for i, (w, raw) in enumerate(zip(weights, raws)):
         _check(w, i, raw)
-    plan = _plan(weights, raws, alignment)
-    total = sum(len(raws[i]) for i in plan.firsts)
     threads = max(1, threads if threads is not None else min(8, os.cpu_count() or 1))
+    with cf.ThreadPoolExecutor(threads) as pool:  # hashlib releases the GIL: hash tensors in parallel
+        shas = list(pool.map(_sha256, raws))
+    plan = _plan(weights, raws, shas, alignment)
+    total = sum(len(raws[i]) for i in plan.firsts)
 
     folder = Path(bundle_dir) / "weights"
     folder.mkdir(parents=True, exist_ok=True)
@@ -155,10 +168,10 @@ def write_weight_store(
             offset, done = len(MAGIC), 0
             for b, (stored_frames, blob_encoding, element_size) in enumerate(_encode_blobs(plan, weights, raws, encoding, level, chunk_bytes, pool, 4 * threads)):
                 frames = []
-                for raw_size, stored in stored_frames:
+                for raw_size, stored, stored_sha in stored_frames:
                     f.write(stored)
                     file_hash.update(stored)
-                    frames.append(Frame(offset=offset, size=len(stored), raw_size=raw_size, sha256=hashlib.sha256(stored).hexdigest()))
+                    frames.append(Frame(offset=offset, size=len(stored), raw_size=raw_size, sha256=stored_sha))
                     offset += len(stored)
                 raw = raws[plan.firsts[b]]
                 blobs.append(Blob(sha256=plan.shas[b], nbytes=len(raw), raw_offset=plan.offsets[b], encoding=blob_encoding,
@@ -182,8 +195,8 @@ def write_weight_store(
 
 
 def _encode_blobs(plan: _Plan, weights: Sequence[Weight], raws: Sequence[memoryview], encoding: str, level: int,
-                  chunk_bytes: int, pool: cf.Executor, window: int) -> Iterable[tuple[list[tuple[int, bytes]], str, int]]:
-    """Per blob, in order: its stored frames [(raw_size, bytes)], the encoding chosen and the element size.
+                  chunk_bytes: int, pool: cf.Executor, window: int) -> Iterable[tuple[list[tuple[int, bytes, str]], str, int]]:
+    """Per blob, in order: its stored frames [(raw_size, stored bytes, their sha256)], the encoding chosen, the element size.
 
     Frames are submitted ahead across blob boundaries with a bounded window, so small blobs keep every thread busy
     while memory stays bounded by the window (plus one blob's frames).
@@ -206,7 +219,7 @@ def _encode_blobs(plan: _Plan, weights: Sequence[Weight], raws: Sequence[memoryv
         nonlocal queued
         while queued < window and (b := next(blobs, None)) is not None:
             enc, element_size, pieces = blob_params(b)
-            futs = [pool.submit(encode_frame, piece, enc, element_size, level) for piece in pieces]
+            futs = [pool.submit(_encode_and_hash, piece, enc, element_size, level) for piece in pieces]
             jobs.append((enc, element_size, pieces, futs))
             queued += len(futs)
 
@@ -216,6 +229,6 @@ def _encode_blobs(plan: _Plan, weights: Sequence[Weight], raws: Sequence[memoryv
         queued -= len(futs)
         stored = [fut.result() for fut in futs]
         nbytes = sum(len(p) for p in pieces)
-        if enc != "none" and (nbytes == 0 or sum(len(s) for s in stored) > nbytes * (1 - MIN_SAVING)):
-            enc, element_size, stored = "none", 1, [bytes(p) for p in pieces]
-        yield [(len(p), s) for p, s in zip(pieces, stored)], enc, element_size
+        if enc != "none" and (nbytes == 0 or sum(len(s) for s, _ in stored) > nbytes * (1 - MIN_SAVING)):
+            enc, element_size, stored = "none", 1, [(bytes(p), _sha256(p)) for p in pieces]
+        yield [(len(p), s, sha) for p, (s, sha) in zip(pieces, stored)], enc, element_size

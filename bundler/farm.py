@@ -20,7 +20,9 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 from runtime_shim import __version__
 from runtime_shim.errors import BundleError, MachineError
 from runtime_shim.fsutil import atomic_write, sha256_bytes, sha256_file
-from runtime_shim.manifest import MANIFEST_NAME, Engine, FileRef, Manifest, Profile, RuntimeCache, Shape, _kind
+from runtime_shim.machine import Gpu, Machine, cache_key_for, unsupported_reason
+from runtime_shim.machine import probe as real_probe
+from runtime_shim.manifest import MANIFEST_NAME, Engine, FileRef, Manifest, Profile, RuntimeCache, Shape, _kind, read_manifest
 
 from .part import Part, WarmupRun, base_sha256, write_part
 
@@ -109,7 +111,6 @@ class FarmGpu(Protocol):
         whose sha256 is given, and return (serialized runtime cache, runs with timings, timings)."""
 
 
-
 class ShimGpu:
     """The real GPU work, through the shim: runs only on a GPU TensorRT for RTX supports (tests: rtx_gpu marker)."""
 
@@ -170,6 +171,7 @@ class ShimGpu:
             session.close()
         return blob, tuple(done), timings
 
+
 @dataclass(frozen=True, kw_only=True)
 class FarmResult:
     part_dir: Path
@@ -180,10 +182,8 @@ class FarmResult:
 Progress = Callable[[str], None]
 
 
-def check_servable(machine: Any) -> Any:
+def check_servable(machine: Machine) -> Gpu:
     """The GPU a farm job serves (CUDA device 0), or UnservableMachineError saying what was found."""
-    from runtime_shim.machine import unsupported_reason
-
     found = _describe(machine)
     hint = ("run farm jobs on runners with a GPU TensorRT for RTX supports (RTX / workstation: SM 7.5, 8.0, 8.6, 8.9, 12.x); "
             f"exit code {EXIT_UNSERVABLE} marks this case so CI can tell a mislabelled runner from a failed job")
@@ -205,7 +205,7 @@ def check_servable(machine: Any) -> Any:
     return gpu
 
 
-def _describe(machine: Any) -> str:
+def _describe(machine: Machine) -> str:
     gpus = "; ".join(f"GPU {g.index} {g.name} SM {g.sm_text}" for g in machine.gpus) or "no GPU"
     return (f"{machine.os}/{machine.platform}, driver {machine.driver_version or 'none'}, {gpus}, "
             f"TRT-RTX {machine.trt_rtx_version or 'not installed'} ({machine.cuda_flavour or '-'})")
@@ -218,23 +218,18 @@ def run_farm_job(
     warmups: Sequence[Mapping[str, Shape]] = (),
     rounds: int = DEFAULT_ROUNDS,
     progress: Progress | None = None,
-    probe: Callable[[], Any] | None = None,
+    probe: Callable[[], Machine] | None = None,
     gpu_backend: FarmGpu | None = None,
 ) -> FarmResult:
     """Make one part for this machine's GPU. Nothing is written unless the whole job succeeds."""
-    from runtime_shim.machine import cache_key_for
-    from runtime_shim.machine import probe as real_probe
-
     say = progress or (lambda _m: None)
     t_start = time.perf_counter()
     machine = (probe or real_probe)()
     gpu = check_servable(machine)  # before anything touches the disk
     timings = {"probe_s": time.perf_counter() - t_start}
     bundle_dir, part_dir = Path(bundle_dir), Path(part_dir)
-    manifest_sha, _size = sha256_file(bundle_dir / MANIFEST_NAME) if (bundle_dir / MANIFEST_NAME).is_file() else ("", 0)
-    from runtime_shim.manifest import read_manifest
-
     manifest, _warnings = read_manifest(bundle_dir)
+    manifest_sha, _size = sha256_file(bundle_dir / MANIFEST_NAME)  # what merge checks the part was made for
     if manifest.trt_rtx.version != machine.trt_rtx_version or manifest.trt_rtx.cuda_flavour != machine.cuda_flavour:
         raise MachineError(
             f"{bundle_dir / MANIFEST_NAME}: trt_rtx is {manifest.trt_rtx.version} ({manifest.trt_rtx.cuda_flavour}), "
@@ -268,7 +263,7 @@ def run_farm_job(
             new_engine = Engine(
                 kind="weightless", platform=machine.platform, compute_capabilities=(gpu.sm,),
                 trt_rtx_version=machine.trt_rtx_version, file=FileRef.for_content("engines", engine_sha, len(engine_bytes)),
-                built_by={"tool": f"trtx-bundler {__version__} farm-job", "gpu": gpu.name, "driver": machine.driver_version or "?"},
+                built_by={"tool": f"trtx-bundler {__version__}", "builder": "farm", "gpu": gpu.name, "driver": machine.driver_version or "?"},
             )
         overlay = _overlay_bundle(bundle_dir, manifest, work / "bundle", new_engine, engine_bytes, engine_sha)
         say(f"warming up {len(runs)} shape set(s) x {rounds} round(s) with EAGER specialization ...")

@@ -31,11 +31,12 @@ from typing import Any, Mapping
 from runtime_shim import __version__
 from runtime_shim.errors import ManifestError
 from runtime_shim.fsutil import atomic_write, sha256_bytes
-from runtime_shim.manifest import Engine, FileRef, Manifest, RuntimeCache, Shape, _Reader
+from runtime_shim.manifest import Engine, FileRef, Manifest, RuntimeCache, Shape, _Reader, _sha
 
 PART_SCHEMA_VERSION = 1
 PART_KIND = "trtx-bundler-part"
 PART_MANIFEST_NAME = "part.json"
+
 
 # --------------------------------------------------------------------------- part manifest
 @dataclass(frozen=True, kw_only=True)
@@ -116,19 +117,20 @@ class Part:
             tool = _Reader(r.get("tool", Mapping), "tool", warnings)
             part = cls(
                 schema_version=version,
-                bundle_manifest_sha256=b.get("manifest_sha256", str, check=_sha_check),
-                bundle_base_sha256=b.get("base_sha256", str, check=_sha_check),
+                bundle_manifest_sha256=b.get("manifest_sha256", str, check=_sha),
+                bundle_base_sha256=b.get("base_sha256", str, check=_sha),
                 model=b.get("model", str),
                 engine=r.obj("engine", Engine._parse, default=None),
                 runtime_cache=r.obj("runtime_cache", RuntimeCache._parse),
                 warmup=r.objs("warmup", WarmupRun._parse, default=()),
-                timings={str(k): float(v) for k, v in r.get("timings", Mapping, default={}).items()},
+                timings={str(k): float(v) for k, v in r.get("timings", Mapping, default={}, check=_seconds).items()},
                 machine={str(k): str(v) for k, v in r.get("machine", Mapping, default={}).items()},
                 tool_version=tool.get("version", str),
                 created=r.get("created", int),
             )
-            tool.seen.add("tool")
-            b.done(), tool.done(), r.done()
+            tool.get("tool", str)  # always "trtx-bundler": read so that it is not reported as unknown
+            for reader in (b, tool, r):
+                reader.done()
         except ManifestError as e:
             raise ManifestError(f"{source}: {e}", hint=e.hint) from None
         if part.engine is not None and part.engine.file.sha256 not in part.runtime_cache.engines:
@@ -136,8 +138,9 @@ class Part:
         return part, warnings
 
 
-def _sha_check(v: str) -> str | None:
-    return None if len(v) == 64 and all(c in "0123456789abcdef" for c in v) else f"expected a sha256 hex digest, got {v!r}"
+def _seconds(v: Mapping[str, Any]) -> str | None:
+    bad = {k: x for k, x in v.items() if isinstance(x, bool) or not isinstance(x, (int, float))}
+    return f"expected numbers of seconds, got {bad!r}" if bad else None
 
 
 def read_part(part_dir: str | os.PathLike[str]) -> tuple[Part, list[str]]:
@@ -178,7 +181,8 @@ def write_part(part_dir: Path, part: Part, blobs: Mapping[str, bytes]) -> None:
             (stage / ref.path).parent.mkdir(parents=True, exist_ok=True)
             atomic_write(stage / ref.path, data)
         atomic_write(stage / PART_MANIFEST_NAME, part.to_json())
-        with contextlib.suppress(FileNotFoundError, OSError):
+        os.chmod(stage, 0o755)  # mkdtemp makes 0700; a part is meant to be uploaded and read by other jobs
+        with contextlib.suppress(OSError):
             part_dir.rmdir()  # an empty PART_DIR made by CI beforehand; a non-empty one was refused earlier
         os.replace(stage, part_dir)
     except BaseException:

@@ -5,6 +5,7 @@ problem in ``Machine.problem`` so that choice, ``doctor`` and the report can say
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import os
 import platform as _platform
@@ -21,18 +22,22 @@ _SUPPORTED_BELOW_120 = frozenset({75, 80, 86, 89})
 # The driver a CUDA flavour needs, as cuDriverGetVersion reports it (1000 * major + 10 * minor).
 _MIN_DRIVER_CUDA = {"cu12": 12000, "cu13": 13000}
 # Distribution names that carry the `tensorrt_rtx` import package, with the CUDA flavour each implies.
-_TRT_DISTS = (("tensorrt-rtx-cu13", "cu13"), ("tensorrt-rtx-cu12", "cu12"), ("tensorrt_rtx", None), ("tensorrt-rtx", None))
+# (the bindings wheels are what a --target or vendored install keeps; the metapackages may be absent)
+_TRT_DISTS = (("tensorrt-rtx-cu13", "cu13"), ("tensorrt-rtx-cu13-bindings", "cu13"), ("tensorrt-rtx-cu12", "cu12"),
+              ("tensorrt-rtx-cu12-bindings", "cu12"), ("tensorrt-rtx", None))
 _PROC_DRIVER_VERSION = "/proc/driver/nvidia/version"
+_SYSFS_PCI = "/sys/bus/pci/devices"
 
 
 @dataclass(frozen=True, kw_only=True)
 class Gpu:
     index: int
     name: str  # e.g. "NVIDIA GeForce RTX 4090"
-    pci_device_id: int  # the SKU, e.g. 0x2684
+    pci_device_id: int  # the SKU (PCI product id), e.g. 0x2684; 0 when NVML and sysfs could not tell
     uuid: str  # "GPU-xxxxxxxx-..."; stable across reboots, unlike the index
     sm: int  # compute capability as 10 * major + minor, e.g. 89, 90, 120
     total_memory: int  # bytes
+    pci_bus_id: str = ""  # "0000:19:00.0"
 
     @property
     def sm_text(self) -> str:
@@ -110,7 +115,7 @@ def _short_driver(version: str | None) -> str:
 
 
 # ------------------------------------------------------------------------------------------- probing
-def probe(*, driver: Any = None, nvml: Any = None, proc_version_path: str = _PROC_DRIVER_VERSION) -> Machine:
+def probe(*, driver: Any = None, nvml: Any = None, proc_version_path: str = _PROC_DRIVER_VERSION, sysfs_pci: str = _SYSFS_PCI) -> Machine:
     """Describe this machine. ``driver``/``nvml`` replace cuda.bindings modules (tests); never raises."""
     os_name = {"win32": "windows", "cygwin": "windows"}.get(sys.platform, sys.platform.rstrip("0123456789") or sys.platform)
     arch = _platform.machine().lower()
@@ -127,9 +132,12 @@ def probe(*, driver: Any = None, nvml: Any = None, proc_version_path: str = _PRO
         problem = str(e)
     driver_version = None
     if problem is None or "no CUDA-capable device" in problem:
-        driver_version, note = _driver_version(nvml, proc_version_path)
+        driver_version, skus, note = _nvml_facts(nvml, proc_version_path, [g.pci_bus_id for g in gpus], sysfs_pci)
+        gpus = tuple(dataclasses.replace(g, pci_device_id=skus.get(g.pci_bus_id, 0)) for g in gpus)
         if note:
             notes.append(note)
+        if any(g.pci_device_id == 0 for g in gpus):
+            notes.append("PCI device id (SKU) unknown for some GPU: runtime caches cannot be matched to it exactly")
     if trt_version is None:
         notes.append("tensorrt_rtx is not installed: only the ONNX Runtime fallback can run bundles here")
     return Machine(os=os_name, platform=plat, cpu_arch=arch, python=_platform.python_version(), trt_rtx_version=trt_version,
@@ -188,11 +196,14 @@ def _probe_driver(driver: Any) -> tuple[int | None, tuple[Gpu, ...]]:
         name = name.split(b"\0", 1)[0].decode("utf-8", "replace") if isinstance(name, (bytes, bytearray)) else str(name)
         major = _checked(driver, driver.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, dev), 0)
         minor = _checked(driver, driver.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, dev), 0)
-        pci = _checked(driver, driver.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_PCI_DEVICE_ID, dev), 0)
+        # CU_DEVICE_ATTRIBUTE_PCI_DEVICE_ID is the slot number on the bus, not the product id (an H200 said 6):
+        # keep the bus id and ask NVML or sysfs for the SKU.
+        bus = _checked(driver, driver.cuDeviceGetPCIBusId(32, dev), b"")
+        bus = bus.split(b"\0", 1)[0].decode("ascii", "replace") if isinstance(bus, (bytes, bytearray)) else str(bus)
         uuid = _checked(driver, driver.cuDeviceGetUuid(dev), None)
         memory = _checked(driver, driver.cuDeviceTotalMem(dev), 0)
-        gpus.append(Gpu(index=index, name=name, pci_device_id=int(pci), uuid=_uuid_text(uuid), sm=10 * int(major) + int(minor),
-                        total_memory=int(memory)))
+        gpus.append(Gpu(index=index, name=name, pci_device_id=0, uuid=_uuid_text(uuid), sm=10 * int(major) + int(minor),
+                        total_memory=int(memory), pci_bus_id=_norm_bus(bus)))
     return cuda_version, tuple(gpus)
 
 
@@ -220,35 +231,57 @@ def _uuid_text(uuid: Any) -> str:
     return f"GPU-{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"  # the form nvidia-smi prints
 
 
-def _driver_version(nvml: Any, proc_path: str) -> tuple[str | None, str | None]:
-    """The display-driver version ("580.95.05"): NVML where cuda.bindings has it, else the Linux kernel module file."""
+def _norm_bus(bus: str) -> str:
+    # CUDA says "0000:19:00.0", NVML "00000000:19:00.0", sysfs "0000:19:00.0": compare one form.
+    m = re.match(r"^([0-9A-Fa-f]+):([0-9A-Fa-f]+):([0-9A-Fa-f]+)\.([0-7])$", bus.strip())
+    if not m:
+        return bus.strip().lower()
+    return f"{int(m.group(1), 16):04x}:{int(m.group(2), 16):02x}:{int(m.group(3), 16):02x}.{m.group(4)}"
+
+
+def _nvml_facts(nvml: Any, proc_path: str, bus_ids: list[str], sysfs: str) -> tuple[str | None, dict[str, int], str | None]:
+    """(display-driver version like "580.95.05", {bus id: SKU}, note): NVML where cuda.bindings has it, else
+    /proc/driver/nvidia/version and /sys/bus/pci (Linux)."""
     if nvml is None:
         try:
             from cuda.bindings import nvml  # type: ignore[no-redef]
         except ImportError:
             nvml = None
-    nvml_problem = None
+    version, skus, nvml_problem = None, {}, None
     if nvml is not None:
         try:
             nvml.init_v2()
             try:
                 v = nvml.system_get_driver_version()
+                version = v.decode() if isinstance(v, bytes) else str(v)
+                for bus in bus_ids:
+                    try:
+                        info = nvml.device_get_pci_info_v3(nvml.device_get_handle_by_pci_bus_id_v2(bus))
+                        skus[bus] = int(info.pci_device_id) >> 16  # low 16 bits: the vendor (0x10de)
+                    except Exception:  # noqa: BLE001 - one GPU NVML cannot see (MIG, vGPU) is not fatal
+                        pass
             finally:
                 nvml.shutdown()
-            return (v.decode() if isinstance(v, bytes) else str(v)), None
         except Exception as e:  # noqa: BLE001 - NVML missing or refusing is common (containers, WSL)
             nvml_problem = _first_line(e)
-    try:
-        with open(proc_path, encoding="utf-8", errors="replace") as f:
-            text = f.read()
-        m = re.search(r"Kernel Module(?:\s+for\s+\S+)?\s+(\d+\.\d+(?:\.\d+)?)", text)
-        if m:
-            return m.group(1), None
-    except OSError:
-        pass
-    if nvml_problem or os.path.exists(proc_path):
-        return None, f"driver version unknown (NVML: {nvml_problem or 'not available'}; {proc_path} unreadable)"
-    return None, None
+    for bus in bus_ids:
+        if bus not in skus:
+            try:
+                with open(os.path.join(sysfs, bus, "device"), encoding="ascii") as f:
+                    skus[bus] = int(f.read().strip(), 16)
+            except (OSError, ValueError):
+                pass
+    if version is None:
+        try:
+            with open(proc_path, encoding="utf-8", errors="replace") as f:
+                m = re.search(r"Kernel Module(?:\s+for\s+\S+)?\s+(\d+\.\d+(?:\.\d+)?)", f.read())
+            version = m.group(1) if m else None
+        except OSError:
+            pass
+    note = None
+    if version is None and (nvml_problem or os.path.exists(proc_path)):
+        note = f"driver version unknown (NVML: {nvml_problem or 'not available'}; {proc_path} unreadable)"
+    return version, skus, note
 
 
 def _first_line(e: BaseException) -> str:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import enum
-import importlib.metadata
+import importlib.util
 import json
 import subprocess
 import sys
@@ -24,7 +24,6 @@ class _CUresult(enum.IntEnum):
 class _Attr(enum.IntEnum):
     CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR = 75
     CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR = 76
-    CU_DEVICE_ATTRIBUTE_PCI_DEVICE_ID = 34
 
 
 class FakeCudaDriver:
@@ -62,9 +61,11 @@ class FakeCudaDriver:
     def cuDeviceGetAttribute(self, attr, dev):
         if attr == self.broken_attr:
             return (_CUresult.CUDA_ERROR_INVALID_VALUE, 0)
-        key = {_Attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR: "major", _Attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR: "minor",
-               _Attr.CU_DEVICE_ATTRIBUTE_PCI_DEVICE_ID: "pci"}[attr]
+        key = {_Attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR: "major", _Attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR: "minor"}[attr]
         return (_CUresult.CUDA_SUCCESS, self.gpus[dev][key])
+
+    def cuDeviceGetPCIBusId(self, size, dev):
+        return (_CUresult.CUDA_SUCCESS, f"0000:{0x19 + dev:02X}:00.0".encode().ljust(size, b"\0"))
 
     def cuDeviceGetUuid(self, dev):
         return (_CUresult.CUDA_SUCCESS, SimpleNamespace(bytes=bytes(range(dev, dev + 16))))
@@ -74,8 +75,18 @@ class FakeCudaDriver:
 
 
 class FakeNvml:
-    def __init__(self, version: str | None) -> None:
-        self.version = version
+    """Stands in for cuda.bindings.nvml: driver version, and the PCI product id (SKU) by bus id."""
+
+    def __init__(self, version: str | None, skus: dict[str, int] | None = None) -> None:
+        self.version, self.skus = version, skus or {}
+
+    def device_get_handle_by_pci_bus_id_v2(self, bus: str) -> str:
+        if bus not in self.skus:
+            raise RuntimeError("NVML_ERROR_NOT_FOUND")
+        return bus
+
+    def device_get_pci_info_v3(self, handle: str):
+        return SimpleNamespace(pci_device_id=(self.skus[handle] << 16) | 0x10DE)
 
     def init_v2(self) -> None:
         if self.version is None:
@@ -95,19 +106,21 @@ RTX4090 = {"name": "NVIDIA GeForce RTX 4090", "major": 8, "minor": 9, "pci": 0x2
 def test_probe_on_this_machine_describes_no_driver_without_raising() -> None:
     m = probe()
     assert m.os == "linux" and m.platform == "linux_x86_64"
-    assert m.trt_rtx_version == importlib.metadata.version("tensorrt_rtx") and m.cuda_flavour == "cu13"
+    if importlib.util.find_spec("tensorrt_rtx") is not None:
+        assert m.trt_rtx_version and m.cuda_flavour in ("cu12", "cu13")
     if not m.gpus:  # the CPU machine this suite normally runs on
         assert m.problem and ("driver" in m.problem or "device" in m.problem)
     json.dumps(m.to_dict())  # renderable as JSON for doctor --json
 
 
 def test_probe_reads_every_gpu_through_the_driver_api() -> None:
-    m = probe(driver=FakeCudaDriver([H100, RTX4090]), nvml=FakeNvml("580.95.05"))
-    assert m.problem is None and m.driver_version == "580.95.05" and m.driver_cuda_version == 13000
+    m = probe(driver=FakeCudaDriver([H100, RTX4090]), nvml=FakeNvml("580.95.05", {"0000:19:00.0": 0x2330, "0000:1a:00.0": 0x2684}))
+    assert m.problem is None and m.notes == () and m.driver_version == "580.95.05" and m.driver_cuda_version == 13000
     assert [g.sm for g in m.gpus] == [90, 89]
     h100, rtx = m.gpus
     assert h100.name == "NVIDIA H100 80GB HBM3" and h100.pci_device_id == 0x2330 and h100.total_memory == 80 * 2**30
-    assert h100.uuid == "GPU-00010203-0405-0607-0809-0a0b0c0d0e0f"
+    assert h100.uuid == "GPU-00010203-0405-0607-0809-0a0b0c0d0e0f" and h100.pci_bus_id == "0000:19:00.0"
+    assert rtx.pci_device_id == 0x2684
     assert not trt_rtx_supports(h100.sm) and trt_rtx_supports(rtx.sm)
     assert "9.0" in unsupported_reason(h100) and "Hopper" in unsupported_reason(h100)
     assert unsupported_reason(rtx) is None
@@ -124,9 +137,18 @@ def test_no_driver_or_no_gpu_is_a_described_outcome(driver: FakeCudaDriver, word
     assert m.gpus == () and words in m.problem
 
 
-def test_a_failing_attribute_degrades_to_unknown_not_an_exception() -> None:
-    m = probe(driver=FakeCudaDriver([RTX4090], broken_attr=_Attr.CU_DEVICE_ATTRIBUTE_PCI_DEVICE_ID), nvml=FakeNvml("580.95.05"))
-    assert m.gpus[0].pci_device_id == 0 and m.gpus[0].sm == 89
+def test_a_failing_attribute_degrades_to_unknown_not_an_exception(tmp_path) -> None:
+    m = probe(driver=FakeCudaDriver([RTX4090], broken_attr=_Attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR),
+              nvml=FakeNvml("580.95.05"), sysfs_pci=str(tmp_path))
+    assert m.gpus[0].sm == 80 and m.gpus[0].pci_device_id == 0
+    assert any("SKU) unknown" in n for n in m.notes)
+
+
+def test_sku_falls_back_to_sysfs_when_nvml_cannot_tell(tmp_path) -> None:
+    (tmp_path / "0000:19:00.0").mkdir()
+    (tmp_path / "0000:19:00.0" / "device").write_text("0x2684\n")
+    m = probe(driver=FakeCudaDriver([RTX4090]), nvml=FakeNvml(None), proc_version_path="/nonexistent", sysfs_pci=str(tmp_path))
+    assert m.gpus[0].pci_device_id == 0x2684
 
 
 def test_driver_version_falls_back_to_the_kernel_module_file(tmp_path) -> None:

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from click.testing import CliRunner
@@ -36,8 +37,11 @@ RTX5090 = ("NVIDIA GeForce RTX 5090", 0x2B85, 120)
 
 
 def make_bundle(tmp: Path, factory=make_mlp, name: str = "bundle") -> Path:
+    """A real bundle with one weightful engine. The probe reports no GPU, so that on an RTX machine too the
+    bundle has no weightless engine and the farm has one to make."""
     model = factory(tmp / f"{name}-model")
-    return build_bundle(model, tmp / name, options=make_options(shapes=["x=1x64:4x64:16x64"])).bundle_dir
+    return build_bundle(model, tmp / name, options=make_options(shapes=["x=1x64:4x64:16x64"]),
+                        probe=lambda: SimpleNamespace(gpus=())).bundle_dir
 
 
 _ENGINES: dict[tuple[Path, int], bytes] = {}

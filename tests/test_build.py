@@ -70,7 +70,9 @@ def _files(root: Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-# Models with a single dynamic dim give byte-identical TRT-RTX engines (checked: 25 builds each).
+# TRT-RTX 1.7.1 engine bytes are not reproducible in general (observed: silero-vad engines differ in hundreds to
+# thousands of bytes between builds in one process, fixed shapes included; `conv` in ~1 build of 10). The small
+# models below came out identical in 25 of 25 builds each, so for them the whole bundle is checked byte for byte.
 DETERMINISTIC = [n for n, _, _ in models.ALL_BUNDLABLE if n != "conv"]
 
 
@@ -82,10 +84,20 @@ def test_rebuild_is_byte_identical(built, name: str, tmp_path: Path) -> None:
     assert _files(again.bundle_dir) == _files(first.bundle_dir)
 
 
+def test_everything_but_trt_rtx_engines_is_byte_identical(silero_models: dict[str, Path], tmp_path: Path) -> None:
+    """Our own output (weight store, skeleton, manifest) is reproducible for every model, silero-vad included."""
+    paths = {n: f(tmp_path / "models") for n, f, _ in models.ALL_BUNDLABLE} | silero_models
+    shapes = {n: p for n, _, p in models.ALL_BUNDLABLE} | SILERO_SHAPES
+    for name, path in sorted(paths.items()):
+        opts = dataclasses.replace(options_for(shapes[name]), weightful=False)
+        a = build_bundle(path, tmp_path / f"{name}-a", options=opts, probe=no_gpu)
+        b = build_bundle(path, tmp_path / f"{name}-b", options=opts, probe=no_gpu)
+        assert _files(a.bundle_dir) == _files(b.bundle_dir), name
+
+
 def test_conv_rebuild_engine_nondeterminism_is_reported_not_hidden(built, tmp_path: Path) -> None:
-    """TRT-RTX 1.7 numbers the symbolic dims of a network with several dynamic dims in a varying order: about
-    1 build in 10 of `conv` (batch, height and width dynamic) gives an engine that differs in a few bytes.
-    Everything else must still be identical; the engine difference is an xfail naming the bytes, never a pass."""
+    """Two builds of `conv` (batch, height and width dynamic): everything but the engine must be identical; when
+    TRT-RTX's engine bytes differ (about 1 build in 10) this is an xfail that counts the bytes, never a pass."""
     model, first = built["conv"]
     again = build_bundle(model, tmp_path / "again", options=options_for(dict((n, p) for n, _, p in models.ALL_BUNDLABLE)["conv"]), probe=no_gpu)
     a, b = _files(first.bundle_dir), _files(again.bundle_dir)

@@ -153,7 +153,7 @@ def build_engines(
         except EngineBuildError as e:
             if req.windows_target:
                 raise EngineBuildError(f"{e} (while building {plan.label} on {host_platform()})",
-                                       hint="TensorRT for RTX refuses cross-OS builds without a GPU; build Windows engines on a Windows farm machine") from None
+                                       hint="TensorRT for RTX may refuse cross-OS builds on a machine without a GPU; build Windows engines on a Windows farm machine") from None
             raise
         seconds = time.monotonic() - t0
         sha = sha256_bytes(plan_bytes)

@@ -116,3 +116,20 @@ def test_config_file(tmp_path: Path) -> None:
     assert d["model"]["name"] == "from-toml" and d["model"]["version"] == "2.1"
     assert d["engines"][0]["compute_capabilities"] == [89] and d["warmup_shapes"] == [{"x": [2, 64]}]
     assert d["weights"]["encodings"].keys() <= {"zstd", "none"}
+
+
+def test_progress_shows_only_slow_steps(capsys: pytest.CaptureFixture[str]) -> None:
+    import time
+
+    from bundler.cli import _StderrProgress
+
+    progress = _StderrProgress()
+    progress.DELAY = 0.05
+    with progress.step("quick step"):
+        pass
+    with progress.step("slow step"):
+        time.sleep(0.2)
+        progress.advance("slow step", 50, 100)
+    err = capsys.readouterr().err
+    assert "quick step" not in err
+    assert "slow step ..." in err and "slow step: 50%" in err and "slow step: done in" in err

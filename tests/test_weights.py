@@ -238,3 +238,12 @@ def test_unpack_raw_leaves_nothing_behind_on_corruption(written) -> None:
     with WeightReader(bundle, store) as r, pytest.raises(IntegrityError):
         r.unpack_raw(target)
     assert list(target.parent.iterdir()) == []
+
+
+def test_a_model_without_weights_has_an_empty_store(tmp_path: Path) -> None:
+    store = write_weight_store([], tmp_path)
+    assert store.blobs == () and store.raw_size == 0 and store.file.size == len(MAGIC)
+    with WeightReader(tmp_path, store) as r:
+        assert r.read_all() == {}
+        r.unpack_raw(tmp_path / "weights.bin")
+    assert (tmp_path / "weights.bin").read_bytes() == b""

@@ -46,5 +46,7 @@ def _fetch_silero(cache: Path) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def silero_models(request: pytest.FixtureRequest) -> dict[str, Path]:
     """{stem: path} of every ONNX model in the silero-vad 6.2.3 wheel (e.g. 'silero_vad', 'silero_vad_half')."""
+    if getattr(request.config, "cache", None) is None:
+        pytest.skip("pytest's cache provider is disabled (-p no:cacheprovider); the silero-vad models are cached there")
     cache = Path(request.config.cache.mkdir(f"silero-vad-{SILERO_VERSION}"))
     return _fetch_silero(cache)

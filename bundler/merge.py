@@ -87,14 +87,18 @@ def merge_parts(
     """Merge ``part_dirs`` into the bundle (or into a new bundle at ``out``). Raises before touching anything."""
     say = progress or (lambda _m: None)
     bundle = Path(bundle_dir)
-    manifest, _warnings = read_manifest(bundle)
+    manifest, warnings = read_manifest(bundle)
     manifest_sha, _size = sha256_file(bundle / MANIFEST_NAME)
     base = base_sha256(manifest)
-    target = Path(out) if out is not None else bundle
+    # In place, the directory itself is exchanged: resolve links so the exchange hits the real bundle.
+    target = Path(out) if out is not None else bundle.resolve()
     if out is not None and target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise MergeError(f"-o {target}: exists and is not an empty directory; merge writes a new bundle there",
                          hint="choose a new directory, or merge in place by leaving out -o")
-    notes: list[str] = []
+    if out is not None and target.resolve().is_relative_to(bundle.resolve()):
+        raise MergeError(f"-o {target}: inside the bundle {bundle}; it would become an unlisted file of it", hint="choose a directory outside the bundle")
+    # Keys a newer trtx-bundler wrote cannot be carried over by this one: say so rather than drop them silently.
+    notes: list[str] = [f"{w}; it is not kept in the merged manifest" for w in warnings]
     parts: list[tuple[str, Path, Part]] = []
     seen: set[Path] = set()
     for given in part_dirs:
@@ -143,7 +147,7 @@ def merge_parts(
     new_files = {ref.path: (engine_src.get(ref.sha256) or cache_src[ref.sha256], ref)
                  for _w, ref in new_manifest.files() if ref.sha256 in engine_src or ref.sha256 in cache_src}
     dropped = {ref.path for _w, ref in manifest.files()} - {ref.path for _w, ref in new_manifest.files()}
-    _commit(bundle, target, new_manifest, new_files, dropped, in_place=out is None, say=say)
+    _commit(bundle.resolve(), target, new_manifest, new_files, dropped, in_place=out is None, say=say)
     return report
 
 

@@ -331,3 +331,13 @@ def test_atomic_exchange_swaps_directories(tmp_path: Path) -> None:
     (a / "f").write_text("a"), (b / "f").write_text("b")
     assert merge_mod._exchange(a, b) is True
     assert (a / "f").read_text() == "b" and (b / "f").read_text() == "a"
+
+
+def test_merge_through_a_link_updates_the_real_bundle(tmp_path: Path, bundle: Path) -> None:
+    link = tmp_path / "current"
+    link.symlink_to(bundle, target_is_directory=True)
+    merge_parts(link, [make_part(tmp_path / "p", bundle)])
+    assert link.is_symlink() and len(read_manifest(bundle)[0].runtime_caches) == 1
+    assert fatal(verify_bundle(bundle)) == []
+    with pytest.raises(MergeError, match="inside the bundle"):
+        merge_parts(bundle, [tmp_path / "p"], out=bundle / "merged")

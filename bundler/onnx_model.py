@@ -126,7 +126,7 @@ def _hoist_constants(model: onnx.ModelProto) -> int:
         drop = []
         for i, node in enumerate(g.node):
             t = _constant_tensor(node) if node.op_type == "Constant" and node.domain in ("", "ai.onnx") else None
-            if t is not None and defined.get(t.name) == 1 and t.name not in graph_outputs:
+            if t is not None and t.name and defined.get(t.name) == 1 and t.name not in graph_outputs:
                 hoisted.append(t)
                 drop.append(i)
         removals.append((g, drop))

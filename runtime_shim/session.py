@@ -142,9 +142,8 @@ def load(bundle_path: str | Path, app: str = "MyApp", *, cache_dir: str | Path |
             report.warnings.append(f"TensorRT for RTX could not use the {choice.kind} engine: {e}")
             log.warning("%s", report.warnings[-1])
     if impl is None:
-        report.why_not_trt = p.blocker or "; ".join(failures) or "no engine in the bundle fits this machine"
-        if p.blocker is None and not failures:
-            report.why_not_trt = "; ".join(c.reason for c in p.engines if c.kind in ("weightless", "weightful")) or report.why_not_trt
+        passed = [f"{c.kind} engine [{c.index}]: {c.reason}" for c in p.engines if c.index is not None and not c.viable]
+        report.why_not_trt = p.blocker or "; ".join(passed + failures) or "the bundle has no engine and none could be built here"
         if fallback == "error":
             raise BackendUnavailableError(f"{bundle_dir}: TensorRT for RTX cannot run this bundle here: {report.why_not_trt}",
                                           hint="run 'trtx-bundle doctor BUNDLE' for details, or load with fallback='onnxruntime'")

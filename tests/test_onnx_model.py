@@ -201,3 +201,33 @@ def test_not_an_onnx_file(tmp_path: Path, content: bytes) -> None:
 def test_missing_model_file(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match="not found; expected an ONNX model"):
         load_model(tmp_path / "nope.onnx")
+
+
+def test_constants_sharing_a_name_in_sibling_branches_stay_in_place(tmp_path: Path) -> None:
+    from onnx import TensorProto, helper
+
+    def branch(tag: str, value: float) -> onnx.GraphProto:
+        nodes = [
+            helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(np.full((4,), value, np.float32))),
+            helper.make_node("Constant", [], [f"w_{tag}"], value=numpy_helper.from_array(np.arange(4, dtype=np.float32) * value)),
+            helper.make_node("Add", ["x", "c"], ["t"]),
+            helper.make_node("Mul", ["t", f"w_{tag}"], [f"y_{tag}"]),
+        ]
+        return helper.make_graph(nodes, tag, [], [helper.make_tensor_value_info(f"y_{tag}", TensorProto.FLOAT, [4])])
+
+    graph = helper.make_graph(
+        [helper.make_node("If", ["flag"], ["y"], then_branch=branch("then", 2.0), else_branch=branch("else", 3.0))],
+        "siblings",
+        [helper.make_tensor_value_info("flag", TensorProto.BOOL, []), helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
+    )
+    src = tmp_path / "siblings.onnx"
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", models.OPSET)])
+    proto.ir_version = models.IR_VERSION
+    onnx.save_model(proto, str(src))
+    model = load_model(src)
+    assert sorted(w.name for w in model.weights) == ["w_else", "w_then"]  # "c" is defined twice: left in place
+    skeleton = _bundle_and_unpack(model, tmp_path)
+    for flag in (True, False):
+        feeds = {"flag": np.array(flag), "x": np.arange(4, dtype=np.float32)}
+        assert np.array_equal(_run(src, feeds)[0], _run(skeleton, feeds)[0])

@@ -341,3 +341,16 @@ def test_merge_through_a_link_updates_the_real_bundle(tmp_path: Path, bundle: Pa
     assert fatal(verify_bundle(bundle)) == []
     with pytest.raises(MergeError, match="inside the bundle"):
         merge_parts(bundle, [tmp_path / "p"], out=bundle / "merged")
+
+
+def test_weights_only_bundle_is_filled_by_the_farm(tmp_path: Path) -> None:
+    """build --no-weightful: weights + skeleton only; the farm's engines fill it, other SMs build on the user's GPU."""
+    model = make_mlp(tmp_path / "model")
+    bundle = build_bundle(model, tmp_path / "b", options=make_options(shapes=["x=1x64:4x64:16x64"], weightful=False),
+                          probe=lambda: SimpleNamespace(gpus=())).bundle_dir
+    assert read_manifest(bundle)[0].engines == ()
+    assert {r.engine for r in coverage(read_manifest(bundle)[0]).rows} == {"build"}
+    merge_parts(bundle, [make_part(tmp_path / "p", bundle, engine=real_engine(bundle, 89))])
+    assert fatal(verify_bundle(bundle)) == []
+    rows = {r.sm: r.engine for r in coverage(read_manifest(bundle)[0]).rows}
+    assert rows[89] == "weightless" and rows[86] == "build"

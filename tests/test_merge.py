@@ -300,6 +300,7 @@ m.merge_parts(sys.argv[1], [sys.argv[2]])
 """
 
 
+@pytest.mark.skipif(os.name != "posix", reason="uses SIGKILL")
 @pytest.mark.parametrize("patched", ["_exchange", "_copy_verified"], ids=["before-commit", "while-copying"])
 def test_killed_merge_leaves_the_bundle_unchanged(tmp_path: Path, bundle: Path, patched: str) -> None:
     """A real merge process, killed with SIGKILL in the middle: the bundle must be as it was and still verify."""

@@ -133,12 +133,17 @@ def run(bundle: Path, inputs: tuple[str, ...], output_dir: Path | None, app: str
         outputs = session.run(feeds)
         report = session.report
     saved: dict[str, Any] = {}
+    used: set[str] = set()
     if output_dir is not None:
         output_dir.mkdir(parents=True, exist_ok=True)
     for name, array in outputs.items():
         entry: dict[str, Any] = {"shape": list(array.shape), "dtype": array.dtype.name}
         if output_dir is not None:
-            target = output_dir / (re.sub(r"[^A-Za-z0-9._-]+", "_", name).lstrip(".") or "output") + ".npy"
+            stem = re.sub(r"[^A-Za-z0-9._-]+", "_", name).lstrip(".") or "output"  # tensor names may hold '/' or ':'
+            while stem in used:  # two names that sanitize alike must not overwrite each other
+                stem += "_"
+            used.add(stem)
+            target = output_dir / f"{stem}.npy"
             buf = io.BytesIO()
             np.save(buf, array, allow_pickle=False)
             atomic_write(target, buf.getvalue())

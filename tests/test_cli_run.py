@@ -90,3 +90,18 @@ def test_run_errors_are_rendered_not_raised(conv, tmp_path) -> None:
                                 "--cache-dir", str(tmp_path / "c")])
     if r.exit_code:  # no GPU TRT-RTX supports here (the usual case)
         assert "ERROR" in r.stderr and "TensorRT for RTX cannot run this bundle here" in r.stderr and "doctor" in r.stderr
+
+
+def test_the_app_template_runs_a_bundle(conv, tmp_path) -> None:
+    import os
+    import subprocess
+
+    bundle, _, feeds = conv
+    root = Path(__file__).resolve().parent.parent
+    args = [f"{k}={tmp_path / (k + '.npy')}" for k in feeds]
+    env = dict(os.environ, PYTHONPATH=str(root), TRTX_CACHE_DIR=str(tmp_path / "app-cache"))
+    r = subprocess.run([sys.executable, str(root / "templates" / "app" / "app.py"), str(bundle), *args],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr[-1000:]
+    assert "backend:" in r.stderr and ": float32 [" in r.stdout
+    assert (tmp_path / "app-cache" / "CACHEDIR.TAG").exists()

@@ -38,9 +38,9 @@ def _shell_strings(node: Any, shell: bool = False) -> Iterator[str]:
             yield from _shell_strings(v, shell)
 
 
-def commands(template: str) -> list[list[str]]:
+def commands(path: Path) -> list[list[str]]:
     """Every `trtx-bundle` command line in the template, split like a shell would (continuations joined)."""
-    doc = yaml.safe_load((TEMPLATES / template).read_text(encoding="utf-8"))
+    doc = yaml.safe_load(path.read_text(encoding="utf-8"))
     out = []
     for text in _shell_strings(doc):
         for line in text.replace("\\\n", " ").splitlines():
@@ -70,7 +70,7 @@ def option_names(command: click.Command) -> set[str]:
 
 @pytest.mark.parametrize("template", CI_TEMPLATES)
 def test_every_command_and_flag_exists(template: str) -> None:
-    cmds = commands(template)
+    cmds = commands(TEMPLATES / template)
     assert cmds, f"{template}: no trtx-bundle command found; the extraction is broken"
     used = set()
     for argv in cmds:
@@ -90,15 +90,11 @@ def test_every_command_and_flag_exists(template: str) -> None:
     assert PIPELINE <= used, f"{template}: the pipeline should run {sorted(PIPELINE - used)} too"
 
 
-def test_extraction_sees_flags_and_continuations() -> None:
-    """The extractor itself: a continued line and a chained command are read whole."""
-    doc = "a:\n  run: |\n    trtx-bundle -v farm-job b -o p \\\n      --rounds 2 && trtx-bundle merge b p\n"
-    path = TEMPLATES.parent / "tests" / ".extract-check.yml"
-    try:
-        path.write_text(doc)
-        cmds = commands(str(path))
-    finally:
-        path.unlink(missing_ok=True)
+def test_extraction_sees_flags_and_continuations(tmp_path: Path) -> None:
+    """The extractor itself: a continued line and a chained command are read whole; names are not commands."""
+    path = tmp_path / "ci.yml"
+    path.write_text("name: trtx-bundle\na:\n  run: |\n    trtx-bundle -v farm-job b -o p \\\n      --rounds 2 && trtx-bundle merge b p\n")
+    cmds = commands(path)
     assert cmds == [["-v", "farm-job", "b", "-o", "p", "--rounds", "2"], ["merge", "b", "p"]]
 
 

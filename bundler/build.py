@@ -27,7 +27,7 @@ from runtime_shim.manifest import (
 )
 
 from . import __version__
-from .bundle_io import raise_for_problems, verify_bundle
+from .bundle_io import raise_for_problems, temp_sibling, verify_bundle
 from .config import BuildOptions, check_warmups, resolve_profiles
 from .engines import BuiltEngine, build_engines, plan_engines, trt_rtx_identity
 from .onnx_model import load_model, make_skeleton, write_normalized_model
@@ -92,7 +92,8 @@ def build_bundle(onnx_path: str | os.PathLike[str], out_dir: str | os.PathLike[s
     ``probe`` replaces runtime_shim.machine.probe when deciding on a weightless engine (tests).
     """
     progress = progress or _Quiet()
-    src, out = Path(onnx_path), Path(out_dir)
+    # abspath: "." or "bundle/" must still give a real name and parent for the temp sibling directory.
+    src, out = Path(onnx_path), Path(os.path.abspath(out_dir))
     _check_output_dir(out, force=options.force)
     seconds: dict[str, float] = {}
     notes: list[str] = []
@@ -107,7 +108,7 @@ def build_bundle(onnx_path: str | os.PathLike[str], out_dir: str | os.PathLike[s
     plans = plan_engines(options, probe=probe, note=lambda m: (notes.append(m), progress.note(m)))
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
+    tmp = temp_sibling(out, "building")
     try:
         writer_kwargs = {k: v for k, v in (("level", options.level), ("threads", options.threads)) if v is not None}
         with timed("write weight store"):
@@ -122,7 +123,8 @@ def build_bundle(onnx_path: str | os.PathLike[str], out_dir: str | os.PathLike[s
         if plans:
             # The normalized model's file name is fixed (onnx_model.SKELETON_NAME): TRT-RTX engine bytes depend
             # on it (observed), so a random name would break byte-identical rebuilds.
-            with tempfile.TemporaryDirectory(prefix="trtx-normalized-") as norm_dir:
+            # Beside the output, not in /tmp: a big model's weights fit where its bundle fits (often not in a tmpfs).
+            with tempfile.TemporaryDirectory(prefix=f".{out.name}.normalized-", dir=out.parent) as norm_dir:
                 with timed("write normalized model"):
                     model_file = write_normalized_model(model, store, Path(norm_dir), SKELETON_EXTERNAL_DATA)
                 built = build_engines(Path(model_file), profiles, plans, tmp, step=progress.step)
@@ -187,7 +189,10 @@ def _source_date_epoch() -> int | None:
 
 # --------------------------------------------------------------------------- output directory
 def _check_output_dir(out: Path, *, force: bool) -> None:
-    if out.is_symlink() or (out.exists() and not out.is_dir()):
+    if out.is_symlink():
+        raise OutputDirError(f"{out}: is a symbolic link; a bundle is written only into a real directory",
+                             hint="pass the link's target, or choose another output path")
+    if out.exists() and not out.is_dir():
         raise OutputDirError(f"{out}: exists and is not a directory", hint="choose another output path")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise OutputDirError(f"{out}: exists and is not empty; refusing to write a bundle into it",
@@ -197,11 +202,10 @@ def _check_output_dir(out: Path, *, force: bool) -> None:
 
 def _move_into_place(tmp: Path, out: Path) -> list[str]:
     """Put the finished bundle at ``out``; returns the files found there that are not the bundle's (left alone)."""
-    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
-        if out.exists():
-            out.rmdir()  # empty: os.rename cannot replace a directory on Windows
+    if not out.exists():
         os.rename(tmp, out)
         return []
+    # An existing directory is kept (its inode, owner and mode, and any shell sitting in it): files move in.
     old_files: set[str] = set()
     with contextlib.suppress(ManifestError, OSError):
         old_manifest, _ = read_manifest(out)

@@ -15,7 +15,7 @@ import re
 import shutil
 import stat
 import tarfile
-import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -125,6 +125,19 @@ def raise_for_problems(problems: list[Problem], *, what: str) -> None:
                              hint=next((p.hint for p in fatal if p.hint), None))
 
 
+def temp_sibling(path: Path, tag: str) -> Path:
+    """A new, unique, hidden directory beside ``path``. Plain mkdir, not mkdtemp: mkdtemp's mode 0700 would stick to
+    the bundle once the directory is renamed into place, while mkdir gives the user's usual mode (umask)."""
+    for _ in range(100):
+        candidate = path.parent / f".{path.name}.{tag}-{uuid.uuid4().hex[:12]}"
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{path.parent}: cannot create a unique temp directory")  # pragma: no cover
+
+
 # --------------------------------------------------------------------------- pack
 @dataclass(frozen=True, kw_only=True)
 class PackResult:
@@ -166,20 +179,24 @@ def unpack_bundle(archive: str | os.PathLike[str], out_dir: str | os.PathLike[st
     Extraction goes to a temp sibling directory that is renamed into place only once verified, so a refused
     or corrupt archive leaves nothing at ``out_dir`` and nothing anywhere else.
     """
-    src, target = Path(archive), Path(out_dir)
+    src, target = Path(archive), Path(os.path.abspath(out_dir))
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise ArchiveError(f"{target}: exists and is not an empty directory; unpack refuses to mix files into it",
                            hint="choose a new directory, or remove that one yourself")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.unpack-", dir=target.parent))
+    tmp = temp_sibling(target, "unpack")
     try:
         _extract(src, tmp)
         raise_for_problems(verify_bundle(tmp), what=f"{src}: the unpacked bundle")
         manifest, _ = read_manifest(tmp)
         if target.exists():
-            target.rmdir()  # empty (checked above); os.rename cannot replace a directory on Windows
-        os.rename(tmp, target)
-        tmp = None
+            # Empty (checked above). Move the entries in rather than replace the directory: its inode, owner and
+            # mode stay, and so does a shell sitting in it.
+            for entry in sorted(tmp.iterdir()):
+                os.rename(entry, target / entry.name)
+        else:
+            os.rename(tmp, target)
+            tmp = None
         return manifest
     finally:
         if tmp is not None:

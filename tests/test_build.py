@@ -285,3 +285,21 @@ def test_windows_engine_from_linux(tmp_path: Path) -> None:
     assert [e.platform for e in engines] == ["linux_x86_64", "windows_amd64"]
     assert engines[0].file == engines[1].file
     assert verify_bundle(result.bundle_dir) == []
+
+
+def test_output_dir_given_as_dot_or_with_a_trailing_slash(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = models.make_fixed(tmp_path / "m")
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    result = build_bundle(model, ".", options=make_options(sms=SMS), probe=no_gpu)
+    assert result.bundle_dir == tmp_path / "here" and verify_bundle(tmp_path / "here") == []
+    build_bundle(model, "../slash/", options=make_options(sms=SMS), probe=no_gpu)
+    assert verify_bundle(tmp_path / "slash") == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["here", "m", "slash"]
+
+
+def test_output_dir_that_is_a_symlink_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    with pytest.raises(OutputDirError, match="symbolic link"):
+        build_bundle(models.make_fixed(tmp_path / "m"), tmp_path / "link", options=make_options(), probe=no_gpu)

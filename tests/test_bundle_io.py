@@ -216,3 +216,26 @@ def test_unpack_refuses_non_empty_target_and_non_archives(bundle: Path, tmp_path
     (tmp_path / "empty").mkdir()
     unpack_bundle(archive, tmp_path / "empty")  # an existing empty directory is fine
     assert verify_bundle(tmp_path / "empty") == []
+
+
+def test_unpack_into_the_current_empty_directory_keeps_it(bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    archive = pack_bundle(bundle, tmp_path / "b.trtx").path
+    (tmp_path / "here").mkdir()
+    inode = (tmp_path / "here").stat().st_ino
+    monkeypatch.chdir(tmp_path / "here")
+    unpack_bundle(archive, ".")
+    assert Path.cwd().stat().st_ino == inode and verify_bundle(".") == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.trtx", "here"]
+
+
+def test_new_directories_get_the_usual_mode(bundle: Path, tmp_path: Path) -> None:
+    import os
+    import stat as st
+
+    umask = os.umask(0o022)
+    try:
+        unpack_bundle(pack_bundle(bundle, tmp_path / "b.trtx").path, tmp_path / "out")
+    finally:
+        os.umask(umask)
+    assert st.S_IMODE((tmp_path / "out").stat().st_mode) == 0o755
+    assert st.S_IMODE(bundle.stat().st_mode) == 0o777 & ~umask

@@ -240,8 +240,12 @@ def _built_here(p: Plan, bundle_dir: Path, user_cache: UserCache) -> tuple[str, 
     return str(path), data
 
 
-def validate_inputs(manifest: Manifest, inputs: Mapping[str, Any]) -> None:
-    """Names, dtypes, ranks, fixed dims and profile ranges, checked before any backend runs (InputError)."""
+def validate_inputs(manifest: Manifest, inputs: Mapping[str, Any], profile: int | None = None) -> int:
+    """Names, dtypes, ranks, fixed dims and profile ranges, checked before any backend runs (InputError).
+
+    Returns the optimization profile to run under: ``profile`` if given (it must hold the shapes), else the
+    first profile that holds them (0 for a bundle without profiles).
+    """
     if not isinstance(inputs, Mapping):
         raise InputError(f"run() takes a dict of input name -> numpy array, got {type(inputs).__name__}")
     expected = [t.name for t in manifest.inputs]
@@ -264,12 +268,21 @@ def validate_inputs(manifest: Manifest, inputs: Mapping[str, Any]) -> None:
                 if want in named and named[want][1] != got:
                     raise InputError(f"input {spec.name!r}: axis {axis} ({want!r}) is {got}, but {named[want][0]!r} has {want!r} = {named[want][1]}")
                 named.setdefault(want, (spec.name, got))
-    if manifest.profiles and not any(all(r.contains(tuple(inputs[n].shape)) for n, r in prof.shapes.items()) for prof in manifest.profiles):
-        prof = manifest.profiles[0]
-        detail = "; ".join(f"{n}: shape {list(inputs[n].shape)}, min {list(r.min)}, max {list(r.max)}"
-                           for n, r in prof.shapes.items() if not r.contains(tuple(inputs[n].shape)))
-        raise InputError(f"inputs outside the bundle's shape profile ({detail})",
-                         hint="split or pad the input, or rebuild the bundle with a wider profile (--shape NAME=MIN:OPT:MAX)")
+    if not manifest.profiles:
+        if profile not in (None, 0):
+            raise InputError(f"profile {profile}: this bundle has no optimization profiles")
+        return 0
+    if profile is not None and not 0 <= profile < len(manifest.profiles):
+        raise InputError(f"profile {profile}: this bundle has {len(manifest.profiles)} optimization profile(s), 0..{len(manifest.profiles) - 1}")
+    candidates = [profile] if profile is not None else range(len(manifest.profiles))
+    for i in candidates:
+        if all(r.contains(tuple(inputs[n].shape)) for n, r in manifest.profiles[i].shapes.items()):
+            return i
+    i = candidates[0]
+    detail = "; ".join(f"{n}: shape {list(inputs[n].shape)}, min {list(r.min)}, max {list(r.max)}"
+                       for n, r in manifest.profiles[i].shapes.items() if not r.contains(tuple(inputs[n].shape)))
+    raise InputError(f"inputs outside the bundle's shape profile{'' if len(manifest.profiles) == 1 else f' {i}'} ({detail})",
+                     hint="split or pad the input, or rebuild the bundle with a wider profile (--shape NAME=MIN:OPT:MAX)")
 
 
 class Session:
@@ -286,11 +299,11 @@ class Session:
     def backend(self) -> str:
         return self.report.backend
 
-    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run(self, inputs: Mapping[str, np.ndarray], profile: int | None = None) -> dict[str, np.ndarray]:
+        """Run once. ``profile`` picks the optimization profile (default: the first that holds the shapes)."""
         if self.closed:
             raise BundleError("run() on a closed session", hint="load() the bundle again")
-        validate_inputs(self.manifest, inputs)
-        return self._impl.run(inputs)
+        return self._impl.run(inputs, validate_inputs(self.manifest, inputs, profile))
 
     def serialize_cache(self) -> bytes | None:
         """The TRT-RTX runtime cache as it is now (None on ONNX Runtime)."""

@@ -147,7 +147,7 @@ class TrtRuntime(Protocol):
     def set_weights(self, engine: Any, name: str, dtype: str, count: int, array: np.ndarray, on_device: bool) -> bool: ...
     def refit(self, engine: Any) -> bool: ...
     def create_context(self, engine: Any, *, specialization: str, cuda_graphs: bool, caches: Sequence[bytes]) -> tuple[Any, int | None]: ...
-    def execute(self, context: Any, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+    def execute(self, context: Any, inputs: Mapping[str, np.ndarray], profile: int) -> dict[str, np.ndarray]: ...
     def serialize_cache(self, context: Any) -> bytes: ...
     def release(self, context: Any, engine: Any) -> None: ...
 
@@ -216,8 +216,8 @@ class TrtSession:
             raise MachineError(f"{self.source}: TensorRT for RTX refused the refit", hint="run with -vv to see TRT-RTX's log")
         return done
 
-    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return self.runtime.execute(self.context, inputs)
+    def run(self, inputs: Mapping[str, np.ndarray], profile: int = 0) -> dict[str, np.ndarray]:
+        return self.runtime.execute(self.context, inputs, profile)
 
     def serialize_cache(self) -> bytes:
         return self.runtime.serialize_cache(self.context)
@@ -245,6 +245,7 @@ class _Context:
     def __init__(self, ctx: Any, config: Any, cache: Any, stream: int) -> None:
         self.ctx, self.config, self.cache, self.stream = ctx, config, cache, stream
         self.buffers: dict[tuple, dict[str, tuple[int, int]]] = {}  # shape signature -> name -> (device ptr, bytes)
+        self.profile = 0  # the optimization profile the context runs under (0 on creation)
 
 
 class TrtRtxRuntime:
@@ -326,9 +327,13 @@ class TrtRtxRuntime:
         stream = _ck(self.cu.cudaStreamCreateWithFlags(self.cu.cudaStreamNonBlocking), "cudaStreamCreateWithFlags")
         return _Context(ctx, config, cache, stream), loaded
 
-    def execute(self, context: Any, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def execute(self, context: Any, inputs: Mapping[str, np.ndarray], profile: int = 0) -> dict[str, np.ndarray]:
         c, cu = context, self.cu
         engine = c.ctx.engine
+        if profile != c.profile:
+            if not c.ctx.set_optimization_profile_async(profile, int(c.stream)):
+                raise MachineError(f"TensorRT for RTX refused optimization profile {profile}")
+            c.profile = profile
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         outs = [n for n in names if engine.get_tensor_mode(n) == self.t.TensorIOMode.OUTPUT]
         for name, array in inputs.items():
@@ -337,7 +342,7 @@ class TrtRtxRuntime:
         shapes = {n: tuple(c.ctx.get_tensor_shape(n)) for n in outs}
         if any(d < 0 for s in shapes.values() for d in s):
             raise BundleError(f"outputs with data-dependent shapes are not supported by this shim: {shapes}")
-        signature = tuple(sorted((n, tuple(a.shape)) for n, a in inputs.items()))
+        signature = (profile,) + tuple(sorted((n, tuple(a.shape)) for n, a in inputs.items()))
         if signature not in c.buffers:  # stable addresses per shape let CUDA graphs replay instead of re-capturing
             if len(c.buffers) >= _MAX_SHAPE_SETS:
                 self._free(c.buffers.pop(next(iter(c.buffers))))

@@ -82,8 +82,8 @@ class RecordingFakeTrtRuntime:
         self.caches_offered = list(caches)
         return "context", self.accept_cache if self.accept_cache is not None and self.accept_cache < len(caches) else None
 
-    def execute(self, context, inputs):
-        self.calls.append(("execute", tuple(sorted((k, v.shape) for k, v in inputs.items()))))
+    def execute(self, context, inputs, profile):
+        self.calls.append(("execute", profile, tuple(sorted((k, v.shape) for k, v in inputs.items()))))
         first = next(iter(inputs.values()))
         return {n: first.copy() for n in self.outputs}
 
@@ -264,3 +264,20 @@ def test_real_gpu_matches_onnxruntime(tmp_path, weightless) -> None:
         for a, b in zip(out, ref):
             np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3)
         assert s.serialize_cache()
+
+
+def test_the_profile_that_holds_the_shapes_is_used(mlp, tmp_path) -> None:
+    bundle, m, feeds = mlp
+    wide = Profile(shapes={"x": ShapeRange(min=(17, 64), opt=(24, 64), max=(32, 64))})
+    atomic_write(bundle / "manifest.json", dataclasses.replace(m, profiles=m.profiles + (wide,)).to_json())
+    fake = RecordingFakeTrtRuntime(m)
+    big = {"x": np.zeros((20, 64), np.float32)}
+    with _load(bundle, fake, tmp_path) as s:
+        s.run(feeds)
+        s.run(big)
+        s.run(big, profile=1)
+        with pytest.raises(runtime_shim.errors.InputError, match="outside the bundle's shape profile 0"):
+            s.run(big, profile=0)
+        with pytest.raises(runtime_shim.errors.InputError, match="2 optimization profile"):
+            s.run(big, profile=2)
+    assert [c[1] for c in fake.calls if c[0] == "execute"] == [0, 1, 1]

@@ -18,6 +18,7 @@ import tarfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Callable
 
 from runtime_shim.errors import ArchiveError, IntegrityError, ManifestError, SchemaVersionError
 from runtime_shim.fsutil import CHUNK, atomic_writer
@@ -28,7 +29,10 @@ _BUNDLE_FILE_RE = re.compile(r"^(?:engines|caches|weights|skeleton)/[0-9a-f]{64}
 
 @dataclass(frozen=True, kw_only=True)
 class Problem:
-    """One thing wrong with a bundle. ``kind``: schema | missing | truncated | size | changed | extra | not-a-file | warning."""
+    """One thing wrong with a bundle.
+
+    ``kind``: schema | missing | truncated | size | changed | extra | not-a-file | engine | warning (not fatal).
+    """
 
     kind: str
     path: str  # the file (relative to the bundle) or manifest key it is about
@@ -47,10 +51,17 @@ class Problem:
 
 
 # --------------------------------------------------------------------------- verify
-def verify_bundle(bundle_dir: str | os.PathLike[str]) -> list[Problem]:
+HeaderCheck = Callable[[bytes], "tuple[str, int]"]  # TrtRuntime.engine_validity: (validity name, diagnostics bits)
+# Diagnostics that say the file itself is bad; the rest (wrong SM, old driver, ...) only say it cannot run *here*.
+_BAD_ENGINE_BITS = {1: "built by another TRT-RTX version", 32: "malformed engine"}
+
+
+def verify_bundle(bundle_dir: str | os.PathLike[str], *, header_check: HeaderCheck | None = None) -> list[Problem]:
     """Every problem with the bundle: the schema, each pinned file's presence, size and sha256, and extra files.
 
     An empty list means the bundle is intact. Warnings (unknown manifest keys from a newer minor) are not fatal.
+    ``header_check`` (TRT-RTX's engine validity, where a supported GPU is present) adds a look at each intact
+    engine's header: a malformed engine or one from another TRT-RTX version is a problem.
     """
     root = Path(bundle_dir)
     if not root.is_dir():
@@ -66,7 +77,10 @@ def verify_bundle(bundle_dir: str | os.PathLike[str]) -> list[Problem]:
     pinned: set[str] = {MANIFEST_NAME}
     for key, ref in manifest.files():
         pinned.add(ref.path)
-        problems += _check_file(root, key, ref.path, ref.size, ref.sha256)
+        file_problems = _check_file(root, key, ref.path, ref.size, ref.sha256)
+        problems += file_problems
+        if header_check is not None and ref.path.startswith("engines/") and not file_problems:
+            problems += _check_header(root, key, ref.path, header_check)
     for rel in _walk(root):
         if rel not in pinned:
             problems.append(Problem(kind="extra", path=rel, message="not listed in the manifest",
@@ -93,6 +107,17 @@ def _check_file(root: Path, key: str, rel: str, size: int, sha256: str) -> list[
         return [Problem(kind="changed", path=rel, message=f"sha256 {actual}, expected {sha256} ({key}.sha256): content changed",
                         hint="the file was altered; rebuild or fetch the bundle again")]
     return []
+
+
+def _check_header(root: Path, key: str, rel: str, header_check: HeaderCheck) -> list[Problem]:
+    with open(root / rel, "rb") as f:
+        header = f.read(64)  # Runtime.engine_header_size in TRT-RTX 1.7
+    validity, bits = header_check(header)
+    bad = [text for bit, text in _BAD_ENGINE_BITS.items() if bits & bit]
+    if not bad:
+        return []
+    return [Problem(kind="engine", path=rel, message=f"TRT-RTX says the engine is {validity} ({', '.join(bad)}; {key})",
+                    hint="rebuild the bundle with the TRT-RTX version in manifest.json trt_rtx.version")]
 
 
 def _sha256(path: Path) -> str:

@@ -241,8 +241,12 @@ def _dims(shape: list) -> str:
 def verify(bundle: Path, as_json: bool) -> None:
     """Check the schema and every file's size and sha256; name what is missing, changed, truncated or extra."""
     from .bundle_io import verify_bundle
+    from .engines import local_header_check
 
-    problems = verify_bundle(bundle)
+    header_check, why_not = local_header_check()
+    if why_not and not as_json:
+        info(why_not)
+    problems = verify_bundle(bundle, header_check=header_check)
     fatal = [p for p in problems if p.fatal]
     if as_json:
         emit_json({"bundle": str(bundle), "ok": not fatal, "problems": [p.to_dict() for p in problems]})

@@ -174,3 +174,16 @@ def build_engines(
 
 def _sm_text(sm: int) -> str:
     return f"{sm // 10}.{sm % 10}"
+
+
+def local_header_check(probe: Callable[[], Any] | None = None) -> tuple[Callable[[bytes], tuple[str, int]] | None, str | None]:
+    """(TRT-RTX's engine-header validity check, None) where a supported GPU is present, else (None, why not)."""
+    gpu, why_not = local_weightless_target(probe)
+    if gpu is None:
+        return None, (why_not or NO_GPU_NOTE).replace("weightless engine left to the farm", "engine headers not checked")
+    try:
+        from runtime_shim.trt_session import TrtRtxRuntime
+
+        return TrtRtxRuntime().engine_validity, None
+    except Exception as e:  # noqa: BLE001 - the hash check stands on its own; the header check is a bonus
+        return None, f"engine headers not checked: TRT-RTX runtime unavailable ({e})"

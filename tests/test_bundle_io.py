@@ -239,3 +239,16 @@ def test_new_directories_get_the_usual_mode(bundle: Path, tmp_path: Path) -> Non
         os.umask(umask)
     assert st.S_IMODE((tmp_path / "out").stat().st_mode) == 0o755
     assert st.S_IMODE(bundle.stat().st_mode) == 0o777 & ~umask
+
+
+def test_engine_header_check_where_a_gpu_is_present(bundle: Path) -> None:
+    """Stands in for TRT-RTX's get_engine_validity (needs a supported GPU): only file defects are problems."""
+    seen: list[bytes] = []
+
+    def wrong_sm(header: bytes) -> tuple[str, int]:
+        seen.append(header)
+        return "INVALID", 2  # UNSUPPORTED_CC: the engine is fine, this GPU is not its target
+
+    assert verify_bundle(bundle, header_check=wrong_sm) == [] and len(seen) == 1 and len(seen[0]) == 64
+    (p,) = verify_bundle(bundle, header_check=lambda h: ("INVALID", 32 | 2))
+    assert p.kind == "engine" and "malformed engine" in p.message and p.path.startswith("engines/")

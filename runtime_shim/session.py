@@ -222,8 +222,9 @@ def _built_here(p: Plan, bundle_dir: Path, user_cache: UserCache) -> tuple[str, 
 
     name = f"{model_id(p.manifest)}-sm{p.gpu.sm}-{p.machine.trt_rtx_version}"
     path = user_cache.engine_path(name)
-    if path.is_file():
-        return str(path), path.read_bytes()
+    kept = user_cache.read_engine(name)
+    if kept is not None:
+        return str(path), kept
     onnx_path, tmp = materialize_model(p.manifest, bundle_dir, user_cache)
     try:
         profiles = [{k: (r.min, r.opt, r.max) for k, r in prof.shapes.items()} for prof in p.manifest.profiles]

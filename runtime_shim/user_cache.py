@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 ENV_VAR = "TRTX_CACHE_DIR"
 LAYOUT = "trtx-v1"
-_MAGIC = b"TRTX-RUNTIME-CACHE 1\n"
+_MAGIC = b"TRTX-CACHED 1\n"  # then one JSON header line (sha256, size, key), then the payload
 _TAG = (b"Signature: 8a477f597d28d172789f06886806bc55\n"
         b"# This directory holds caches made by an app embedding trtx-bundler's runtime shim.\n"
         b"# It can be deleted at any time; it is rebuilt on the next run.\n")
@@ -136,7 +136,7 @@ class UserCache:
         except OSError as e:
             log.warning("%s: cannot read the saved runtime cache (%s); compiling kernels afresh", path, e.strerror)
             return None
-        payload, why = _unframe(data, key)
+        payload, why = _unframe(data, key.to_dict())
         if why is not None:
             self._set_aside(path, why)
             return None
@@ -150,7 +150,7 @@ class UserCache:
                 return False
             path.parent.mkdir(parents=True, exist_ok=True)
             with self.lock(f"rtcache-{model_id}-{key_id(key)}"):
-                atomic_write(path, _frame(data, key))
+                atomic_write(path, _frame(data, key.to_dict()))
             log.info("saved the runtime cache (%d bytes) to %s", len(data), path)
             return True
         except CacheError as e:
@@ -176,13 +176,25 @@ class UserCache:
     def engine_path(self, name: str) -> Path:
         return self.root / "engines" / f"{name}.engine"
 
+    def read_engine(self, name: str) -> bytes | None:
+        """An engine built here earlier, checked against the checksum saved with it (engines hold executable code)."""
+        path = self.engine_path(name)
+        try:
+            data = path.read_bytes()
+        except OSError:
+            return None
+        payload, why = _unframe(data, {"engine": name})
+        if why is not None:
+            self._set_aside(path, why)
+        return payload
+
     def save_engine(self, name: str, data: bytes) -> Path | None:
         path = self.engine_path(name)
         try:
             if not self._ensure():
                 return None
             with self.lock(f"engine-{name}"):
-                atomic_write(path, data)
+                atomic_write(path, _frame(data, {"engine": name}))
             return path
         except (CacheError, OSError) as e:
             log.warning("engine built here not kept in the cache (%s); it will be built again next time", e)
@@ -217,13 +229,13 @@ class UserCache:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-def _frame(payload: bytes, key: CacheKey) -> bytes:
-    header = json.dumps({"sha256": hashlib.sha256(payload).hexdigest(), "size": len(payload), "key": key.to_dict()},
+def _frame(payload: bytes, key: dict) -> bytes:
+    header = json.dumps({"sha256": hashlib.sha256(payload).hexdigest(), "size": len(payload), "key": key},
                         sort_keys=True).encode()
     return _MAGIC + header + b"\n" + bytes(payload)
 
 
-def _unframe(data: bytes, key: CacheKey) -> tuple[bytes | None, str | None]:
+def _unframe(data: bytes, key: dict) -> tuple[bytes | None, str | None]:
     # Our own checksum: TRT-RTX would reject a torn cache too, but only after we handed it executable bytes.
     if not data.startswith(_MAGIC):
         return None, "not a runtime cache saved by this shim (bad magic)"
@@ -236,7 +248,7 @@ def _unframe(data: bytes, key: CacheKey) -> tuple[bytes | None, str | None]:
         actual = hashlib.sha256(payload).hexdigest()
         if actual != header["sha256"]:
             return None, f"checksum mismatch: expected sha256 {header['sha256']}, got {actual}"
-        if header.get("key") != key.to_dict():
+        if header.get("key") != key:
             return None, "saved for another cache key"
     except (ValueError, KeyError, TypeError) as e:
         return None, f"unreadable header ({e})"

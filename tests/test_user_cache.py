@@ -242,3 +242,13 @@ def test_timing_of_an_uncontended_save_is_small(tmp_path) -> None:
     for _ in range(20):
         assert cache.save_runtime_cache(MODEL, KEY, b"k" * 100_000)
     assert time.perf_counter() - t0 < 10
+
+
+def test_engines_built_here_are_checked_when_read_back(tmp_path) -> None:
+    cache = UserCache("T", tmp_path)
+    assert cache.read_engine("m-sm89") is None
+    assert cache.save_engine("m-sm89", b"engine bytes") == cache.engine_path("m-sm89")
+    assert cache.read_engine("m-sm89") == b"engine bytes"
+    path = cache.engine_path("m-sm89")
+    path.write_bytes(path.read_bytes()[:-1] + b"X")
+    assert cache.read_engine("m-sm89") is None and not path.exists()

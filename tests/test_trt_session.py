@@ -281,3 +281,25 @@ def test_the_profile_that_holds_the_shapes_is_used(mlp, tmp_path) -> None:
         with pytest.raises(runtime_shim.errors.InputError, match="2 optimization profile"):
             s.run(big, profile=2)
     assert [c[1] for c in fake.calls if c[0] == "execute"] == [0, 1, 1]
+
+
+def test_build_here_uses_the_engine_kept_in_the_user_cache(mlp, tmp_path) -> None:
+    bundle, m, feeds = mlp
+    atomic_write(bundle / "manifest.json", dataclasses.replace(m, engines=(), runtime_caches=()).to_json())
+    cache = UserCache("T", tmp_path / "cache")
+    cache.save_engine(f"{model_id(m)}-sm89-{TRT_VERSION}", b"engine built here earlier")
+    fake = RecordingFakeTrtRuntime(m)
+    with _load(bundle, fake, tmp_path) as s:
+        assert s.backend == "tensorrt_rtx" and s.report.engine["kind"] == "built_here" and s.engine is None
+    assert fake.calls[1] == ("deserialize", hashlib.sha256(b"engine built here earlier").hexdigest())
+    assert "refit" in fake.names_called()  # built weightless: refit from the weight store
+
+
+@pytest.mark.skipif(any(trt_rtx_supports(g.sm) for g in probe().gpus), reason="a supported GPU is present: the build would succeed")
+def test_build_here_failing_falls_back_with_the_reason(mlp, tmp_path) -> None:
+    bundle, m, feeds = mlp
+    atomic_write(bundle / "manifest.json", dataclasses.replace(m, engines=(), runtime_caches=()).to_json())
+    # No GPU here: the real weightless build fails, and the report says so.
+    with _load(bundle, RecordingFakeTrtRuntime(m), tmp_path) as s:
+        assert s.backend == "onnxruntime" and "building an engine for this GPU failed" in s.report.why_not_trt
+        s.run(feeds)

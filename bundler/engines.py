@@ -154,6 +154,12 @@ def build_engines(
             if req.windows_target:
                 raise EngineBuildError(f"{e} (while building {plan.label} on {host_platform()})",
                                        hint="TensorRT for RTX may refuse cross-OS builds on a machine without a GPU; build Windows engines on a Windows farm machine") from None
+            if e.hint is None and "could not build the engine" in str(e):
+                # The parser accepted the model and TRT-RTX's optimizer failed inside (seen with nested If nodes,
+                # e.g. silero-vad's If-based exports); the weights and skeleton can still ship without an engine.
+                raise EngineBuildError(str(e), hint="TensorRT for RTX failed inside its optimizer, not on a named node. "
+                                       "Pass --no-weightful to bundle weights and skeleton only (the ONNX Runtime fallback "
+                                       "runs them), or export the model without nested control flow (If inside If)") from None
             raise
         seconds = time.monotonic() - t0
         sha = sha256_bytes(plan_bytes)

@@ -293,5 +293,35 @@ def unpack(archive: Path, output: Path) -> None:
 
     m = unpack_bundle(archive, output)
     info(f"unpacked {archive} into {output}: {m.model.name} {m.model.version}, {len(m.files())} files verified")
+@main.command()
+@click.option("-o", "--output", "workdir", type=click.Path(file_okay=False, path_type=Path), default=Path("trtx-demo"),
+              show_default=True, help="Where to put the demo model, its bundle and the user cache.")
+@click.option("--json", "as_json", is_flag=True, help="Print the shim's report as JSON on stdout.")
+@render_errors
+def demo(workdir: Path, as_json: bool) -> None:
+    """Bundle a small built-in model, load it with the runtime shim, and check its outputs.
+
+    \b
+    Needs no download: the model is generated here. The bundle lands in OUTPUT/bundle; the
+    shim then picks an engine for this machine (TensorRT for RTX on an RTX GPU, else the
+    ONNX Runtime fallback, with the reason) and the logits are compared with ONNX Runtime
+    on the original model.
+    """
+    from .demo import run_demo
+
+    result = run_demo(workdir, progress=_StderrProgress(), cache_dir=workdir / "user-cache", note=info)
+    if as_json:
+        emit_json(result.report.to_dict())
+    else:
+        for line in result.report.lines():
+            info(line)
+    if result.max_abs_error is not None:
+        info(f"max |difference| vs ONNX Runtime on the original model: {result.max_abs_error:.3g}")
+        if result.max_abs_error > 1e-4:
+            raise BundleError(f"demo outputs differ from the original model by {result.max_abs_error:.3g}",
+                              hint="please report this with the output of 'trtx-bundle doctor'")
+    info(f"demo OK: try 'trtx-bundle inspect {result.bundle_dir}' and 'trtx-bundle doctor {result.bundle_dir}'")
+
+
 from . import cli_run  # noqa: E402,F401
 from . import cli_farm  # noqa: E402,F401

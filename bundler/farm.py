@@ -131,7 +131,6 @@ class ShimGpu:
 
     def warm(self, bundle_dir: Path, engine_sha256: str, runs: Sequence[WarmupRun], rounds: int,
              workdir: Path) -> tuple[bytes, tuple[WarmupRun, ...], Mapping[str, float]]:
-        import inspect
 
         import numpy as np
 
@@ -146,21 +145,15 @@ class ShimGpu:
             if session.engine is None or session.engine.file.sha256 != engine_sha256:
                 raise BundleError(f"the shim loaded {session.report.engine} instead of the farm's engine {engine_sha256}",
                                   hint="run 'trtx-bundle doctor' on this runner to see why the engine was passed over")
-            takes_profile = "profile" in inspect.signature(session.run).parameters
             done = []
             t0 = time.perf_counter()
             for run in runs:
-                if run.profile and not takes_profile:
-                    # Session.run executes under profile 0; shapes only another profile holds cannot run through it.
-                    log.warning("warm-up %s under profile %d skipped: the shim runs profile 0 only", _fmt(run.shapes), run.profile)
-                    done.append(run)
-                    continue
                 inputs = {t.name: np.zeros(run.shapes[t.name], dtype=numpy_dtype(t.dtype)) for t in session.manifest.inputs}
-                kwargs = {"profile": run.profile} if takes_profile else {}
                 first = None
                 for i in range(rounds):
                     t = time.perf_counter()
-                    session.run(inputs, **kwargs)
+                    # Every profile gets its own kernels in the cache, so each run names the profile it warms.
+                    session.run(inputs, profile=run.profile)
                     first = time.perf_counter() - t if i == 0 else first
                 done.append(WarmupRun(profile=run.profile, shapes=run.shapes, first_run_s=first, rounds=rounds))
             timings["warmup_s"] = time.perf_counter() - t0

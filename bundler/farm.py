@@ -131,7 +131,6 @@ class ShimGpu:
 
     def warm(self, bundle_dir: Path, engine_sha256: str, runs: Sequence[WarmupRun], rounds: int,
              workdir: Path) -> tuple[bytes, tuple[WarmupRun, ...], Mapping[str, float]]:
-
         import numpy as np
 
         from runtime_shim.session import load

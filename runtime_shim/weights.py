@@ -78,6 +78,15 @@ def _dctx() -> zstandard.ZstdDecompressor:
     return dctx
 
 
+def _scratch(kind: str, nbytes: int) -> memoryview:
+    """A per-thread reusable buffer of exactly ``nbytes`` (grown as needed), for one use at a time per kind."""
+    bufs = _local.__dict__.setdefault("scratch", {})
+    buf = bufs.get(kind)
+    if buf is None or len(buf) < nbytes:
+        buf = bufs[kind] = np.empty(max(nbytes, 1 << 16), dtype=np.uint8)
+    return memoryview(buf[:nbytes])
+
+
 def decode_frame_into(stored: bytes | memoryview, encoding: str, element_size: int, out: memoryview) -> None:
     """Decode one stored frame into ``out`` (exactly its raw size). Raises ValueError if the sizes disagree."""
     if encoding == "none":
@@ -138,7 +147,7 @@ def _decode_planes(stored: memoryview, element_size: int, out: memoryview) -> No
     # the exponent alone): OR the shifted planes together, then rotate right by one. ~3-5 GB/s on one core.
     u = _UINT[es]
     x = np.frombuffer(out, dtype=u)
-    tmp = np.empty(n, dtype=u)
+    tmp = np.frombuffer(_scratch("tmp", n * es), dtype=u)
     np.left_shift(planes[es - 1], 8 * (es - 1), out=x, dtype=u)
     for k in range(es - 2, 0, -1):
         np.left_shift(planes[k], 8 * k, out=tmp, dtype=u)
@@ -192,25 +201,30 @@ class WeightReader:
         shown = ", ".join(repr(n) for n in names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
         return f"blob {index} (tensor {shown or 'none'})"
 
-    def _read_at(self, offset: int, size: int) -> bytes:
-        if hasattr(os, "pread"):
-            data = os.pread(self._file.fileno(), size, offset)
-        else:  # pragma: no cover - Windows
-            with self._lock:
-                self._file.seek(offset)
-                data = self._file.read(size)
-        return data
+    def _read_into(self, offset: int, buf: memoryview) -> int:
+        """Read ``len(buf)`` bytes at ``offset`` straight into ``buf`` (no intermediate bytes object); returns the count."""
+        if hasattr(os, "preadv"):
+            return os.preadv(self._file.fileno(), [buf], offset)
+        with self._lock:  # pragma: no cover - Windows
+            self._file.seek(offset)
+            return self._file.readinto(buf)
 
     def _decode_frame(self, index: int, j: int, out: memoryview) -> None:
         blob = self.store.blobs[index]
         frame = blob.frames[j]
         where = f"{self.path}: {self._what(index)}, frame {j} (file offset {frame.offset}, {frame.size} bytes)"
-        stored = self._read_at(frame.offset, frame.size)
-        if len(stored) != frame.size:
-            raise IntegrityError(f"{where}: file ends after {len(stored)} bytes of it; truncated", hint=HINT_CORRUPT)
+        # "none" frames are read into their final place and hashed there; others into a per-thread scratch buffer
+        # (reused across frames: no allocation, no page faults per frame).
+        plain = blob.encoding == "none" and frame.size == len(out)
+        stored = out if plain else _scratch("stored", frame.size)
+        got = self._read_into(frame.offset, stored)
+        if got != frame.size:
+            raise IntegrityError(f"{where}: file ends after {got} bytes of it; truncated", hint=HINT_CORRUPT)
         actual = hashlib.sha256(stored).hexdigest()
         if actual != frame.sha256:
             raise IntegrityError(f"{where}: sha256 {actual}, expected {frame.sha256}", hint=HINT_CORRUPT)
+        if plain:
+            return
         try:
             decode_frame_into(stored, blob.encoding, blob.element_size, out)
         except (ValueError, zstandard.ZstdError) as e:
@@ -234,6 +248,13 @@ class WeightReader:
                 raise IntegrityError(f"{self.path}: {self._what(index)} decodes to sha256 {actual}, expected {blob.sha256}", hint=HINT_CORRUPT)
 
     # ----------------------------------------------------------------------- public
+    def decode_frame(self, index: int, j: int, out: memoryview) -> None:
+        """Read, verify (sha256) and decode frame ``j`` of blob ``index`` into ``out`` (exactly its raw_size bytes).
+
+        The unit of work for pipelines that place frames themselves (runtime_shim.gpu_upload); thread-safe.
+        """
+        self._decode_frame(index, j, memoryview(out).cast("B"))
+
     def decode_blob_into(self, index: int, out: memoryview) -> None:
         """Decode blob ``index`` into a caller-provided buffer of exactly ``nbytes`` (e.g. pinned host memory)."""
         out = memoryview(out).cast("B")
@@ -261,7 +282,8 @@ class WeightReader:
         with cf.ThreadPoolExecutor(self.threads) as pool:
             try:
                 for index in order:
-                    buf = memoryview(bytearray(self.store.blobs[index].nbytes))
+                    # np.empty, not bytearray: no zero-filling pass over memory every frame overwrites anyway
+                    buf = memoryview(np.empty(self.store.blobs[index].nbytes, dtype=np.uint8))
                     for j, piece in self._frame_slices(index, buf):
                         pending.append((index, pool.submit(self._decode_frame, index, j, piece), piece))
                         in_flight += 1

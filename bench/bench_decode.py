@@ -1,0 +1,90 @@
+"""Decode speed (issue 5, target 2): the store's frames vs plain zstd-3 frames of the same tensors, 1 to N threads.
+
+Frames are in memory (no file, no hash: bench_load.py covers those). Single thread: store decode speed / zstd-3
+decode speed (target >= 0.8x). Threads: speed(T) / speed(1) against 0.7 x T (target up to the core count).
+
+    python bench/bench_decode.py [--model minilm] [--dtype fp32,fp16,bf16] [--copies 1] [--threads 1,2,...] [--repeat 5]
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import os
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import zstandard  # noqa: E402
+
+import _data  # noqa: E402
+from bundler.weights_writer import DEFAULT_CHUNK, encode_frame  # noqa: E402
+from runtime_shim.weights import FLOAT_DTYPES, ITEMSIZE, decode_frame_into  # noqa: E402
+
+_local = threading.local()
+
+
+def _zstd_job(job) -> None:
+    dctx = getattr(_local, "d", None)
+    if dctx is None:
+        dctx = _local.d = zstandard.ZstdDecompressor()  # one per thread: a context is not thread-safe
+    stored, out = job
+    out[:] = dctx.decompress(stored)
+
+
+def _store_job(job) -> None:
+    stored, es, out = job
+    decode_frame_into(stored, "zstd-byteplane", es, out)
+
+
+def median_time(fn, repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="minilm")
+    ap.add_argument("--dtype", default="fp32,fp16,bf16")
+    ap.add_argument("--copies", type=int, default=1)
+    cores = os.cpu_count() or 1
+    ap.add_argument("--threads", default=",".join(str(t) for t in sorted({1, 2, 4, 8, 16, cores}) if t <= cores))
+    ap.add_argument("--repeat", type=int, default=5)
+    args = ap.parse_args()
+    threads = [int(t) for t in args.threads.split(",")]
+    sets = _data.models(args.model)
+    print(f"{cores} CPUs; {DEFAULT_CHUNK >> 20} MiB frames; medians of {args.repeat}")
+    for short in args.dtype.split(","):
+        weights = _data.scaled(sets[f"{args.model}-{short}"], args.copies)
+        tensors = [(w, _data.raw_bytes(w)) for w in weights if w.dtype in FLOAT_DTYPES and len(_data.raw_bytes(w))]
+        raw = sum(len(r) for _, r in tensors)
+        z3c = zstandard.ZstdCompressor(level=3)
+        zjobs, sjobs = [], []
+        for w, r in tensors:
+            es = ITEMSIZE[w.dtype]
+            out = memoryview(bytearray(len(r)))
+            step = DEFAULT_CHUNK - DEFAULT_CHUNK % es
+            for p in range(0, len(r), step):
+                piece = r[p:p + step]
+                zjobs.append((z3c.compress(piece), out[p:p + step]))
+                sjobs.append((encode_frame(piece, "zstd-byteplane", es, 3), es, out[p:p + step]))
+        print(f"\n== {args.model}-{short} x{args.copies}: {raw / 1e6:.1f} MB raw in {len(sjobs)} frames")
+        print(f"{'T':>3s} {'zstd-3 GB/s':>12s} {'store GB/s':>11s} {'store/zstd-3':>13s} {'store scaling':>14s} {'0.7*T':>6s}")
+        one = None
+        for T in threads:
+            with cf.ThreadPoolExecutor(T) as pool:
+                t_z = median_time(lambda: list(pool.map(_zstd_job, zjobs)), args.repeat)
+                t_s = median_time(lambda: list(pool.map(_store_job, sjobs)), args.repeat)
+            one = one or t_s
+            print(f"{T:3d} {raw / t_z / 1e9:12.2f} {raw / t_s / 1e9:11.2f} {t_z / t_s:12.2f}x {one / t_s:13.2f}x {0.7 * T:6.1f}")
+
+
+if __name__ == "__main__":
+    main()

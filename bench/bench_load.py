@@ -1,0 +1,111 @@
+"""Load pipeline (issue 5, target 3 and the memory rule): WeightReader to host tensors, read + verified + decoded.
+
+Compressed store (zstd-byteplane): WeightReader.read_all() on T threads vs plain zstandard decoding of the same
+tensors cut into the same 4 MiB frames, compressed with zstd-3, on the same T threads (target <= 1.25x).
+Uncompressed store ("none"): read_all() vs one plain readinto() of the same file from the page cache (target
+>= 0.7x of its speed). Memory: tracemalloc's peak during read_all() against the model's raw size (one copy is the
+result itself; two would be the failure).
+
+    python bench/bench_load.py [--model minilm] [--dtype fp32] [--copies 1] [--threads 1,2] [--repeat 5]
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import gc
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import tracemalloc
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import zstandard  # noqa: E402
+
+import _data  # noqa: E402
+from bundler.weights_writer import DEFAULT_CHUNK, write_weight_store  # noqa: E402
+from runtime_shim.weights import WeightReader  # noqa: E402
+
+_local = threading.local()
+
+
+def _zstd_job(stored: bytes) -> None:
+    dctx = getattr(_local, "d", None)
+    if dctx is None:
+        dctx = _local.d = zstandard.ZstdDecompressor()
+    dctx.decompress(stored)
+
+
+def median_time(fn, repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        gc.collect()
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="minilm")
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    ap.add_argument("--copies", type=int, default=1)
+    cores = os.cpu_count() or 1
+    ap.add_argument("--threads", default=",".join(str(t) for t in sorted({1, 2, 4, 8, 16, cores}) if t <= cores))
+    ap.add_argument("--repeat", type=int, default=5)
+    args = ap.parse_args()
+    weights = _data.scaled(_data.models(args.model)[f"{args.model}-{args.dtype}"], args.copies)
+    raws = [_data.raw_bytes(w) for w in weights]
+
+    with tempfile.TemporaryDirectory(dir=os.environ.get("TRTX_BENCH_TMP")) as tmp:
+        stores = {enc: write_weight_store(weights, Path(tmp) / enc, encoding=enc, threads=cores) for enc in ("zstd-byteplane", "none")}
+        raw = sum(b.nbytes for b in stores["none"].blobs)
+        # Baseline frames: every blob's raw bytes cut like the store's, each a plain zstd-3 frame.
+        z3c = zstandard.ZstdCompressor(level=3)
+        firsts = {}
+        for w, r in zip(weights, raws):
+            firsts.setdefault(stores["none"].blobs[stores["none"].tensor(w.name).blob].sha256, r)
+        zframes = [z3c.compress(r[p:p + DEFAULT_CHUNK]) for r in firsts.values() for p in range(0, len(r), DEFAULT_CHUNK)]
+        none_path = Path(tmp) / "none" / stores["none"].file.path
+        for enc, s in stores.items():
+            (Path(tmp) / enc / s.file.path).read_bytes()  # page cache
+        print(f"{cores} CPUs; {args.model}-{args.dtype} x{args.copies}: {raw / 1e6:.1f} MB raw; "
+              f"store {stores['zstd-byteplane'].file.size / raw:.1%} of raw; medians of {args.repeat}")
+        print(f"{'T':>3s} {'zstd-3 only s':>14s} {'load s':>8s} {'load/zstd':>10s}   {'plain read s':>12s} {'none load s':>11s} {'read/load':>10s}")
+        for T in [int(t) for t in args.threads.split(",")]:
+            with cf.ThreadPoolExecutor(T) as pool:
+                t_z = median_time(lambda: list(pool.map(_zstd_job, zframes)), args.repeat)
+            with WeightReader(Path(tmp) / "zstd-byteplane", stores["zstd-byteplane"], threads=T) as r:
+                t_load = median_time(r.read_all, args.repeat)
+            buf = bytearray(none_path.stat().st_size)
+
+            def plain_read() -> None:
+                with open(none_path, "rb", buffering=0) as f:
+                    f.readinto(buf)
+
+            t_read = median_time(plain_read, args.repeat)
+            with WeightReader(Path(tmp) / "none", stores["none"], threads=T) as r:
+                t_none = median_time(r.read_all, args.repeat)
+            del buf
+            print(f"{T:3d} {t_z:14.3f} {t_load:8.3f} {t_load / t_z:9.2f}x   {t_read:12.3f} {t_none:11.3f} {t_read / t_none:9.2f}x")
+        print("targets: load/zstd <= 1.25x; read/load >= 0.7x")
+
+        for enc, s in stores.items():
+            gc.collect()
+            tracemalloc.start()
+            with WeightReader(Path(tmp) / enc, s, threads=min(cores, 8)) as r:
+                result = r.read_all()
+            _, peak = tracemalloc.get_traced_memory()
+            tracemalloc.stop()
+            del result
+            print(f"memory, {enc}: peak traced during read_all {peak / 2**20:.1f} MiB = {peak / raw:.2f}x the model's "
+                  f"{raw / 2**20:.1f} MiB (the result itself is 1.00x; target < 2x)")
+
+
+if __name__ == "__main__":
+    main()

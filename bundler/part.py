@@ -31,7 +31,7 @@ from typing import Any, Mapping
 from runtime_shim import __version__
 from runtime_shim.errors import ManifestError
 from runtime_shim.fsutil import atomic_write, sha256_bytes
-from runtime_shim.manifest import Engine, FileRef, Manifest, RuntimeCache, Shape, _Reader, _sha
+from runtime_shim.manifest import Engine, FileRef, Manifest, RuntimeCache, Shape, _Reader, _sha, load_json_file
 
 PART_SCHEMA_VERSION = 1
 PART_KIND = "trtx-bundler-part"
@@ -145,17 +145,9 @@ def _seconds(v: Mapping[str, Any]) -> str | None:
 
 def read_part(part_dir: str | os.PathLike[str]) -> tuple[Part, list[str]]:
     path = Path(part_dir) / PART_MANIFEST_NAME
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise ManifestError(f"{path}: not found; expected a farm part directory with {PART_MANIFEST_NAME} at its root",
-                            hint="pass the directory 'trtx-bundle farm-job -o PART_DIR' wrote (CI: the downloaded artifact)") from None
-    except OSError as e:
-        raise ManifestError(f"{path}: cannot read ({e.strerror})") from None
-    try:
-        data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ManifestError(f"{path}: not valid JSON ({e})", hint="the part is corrupt or truncated; run the farm job again") from None
+    data = load_json_file(path, expected=f"a farm part directory with {PART_MANIFEST_NAME} at its root",
+                          missing_hint="pass the directory 'trtx-bundle farm-job -o PART_DIR' wrote (CI: the downloaded artifact)",
+                          corrupt_hint="the part is corrupt or truncated; run the farm job again")
     return Part.from_dict(data, source=str(path))
 
 

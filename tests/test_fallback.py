@@ -98,7 +98,8 @@ def test_processes_materializing_at_once_make_one_folder(external, tmp_path) -> 
             out = s.run({{"x": np.ones((2, 64), np.float32)}})
             print("OK", s.backend, float(next(iter(out.values())).sum()))
     """)
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    # Keep the caller's PYTHONPATH: where the dependencies come from a --target dir, the child needs it too.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
              for _ in range(4)]
     outs = [p.communicate(timeout=120) for p in procs]

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -148,3 +150,13 @@ def scaled(weights: list[Weight], copies: int) -> list[Weight]:
             else:
                 out.append(Weight(f"{w.name}#{r}", w.dtype, w.shape, w.data))
     return out
+
+
+def median_time(fn, repeat: int) -> float:
+    """Median wall time of ``repeat`` calls: the machines here are shared, and the median shrugs off a stalled run."""
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)

@@ -10,9 +10,7 @@ checked bit for bit. Then single-thread decode speed of the same tensors against
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -42,14 +40,6 @@ def layout1(raw: memoryview, es: int, level: int) -> bytes:
         parts += [cobj.compress(p.data), cobj.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)]
     return b"".join(parts + [cobj.flush()])
 
-
-def median_time(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def study(label: str, weights: list, repeat: int, slow: bool) -> dict:
@@ -118,12 +108,12 @@ def study(label: str, weights: list, repeat: int, slow: bool) -> dict:
 
     dec_ours()
     assert all(bytes(o) == bytes(r) for o, (_, r) in zip(outs, tensors)), "layout 2 round trip is not bit-exact"
-    t_base = median_time(dec_zstd3, repeat)
-    t_ours = median_time(dec_ours, repeat)
+    t_base = _data.median_time(dec_zstd3, repeat)
+    t_ours = _data.median_time(dec_ours, repeat)
     print(f"  decode 1 thread: zstd-3 {raw_total / t_base / 1e9:.2f} GB/s (baseline); "
           f"store {raw_total / t_ours / 1e9:.2f} GB/s = {t_base / t_ours:.2f}x (target >= 0.8x)", end="")
     if zipnn_blobs:
-        t_zn = median_time(lambda: [z.decompress(c) for z, c in zipnn_blobs], repeat)
+        t_zn = _data.median_time(lambda: [z.decompress(c) for z, c in zipnn_blobs], repeat)
         print(f"; ZipNN {raw_total / t_zn / 1e9:.2f} GB/s = {t_base / t_zn:.2f}x", end="")
     print()
     return {"label": label, "raw": raw_total, **sizes}

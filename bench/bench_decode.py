@@ -10,10 +10,8 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import os
-import statistics
 import sys
 import threading
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -39,14 +37,6 @@ def _store_job(job) -> None:
     stored, es, out = job
     decode_frame_into(stored, "zstd-byteplane", es, out)
 
-
-def median_time(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -80,8 +70,8 @@ def main() -> None:
         one = None
         for T in threads:
             with cf.ThreadPoolExecutor(T) as pool:
-                t_z = median_time(lambda: list(pool.map(_zstd_job, zjobs)), args.repeat)
-                t_s = median_time(lambda: list(pool.map(_store_job, sjobs)), args.repeat)
+                t_z = _data.median_time(lambda: list(pool.map(_zstd_job, zjobs)), args.repeat)
+                t_s = _data.median_time(lambda: list(pool.map(_store_job, sjobs)), args.repeat)
             one = one or t_s
             print(f"{T:3d} {raw / t_z / 1e9:12.2f} {raw / t_s / 1e9:11.2f} {t_z / t_s:12.2f}x {one / t_s:13.2f}x {0.7 * T:6.1f}")
 

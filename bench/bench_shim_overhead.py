@@ -15,15 +15,15 @@ import argparse
 import dataclasses
 import hashlib
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+import _data  # noqa: E402
 
 SMS = (80, 86, 89, 120)
 GPUS = [("NVIDIA GeForce RTX 4090", 0x2684, 89), ("NVIDIA GeForce RTX 4080", 0x2704, 89), ("NVIDIA GeForce RTX 3090", 0x2204, 86),
@@ -93,12 +93,7 @@ def steps(blob, machine=None):
 
 
 def median_ms(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(times)
+    return 1000 * _data.median_time(fn, repeat)
 
 
 def process_ms(code: str, repeat: int) -> float:

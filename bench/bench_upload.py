@@ -15,7 +15,6 @@ import ctypes
 import hashlib
 import os
 import resource
-import statistics
 import sys
 import tempfile
 import time
@@ -28,14 +27,6 @@ from bundler.weights_writer import write_weight_store  # noqa: E402
 from runtime_shim.errors import MachineError  # noqa: E402
 from runtime_shim.weights import WeightReader  # noqa: E402
 
-
-def median_time(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def gpu_name(rt) -> str:
@@ -52,7 +43,7 @@ def pinned_memcpy_seconds(rt, nbytes: int, repeat: int) -> float:
         ctypes.memset(host, 1, nbytes)  # touch every page
         h2d = rt.cudaMemcpyKind.cudaMemcpyHostToDevice
         _check(rt, rt.cudaMemcpy(dev, host, nbytes, h2d), "cudaMemcpy")  # warm-up
-        return median_time(lambda: _check(rt, rt.cudaMemcpy(dev, host, nbytes, h2d), "cudaMemcpy"), repeat)
+        return _data.median_time(lambda: _check(rt, rt.cudaMemcpy(dev, host, nbytes, h2d), "cudaMemcpy"), repeat)
     finally:
         rt.cudaFree(dev)
         rt.cudaFreeHost(host)
@@ -119,13 +110,13 @@ def main() -> None:
                         for _, _buf in reader.iter_blobs():
                             pass
 
-                    t_dec = median_time(decode_only, args.repeat)
+                    t_dec = _data.median_time(decode_only, args.repeat)
                     del host
                     with Uploader(threads=T) as up:
                         dw = up.upload(reader)  # warm-up, and the correctness check
                         check_on_device(rt, reader, dw)
                         dw.free()
-                        t_up = median_time(lambda: up.upload(reader).free(), args.repeat)
+                        t_up = _data.median_time(lambda: up.upload(reader).free(), args.repeat)
                         pinned = up.pinned_bytes
                 print(f"{enc + ('' if verify else ' (no sha256)'):25s} {T:3d} {raw / t_dec / 1e9:16.2f} {raw / t_up / 1e9:14.2f} {t_copy / t_up:9.2f}x {pinned / 2**20:11.0f}"
                       f"   (model {raw / 2**20:.0f} MiB)")

@@ -19,6 +19,7 @@ from .errors import MachineError
 from .weights import WeightReader
 
 DEVICE_ALIGNMENT = 256  # cudaMalloc's own alignment: what TensorRT expects of weight pointers
+SLOT_BYTES = 4 << 20  # the writer's default frame size (bundler DEFAULT_CHUNK): one frame a slot at least
 
 
 def _cudart() -> Any:
@@ -117,7 +118,7 @@ def _segments(reader: WeightReader, indices: list[int], offsets: dict[int, int],
 class Uploader:
     """A CUDA stream, a ring of pinned slots and their events, reusable across uploads; close() frees them."""
 
-    def __init__(self, *, device: int = 0, slots: int | None = None, slot_bytes: int = 4 << 20, threads: int | None = None) -> None:
+    def __init__(self, *, device: int = 0, slots: int | None = None, slot_bytes: int = SLOT_BYTES, threads: int | None = None) -> None:
         self.rt = rt = _cudart()
         self.device = device
         self.threads = max(1, threads if threads is not None else min(8, os.cpu_count() or 1))
@@ -128,7 +129,10 @@ class Uploader:
         self._host = 0
         self._events: list[Any] = []
         self._stream = None
-        _check(rt, rt.cudaSetDevice(device), f"cudaSetDevice({device})")
+        try:
+            _check(rt, rt.cudaSetDevice(device), f"cudaSetDevice({device})")
+        except MachineError as e:  # the common "no GPU / no driver" case: say what could not be done first
+            raise MachineError(f"cannot upload weights to CUDA device {device}: {e}", hint=e.hint) from None
         try:
             self._stream = _check(rt, rt.cudaStreamCreateWithFlags(rt.cudaStreamNonBlocking), "cudaStreamCreateWithFlags")
             self._host = _check(rt, rt.cudaMallocHost(self.slots * slot_bytes), f"cudaMallocHost({self.slots * slot_bytes})")

@@ -12,7 +12,7 @@ import time
 import weakref
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -101,9 +101,15 @@ def plan(bundle_path: str | Path, user_cache: UserCache, *, machine: Machine | N
 
 
 def load(bundle_path: str | Path, app: str = "MyApp", *, cache_dir: str | Path | None = None, specialization: str = "lazy",
-         cuda_graphs: bool = True, fallback: str = "onnxruntime", device: int | None = None, weights_on_device: bool = False,
+         cuda_graphs: bool = True, fallback: str = "onnxruntime", device: int | None = None, weights_on_device: bool | None = None,
          _machine: Machine | None = None, _trt_runtime: Any = None) -> Session:
-    """Open a bundle for inference on this machine. ``_machine``/``_trt_runtime`` replace the probe and TRT-RTX (tests)."""
+    """Open a bundle for inference on this machine. ``_machine``/``_trt_runtime`` replace the probe and TRT-RTX (tests).
+
+    ``weights_on_device`` (engines refit from the weight store): None (default) streams the weights to the GPU through
+    gpu_upload's pinned-ring pipeline and refits from device pointers, and refits from host memory only where that
+    upload fails (it needs GPU memory for a second copy of the weights during the refit); True: the GPU path or an
+    error; False: host memory (every tensor decoded into host RAM, TRT-RTX copies it over).
+    """
     from .trt_session import SPECIALIZATIONS
 
     if fallback not in FALLBACKS:
@@ -173,9 +179,20 @@ class _StoreWeights:
     def read(self, name: str) -> np.ndarray:
         return self.reader.read_tensor(name)
 
+    def upload(self, names: Sequence[str], open_uploader: Callable[..., Any]) -> Any:
+        from .gpu_upload import SLOT_BYTES
+
+        indices = sorted({self.store.tensor(n).blob for n in names})  # a blob shared by identical tensors goes up once
+        # A slot holds one frame at least (stores written with bigger frames get bigger slots) and no more than the
+        # whole upload: a small model does not pin threads x 4 MiB.
+        largest = max((f.raw_size for i in indices for f in self.store.blobs[i].frames), default=1)
+        total = sum(self.store.blobs[i].nbytes for i in indices)
+        with open_uploader(slot_bytes=max(largest, min(SLOT_BYTES, total)), threads=self.reader.threads) as up:
+            return up.upload(self.reader, indices)
+
 
 def _open_trt(p: Plan, choice: Choice, bundle_dir: Path, user_cache: UserCache, report: Report, *, specialization: str,
-              cuda_graphs: bool, weights_on_device: bool, runtime: Any) -> Any:
+              cuda_graphs: bool, weights_on_device: bool | None, runtime: Any) -> Any:
     from .trt_session import TrtRtxRuntime, TrtSession
 
     t0 = time.perf_counter()
@@ -208,6 +225,9 @@ def _open_trt(p: Plan, choice: Choice, bundle_dir: Path, user_cache: UserCache, 
         if weights is not None:
             weights.reader.close()
     report.timings.update(session.timings)
+    if session.refit_from:
+        report.engine["weights_from"] = session.refit_from  # "device" (gpu_upload pipeline) or "host"
+    report.warnings.extend(session.notes)
     if session.cache_loaded is not None:
         report.runtime_cache = names[session.cache_loaded]
     elif blobs:

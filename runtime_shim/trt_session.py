@@ -108,7 +108,7 @@ def build_engine(req: BuildRequest) -> bytes:
 # ============================================================================ GPU runtime session
 # (issue "runtime shim": header validity, deserialize, refit, runtime config, cache, execution)
 import time  # noqa: E402 - imports of the runtime half, kept below the build half
-from typing import Protocol  # noqa: E402
+from typing import Callable, Iterable, Protocol  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -137,6 +137,23 @@ def decode_diagnostics(bits: int) -> list[str]:
     return words + ([f"unknown diagnostics bits 0x{unknown:x}"] if unknown else [])
 
 
+class DeviceUpload(Protocol):
+    """Weights already on the GPU (gpu_upload.DeviceWeights): ``tensors[name].ptr`` per name; free() releases them."""
+
+    tensors: Mapping[str, Any]
+
+    def free(self) -> None: ...
+
+
+class WeightUploader(Protocol):
+    """gpu_upload.Uploader as the refit uses it: one upload, then close() (also as a with-block)."""
+
+    def upload(self, reader: Any, indices: Iterable[int] | None = None) -> DeviceUpload: ...
+    def close(self) -> None: ...
+    def __enter__(self) -> WeightUploader: ...
+    def __exit__(self, *exc: object) -> None: ...
+
+
 class TrtRuntime(Protocol):
     """The seam between the load sequence (TrtSession) and TRT-RTX + CUDA; a recording fake stands in for tests."""
 
@@ -144,7 +161,9 @@ class TrtRuntime(Protocol):
     def deserialize(self, plan: bytes) -> Any: ...  # engine handle, or None
     def refittable_weights(self, engine: Any) -> list[str]: ...
     def weight_prototype(self, engine: Any, name: str) -> tuple[str, int]: ...  # (our dtype name, element count)
-    def set_weights(self, engine: Any, name: str, dtype: str, count: int, array: np.ndarray, on_device: bool) -> bool: ...
+    def set_weights(self, engine: Any, name: str, dtype: str, count: int, array: np.ndarray) -> bool: ...  # host memory
+    def set_device_weights(self, engine: Any, name: str, dtype: str, count: int, ptr: int) -> bool: ...  # TensorLocation.DEVICE
+    def open_uploader(self, *, slot_bytes: int, threads: int) -> WeightUploader: ...  # pinned ring on this runtime's GPU
     def refit(self, engine: Any) -> bool: ...
     def create_context(self, engine: Any, *, specialization: str, cuda_graphs: bool, caches: Sequence[bytes]) -> tuple[Any, int | None]: ...
     def execute(self, context: Any, inputs: Mapping[str, np.ndarray], profile: int) -> dict[str, np.ndarray]: ...
@@ -157,16 +176,21 @@ class WeightSource(Protocol):
 
     def spec(self, name: str) -> tuple[str, int]: ...  # (dtype name, element count); KeyError if absent
     def read(self, name: str) -> np.ndarray: ...  # raw little-endian bytes in any numpy view
+    # Every blob the names need, once (identical tensors share one pointer), through an uploader opened with
+    # open_uploader(slot_bytes=..., threads=...): gpu_upload's pipeline, not one synchronous copy per tensor.
+    def upload(self, names: Sequence[str], open_uploader: Callable[..., WeightUploader]) -> DeviceUpload: ...
 
 
 class TrtSession:
     """The load sequence: header validity, deserialize, refit every weight, runtime config + cache, execute."""
 
     def __init__(self, runtime: TrtRuntime, plan: bytes, *, weights: WeightSource | None, specialization: str = "lazy",
-                 cuda_graphs: bool = True, caches: Sequence[bytes] = (), weights_on_device: bool = False, source: str = "engine") -> None:
+                 cuda_graphs: bool = True, caches: Sequence[bytes] = (), weights_on_device: bool | None = None, source: str = "engine") -> None:
         if specialization not in SPECIALIZATIONS:
             raise BundleError(f"specialization: expected one of {', '.join(SPECIALIZATIONS)}, got {specialization!r}")
         self.runtime, self.source, self.timings = runtime, source, {}
+        self.refit_from: str | None = None  # "device" | "host" once refit; None: nothing was refit
+        self.notes: list[str] = []  # for the caller's report (e.g. why the refit went through host memory)
         self.validity, bits = runtime.engine_validity(bytes(plan[:64]))
         if self.validity == "INVALID":
             words = decode_diagnostics(bits) or ["TRT-RTX gave no reason (is an NVIDIA driver present?)"]
@@ -192,9 +216,12 @@ class TrtSession:
             self.close()  # a half-loaded engine must not keep GPU memory while the caller tries the next one
             raise
 
-    def _refit(self, weights: WeightSource, on_device: bool) -> list[str]:
+    def _refit(self, weights: WeightSource, on_device: bool | None) -> list[str]:
+        """Refit every weight the engine names. ``on_device``: True device pointers only, False host arrays, None
+        device pointers, or host arrays where the upload fails (e.g. no GPU memory for a second copy of the weights)."""
         names = list(self.runtime.refittable_weights(self.engine))
-        done: list[str] = []
+        # Every name is checked before anything is uploaded or set: a mismatch costs no GPU memory, leaves no partial refit.
+        specs: dict[str, tuple[str, int]] = {}
         for name in names:
             want_dtype, want_count = self.runtime.weight_prototype(self.engine, name)
             try:
@@ -205,14 +232,40 @@ class TrtSession:
             if dtype != want_dtype or count != want_count:
                 raise IntegrityError(f"{self.source}: weight {name!r}: the engine expects {want_dtype} x {want_count}, the weight "
                                      f"store has {dtype} x {count}", hint="rebuild the bundle from one model")
-            array = np.ascontiguousarray(weights.read(name))
-            if not self.runtime.set_weights(self.engine, name, dtype, count, array, on_device):
+            specs[name] = (dtype, count)
+        if not names:
+            return []
+        if on_device is not False:
+            t0 = time.perf_counter()
+            try:
+                upload = weights.upload(names, self.runtime.open_uploader)
+                self.timings["weights_upload_s"] = time.perf_counter() - t0
+            except MachineError as e:
+                if on_device:
+                    raise
+                self.notes.append(f"weights refit from host memory: the upload to the GPU failed ({e})")
+                log.warning("%s: %s", self.source, self.notes[-1])
+            else:
+                try:
+                    done = self._set_all(names, specs, lambda n, d, c: self.runtime.set_device_weights(self.engine, n, d, c, upload.tensors[n].ptr))
+                finally:
+                    upload.free()  # TRT-RTX may read the pointers until refit_cuda_engine() returns (its docstring), no longer
+                self.refit_from = "device"
+                return done
+        done = self._set_all(names, specs, lambda n, d, c: self.runtime.set_weights(self.engine, n, d, c, np.ascontiguousarray(weights.read(n))))
+        self.refit_from = "host"
+        return done
+
+    def _set_all(self, names: list[str], specs: Mapping[str, tuple[str, int]], set_one: Callable[[str, str, int], bool]) -> list[str]:
+        done: list[str] = []
+        for name in names:
+            if not set_one(name, *specs[name]):
                 raise MachineError(f"{self.source}: TensorRT for RTX rejected weight {name!r}")
             done.append(name)
         # get_missing_weights() has been seen to come back empty with a weight never set: check ourselves.
         if set(done) != set(names):
             raise MachineError(f"{self.source}: weights left unset: {sorted(set(names) - set(done))}")
-        if names and not self.runtime.refit(self.engine):
+        if not self.runtime.refit(self.engine):
             raise MachineError(f"{self.source}: TensorRT for RTX refused the refit", hint="run with -vv to see TRT-RTX's log")
         return done
 
@@ -252,13 +305,13 @@ class TrtRtxRuntime:
     """The real TrtRuntime: tensorrt_rtx for the engine, cuda.bindings.runtime for device memory and streams."""
 
     def __init__(self, device: int = 0) -> None:
-        self.t, self.cu = trt(), _cuda()
+        self.t, self.cu, self.device = trt(), _cuda(), device
         _ck(self.cu.cudaSetDevice(device), "cudaSetDevice")
         _ck(self.cu.cudaFree(0), "cudaFree(0)")  # makes the primary context current: cache (de)serialize needs one
         self.logger = _Logger()
         self.rt = self.t.Runtime(self.logger)
         self._refitters: dict[int, Any] = {}
-        self._keep: list[Any] = []  # host arrays / device pointers that must outlive refit_cuda_engine()
+        self._keep: list[np.ndarray] = []  # host arrays that must outlive refit_cuda_engine()
 
     def engine_validity(self, header: bytes) -> tuple[str, int]:
         validity, bits = self.rt.get_engine_validity(header)
@@ -278,18 +331,24 @@ class TrtRtxRuntime:
         by_trt = {v: k for k, v in _DTYPES.items()}
         return by_trt.get(proto.dtype.name, proto.dtype.name), int(proto.size)
 
-    def set_weights(self, engine: Any, name: str, dtype_name: str, count: int, array: np.ndarray, on_device: bool) -> bool:
+    def _trt_dtype(self, name: str, dtype_name: str) -> Any:
         if dtype_name not in _DTYPES:
             raise BundleError(f"weight {name!r}: dtype {dtype_name} cannot be refit into a TRT-RTX engine")
-        dtype = getattr(self.t.DataType, _DTYPES[dtype_name])
-        if on_device:
-            ptr = _ck(self.cu.cudaMalloc(max(array.nbytes, 1)), "cudaMalloc")
-            self._keep.append(("device", ptr))
-            _ck(self.cu.cudaMemcpy(ptr, array.ctypes.data, array.nbytes, self.cu.cudaMemcpyKind.cudaMemcpyHostToDevice), "cudaMemcpy")
-            w = self.t.Weights(dtype, int(ptr), count)
-            return bool(self._refitter(engine).set_named_weights(name, w, self.t.TensorLocation.DEVICE))
-        self._keep.append(("host", array))
-        return bool(self._refitter(engine).set_named_weights(name, self.t.Weights(dtype, array.ctypes.data, count)))
+        return getattr(self.t.DataType, _DTYPES[dtype_name])
+
+    def set_weights(self, engine: Any, name: str, dtype_name: str, count: int, array: np.ndarray) -> bool:
+        self._keep.append(array)
+        w = self.t.Weights(self._trt_dtype(name, dtype_name), array.ctypes.data, count)
+        return bool(self._refitter(engine).set_named_weights(name, w))
+
+    def set_device_weights(self, engine: Any, name: str, dtype_name: str, count: int, ptr: int) -> bool:
+        w = self.t.Weights(self._trt_dtype(name, dtype_name), int(ptr), count)
+        return bool(self._refitter(engine).set_named_weights(name, w, self.t.TensorLocation.DEVICE))
+
+    def open_uploader(self, *, slot_bytes: int, threads: int) -> WeightUploader:
+        from .gpu_upload import Uploader
+
+        return Uploader(device=self.device, slot_bytes=slot_bytes, threads=threads)
 
     def refit(self, engine: Any) -> bool:
         refitter = self._refitter(engine)
@@ -300,9 +359,6 @@ class TrtRtxRuntime:
                 return False
             return bool(refitter.refit_cuda_engine())
         finally:
-            for kind, item in self._keep:
-                if kind == "device":
-                    self.cu.cudaFree(item)
             self._keep.clear()
 
     def create_context(self, engine: Any, *, specialization: str, cuda_graphs: bool, caches: Sequence[bytes]) -> tuple[Any, int | None]:
@@ -372,10 +428,7 @@ class TrtRtxRuntime:
             self.cu.cudaFree(ptr)
 
     def release(self, context: Any, engine: Any) -> None:
-        for kind, item in self._keep:  # a refit that never ran leaves its device copies here
-            if kind == "device":
-                self.cu.cudaFree(item)
-        self._keep.clear()
+        self._keep.clear()  # a refit that never ran leaves its host arrays here
         if context is not None:
             self.cu.cudaStreamSynchronize(context.stream)
             for bufs in context.buffers.values():

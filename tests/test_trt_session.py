@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 import runtime_shim
-from runtime_shim.errors import BackendUnavailableError, IntegrityError
+from runtime_shim.errors import BackendUnavailableError, IntegrityError, MachineError
 from runtime_shim.fsutil import atomic_write
+from runtime_shim.gpu_upload import DeviceTensor
 from runtime_shim.machine import Gpu, Machine, cache_key_for, probe, trt_rtx_supports
 from runtime_shim.manifest import Engine, FileRef, RuntimeCache, read_manifest
 from runtime_shim.session import _save_open_sessions, model_id
@@ -36,7 +37,7 @@ class RecordingFakeTrtRuntime:
     """A FAKE of the TRT-RTX runtime (none can run here): records every call of the TrtRuntime seam, in order."""
 
     def __init__(self, manifest, *, validity=("VALID", 0), accept_cache: int | None = None, names=None, proto=None,
-                 reject_weight: str | None = None) -> None:
+                 reject_weight: str | None = None, upload_error: Exception | None = None) -> None:
         self.calls: list[tuple] = []
         self.store = manifest.weights
         self.outputs = [o.name for o in manifest.outputs]
@@ -45,6 +46,8 @@ class RecordingFakeTrtRuntime:
         self.proto = proto or {}
         self.set: dict[str, bytes] = {}
         self.caches_offered: list[bytes] = []
+        self.upload_error = upload_error
+        self.uploads: list[FakeDeviceUpload] = []
 
     def engine_validity(self, header):
         self.calls.append(("engine_validity", len(header)))
@@ -68,10 +71,21 @@ class RecordingFakeTrtRuntime:
             return "float32", -1  # what TRT-RTX's prototype says for a name it does not know
         return t.dtype, int(np.prod(t.shape, dtype=np.int64))
 
-    def set_weights(self, engine, name, dtype, count, array, on_device):
-        self.calls.append(("set_weights", name, on_device))
+    def set_weights(self, engine, name, dtype, count, array):
+        self.calls.append(("set_weights", name, "host"))
         self.set[name] = bytes(array.tobytes())
         return name != self.reject_weight
+
+    def set_device_weights(self, engine, name, dtype, count, ptr):
+        self.calls.append(("set_weights", name, "device", ptr))
+        live = [u for u in self.uploads if not u.freed and ptr in u.memory]
+        assert live, f"{name}: pointer 0x{ptr:x} is not from a live upload"  # freed early, or made up
+        self.set[name] = live[0].memory[ptr].tobytes()
+        return name != self.reject_weight
+
+    def open_uploader(self, *, slot_bytes, threads):
+        self.calls.append(("open_uploader", slot_bytes, threads))
+        return FakeUploader(self)
 
     def refit(self, engine):
         self.calls.append(("refit",))
@@ -98,6 +112,52 @@ class RecordingFakeTrtRuntime:
         return [c[0] for c in self.calls]
 
 
+class FakeUploader:
+    """A FAKE of gpu_upload.Uploader: decodes the blobs into host buffers whose addresses stand in for device pointers."""
+
+    def __init__(self, runtime: RecordingFakeTrtRuntime) -> None:
+        self.runtime = runtime
+
+    def upload(self, reader, indices=None):
+        indices = list(range(len(reader.store.blobs)) if indices is None else indices)
+        self.runtime.calls.append(("upload", tuple(indices)))
+        if self.runtime.upload_error is not None:
+            raise self.runtime.upload_error
+        up = FakeDeviceUpload(self.runtime)
+        where = {}
+        for i in indices:
+            buf = np.empty(max(reader.store.blobs[i].nbytes, 1), np.uint8)
+            reader.decode_blob_into(i, memoryview(buf)[:reader.store.blobs[i].nbytes])
+            where[i] = buf.ctypes.data
+            up.memory[buf.ctypes.data] = buf[:reader.store.blobs[i].nbytes]
+        for t in reader.store.tensors:
+            if t.blob in where:
+                up.tensors[t.name] = DeviceTensor(t.name, t.dtype, tuple(t.shape), where[t.blob], reader.store.blobs[t.blob].nbytes)
+        self.runtime.uploads.append(up)
+        return up
+
+    def close(self):
+        self.runtime.calls.append(("close_uploader",))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class FakeDeviceUpload:
+    """What FakeUploader.upload returns (gpu_upload.DeviceWeights' shape); free() is recorded."""
+
+    def __init__(self, runtime: RecordingFakeTrtRuntime) -> None:
+        self.runtime, self.tensors, self.memory, self.freed = runtime, {}, {}, False
+
+    def free(self):
+        assert not self.freed, "freed twice"
+        self.freed = True
+        self.runtime.calls.append(("free_upload",))
+
+
 def _profiles(prof):
     return (Profile(shapes={k: ShapeRange(min=v[0], opt=v[1], max=v[2]) for k, v in prof.items()}),) if prof else ()
 
@@ -105,7 +165,11 @@ def _profiles(prof):
 @pytest.fixture
 def mlp(tmp_path):
     """A real bundle of the MLP test model, plus a weightless engine entry for SM 8.9 and two bundled caches."""
-    name, factory, prof = next(m for m in models.ALL_BUNDLABLE if m[0] == "mlp")
+    return _bundle_with_stand_ins(tmp_path, "mlp")
+
+
+def _bundle_with_stand_ins(tmp_path, model: str):
+    name, factory, prof = next(m for m in models.ALL_BUNDLABLE if m[0] == model)
     onnx_path = factory(tmp_path)
     bundle = tmp_path / "bundle"
     build_bundle(onnx_path, bundle, options=BuildOptions(profiles=_profiles(prof), weightless=False))
@@ -131,20 +195,28 @@ def _load(bundle, fake, tmp_path, **kw):
     return runtime_shim.load(bundle, "T", cache_dir=tmp_path / "cache", _machine=MACHINE, _trt_runtime=fake, **kw)
 
 
-def test_load_sequence_contract(mlp, tmp_path) -> None:
+@pytest.mark.parametrize("on_device", [None, False])
+def test_load_sequence_contract(mlp, tmp_path, on_device) -> None:
     bundle, m, feeds = mlp
     fake = RecordingFakeTrtRuntime(m, accept_cache=0)
-    with _load(bundle, fake, tmp_path, specialization="eager", cuda_graphs=True) as s:
+    with _load(bundle, fake, tmp_path, specialization="eager", cuda_graphs=True, weights_on_device=on_device) as s:
         assert s.backend == "tensorrt_rtx" and s.engine.kind == "weightless"
         s.run(feeds)
         s.run(feeds)
         assert s.serialize_cache() == b"serialized kernels"
         assert s.report.engine["kind"] == "weightless" and "bundled runtime_caches[0] (exact key)" == s.report.runtime_cache
+        assert s.report.engine["weights_from"] == ("host" if on_device is False else "device") and s.report.warnings == []
     names = fake.names_called()
     n = len(m.weights.tensors)
     assert names[:3] == ["engine_validity", "deserialize", "refittable_weights"]
-    assert names[3:3 + 2 * n] == ["weight_prototype", "set_weights"] * n
-    assert names[3 + 2 * n:] == ["refit", "create_context", "execute", "execute", "serialize_cache", "serialize_cache", "release"]
+    # every name checked against its prototype before anything is uploaded or set
+    assert names[3:3 + n] == ["weight_prototype"] * n
+    upload = [] if on_device is False else ["open_uploader", "upload", "close_uploader"]
+    freed = [] if on_device is False else ["free_upload"]
+    assert names[3 + n:] == upload + ["set_weights"] * n + ["refit"] + freed + [
+        "create_context", "execute", "execute", "serialize_cache", "serialize_cache", "release"]
+    sets = [c for c in fake.calls if c[0] == "set_weights"]
+    assert all(c[2] == ("host" if on_device is False else "device") for c in sets)
     assert fake.calls[0] == ("engine_validity", 64)
     assert fake.calls[1][1] == m.engines[1].file.sha256  # the weightless engine, as pinned
     assert ("create_context", "eager", True, 2) in fake.calls
@@ -155,6 +227,59 @@ def test_load_sequence_contract(mlp, tmp_path) -> None:
     # cache saved on close, under this machine's key
     saved = UserCache("T", tmp_path / "cache").read_runtime_cache(model_id(m), cache_key_for(MACHINE, RTX4090))
     assert saved == b"serialized kernels"
+
+
+def test_device_refit_uploads_each_blob_once_and_identical_tensors_share_a_pointer(tmp_path) -> None:
+    bundle, m, feeds = _bundle_with_stand_ins(tmp_path, "duplicates")
+    asked = ["layer2.weight", "layer1.weight", "layer2.bias", "layer1.bias"]  # the engine need not ask for every tensor
+    fake = RecordingFakeTrtRuntime(m, names=asked)
+    with _load(bundle, fake, tmp_path) as s:
+        assert s.report.engine["weights_from"] == "device"
+    blobs = sorted({m.weights.tensor(n).blob for n in asked})
+    assert len(blobs) == 2 and ("upload", tuple(blobs)) in fake.calls  # two distinct blobs, head.weight's not uploaded
+    ptr = {c[1]: c[3] for c in fake.calls if c[0] == "set_weights"}
+    assert list(ptr) == asked
+    assert ptr["layer1.weight"] == ptr["layer2.weight"] and ptr["layer1.bias"] == ptr["layer2.bias"] != ptr["layer1.weight"]
+    with __import__("runtime_shim.weights", fromlist=["WeightReader"]).WeightReader(bundle, m.weights) as r:
+        assert fake.set == {n: r.read_tensor(n).tobytes() for n in asked}
+    # slots hold one frame at least and no more than the whole upload: a tiny model pins little memory
+    (_, slot_bytes, threads), = [c for c in fake.calls if c[0] == "open_uploader"]
+    largest = max(f.raw_size for i in blobs for f in m.weights.blobs[i].frames)
+    assert largest <= slot_bytes <= sum(m.weights.blobs[i].nbytes for i in blobs) and threads >= 1
+
+
+def test_a_rejected_device_weight_frees_the_upload_and_moves_on(mlp, tmp_path) -> None:
+    bundle, m, feeds = mlp
+    fake = RecordingFakeTrtRuntime(m, reject_weight=m.weights.tensors[1].name)
+    with _load(bundle, fake, tmp_path) as s:
+        assert s.engine.kind == "weightful" and "rejected weight" in " ".join(s.report.warnings)
+    names = fake.names_called()
+    assert names.count("upload") == 1 and names.count("free_upload") == 1 and "refit" not in names
+    assert names.index("free_upload") < names.index("release")  # freed before the next engine is tried
+    assert [u.freed for u in fake.uploads] == [True]
+
+
+def test_a_failed_upload_refits_from_host_memory_by_default_and_says_why(mlp, tmp_path) -> None:
+    bundle, m, feeds = mlp
+    oom = MachineError("cudaMalloc(1234) failed: cudaErrorMemoryAllocation (out of memory)")
+    fake = RecordingFakeTrtRuntime(m, upload_error=oom)
+    with _load(bundle, fake, tmp_path) as s:
+        assert s.engine.kind == "weightless" and s.report.engine["weights_from"] == "host"
+        assert any("refit from host memory" in w and "out of memory" in w for w in s.report.warnings)
+    assert {c[2] for c in fake.calls if c[0] == "set_weights"} == {"host"} and "refit" in fake.names_called()
+    # asked for the GPU path explicitly: no quiet host refit, the engine is given up with the reason
+    fake = RecordingFakeTrtRuntime(m, upload_error=oom)
+    with _load(bundle, fake, tmp_path, weights_on_device=True) as s:
+        assert s.engine.kind == "weightful" and any("out of memory" in w for w in s.report.warnings)
+    assert "set_weights" not in fake.names_called()
+
+
+def test_a_mismatch_is_found_before_anything_is_uploaded(mlp, tmp_path) -> None:
+    bundle, m, feeds = mlp
+    fake = RecordingFakeTrtRuntime(m, proto={m.weights.tensors[-1].name: ("float16", 1)})
+    with pytest.raises(IntegrityError, match="expects float16 x 1"):
+        _load(bundle, fake, tmp_path)
+    assert "open_uploader" not in fake.names_called() and "set_weights" not in fake.names_called()
 
 
 def test_the_users_own_cache_is_offered_first_next_time(mlp, tmp_path) -> None:

@@ -1,0 +1,234 @@
+"""gpu_upload on a real CUDA GPU (any GPU: TRT-RTX support is not needed): every tensor of real bundles goes through
+the pinned ring to device memory and comes back bit-exact; pinned memory stays within the ring. These skip, with the
+reason, where cuda-python finds no device. The no-device error is tested on every machine.
+
+    python3 -m pytest -q tests/test_gpu_upload.py
+"""
+from __future__ import annotations
+
+import ctypes
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from bundler.build import build_bundle
+from bundler.config import make_options
+from bundler.weights_writer import Weight, write_weight_store
+from runtime_shim import gpu_upload
+from runtime_shim.errors import IntegrityError, MachineError
+from runtime_shim.gpu_upload import Uploader, upload_weights
+from runtime_shim.manifest import read_manifest
+from runtime_shim.weights import WeightReader
+
+sys.path.insert(0, str(Path(__file__).parent))
+import models  # noqa: E402
+
+
+def _no_device_reason() -> str | None:
+    """Why no CUDA device can be used here (None: one can)."""
+    try:
+        rt = gpu_upload._cudart()
+    except MachineError as e:
+        return str(e)
+    err, count = rt.cudaGetDeviceCount()
+    if int(err) != 0:
+        return f"cuda-python finds no CUDA device: cudaGetDeviceCount says {rt.cudaGetErrorName(err)[1].decode()}"
+    return None if count else "cuda-python finds no CUDA device (count 0)"
+
+
+def _cuda_python_missing() -> bool:
+    try:
+        gpu_upload._cudart()
+    except MachineError:
+        return True
+    return False
+
+
+NO_DEVICE = _no_device_reason()
+needs_cuda = pytest.mark.skipif(NO_DEVICE is not None, reason=f"needs a CUDA GPU, any model ({NO_DEVICE})")
+
+
+# ------------------------------------------------------------------------------------------- every machine
+@pytest.mark.skipif(_cuda_python_missing(), reason="cuda-python is not importable (tested below)")
+def test_without_a_cuda_device_the_uploader_raises_a_readable_machine_error() -> None:
+    rt = gpu_upload._cudart()
+    err, count = rt.cudaGetDeviceCount()
+    device = count if int(err) == 0 else 0  # a device index that does not exist on this machine
+    with pytest.raises(MachineError) as e:
+        Uploader(device=device)
+    message = str(e.value)
+    assert message.startswith(f"cannot upload weights to CUDA device {device}: cudaSetDevice({device}) failed: cudaError")
+    assert "nvidia-smi" in e.value.hint
+
+
+def test_without_cuda_python_the_uploader_says_what_to_install(monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "cuda.bindings", None)  # import fails as if not installed
+    monkeypatch.setitem(sys.modules, "cuda", None)
+    with pytest.raises(MachineError, match="cuda-python is not importable") as e:
+        Uploader()
+    assert "pip install" in e.value.hint
+
+
+# ------------------------------------------------------------------------------------------- real GPU
+class _CountingCudart:
+    """The real cuda.bindings.runtime, counting pinned and device memory still held, and the peak of pinned."""
+
+    def __init__(self, rt) -> None:
+        self._rt = rt
+        self.pinned: dict[int, int] = {}
+        self.device: dict[int, int] = {}
+        self.peak_pinned = 0
+
+    def __getattr__(self, name):
+        return getattr(self._rt, name)
+
+    def cudaMallocHost(self, size):
+        result = self._rt.cudaMallocHost(size)
+        if int(result[0]) == 0:
+            self.pinned[int(result[1])] = size
+            self.peak_pinned = max(self.peak_pinned, sum(self.pinned.values()))
+        return result
+
+    def cudaFreeHost(self, ptr):
+        self.pinned.pop(int(ptr), None)
+        return self._rt.cudaFreeHost(ptr)
+
+    def cudaMalloc(self, size):
+        result = self._rt.cudaMalloc(size)
+        if int(result[0]) == 0:
+            self.device[int(result[1])] = size
+        return result
+
+    def cudaFree(self, ptr):
+        self.device.pop(int(ptr), None)
+        return self._rt.cudaFree(ptr)
+
+
+@pytest.fixture
+def cudart(monkeypatch) -> _CountingCudart:
+    counting = _CountingCudart(gpu_upload._cudart())
+    monkeypatch.setattr(gpu_upload, "_cudart", lambda: counting)
+    return counting
+
+
+def _shape_args(profile) -> list[str]:
+    return [f"{n}={':'.join('x'.join(map(str, s)) for s in rng)}" for n, rng in (profile or {}).items()]
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory) -> dict[str, tuple[Path, object]]:
+    """(directory, WeightStore) per test model: its bundle as built, and its weights rewritten in 1 KiB frames
+    (multi-frame blobs) under the same name + ':small-frames'."""
+    if NO_DEVICE is not None:
+        pytest.skip(f"needs a CUDA GPU, any model ({NO_DEVICE})")
+    root = tmp_path_factory.mktemp("gpu_upload")
+    out = {}
+    for name, factory, profile in models.ALL_BUNDLABLE:
+        # Weights and skeleton only: no engine is built (uploads do not need one), and the probe says "no GPU" so that no
+        # weightless build is tried on the GPU this runs on (it need not be one TRT-RTX supports).
+        result = build_bundle(factory(root / "models"), root / name, options=make_options(shapes=_shape_args(profile), weightful=False),
+                              probe=lambda: SimpleNamespace(gpus=(), driver_problem=lambda: None))
+        manifest, _ = read_manifest(result.bundle_dir)
+        out[name] = (result.bundle_dir, manifest.weights)
+        with WeightReader(result.bundle_dir, manifest.weights) as r:
+            weights = [Weight(t.name, t.dtype, tuple(t.shape), r.read_tensor(t.name).tobytes()) for t in manifest.weights.tensors]
+        small = root / f"{name}-small"
+        out[f"{name}:small-frames"] = (small, write_weight_store(weights, small, chunk_bytes=1024, threads=2))
+    return out
+
+
+def _device_bytes(rt, ptr: int, nbytes: int) -> bytes:
+    back = (ctypes.c_ubyte * max(nbytes, 1))()
+    if nbytes:
+        result = rt.cudaMemcpy(ctypes.addressof(back), ptr, nbytes, rt.cudaMemcpyKind.cudaMemcpyDeviceToHost)
+        err = result[0] if isinstance(result, tuple) else result
+        assert int(err) == 0, f"cudaMemcpy D2H: {err}"
+    return bytes(back)[:nbytes]
+
+
+def _check_every_tensor(rt, reader: WeightReader, dw) -> None:
+    assert set(dw.tensors) == {t.name for t in reader.store.tensors}
+    for t in reader.store.tensors:
+        d = dw.tensors[t.name]
+        assert d.ptr % gpu_upload.DEVICE_ALIGNMENT == 0 and dw.base <= d.ptr and d.ptr + d.nbytes <= dw.base + dw.nbytes
+        assert _device_bytes(rt, d.ptr, d.nbytes) == reader.read_tensor(t.name).tobytes(), f"{t.name} differs on the device"
+
+
+# (threads, slots, slot size in frames of the largest frame): one slot, two-slot ring, more slots than threads
+RINGS = [(1, 2, 1), (4, None, 1), (2, 3, 2), (8, 2, 3)]
+
+
+@needs_cuda
+@pytest.mark.parametrize("threads, slots, frames_a_slot", RINGS)
+@pytest.mark.parametrize("model", [n for n, _, _ in models.ALL_BUNDLABLE] + [f"{n}:small-frames" for n, _, _ in models.ALL_BUNDLABLE])
+def test_every_tensor_round_trips_bit_exact_within_the_pinned_ring(stores, cudart, model, threads, slots, frames_a_slot) -> None:
+    bundle_dir, store = stores[model]
+    slot_bytes = max(f.raw_size for b in store.blobs for f in b.frames) * frames_a_slot
+    raw = sum(b.nbytes for b in store.blobs)
+    with WeightReader(bundle_dir, store, threads=threads) as reader:
+        order = list(range(len(store.blobs)))
+        segments = gpu_upload._segments(reader, order, gpu_upload._layout(reader, order)[0], slot_bytes)
+        if raw > slot_bytes:
+            assert len(segments) > 1  # one segment would hold every frame: the slot is smaller, so several copies
+        with Uploader(threads=threads, slots=slots, slot_bytes=slot_bytes) as up:
+            ring = up.slots * up.slot_bytes
+            for _ in range(2):  # the second upload reuses the slots and their events
+                dw = up.upload(reader)
+                try:
+                    _check_every_tensor(cudart, reader, dw)
+                finally:
+                    dw.free()
+                assert dw.base == 0
+    assert 0 < cudart.peak_pinned <= ring  # bounded by the ring (slots x slot_bytes), whatever the model's size
+    assert cudart.pinned == {} and cudart.device == {}  # close() and free() gave everything back
+    if model.endswith(":small-frames"):
+        assert sum(len(b.frames) for b in store.blobs) > len(store.blobs)  # multi-frame blobs really were exercised
+
+
+@needs_cuda
+def test_upload_weights_one_shot_and_identical_tensors_share_device_memory(stores, cudart) -> None:
+    bundle_dir, store = stores["duplicates"]
+    with WeightReader(bundle_dir, store) as reader, upload_weights(reader, threads=2) as dw:
+        _check_every_tensor(cudart, reader, dw)
+        assert dw.tensors["layer1.weight"].ptr == dw.tensors["layer2.weight"].ptr
+        assert dw.tensors["layer1.bias"].ptr == dw.tensors["layer2.bias"].ptr
+        assert len({d.ptr for d in dw.tensors.values()}) == len(store.blobs)
+    assert cudart.pinned == {} and cudart.device == {}
+
+
+@needs_cuda
+def test_a_subset_of_blobs_uploads_only_those(stores, cudart) -> None:
+    bundle_dir, store = stores["mlp:small-frames"]
+    wanted = [len(store.blobs) - 1, 0]
+    with WeightReader(bundle_dir, store) as reader, Uploader(threads=2, slot_bytes=1024) as up, up.upload(reader, wanted) as dw:
+        names = {t.name for t in store.tensors if t.blob in wanted}
+        assert set(dw.tensors) == names and dw.nbytes < sum(b.nbytes for b in store.blobs)
+        for name in names:
+            assert _device_bytes(cudart, dw.tensors[name].ptr, dw.tensors[name].nbytes) == reader.read_tensor(name).tobytes()
+
+
+@needs_cuda
+def test_a_frame_bigger_than_a_slot_is_refused_before_any_gpu_memory_is_taken(stores, cudart) -> None:
+    bundle_dir, store = stores["mlp"]
+    largest = max(f.raw_size for b in store.blobs for f in b.frames)
+    with WeightReader(bundle_dir, store) as reader, Uploader(threads=1, slot_bytes=largest - 1) as up:
+        with pytest.raises(ValueError, match=f"a frame of {largest} bytes does not fit"):
+            up.upload(reader)
+        assert cudart.device == {}
+
+
+@needs_cuda
+def test_a_corrupt_frame_fails_the_upload_and_frees_its_device_memory(stores, cudart, tmp_path) -> None:
+    src_dir, store = stores["conv:small-frames"]
+    (tmp_path / "weights").mkdir()
+    data = bytearray((src_dir / store.file.path).read_bytes())
+    frame = store.blobs[-1].frames[-1]
+    data[frame.offset + frame.size // 2] ^= 0x40
+    (tmp_path / store.file.path).write_bytes(bytes(data))
+    with WeightReader(tmp_path, store, threads=2) as reader, Uploader(threads=2, slot_bytes=1024) as up:
+        with pytest.raises(IntegrityError, match=r"frame \d+ .*sha256"):
+            up.upload(reader)
+        assert cudart.device == {}  # the device allocation was given back
+    assert cudart.pinned == {}

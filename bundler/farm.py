@@ -22,7 +22,8 @@ from runtime_shim.errors import BundleError, MachineError
 from runtime_shim.fsutil import atomic_write, sha256_bytes, sha256_file
 from runtime_shim.machine import Gpu, Machine, cache_key_for, unsupported_reason
 from runtime_shim.machine import probe as real_probe
-from runtime_shim.manifest import MANIFEST_NAME, Engine, FileRef, Manifest, Profile, RuntimeCache, Shape, _kind, read_manifest
+from runtime_shim.manifest import MANIFEST_NAME, Engine, FileRef, Manifest, Profile, RuntimeCache, Shape, read_manifest
+from runtime_shim.schema import kind_name
 
 from .part import Part, WarmupRun, base_sha256, write_part
 
@@ -323,7 +324,7 @@ def farm_settings(table: Mapping[str, Any], *, source: str) -> FarmSettings:
         raise ConfigError(f"{source}: farm.targets: expected a list of runner labels like \"rtx4090-linux\", got {targets!r}")
     raw = table.get("warmup", [])
     if not isinstance(raw, list):
-        raise ConfigError(f"{source}: farm.warmup: expected a list of tables like {{ x = \"8x64\" }}, got {_kind(raw)}")
+        raise ConfigError(f"{source}: farm.warmup: expected a list of tables like {{ x = \"8x64\" }}, got {kind_name(raw)}")
     warmups = []
     for i, item in enumerate(raw):
         if not isinstance(item, Mapping) or not item or not all(isinstance(v, str) for v in item.values()):

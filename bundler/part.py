@@ -31,7 +31,8 @@ from typing import Any, Mapping
 from runtime_shim import __version__
 from runtime_shim.errors import ManifestError
 from runtime_shim.fsutil import atomic_write, sha256_bytes
-from runtime_shim.manifest import Engine, FileRef, Manifest, RuntimeCache, Shape, _Reader, _sha, load_json_file
+from runtime_shim.manifest import Engine, FileRef, Manifest, RuntimeCache, Shape
+from runtime_shim.schema import Reader, load_json_file, sha256_hex
 
 PART_SCHEMA_VERSION = 1
 PART_KIND = "trtx-bundler-part"
@@ -53,7 +54,7 @@ class WarmupRun:
                 "first_run_s": self.first_run_s, "rounds": self.rounds}
 
     @staticmethod
-    def _parse(r: _Reader) -> WarmupRun:
+    def _parse(r: Reader) -> WarmupRun:
         shapes = r.get("shapes", Mapping)
         return WarmupRun(profile=r.get("profile", int), shapes={k: tuple(v) for k, v in sorted(shapes.items())},
                          first_run_s=r.get("first_run_s", (int, float), default=None), rounds=r.get("rounds", int, default=0))
@@ -110,15 +111,15 @@ class Part:
             raise ManifestError(f"{source}: part schema_version {version} is newer than this trtx-bundler reads (up to {PART_SCHEMA_VERSION})",
                                 hint="run merge with the trtx-bundler release the farm runs")
         try:
-            r = _Reader(data, "", warnings)
+            r = Reader(data, "", warnings)
             r.seen.update({"kind", "schema_version"})
             bundle = r.get("bundle", Mapping)
-            b = _Reader(bundle, "bundle", warnings)
-            tool = _Reader(r.get("tool", Mapping), "tool", warnings)
+            b = Reader(bundle, "bundle", warnings)
+            tool = Reader(r.get("tool", Mapping), "tool", warnings)
             part = cls(
                 schema_version=version,
-                bundle_manifest_sha256=b.get("manifest_sha256", str, check=_sha),
-                bundle_base_sha256=b.get("base_sha256", str, check=_sha),
+                bundle_manifest_sha256=b.get("manifest_sha256", str, check=sha256_hex),
+                bundle_base_sha256=b.get("base_sha256", str, check=sha256_hex),
                 model=b.get("model", str),
                 engine=r.obj("engine", Engine._parse, default=None),
                 runtime_cache=r.obj("runtime_cache", RuntimeCache._parse),

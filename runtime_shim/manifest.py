@@ -9,9 +9,12 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, TypeVar
+from typing import Any, Mapping
 
 from .errors import ManifestError, SchemaVersionError
+from .schema import (
+    SHA_RE, Reader, dims_check, ints_check, kind_name, load_json_file, non_empty, non_negative, one_of, sha256_hex,
+)
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -27,104 +30,9 @@ DTYPES = (
 # Every file but manifest.json lives at <folder>/<sha256>.<ext>: the name is the content.
 FILE_FOLDERS = {"engines": ".engine", "caches": ".cache", "weights": ".trtxw", "skeleton": ".onnx"}
 _FILE_RE = re.compile(r"^(engines|caches|weights|skeleton)/([0-9a-f]{64})\.(engine|cache|trtxw|onnx)$")
-_SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 
 Dim = int | str
 Shape = tuple[int, ...]
-T = TypeVar("T")
-
-
-# --------------------------------------------------------------------------- typed readers
-class _Reader:
-    """Reads one JSON object, remembering the key path for errors and which keys were never read."""
-
-    def __init__(self, data: Any, path: str, warnings: list[str]) -> None:
-        if not isinstance(data, Mapping):
-            raise ManifestError(f"{path or 'manifest'}: expected an object, got {_kind(data)}")
-        self.data, self.path, self.warnings, self.seen = data, path, warnings, set()
-
-    def _key(self, key: str) -> str:
-        return f"{self.path}.{key}" if self.path else key
-
-    def get(self, key: str, kind: type | tuple[type, ...], *, default: Any = ..., check: Callable[[Any], str | None] | None = None) -> Any:
-        self.seen.add(key)
-        if key not in self.data:
-            if default is ...:
-                raise ManifestError(f"{self._key(key)}: missing (required)")
-            return default
-        value = self.data[key]
-        if default is not ... and value is None:
-            return default
-        if isinstance(value, bool) and kind in (int, (int,), float):
-            raise ManifestError(f"{self._key(key)}: expected {_tname(kind)}, got a boolean")
-        if not isinstance(value, kind):
-            raise ManifestError(f"{self._key(key)}: expected {_tname(kind)}, got {_kind(value)}")
-        if check is not None and (problem := check(value)):
-            raise ManifestError(f"{self._key(key)}: {problem}")
-        return value
-
-    def obj(self, key: str, parse: Callable[[_Reader], T], *, default: Any = ...) -> T:
-        raw = self.get(key, Mapping, default=default)
-        if raw is default and default is not ...:
-            return default
-        return self.sub(raw, self._key(key), parse)
-
-    def objs(self, key: str, parse: Callable[[_Reader], T], *, default: Any = ...) -> tuple[T, ...]:
-        raw = self.get(key, list, default=default)
-        if raw is default and default is not ...:
-            return default
-        return tuple(self.sub(item, f"{self._key(key)}[{i}]", parse) for i, item in enumerate(raw))
-
-    def sub(self, raw: Any, path: str, parse: Callable[[_Reader], T]) -> T:
-        reader = _Reader(raw, path, self.warnings)
-        value = parse(reader)
-        reader.done()
-        return value
-
-    def done(self) -> None:
-        for key in sorted(set(self.data) - self.seen):
-            self.warnings.append(f"{self._key(key)}: unknown key ignored (written by a newer trtx-bundler?)")
-
-
-def _kind(value: Any) -> str:
-    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
-        type(value), type(value).__name__
-    )
-
-
-def _tname(kind: type | tuple[type, ...]) -> str:
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    names = {int: "an integer", str: "a string", list: "a list", bool: "a boolean", Mapping: "an object", float: "a number"}
-    return " or ".join(names.get(k, k.__name__) for k in kinds)
-
-
-def _one_of(options: tuple[str, ...]) -> Callable[[Any], str | None]:
-    return lambda v: None if v in options else f"expected one of {', '.join(options)}, got {v!r}"
-
-
-def _sha(v: str) -> str | None:
-    return None if _SHA_RE.match(v) else f"expected 64 lowercase hex digits (sha256), got {v!r}"
-
-
-def _non_negative(v: int) -> str | None:
-    return None if v >= 0 else f"expected >= 0, got {v}"
-
-
-def _non_empty(v: str) -> str | None:
-    return None if v.strip() else "expected a non-empty string"
-
-
-def _dims(v: list) -> str | None:
-    for d in v:
-        if isinstance(d, bool) or not isinstance(d, (int, str)) or (isinstance(d, int) and d < -1) or (isinstance(d, str) and not d):
-            return f"expected dims as integers >= 0 (or -1) or dimension names, got {v!r}"
-    return None
-
-
-def _ints(v: list) -> str | None:
-    if all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in v):
-        return None
-    return f"expected a list of integers >= 0, got {v!r}"
 
 
 # --------------------------------------------------------------------------- values
@@ -141,8 +49,8 @@ class FileRef:
         return cls(path=f"{folder}/{sha256}{FILE_FOLDERS[folder]}", sha256=sha256, size=size)
 
     @staticmethod
-    def _parse(r: _Reader) -> FileRef:
-        ref = FileRef(path=r.get("path", str), sha256=r.get("sha256", str, check=_sha), size=r.get("size", int, check=_non_negative))
+    def _parse(r: Reader) -> FileRef:
+        ref = FileRef(path=r.get("path", str), sha256=r.get("sha256", str, check=sha256_hex), size=r.get("size", int, check=non_negative))
         m = _FILE_RE.match(ref.path)
         if not m or FILE_FOLDERS[m.group(1)] != "." + m.group(3):
             raise ManifestError(
@@ -164,11 +72,11 @@ class ModelInfo:
     opset: int | None = None
 
     @staticmethod
-    def _parse(r: _Reader) -> ModelInfo:
+    def _parse(r: Reader) -> ModelInfo:
         return ModelInfo(
-            name=r.get("name", str, check=_non_empty),
+            name=r.get("name", str, check=non_empty),
             version=r.get("version", str, default="0"),
-            source_sha256=r.get("source_sha256", str, default=None, check=_sha),
+            source_sha256=r.get("source_sha256", str, default=None, check=sha256_hex),
             opset=r.get("opset", int, default=None),
         )
 
@@ -189,11 +97,11 @@ class TensorSpec:
         return tuple(i for i, d in enumerate(self.shape) if not isinstance(d, int) or d < 0)
 
     @staticmethod
-    def _parse(r: _Reader) -> TensorSpec:
+    def _parse(r: Reader) -> TensorSpec:
         return TensorSpec(
-            name=r.get("name", str, check=_non_empty),
-            dtype=r.get("dtype", str, check=_one_of(DTYPES)),
-            shape=tuple(r.get("shape", list, check=_dims)),
+            name=r.get("name", str, check=non_empty),
+            dtype=r.get("dtype", str, check=one_of(DTYPES)),
+            shape=tuple(r.get("shape", list, check=dims_check)),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -210,11 +118,11 @@ class ShapeRange:
         return len(shape) == len(self.min) and all(lo <= s <= hi for lo, s, hi in zip(self.min, shape, self.max))
 
     @staticmethod
-    def _parse(r: _Reader) -> ShapeRange:
+    def _parse(r: Reader) -> ShapeRange:
         rng = ShapeRange(
-            min=tuple(r.get("min", list, check=_ints)),
-            opt=tuple(r.get("opt", list, check=_ints)),
-            max=tuple(r.get("max", list, check=_ints)),
+            min=tuple(r.get("min", list, check=ints_check)),
+            opt=tuple(r.get("opt", list, check=ints_check)),
+            max=tuple(r.get("max", list, check=ints_check)),
         )
         if problem := rng.problem():
             raise ManifestError(f"{r.path}: {problem}")
@@ -240,7 +148,7 @@ class Profile:
     shapes: Mapping[str, ShapeRange]
 
     @staticmethod
-    def _parse(r: _Reader) -> Profile:
+    def _parse(r: Reader) -> Profile:
         raw = r.get("shapes", Mapping)
         return Profile(shapes={k: r.sub(v, f"{r.path}.shapes.{k}", ShapeRange._parse) for k, v in sorted(raw.items())})
 
@@ -254,8 +162,8 @@ class TrtRtx:
     cuda_flavour: str  # "cu12" | "cu13"
 
     @staticmethod
-    def _parse(r: _Reader) -> TrtRtx:
-        return TrtRtx(version=r.get("version", str, check=_non_empty), cuda_flavour=r.get("cuda_flavour", str, check=_one_of(CUDA_FLAVOURS)))
+    def _parse(r: Reader) -> TrtRtx:
+        return TrtRtx(version=r.get("version", str, check=non_empty), cuda_flavour=r.get("cuda_flavour", str, check=one_of(CUDA_FLAVOURS)))
 
     def to_dict(self) -> dict[str, Any]:
         return {"version": self.version, "cuda_flavour": self.cuda_flavour}
@@ -271,12 +179,12 @@ class Frame:
     sha256: str  # of the stored bytes, checked before decoding
 
     @staticmethod
-    def _parse(r: _Reader) -> Frame:
+    def _parse(r: Reader) -> Frame:
         return Frame(
-            offset=r.get("offset", int, check=_non_negative),
-            size=r.get("size", int, check=_non_negative),
-            raw_size=r.get("raw_size", int, check=_non_negative),
-            sha256=r.get("sha256", str, check=_sha),
+            offset=r.get("offset", int, check=non_negative),
+            size=r.get("size", int, check=non_negative),
+            raw_size=r.get("raw_size", int, check=non_negative),
+            sha256=r.get("sha256", str, check=sha256_hex),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -295,12 +203,12 @@ class Blob:
     frames: tuple[Frame, ...]
 
     @staticmethod
-    def _parse(r: _Reader) -> Blob:
+    def _parse(r: Reader) -> Blob:
         blob = Blob(
-            sha256=r.get("sha256", str, check=_sha),
-            nbytes=r.get("nbytes", int, check=_non_negative),
-            raw_offset=r.get("raw_offset", int, check=_non_negative),
-            encoding=r.get("encoding", str, check=_one_of(WEIGHT_ENCODINGS)),
+            sha256=r.get("sha256", str, check=sha256_hex),
+            nbytes=r.get("nbytes", int, check=non_negative),
+            raw_offset=r.get("raw_offset", int, check=non_negative),
+            encoding=r.get("encoding", str, check=one_of(WEIGHT_ENCODINGS)),
             element_size=r.get("element_size", int, check=lambda v: None if v in (1, 2, 4, 8) else f"expected 1, 2, 4 or 8, got {v}"),
             frames=r.objs("frames", Frame._parse),
         )
@@ -323,12 +231,12 @@ class WeightTensor:
     blob: int  # index into WeightStore.blobs
 
     @staticmethod
-    def _parse(r: _Reader) -> WeightTensor:
+    def _parse(r: Reader) -> WeightTensor:
         return WeightTensor(
-            name=r.get("name", str, check=_non_empty),
-            dtype=r.get("dtype", str, check=_one_of(DTYPES)),
-            shape=tuple(r.get("shape", list, check=_ints)),
-            blob=r.get("blob", int, check=_non_negative),
+            name=r.get("name", str, check=non_empty),
+            dtype=r.get("dtype", str, check=one_of(DTYPES)),
+            shape=tuple(r.get("shape", list, check=ints_check)),
+            blob=r.get("blob", int, check=non_negative),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -352,10 +260,10 @@ class WeightStore:
         raise KeyError(name)
 
     @staticmethod
-    def _parse(r: _Reader) -> WeightStore:
+    def _parse(r: Reader) -> WeightStore:
         store = WeightStore(
             file=r.obj("file", FileRef._parse),
-            raw_size=r.get("raw_size", int, check=_non_negative),
+            raw_size=r.get("raw_size", int, check=non_negative),
             alignment=r.get("alignment", int, check=lambda v: None if v > 0 else "expected > 0"),
             blobs=r.objs("blobs", Blob._parse),
             tensors=r.objs("tensors", WeightTensor._parse),
@@ -393,12 +301,12 @@ class Engine:
     built_by: Mapping[str, str] = field(default_factory=dict)  # tool version, host, gpu, ... (informational)
 
     @staticmethod
-    def _parse(r: _Reader) -> Engine:
+    def _parse(r: Reader) -> Engine:
         return Engine(
-            kind=r.get("kind", str, check=_one_of(ENGINE_KINDS)),
-            platform=r.get("platform", str, check=_one_of(PLATFORMS)),
-            compute_capabilities=tuple(r.get("compute_capabilities", list, check=_ints)),
-            trt_rtx_version=r.get("trt_rtx_version", str, check=_non_empty),
+            kind=r.get("kind", str, check=one_of(ENGINE_KINDS)),
+            platform=r.get("platform", str, check=one_of(PLATFORMS)),
+            compute_capabilities=tuple(r.get("compute_capabilities", list, check=ints_check)),
+            trt_rtx_version=r.get("trt_rtx_version", str, check=non_empty),
             file=r.obj("file", FileRef._parse),
             built_by={str(k): str(v) for k, v in r.get("built_by", Mapping, default={}).items()},
         )
@@ -428,15 +336,15 @@ class CacheKey:
         return int(self.driver_version.split(".")[0])
 
     @staticmethod
-    def _parse(r: _Reader) -> CacheKey:
+    def _parse(r: Reader) -> CacheKey:
         key = CacheKey(
-            os=r.get("os", str, check=_one_of(("linux", "windows"))),
-            gpu_name=r.get("gpu_name", str, check=_non_empty),
-            pci_device_id=r.get("pci_device_id", int, check=_non_negative),
-            sm=r.get("sm", int, check=_non_negative),
+            os=r.get("os", str, check=one_of(("linux", "windows"))),
+            gpu_name=r.get("gpu_name", str, check=non_empty),
+            pci_device_id=r.get("pci_device_id", int, check=non_negative),
+            sm=r.get("sm", int, check=non_negative),
             driver_version=r.get("driver_version", str, check=lambda v: None if re.match(r"^\d+(\.\d+)*$", v) else f"expected a version like '580.95', got {v!r}"),
-            cuda_flavour=r.get("cuda_flavour", str, check=_one_of(CUDA_FLAVOURS)),
-            trt_rtx_version=r.get("trt_rtx_version", str, check=_non_empty),
+            cuda_flavour=r.get("cuda_flavour", str, check=one_of(CUDA_FLAVOURS)),
+            trt_rtx_version=r.get("trt_rtx_version", str, check=non_empty),
             cig=r.get("cig", bool, default=False),
         )
         return key
@@ -457,10 +365,10 @@ class RuntimeCache:
     created: int | None = None  # unix seconds (for "keep the newest" on merge)
 
     @staticmethod
-    def _parse(r: _Reader) -> RuntimeCache:
+    def _parse(r: Reader) -> RuntimeCache:
         return RuntimeCache(
             key=r.obj("key", CacheKey._parse),
-            engines=tuple(r.get("engines", list, check=lambda v: None if all(isinstance(s, str) and _SHA_RE.match(s) for s in v) else "expected a list of sha256 hex strings")),
+            engines=tuple(r.get("engines", list, check=lambda v: None if all(isinstance(s, str) and SHA_RE.match(s) for s in v) else "expected a list of sha256 hex strings")),
             file=r.obj("file", FileRef._parse),
             created=r.get("created", int, default=None),
         )
@@ -477,7 +385,7 @@ class Skeleton:
     external_data: str = "weights.bin"
 
     @staticmethod
-    def _parse(r: _Reader) -> Skeleton:
+    def _parse(r: Reader) -> Skeleton:
         return Skeleton(
             file=r.obj("file", FileRef._parse),
             external_data=r.get("external_data", str, check=lambda v: None if re.match(r"^[A-Za-z0-9._-]+$", v) and v not in (".", "..") else f"expected a plain file name, got {v!r}"),
@@ -494,7 +402,7 @@ class Creator:
     created: int | None = None  # SOURCE_DATE_EPOCH when set; None keeps builds byte-identical
 
     @staticmethod
-    def _parse(r: _Reader) -> Creator:
+    def _parse(r: Reader) -> Creator:
         return Creator(tool=r.get("tool", str), version=r.get("version", str), created=r.get("created", int, default=None))
 
     def to_dict(self) -> dict[str, Any]:
@@ -536,7 +444,7 @@ class Manifest:
         """Parse and validate; returns the manifest and the warnings (unknown keys). Raises ManifestError."""
         warnings: list[str] = []
         if not isinstance(data, Mapping):
-            raise ManifestError(f"{source}: expected a JSON object at the top level, got {_kind(data)}")
+            raise ManifestError(f"{source}: expected a JSON object at the top level, got {kind_name(data)}")
         version = data.get("schema_version")
         if isinstance(version, bool) or not isinstance(version, int):
             raise ManifestError(f"{source}: schema_version: expected an integer, got {version!r}")
@@ -548,7 +456,7 @@ class Manifest:
         if version < 1:
             raise ManifestError(f"{source}: schema_version: expected 1..{SCHEMA_VERSION}, got {version}")
         try:
-            r = _Reader(data, "", warnings)
+            r = Reader(data, "", warnings)
             r.seen.add("schema_version")
             manifest = cls(
                 schema_version=version,
@@ -620,33 +528,19 @@ class Manifest:
         return cls.from_dict(obj, source=source)
 
 
-def _parse_warmups(r: _Reader) -> list[Mapping[str, Shape]]:
+def _parse_warmups(r: Reader) -> list[Mapping[str, Shape]]:
     raw = r.get("warmup_shapes", list, default=[])
     out = []
     for i, item in enumerate(raw):
         if not isinstance(item, Mapping):
-            raise ManifestError(f"warmup_shapes[{i}]: expected an object of input name -> shape, got {_kind(item)}")
+            raise ManifestError(f"warmup_shapes[{i}]: expected an object of input name -> shape, got {kind_name(item)}")
         shapes = {}
         for name, shape in sorted(item.items()):
-            if not isinstance(shape, list) or _ints(shape):
+            if not isinstance(shape, list) or ints_check(shape):
                 raise ManifestError(f"warmup_shapes[{i}].{name}: expected a list of integers >= 0, got {shape!r}")
             shapes[name] = tuple(shape)
         out.append(shapes)
     return out
-
-
-def load_json_file(path: Path, *, expected: str, missing_hint: str, corrupt_hint: str) -> Any:
-    """Read and parse a JSON file; every failure is a ManifestError naming the file and what was expected."""
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise ManifestError(f"{path}: not found; expected {expected}", hint=missing_hint) from None
-    except OSError as e:
-        raise ManifestError(f"{path}: cannot read ({e.strerror})") from None
-    try:
-        return json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ManifestError(f"{path}: not valid JSON ({e})", hint=corrupt_hint) from None
 
 
 def read_manifest(bundle_dir: str | Path) -> tuple[Manifest, list[str]]:

@@ -11,7 +11,8 @@ import pytest
 from bundler.onnx_model import load_model, write_raw_layout
 from bundler.weights_writer import Weight, encode_frame, write_weight_store
 from runtime_shim.errors import IntegrityError, ModelError
-from runtime_shim.manifest import WEIGHT_ENCODINGS, WeightStore, _Reader
+from runtime_shim.manifest import WEIGHT_ENCODINGS, WeightStore
+from runtime_shim.schema import Reader
 from runtime_shim.weights import MAGIC, WeightReader, decode_frame_into
 
 import models
@@ -133,7 +134,7 @@ def test_store_file_is_content_addressed_and_deterministic(silero_loaded: dict, 
 def test_index_survives_the_manifest(tmp_path: Path, test_models: dict) -> None:
     store = write_weight_store(test_models["conv"].weights, tmp_path)
     # through the manifest's own parser, with its consistency checks, as the shim reads it
-    parsed = _Reader({"w": store.to_dict()}, "", []).obj("w", WeightStore._parse)
+    parsed = Reader({"w": store.to_dict()}, "", []).obj("w", WeightStore._parse)
     assert parsed == store
 
 

@@ -302,6 +302,18 @@ class WeightReader:
         # FIFO of frame futures and end-of-blob markers (future None): a blob is yielded when its marker comes out
         pending: collections.deque[tuple[int, cf.Future[None] | None, memoryview]] = collections.deque()
         in_flight = 0
+
+        def settle() -> tuple[int, memoryview] | None:
+            """Take the oldest entry: a whole blob (checked) to yield, or None once its frame is decoded."""
+            nonlocal in_flight
+            done, fut, item = pending.popleft()
+            if fut is None:
+                self._check_raw(done, item)
+                return done, item
+            fut.result()
+            in_flight -= 1
+            return None
+
         with cf.ThreadPoolExecutor(self.threads) as pool:
             try:
                 for index in order:
@@ -312,21 +324,12 @@ class WeightReader:
                         pending.append((index, pool.submit(self._decode_frame, index, j, piece), piece))
                         in_flight += 1
                         while in_flight > window:
-                            done, fut, item = pending.popleft()
-                            if fut is None:
-                                self._check_raw(done, item)
-                                yield done, item
-                            else:
-                                fut.result()
-                                in_flight -= 1
+                            if (ready := settle()) is not None:
+                                yield ready
                     pending.append((index, None, buf))
                 while pending:
-                    done, fut, item = pending.popleft()
-                    if fut is None:
-                        self._check_raw(done, item)
-                        yield done, item
-                    else:
-                        fut.result()
+                    if (ready := settle()) is not None:
+                        yield ready
             finally:
                 for _, fut, _ in pending:
                     if fut is not None:

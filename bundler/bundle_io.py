@@ -9,7 +9,6 @@ before a byte is written, and the result is verified before it appears at the ta
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
@@ -21,7 +20,7 @@ from pathlib import Path, PurePosixPath
 from typing import Callable
 
 from runtime_shim.errors import ArchiveError, IntegrityError, ManifestError, SchemaVersionError
-from runtime_shim.fsutil import CHUNK, atomic_writer
+from runtime_shim.fsutil import CHUNK, atomic_writer, sha256_file
 from runtime_shim.manifest import FILE_FOLDERS, MANIFEST_NAME, Manifest, read_manifest
 
 _BUNDLE_FILE_RE = re.compile(r"^(?:engines|caches|weights|skeleton)/[0-9a-f]{64}\.(?:engine|cache|trtxw|onnx)$")
@@ -102,7 +101,7 @@ def _check_file(root: Path, key: str, rel: str, size: int, sha256: str) -> list[
     if st.st_size > size:
         return [Problem(kind="size", path=rel, message=f"{st.st_size} bytes, expected {size} ({key}.size)",
                         hint="the file was changed after the bundle was built; rebuild or fetch it again")]
-    actual = _sha256(path)
+    actual, _size = sha256_file(path)
     if actual != sha256:
         return [Problem(kind="changed", path=rel, message=f"sha256 {actual}, expected {sha256} ({key}.sha256): content changed",
                         hint="the file was altered; rebuild or fetch the bundle again")]
@@ -118,14 +117,6 @@ def _check_header(root: Path, key: str, rel: str, header_check: HeaderCheck) -> 
         return []
     return [Problem(kind="engine", path=rel, message=f"TRT-RTX says the engine is {validity} ({', '.join(bad)}; {key})",
                     hint="rebuild the bundle with the TRT-RTX version in manifest.json trt_rtx.version")]
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _walk(root: Path) -> list[str]:

@@ -22,7 +22,7 @@ import numpy as np
 import zstandard
 
 from runtime_shim.errors import ModelError
-from runtime_shim.fsutil import atomic_writer
+from runtime_shim.fsutil import atomic_writer, sha256_bytes
 from runtime_shim.manifest import DTYPES, WEIGHT_ENCODINGS, Blob, FileRef, Frame, WeightStore, WeightTensor
 from runtime_shim.weights import _UINT, FLOAT_DTYPES, ITEMSIZE, MAGIC, PLANE_RAW, PLANE_ZSTD, PLANES_TAG, nbytes_for
 
@@ -98,13 +98,9 @@ def encode_frame(raw: bytes | memoryview, encoding: str, element_size: int, leve
     return b"".join(header + parts)
 
 
-def _sha256(data: bytes | memoryview) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def _encode_and_hash(raw: memoryview, encoding: str, element_size: int, level: int) -> tuple[bytes, str]:
     stored = encode_frame(raw, encoding, element_size, level)
-    return stored, _sha256(stored)
+    return stored, sha256_bytes(stored)
 
 
 def _as_bytes(data: Buffer) -> memoryview:
@@ -179,7 +175,7 @@ def write_weight_store(
         _check(w, i, raw)
     threads = max(1, threads if threads is not None else min(8, os.cpu_count() or 1))
     with cf.ThreadPoolExecutor(threads) as pool:  # hashlib releases the GIL: hash tensors in parallel
-        shas = list(pool.map(_sha256, raws))
+        shas = list(pool.map(sha256_bytes, raws))
     plan = _plan(weights, raws, shas, alignment)
     total = sum(len(raws[i]) for i in plan.firsts)
 
@@ -257,5 +253,5 @@ def _encode_blobs(plan: _Plan, weights: Sequence[Weight], raws: Sequence[memoryv
         stored = [fut.result() for fut in futs]
         nbytes = sum(len(p) for p in pieces)
         if enc != "none" and (nbytes == 0 or sum(len(s) for s, _ in stored) > nbytes * (1 - MIN_SAVING)):
-            enc, element_size, stored = "none", 1, [(bytes(p), _sha256(p)) for p in pieces]
+            enc, element_size, stored = "none", 1, [(bytes(p), sha256_bytes(p)) for p in pieces]
         yield [(len(p), s, sha) for p, (s, sha) in zip(pieces, stored)], enc, element_size

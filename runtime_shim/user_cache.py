@@ -17,7 +17,6 @@ Layout (the ``v1`` folder is the layout version; a later layout gets a new folde
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -28,7 +27,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from .errors import CacheError
-from .fsutil import atomic_write
+from .fsutil import atomic_write, sha256_bytes
 from .manifest import CacheKey
 
 log = logging.getLogger(__name__)
@@ -53,7 +52,7 @@ def default_cache_dir(app: str) -> Path:
 
 def key_id(key: CacheKey) -> str:
     """A short, stable file name for a cache key (the key itself is stored inside the file)."""
-    return hashlib.sha256(json.dumps(key.to_dict(), sort_keys=True).encode()).hexdigest()[:20]
+    return sha256_bytes(json.dumps(key.to_dict(), sort_keys=True).encode())[:20]
 
 
 class UserCache:
@@ -230,7 +229,7 @@ class UserCache:
 
 
 def _frame(payload: bytes, key: dict) -> bytes:
-    header = json.dumps({"sha256": hashlib.sha256(payload).hexdigest(), "size": len(payload), "key": key},
+    header = json.dumps({"sha256": sha256_bytes(payload), "size": len(payload), "key": key},
                         sort_keys=True).encode()
     return _MAGIC + header + b"\n" + bytes(payload)
 
@@ -245,7 +244,7 @@ def _unframe(data: bytes, key: dict) -> tuple[bytes | None, str | None]:
         payload = data[end + 1:]
         if end < 0 or len(payload) != header["size"]:
             return None, f"truncated: {len(payload)} bytes, header says {header.get('size')}"
-        actual = hashlib.sha256(payload).hexdigest()
+        actual = sha256_bytes(payload)
         if actual != header["sha256"]:
             return None, f"checksum mismatch: expected sha256 {header['sha256']}, got {actual}"
         if header.get("key") != key:

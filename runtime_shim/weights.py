@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures as cf
-import hashlib
 import os
 import struct
 import threading
@@ -19,7 +18,7 @@ import numpy as np
 import zstandard
 
 from .errors import IntegrityError
-from .fsutil import atomic_writer
+from .fsutil import atomic_writer, sha256_bytes
 from .manifest import Blob, WeightStore
 
 MAGIC = b"TRTXW\x00\x01\x00"  # "TRTXW", NUL, format version 1, reserved
@@ -243,7 +242,7 @@ class WeightReader:
         if got != frame.size:
             raise IntegrityError(f"{where}: file ends after {got} bytes of it; truncated", hint=HINT_CORRUPT)
         if self.verify_frames:
-            actual = hashlib.sha256(stored).hexdigest()
+            actual = sha256_bytes(stored)
             if actual != frame.sha256:
                 raise IntegrityError(f"{where}: sha256 {actual}, expected {frame.sha256}", hint=HINT_CORRUPT)
         if plain:
@@ -266,7 +265,7 @@ class WeightReader:
     def _check_raw(self, index: int, out: memoryview) -> None:
         if self.verify_raw:
             blob = self.store.blobs[index]
-            actual = hashlib.sha256(out).hexdigest()
+            actual = sha256_bytes(out)
             if actual != blob.sha256:
                 raise IntegrityError(f"{self.path}: {self._what(index)} decodes to sha256 {actual}, expected {blob.sha256}", hint=HINT_CORRUPT)
 

@@ -15,7 +15,7 @@ from typing import Mapping
 import numpy as np
 
 from .errors import BackendUnavailableError, CacheError, IntegrityError
-from .fsutil import sha256_file
+from .fsutil import sha256_bytes, sha256_file
 from .manifest import FileRef, Manifest
 from .user_cache import UserCache
 from .weights import WeightReader
@@ -32,10 +32,25 @@ def verify_file(bundle_dir: Path, ref: FileRef, where: str) -> Path:
         actual, size = sha256_file(path)
     except FileNotFoundError:
         raise IntegrityError(f"{path}: missing (pinned by {where})", hint="fetch the bundle again") from None
+    _check_pin(path, ref, where, actual, size)
+    return path
+
+
+def read_verified(bundle_dir: Path, ref: FileRef, where: str) -> bytes:
+    """The bytes of the bundle file pinned at ``where``, read once and checked: what is returned is what was hashed."""
+    path = bundle_dir / ref.path
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise IntegrityError(f"{path}: missing (pinned by {where})", hint="fetch the bundle again") from None
+    _check_pin(path, ref, where, sha256_bytes(data), len(data))
+    return data
+
+
+def _check_pin(path: Path, ref: FileRef, where: str, actual: str, size: int) -> None:
     if size != ref.size or actual != ref.sha256:
         raise IntegrityError(f"{path}: {where} pins sha256 {ref.sha256} ({ref.size} bytes), the file has {actual} ({size} bytes)",
                              hint="the file was modified or damaged: fetch the bundle again ('trtx-bundle verify' lists every bad file)")
-    return path
 
 
 def model_folder_name(manifest: Manifest) -> str:

@@ -18,7 +18,7 @@ import numpy as np
 
 from .choose import Choice, choose_caches, choose_engines, pick_gpu, trt_blocker
 from .errors import BackendUnavailableError, BundleError, InputError, MachineError
-from .fallback import OrtSession, materialize_model, verify_file
+from .fallback import OrtSession, materialize_model, read_verified
 from .machine import Machine, cache_key_for, probe
 from .manifest import CacheKey, Engine, Manifest, read_manifest
 from .user_cache import UserCache
@@ -198,7 +198,7 @@ def _open_trt(p: Plan, choice: Choice, bundle_dir: Path, user_cache: UserCache, 
     t0 = time.perf_counter()
     if isinstance(choice.candidate, Engine):
         where = f"engines[{choice.index}].file"
-        plan_bytes = verify_file(bundle_dir, choice.candidate.file, where).read_bytes()
+        plan_bytes = read_verified(bundle_dir, choice.candidate.file, where)
         report.engine = {"kind": choice.kind, "file": choice.candidate.file.path, "index": choice.index}
     else:
         where, plan_bytes = _built_here(p, bundle_dir, user_cache)
@@ -215,7 +215,7 @@ def _open_trt(p: Plan, choice: Choice, bundle_dir: Path, user_cache: UserCache, 
                 blobs.append(data)
                 names.append(f"user cache {user_cache.runtime_cache_path(model_id(p.manifest), p.key)}")
         elif c.candidate is not None:
-            blobs.append(verify_file(bundle_dir, c.candidate.file, f"runtime_caches[{c.index}].file").read_bytes())
+            blobs.append(read_verified(bundle_dir, c.candidate.file, f"runtime_caches[{c.index}].file"))
             names.append(f"bundled runtime_caches[{c.index}] ({c.kind.replace('bundled_', '')} key)")
     weights = _StoreWeights(p.manifest, bundle_dir) if choice.kind in ("weightless", "build") else None
     try:

@@ -19,10 +19,10 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 
 from runtime_shim import __version__
 from runtime_shim.errors import BundleError, MachineError
-from runtime_shim.fsutil import atomic_write, sha256_bytes, sha256_file
+from runtime_shim.fsutil import atomic_write, sha256_bytes
 from runtime_shim.machine import Gpu, Machine, cache_key_for, unsupported_reason
 from runtime_shim.machine import probe as real_probe
-from runtime_shim.manifest import MANIFEST_NAME, Engine, FileRef, Manifest, Profile, RuntimeCache, Shape, read_manifest
+from runtime_shim.manifest import MANIFEST_NAME, Engine, FileRef, Manifest, Profile, RuntimeCache, Shape, read_manifest_sha256
 from runtime_shim.schema import kind_name
 
 from .part import Part, WarmupRun, base_sha256, write_part
@@ -221,8 +221,7 @@ def run_farm_job(
     gpu = check_servable(machine)  # before anything touches the disk
     timings = {"probe_s": time.perf_counter() - t_start}
     bundle_dir, part_dir = Path(bundle_dir), Path(part_dir)
-    manifest, _warnings = read_manifest(bundle_dir)
-    manifest_sha, _size = sha256_file(bundle_dir / MANIFEST_NAME)  # what merge checks the part was made for
+    manifest, _warnings, manifest_sha = read_manifest_sha256(bundle_dir)  # merge checks the part was made for that sha
     if manifest.trt_rtx.version != machine.trt_rtx_version or manifest.trt_rtx.cuda_flavour != machine.cuda_flavour:
         raise MachineError(
             f"{bundle_dir / MANIFEST_NAME}: trt_rtx is {manifest.trt_rtx.version} ({manifest.trt_rtx.cuda_flavour}), "

@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 
 from runtime_shim.errors import BundleError, IntegrityError
 from runtime_shim.fsutil import CHUNK, atomic_write, atomic_writer, sha256_file
-from runtime_shim.manifest import MANIFEST_NAME, CacheKey, Engine, FileRef, Manifest, RuntimeCache, read_manifest
+from runtime_shim.manifest import MANIFEST_NAME, CacheKey, Engine, FileRef, Manifest, RuntimeCache, read_manifest_sha256
 
 from .part import Part, base_sha256, read_part
 
@@ -87,8 +87,7 @@ def merge_parts(
     """Merge ``part_dirs`` into the bundle (or into a new bundle at ``out``). Raises before touching anything."""
     say = progress or (lambda _m: None)
     bundle = Path(bundle_dir)
-    manifest, warnings = read_manifest(bundle)
-    manifest_sha, _size = sha256_file(bundle / MANIFEST_NAME)
+    manifest, warnings, manifest_sha = read_manifest_sha256(bundle)
     base = base_sha256(manifest)
     # In place, the directory itself is exchanged: resolve links so the exchange hits the real bundle.
     target = Path(out) if out is not None else bundle.resolve()

@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .errors import ManifestError, SchemaVersionError
+from .fsutil import sha256_bytes
 from .schema import (
-    SHA_RE, Reader, dims_check, ints_check, kind_name, load_json_file, non_empty, non_negative, one_of, sha256_hex,
+    SHA_RE, Reader, dims_check, ints_check, kind_name, non_empty, non_negative, one_of, parse_json, read_json_bytes, sha256_hex,
 )
 
 SCHEMA_VERSION = 1
@@ -521,11 +522,7 @@ class Manifest:
 
     @classmethod
     def from_json(cls, data: bytes | str, *, source: str = "manifest.json") -> tuple[Manifest, list[str]]:
-        try:
-            obj = json.loads(data)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ManifestError(f"{source}: not valid JSON ({e})", hint="the file is corrupt or truncated; fetch the bundle again") from None
-        return cls.from_dict(obj, source=source)
+        return cls.from_dict(parse_json(data, source=source, corrupt_hint=_CORRUPT_HINT), source=source)
 
 
 def _parse_warmups(r: Reader) -> list[Mapping[str, Shape]]:
@@ -543,10 +540,24 @@ def _parse_warmups(r: Reader) -> list[Mapping[str, Shape]]:
     return out
 
 
+_CORRUPT_HINT = "the file is corrupt or truncated; fetch the bundle again"
+
+
 def read_manifest(bundle_dir: str | Path) -> tuple[Manifest, list[str]]:
     """Read ``<bundle_dir>/manifest.json``; errors name the file."""
+    manifest, warnings, _raw = _read_manifest_bytes(bundle_dir)
+    return manifest, warnings
+
+
+def read_manifest_sha256(bundle_dir: str | Path) -> tuple[Manifest, list[str], str]:
+    """:func:`read_manifest` plus the sha256 of the very bytes parsed (what farm parts name their bundle by)."""
+    manifest, warnings, raw = _read_manifest_bytes(bundle_dir)
+    return manifest, warnings, sha256_bytes(raw)
+
+
+def _read_manifest_bytes(bundle_dir: str | Path) -> tuple[Manifest, list[str], bytes]:
     path = Path(bundle_dir) / MANIFEST_NAME
-    data = load_json_file(path, expected="a bundle directory with manifest.json at its root",
-                          missing_hint="pass the directory made by 'trtx-bundle build' (or 'unpack' an archive first)",
-                          corrupt_hint="the file is corrupt or truncated; fetch the bundle again")
-    return Manifest.from_dict(data, source=str(path))
+    raw = read_json_bytes(path, expected="a bundle directory with manifest.json at its root",
+                          missing_hint="pass the directory made by 'trtx-bundle build' (or 'unpack' an archive first)")
+    manifest, warnings = Manifest.from_json(raw, source=str(path))
+    return manifest, warnings, raw

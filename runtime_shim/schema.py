@@ -106,13 +106,21 @@ def ints_check(v: list) -> str | None:
 
 def load_json_file(path: Path, *, expected: str, missing_hint: str, corrupt_hint: str) -> Any:
     """Read and parse a JSON file; every failure is a ManifestError naming the file and what was expected."""
+    return parse_json(read_json_bytes(path, expected=expected, missing_hint=missing_hint), source=str(path), corrupt_hint=corrupt_hint)
+
+
+def read_json_bytes(path: Path, *, expected: str, missing_hint: str) -> bytes:
+    """The bytes of a JSON file, unparsed (for callers that also hash them); a ManifestError names what failed."""
     try:
-        raw = path.read_bytes()
+        return path.read_bytes()
     except FileNotFoundError:
         raise ManifestError(f"{path}: not found; expected {expected}", hint=missing_hint) from None
     except OSError as e:
         raise ManifestError(f"{path}: cannot read ({e.strerror})") from None
+
+
+def parse_json(raw: bytes | str, *, source: str, corrupt_hint: str) -> Any:
     try:
         return json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ManifestError(f"{path}: not valid JSON ({e})", hint=corrupt_hint) from None
+        raise ManifestError(f"{source}: not valid JSON ({e})", hint=corrupt_hint) from None

@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterator
 import click
 
 from runtime_shim.errors import BundleError
+from runtime_shim.machine import sm_text
 from runtime_shim.manifest import WEIGHT_ENCODINGS
 
 from . import __version__
@@ -184,7 +185,7 @@ def build(model: Path, output: Path, shapes: tuple[str, ...], config_path: Path 
     info(f"built {result.bundle_dir} in {summary['seconds']:.1f} s")
     info(f"  weights: {_mib(result.raw_weight_bytes)} raw -> {_mib(result.stored_weight_bytes)} stored{ratio}")
     for e in m.engines:
-        targets = ", ".join(f"{s // 10}.{s % 10}" for s in e.compute_capabilities) or "TRT-RTX default targets"
+        targets = ", ".join(map(sm_text, e.compute_capabilities)) or "TRT-RTX default targets"
         info(f"  engine: {e.kind} {e.platform} SM {targets}: {_mib(e.file.size)}")
 
 
@@ -216,7 +217,7 @@ def inspect(bundle: Path, as_json: bool) -> None:
                + ", ".join(f"{k} x{v}" for k, v in w["encodings"].items()) + ")")
     out.append("engines" + ("" if d["engines"] else "  (none)"))
     for e in d["engines"]:
-        targets = ", ".join(f"{s // 10}.{s % 10}" for s in e["compute_capabilities"]) or "TRT-RTX default targets"
+        targets = ", ".join(map(sm_text, e["compute_capabilities"])) or "TRT-RTX default targets"
         out.append(f"  {e['kind']:<10} {e['platform']:<13} SM {targets:<24} {e['file']['size']:>12,} bytes  {e['file']['sha256'][:12]}")
     out.append("runtime caches" + ("" if d["runtime_caches"] else "  (none)"))
     for c in d["runtime_caches"]:

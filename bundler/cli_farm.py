@@ -5,6 +5,8 @@ from pathlib import Path
 
 import click
 
+from runtime_shim.machine import sm_text
+
 from .cli import emit_json, info, main, render_errors
 from .farm import DEFAULT_ROUNDS, EXIT_UNSERVABLE, FarmSettings, farm_settings, parse_warmup_arg, run_farm_job
 from .merge import merge_parts
@@ -47,7 +49,7 @@ def farm_job(bundle: Path, part_dir: Path, warmups: tuple[str, ...], rounds: int
     part = result.part
     k = part.runtime_cache.key
     info(f"part {part_dir}: {'new weightless engine' if result.engine_built else 'engine from the bundle'}, runtime cache "
-         f"{part.runtime_cache.file.size} bytes for {k.gpu_name} (SM {k.sm // 10}.{k.sm % 10}, {k.os}, driver {k.driver_version}); "
+         f"{part.runtime_cache.file.size} bytes for {k.gpu_name} (SM {sm_text(k.sm)}, {k.os}, driver {k.driver_version}); "
          f"{len(part.warmup)} warm-up shape set(s) in {part.timings.get('total_s', 0):.1f} s")
     if as_json:
         emit_json(part.to_dict())
@@ -73,7 +75,7 @@ def merge(bundle: Path, part_dirs: tuple[Path, ...], out: Path | None, prefer: s
     """
     report = merge_parts(bundle, part_dirs, out=out, prefer=prefer, progress=info)
     for e in report.engines_added:
-        info(f"+ engine {e.kind} SM {', '.join(f'{s // 10}.{s % 10}' for s in e.compute_capabilities)} {e.platform} ({e.file.sha256[:12]})")
+        info(f"+ engine {e.kind} SM {', '.join(map(sm_text, e.compute_capabilities))} {e.platform} ({e.file.sha256[:12]})")
     for c in report.caches_added:
         k = c.key
         info(f"+ runtime cache {k.gpu_name} 0x{k.pci_device_id:04x} {k.os} driver {k.driver_version} ({c.file.size} bytes)")

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from runtime_shim.choose import choose_engines
-from runtime_shim.machine import Gpu, Machine
+from runtime_shim.machine import Gpu, Machine, sm_text
 from runtime_shim.manifest import PLATFORMS, Manifest, RuntimeCache
 from runtime_shim.trt_session import SUPPORTED_SMS
 
@@ -66,7 +66,7 @@ def coverage(manifest: Manifest) -> Coverage:
     rows, shown = [], set()
     for platform in platforms:
         for sm in SUPPORTED_SMS:
-            gpu = Gpu(index=0, name=f"any SM {_sm(sm)} GPU", pci_device_id=0, uuid="", sm=sm, total_memory=0)
+            gpu = Gpu(index=0, name=f"any SM {sm_text(sm)} GPU", pci_device_id=0, uuid="", sm=sm, total_memory=0)
             machine = Machine(os=_OS_OF[platform], platform=platform, cpu_arch="x86_64", python="", trt_rtx_version=version,
                               cuda_flavour=flavour, driver_version=None, driver_cuda_version=None, gpus=(gpu,))
             taken = next(c for c in choose_engines(manifest, machine, gpu) if c.taken)
@@ -83,10 +83,6 @@ def _cache_dict(c: RuntimeCache) -> dict[str, Any]:
     return {**c.key.to_dict(), "file": c.file.path, "engines": list(c.engines), "created": c.created}
 
 
-def _sm(sm: int) -> str:
-    return f"{sm // 10}.{sm % 10}"
-
-
 def render(d: Mapping[str, Any]) -> list[str]:
     """The matrix as text lines for `inspect`, from ``Coverage.to_dict()`` (what `inspect --json` prints)."""
     lines = [f"coverage (TensorRT for RTX {d['trt_rtx_version']}, {d['cuda_flavour']}): what a user's GPU gets",
@@ -95,11 +91,11 @@ def render(d: Mapping[str, Any]) -> list[str]:
         caches = "; ".join(f"{c['gpu_name']} 0x{c['pci_device_id']:04x} {c['driver_version']}" + (" CiG" if c["cig"] else "")
                            for c in r["caches"]) or "-"
         engine = "build here" if r["engine"] == "build" else r["engine"]
-        lines.append(f"  {r['platform']:<14} {_sm(r['sm']):<5} {engine:<11} {caches}")
+        lines.append(f"  {r['platform']:<14} {sm_text(r['sm']):<5} {engine:<11} {caches}")
     lines.append("  engine 'build here': " + ENGINE_WORDS["build"])
     lines.append("  a GPU model, OS or driver major not listed: " + NO_CACHE)
     for c in d["other_caches"]:
-        lines.append(f"  cache no row uses (another TRT-RTX version or SM): {c['gpu_name']} SM {_sm(c['sm'])} {c['os']} "
+        lines.append(f"  cache no row uses (another TRT-RTX version or SM): {c['gpu_name']} SM {sm_text(c['sm'])} {c['os']} "
                      f"driver {c['driver_version']} TRT-RTX {c['trt_rtx_version']} {c['cuda_flavour']}")
     lines.append("  " + UNSUPPORTED)
     return lines

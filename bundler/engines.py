@@ -15,6 +15,7 @@ from typing import Any, Callable, Sequence
 
 from runtime_shim.errors import EngineBuildError
 from runtime_shim.fsutil import atomic_write, sha256_bytes
+from runtime_shim.machine import sm_text
 from runtime_shim.manifest import Engine, FileRef, Profile
 from runtime_shim.trt_session import BuildRequest, build_engine
 
@@ -37,8 +38,8 @@ class EnginePlan:
     @property
     def label(self) -> str:
         if self.kind == "weightless":
-            return f"weightless engine for {self.gpu} (SM {_sm_text(self.compute_capabilities[0])})"
-        targets = ", ".join(_sm_text(s) for s in self.compute_capabilities) or "TRT-RTX default targets"
+            return f"weightless engine for {self.gpu} (SM {sm_text(self.compute_capabilities[0])})"
+        targets = ", ".join(sm_text(s) for s in self.compute_capabilities) or "TRT-RTX default targets"
         return f"weightful engine ({self.platform}; SM {targets})" if self.compute_capabilities else f"weightful engine ({self.platform}; {targets})"
 
 
@@ -176,10 +177,6 @@ def build_engines(
         log.info("%s: %d bytes in %.2f s", plan.label, len(plan_bytes), seconds)
         out.append(BuiltEngine(engine=engine, seconds=seconds))
     return out
-
-
-def _sm_text(sm: int) -> str:
-    return f"{sm // 10}.{sm % 10}"
 
 
 def local_header_check(probe: Callable[[], Any] | None = None) -> tuple[Callable[[bytes], tuple[str, int]] | None, str | None]:

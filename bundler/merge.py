@@ -21,6 +21,7 @@ from typing import Any, Callable, Sequence
 
 from runtime_shim.errors import BundleError, IntegrityError
 from runtime_shim.fsutil import CHUNK, atomic_write, atomic_writer, sha256_file
+from runtime_shim.machine import sm_text
 from runtime_shim.manifest import MANIFEST_NAME, CacheKey, Engine, FileRef, Manifest, RuntimeCache, read_manifest_sha256
 
 from .part import Part, base_sha256, read_part
@@ -232,11 +233,11 @@ def _resolve_caches(manifest: Manifest, parts: Sequence[tuple[str, Path, Part]],
 
 
 def _key_text(key: CacheKey) -> str:
-    return f"{key.gpu_name} (0x{key.pci_device_id:04x}, SM {key.sm // 10}.{key.sm % 10}) {key.os} driver {key.driver_version}"
+    return f"{key.gpu_name} (0x{key.pci_device_id:04x}, SM {sm_text(key.sm)}) {key.os} driver {key.driver_version}"
 
 
 def _sms(engine: Engine) -> str:
-    return ", ".join(f"{s // 10}.{s % 10}" for s in engine.compute_capabilities) or "default"
+    return ", ".join(map(sm_text, engine.compute_capabilities)) or "default"
 
 
 # --------------------------------------------------------------------------- commit

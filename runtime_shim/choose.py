@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import MachineError
-from .machine import Gpu, Machine, cache_key_for, trt_rtx_supports, unsupported_reason
+from .machine import Gpu, Machine, cache_key_for, sm_text, trt_rtx_supports, unsupported_reason
 from .manifest import CacheKey, Engine, Manifest, RuntimeCache
 
 # What an engine built with no explicit compute capability covers: TRT-RTX's default is "Ampere and later";
@@ -63,8 +63,8 @@ def choose_engines(manifest: Manifest, machine: Machine, gpu: Gpu | None) -> lis
     rows: list[tuple[int, int, Choice]] = []
     for i, engine in enumerate(manifest.engines):
         why = blocker or _engine_mismatch(engine, machine, gpu)  # type: ignore[arg-type]
-        good = (f"weightless engine built for SM {_sm(gpu.sm)}: refit from the weight store" if engine.kind == "weightless"
-                else f"weightful engine covering SM {_sm(gpu.sm)}") if gpu and why is None else ""
+        good = (f"weightless engine built for SM {sm_text(gpu.sm)}: refit from the weight store" if engine.kind == "weightless"
+                else f"weightful engine covering SM {sm_text(gpu.sm)}") if gpu and why is None else ""
         rows.append((ENGINE_KINDS_RANK[engine.kind], i, Choice(kind=engine.kind, index=i, candidate=engine, viable=why is None,
                                                                taken=False, reason=why or good)))
     build_why = blocker
@@ -84,12 +84,12 @@ def _engine_mismatch(engine: Engine, machine: Machine, gpu: Gpu) -> str | None:
         return f"built for {engine.platform}, this machine is {machine.platform}"
     if engine.kind == "weightless":
         if tuple(engine.compute_capabilities) != (gpu.sm,):
-            built = ", ".join(_sm(s) for s in engine.compute_capabilities) or "?"
-            return f"weightless engine for SM {built}, this GPU is SM {_sm(gpu.sm)}"
+            built = ", ".join(sm_text(s) for s in engine.compute_capabilities) or "?"
+            return f"weightless engine for SM {built}, this GPU is SM {sm_text(gpu.sm)}"
         return None
     covered = set(engine.compute_capabilities) or DEFAULT_ENGINE_SMS
     if gpu.sm not in covered:
-        return f"weightful engine for SM {', '.join(_sm(s) for s in sorted(covered))}, which does not cover this GPU's SM {_sm(gpu.sm)}"
+        return f"weightful engine for SM {', '.join(sm_text(s) for s in sorted(covered))}, which does not cover this GPU's SM {sm_text(gpu.sm)}"
     return None
 
 
@@ -128,8 +128,8 @@ def classify_cache(made: CacheKey, here: CacheKey) -> tuple[str, str]:
     if made.os != here.os:
         problems.append(f"made on {made.os}, this machine runs {here.os}")
     if made.pci_device_id != here.pci_device_id or made.sm != here.sm:
-        problems.append(f"made on {made.gpu_name} (device 0x{made.pci_device_id:04x}, SM {_sm(made.sm)}), this GPU is "
-                        f"{here.gpu_name} (device 0x{here.pci_device_id:04x}, SM {_sm(here.sm)}); caches are tied to the GPU model")
+        problems.append(f"made on {made.gpu_name} (device 0x{made.pci_device_id:04x}, SM {sm_text(made.sm)}), this GPU is "
+                        f"{here.gpu_name} (device 0x{here.pci_device_id:04x}, SM {sm_text(here.sm)}); caches are tied to the GPU model")
     if made.trt_rtx_version != here.trt_rtx_version:
         problems.append(f"made with TensorRT for RTX {made.trt_rtx_version}, {here.trt_rtx_version} is installed")
     if made.cuda_flavour != here.cuda_flavour:
@@ -167,10 +167,6 @@ def _take_first(rows: list[tuple[int, int, Choice]]) -> list[Choice]:
 
 def _version(v: str) -> tuple[int, ...]:
     return tuple(int(p) for p in v.split(".") if p.isdigit())
-
-
-def _sm(sm: int) -> str:
-    return f"{sm // 10}.{sm % 10}"
 
 
 def pick_gpu(machine: Machine, device: int | None = None) -> Gpu | None:

@@ -41,7 +41,7 @@ class Gpu:
 
     @property
     def sm_text(self) -> str:
-        return f"{self.sm // 10}.{self.sm % 10}"
+        return sm_text(self.sm)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -77,6 +77,11 @@ class Machine:
         d["gpus"] = [dict(asdict(g), sm_text=g.sm_text, trt_rtx_supported=trt_rtx_supports(g.sm)) for g in self.gpus]
         d["notes"] = list(self.notes)
         return d
+
+
+def sm_text(sm: int) -> str:
+    """A compute capability as people write it: 89 -> "8.9", 120 -> "12.0"."""
+    return f"{sm // 10}.{sm % 10}"
 
 
 def trt_rtx_supports(sm: int) -> bool:

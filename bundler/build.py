@@ -27,7 +27,7 @@ from runtime_shim.manifest import (
 )
 
 from . import __version__
-from .bundle_io import raise_for_problems, temp_sibling, verify_bundle
+from .bundle_io import raise_for_problems, temp_sibling, unlisted_files, verify_bundle
 from .config import BuildOptions, check_warmups, resolve_profiles
 from .engines import BuiltEngine, build_engines, plan_engines, trt_rtx_identity
 from .onnx_model import load_model, make_skeleton, write_normalized_model
@@ -149,7 +149,7 @@ def build_bundle(onnx_path: str | os.PathLike[str], out_dir: str | os.PathLike[s
         atomic_write(tmp / MANIFEST_NAME, manifest.to_json())
         with timed("verify"):
             raise_for_problems(verify_bundle(tmp), what=f"{out} (as built)")
-        left_alone = _move_into_place(tmp, out)
+        left_alone = _move_into_place(tmp, out, manifest)
         tmp = None
     finally:
         if tmp is not None:
@@ -200,7 +200,7 @@ def _check_output_dir(out: Path, *, force: bool) -> None:
                                   "(other files are never deleted)")
 
 
-def _move_into_place(tmp: Path, out: Path) -> list[str]:
+def _move_into_place(tmp: Path, out: Path, new_manifest: Manifest) -> list[str]:
     """Put the finished bundle at ``out``; returns the files found there that are not the bundle's (left alone)."""
     if not out.exists():
         os.rename(tmp, out)
@@ -210,7 +210,6 @@ def _move_into_place(tmp: Path, out: Path) -> list[str]:
     with contextlib.suppress(ManifestError, OSError):
         old_manifest, _ = read_manifest(out)
         old_files = {ref.path for _, ref in old_manifest.files()}
-    new_manifest, _ = read_manifest(tmp)
     new_files = {ref.path for _, ref in new_manifest.files()}
     # Content files first (a name is its content, so replacing one is harmless), then the manifest: the
     # commit point. A crash in between leaves the old manifest, still pointing at files that are there.
@@ -231,4 +230,5 @@ def _move_into_place(tmp: Path, out: Path) -> list[str]:
     for folder in ("engines", "caches", "weights", "skeleton"):
         with contextlib.suppress(OSError):
             (out / folder).rmdir()  # only if empty
-    return [p.path for p in verify_bundle(out) if p.kind == "extra"]
+    # tmp was verified before it moved: only files that are not the bundle's are left to report (no second hashing pass).
+    return unlisted_files(out, new_manifest)

@@ -73,18 +73,21 @@ def verify_bundle(bundle_dir: str | os.PathLike[str], *, header_check: HeaderChe
     except ManifestError as e:
         return [Problem(kind="schema", path=MANIFEST_NAME, message=str(e), hint=e.hint or "rebuild the bundle or fetch it again")]
     problems = [Problem(kind="warning", path=MANIFEST_NAME, message=w) for w in warnings]
-    pinned: set[str] = {MANIFEST_NAME}
     for key, ref in manifest.files():
-        pinned.add(ref.path)
         file_problems = _check_file(root, key, ref.path, ref.size, ref.sha256)
         problems += file_problems
         if header_check is not None and ref.path.startswith("engines/") and not file_problems:
             problems += _check_header(root, key, ref.path, header_check)
-    for rel in _walk(root):
-        if rel not in pinned:
-            problems.append(Problem(kind="extra", path=rel, message="not listed in the manifest",
-                                    hint="remove it, or rebuild the bundle; only files the manifest pins belong in a bundle"))
+    for rel in unlisted_files(root, manifest):
+        problems.append(Problem(kind="extra", path=rel, message="not listed in the manifest",
+                                hint="remove it, or rebuild the bundle; only files the manifest pins belong in a bundle"))
     return problems
+
+
+def unlisted_files(root: Path, manifest: Manifest) -> list[str]:
+    """Entries under ``root`` that ``manifest`` does not pin (manifest.json itself aside), sorted; nothing is hashed."""
+    pinned = {MANIFEST_NAME} | {ref.path for _, ref in manifest.files()}
+    return [rel for rel in _walk(root) if rel not in pinned]
 
 
 def _check_file(root: Path, key: str, rel: str, size: int, sha256: str) -> list[Problem]:

@@ -145,8 +145,9 @@ def build_bundle(onnx_path: str | os.PathLike[str], out_dir: str | os.PathLike[s
             creator=Creator(tool="trtx-bundler", version=__version__, created=_source_date_epoch()),
         )
         # Round-trip through the parser: what we write must be what every reader accepts.
-        Manifest.from_json(manifest.to_json(), source=f"{out}/{MANIFEST_NAME} (as built)")
-        atomic_write(tmp / MANIFEST_NAME, manifest.to_json())
+        manifest_json = manifest.to_json()
+        Manifest.from_json(manifest_json, source=f"{out}/{MANIFEST_NAME} (as built)")
+        atomic_write(tmp / MANIFEST_NAME, manifest_json)
         with timed("verify"):
             raise_for_problems(verify_bundle(tmp), what=f"{out} (as built)")
         left_alone = _move_into_place(tmp, out, manifest)

@@ -126,7 +126,7 @@ def build_bundle(onnx_path: str | os.PathLike[str], out_dir: str | os.PathLike[s
             # Beside the output, not in /tmp: a big model's weights fit where its bundle fits (often not in a tmpfs).
             with tempfile.TemporaryDirectory(prefix=f".{out.name}.normalized-", dir=out.parent) as norm_dir:
                 with timed("write normalized model"):
-                    model_file = write_normalized_model(model, store, Path(norm_dir), SKELETON_EXTERNAL_DATA)
+                    model_file = write_normalized_model(model, store, Path(norm_dir), SKELETON_EXTERNAL_DATA, skeleton=skeleton_bytes)
                 built = build_engines(Path(model_file), profiles, plans, tmp, step=progress.step)
         for b in built:
             seconds[f"engine {b.engine.kind} {b.engine.platform} {list(b.engine.compute_capabilities) or 'default'}"] = b.seconds

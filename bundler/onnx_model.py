@@ -316,11 +316,14 @@ def write_raw_layout(model: LoadedModel, store: WeightStore, path: str | os.Path
 
 
 def write_normalized_model(model: LoadedModel, store: WeightStore, dest_dir: str | os.PathLike[str],
-                           external_data_name: str = "weights.bin") -> Path:
-    """Skeleton + raw layout in ``dest_dir``: a complete model file for TRT-RTX's parser or onnxruntime. Returns its path."""
+                           external_data_name: str = "weights.bin", *, skeleton: bytes | None = None) -> Path:
+    """Skeleton + raw layout in ``dest_dir``: a complete model file for TRT-RTX's parser or onnxruntime. Returns its path.
+
+    ``skeleton``: what ``make_skeleton(model, store, external_data_name)`` returned, when the caller made it already.
+    """
     dest = Path(dest_dir)
     dest.mkdir(parents=True, exist_ok=True)
     write_raw_layout(model, store, dest / external_data_name)
     path = dest / SKELETON_NAME
-    atomic_write(path, make_skeleton(model, store, external_data_name))
+    atomic_write(path, skeleton if skeleton is not None else make_skeleton(model, store, external_data_name))
     return path

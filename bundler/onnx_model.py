@@ -7,6 +7,7 @@ the skeleton plus ``WeightReader.unpack_raw`` is a complete model for onnxruntim
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from dataclasses import dataclass
@@ -55,10 +56,12 @@ class LoadedModel:
     constants_hoisted: int  # Constant nodes that became initializers
 
     def weight(self, name: str) -> Weight:
-        for w in self.weights:
-            if w.name == name:
-                return w
-        raise KeyError(name)
+        return self._by_name[name]  # KeyError(name) when absent
+
+    @functools.cached_property
+    def _by_name(self) -> dict[str, Weight]:
+        # make_skeleton and write_raw_layout look up every tensor: a scan each made them quadratic in the tensor count
+        return {w.name: w for w in self.weights}
 
 
 def dtype_name(elem_type: int, where: str) -> str:

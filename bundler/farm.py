@@ -313,11 +313,9 @@ class FarmSettings:
 
 def farm_settings(table: Mapping[str, Any], *, source: str) -> FarmSettings:
     """Validate the [farm] table that bundler.config.load_config hands over unread."""
-    from .config import ConfigError, parse_dims
+    from .config import ConfigError, _no_unknown, parse_dims
 
-    unknown = sorted(set(table) - {"targets", "warmup", "rounds"})
-    if unknown:
-        raise ConfigError(f"{source}: {', '.join('farm.' + k for k in unknown)}: unknown key", hint="known keys here: rounds, targets, warmup")
+    _no_unknown(table, {"targets", "warmup", "rounds"}, source, "farm.")
     targets = table.get("targets", [])
     if not isinstance(targets, list) or not all(isinstance(t, str) and t for t in targets):
         raise ConfigError(f"{source}: farm.targets: expected a list of runner labels like \"rtx4090-linux\", got {targets!r}")

@@ -7,6 +7,7 @@ planes do not look like trained weights' (issue 5).
 """
 from __future__ import annotations
 
+import gc
 import json
 import os
 import statistics
@@ -152,10 +153,15 @@ def scaled(weights: list[Weight], copies: int) -> list[Weight]:
     return out
 
 
-def median_time(fn, repeat: int) -> float:
-    """Median wall time of ``repeat`` calls: the machines here are shared, and the median shrugs off a stalled run."""
+def median_time(fn, repeat: int, *, collect: bool = False) -> float:
+    """Median wall time of ``repeat`` calls: the machines here are shared, and the median shrugs off a stalled run.
+
+    ``collect``: run the garbage collector before each call, outside the timing (loads that allocate a model's worth).
+    """
     times = []
     for _ in range(repeat):
+        if collect:
+            gc.collect()
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)

@@ -14,7 +14,6 @@ import argparse
 import concurrent.futures as cf
 import gc
 import os
-import statistics
 import sys
 import tempfile
 import threading
@@ -37,16 +36,6 @@ def _zstd_job(stored: bytes) -> None:
     if dctx is None:
         dctx = _local.d = zstandard.ZstdDecompressor()
     dctx.decompress(stored)
-
-
-def median_time(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        gc.collect()
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def rss_peak_during(fn) -> tuple[int, int]:
@@ -107,20 +96,20 @@ def main() -> None:
         print(f"{'T':>3s} {'zstd-3 only s':>14s} {'load s':>8s} {'load/zstd':>10s} {'(no sha)':>9s}   {'plain read s':>12s} {'none load s':>11s} {'read/load':>10s} {'(no sha)':>9s}")
         for T in [int(t) for t in args.threads.split(",")]:
             with cf.ThreadPoolExecutor(T) as pool:
-                t_z = median_time(lambda: list(pool.map(_zstd_job, zframes)), args.repeat)
+                t_z = _data.median_time(lambda: list(pool.map(_zstd_job, zframes)), args.repeat, collect=True)
             with WeightReader(Path(tmp) / "zstd-byteplane", stores["zstd-byteplane"], threads=T) as r:
-                t_load = median_time(r.read_all, args.repeat)
+                t_load = _data.median_time(r.read_all, args.repeat, collect=True)
             with WeightReader(Path(tmp) / "zstd-byteplane", stores["zstd-byteplane"], threads=T, verify_frames=False) as r:
-                t_load_ns = median_time(r.read_all, args.repeat)
+                t_load_ns = _data.median_time(r.read_all, args.repeat, collect=True)
             def plain_read() -> None:  # into fresh memory, as a load must: Path.read_bytes()
                 with open(none_path, "rb", buffering=0) as f:
                     f.read()
 
-            t_read = median_time(plain_read, args.repeat)
+            t_read = _data.median_time(plain_read, args.repeat, collect=True)
             with WeightReader(Path(tmp) / "none", stores["none"], threads=T) as r:
-                t_none = median_time(r.read_all, args.repeat)
+                t_none = _data.median_time(r.read_all, args.repeat, collect=True)
             with WeightReader(Path(tmp) / "none", stores["none"], threads=T, verify_frames=False) as r:
-                t_none_ns = median_time(r.read_all, args.repeat)
+                t_none_ns = _data.median_time(r.read_all, args.repeat, collect=True)
             print(f"{T:3d} {t_z:14.3f} {t_load:8.3f} {t_load / t_z:9.2f}x {t_load_ns / t_z:8.2f}x   "
                   f"{t_read:12.3f} {t_none:11.3f} {t_read / t_none:9.2f}x {t_read / t_none_ns:8.2f}x")
         print("targets: load/zstd <= 1.25x; read/load >= 0.7x (verified: the default; '(no sha)': verify_frames=False, for comparison)")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import os
 import subprocess
 import sys
@@ -32,14 +31,11 @@ GPUS = [("NVIDIA GeForce RTX 4090", 0x2684, 89), ("NVIDIA GeForce RTX 4080", 0x2
         ("NVIDIA GeForce RTX 4070", 0x2786, 89)]
 
 
-def _sha(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
 def _ref(folder: str, text: str, size: int) -> dict:
+    from runtime_shim.fsutil import sha256_bytes
     from runtime_shim.manifest import FileRef
 
-    return FileRef.for_content(folder, _sha(text), size).to_dict()
+    return FileRef.for_content(folder, sha256_bytes(text.encode()), size).to_dict()
 
 
 def make_manifest(version: str) -> bytes:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import hashlib
 import os
 import resource
 import sys
@@ -25,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import _data  # noqa: E402
 from bundler.weights_writer import write_weight_store  # noqa: E402
 from runtime_shim.errors import MachineError  # noqa: E402
+from runtime_shim.fsutil import sha256_bytes  # noqa: E402
 from runtime_shim.weights import WeightReader  # noqa: E402
 
 
@@ -63,7 +63,7 @@ def check_on_device(rt, reader: WeightReader, dw) -> None:
         if d.nbytes:
             addr = ctypes.addressof(ctypes.c_char.from_buffer(back))
             _check(rt, rt.cudaMemcpy(addr, d.ptr, d.nbytes, rt.cudaMemcpyKind.cudaMemcpyDeviceToHost), "cudaMemcpy D2H")
-        if hashlib.sha256(back).hexdigest() != reader.store.blobs[t.blob].sha256:
+        if sha256_bytes(back) != reader.store.blobs[t.blob].sha256:
             raise SystemExit(f"FAIL: {t.name} differs on the device")
 
 

@@ -240,6 +240,11 @@ def _batch(rest: tuple[int, ...]) -> ShapeTriple:
     return tuple((b[0], *rest) for b in _BATCH)  # type: ignore[return-value]
 
 
+def shape_args(profile: Optional[ProfileDict]) -> list[str]:
+    """The profile as ``--shape NAME=MIN:OPT:MAX`` values (what make_options(shapes=...) takes)."""
+    return [f"{n}={':'.join('x'.join(map(str, s)) for s in rng)}" for n, rng in (profile or {}).items()]
+
+
 # (name, factory, default profile for dynamic inputs or None when every input is fixed)
 ALL_BUNDLABLE: list[tuple[str, Callable[[Path], Path], Optional[ProfileDict]]] = [
     ("conv", make_conv, {"input": ((1, 3, 16, 16), (2, 3, 32, 32), (4, 3, 64, 64))}),

@@ -23,12 +23,8 @@ from tests import models
 SMS = [86, 89]  # two targets keep builds fast; the default targets are checked once below
 
 
-def shape_args(profile: models.ProfileDict | None) -> list[str]:
-    return [f"{n}={':'.join('x'.join(map(str, s)) for s in rng)}" for n, rng in (profile or {}).items()]
-
-
 def options_for(profile: models.ProfileDict | None, **kw) -> "object":
-    return make_options(shapes=shape_args(profile), sms=kw.pop("sms", SMS), **kw)
+    return make_options(shapes=models.shape_args(profile), sms=kw.pop("sms", SMS), **kw)
 
 
 def no_gpu() -> SimpleNamespace:

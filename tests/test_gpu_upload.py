@@ -113,10 +113,6 @@ def cudart(monkeypatch) -> _CountingCudart:
     return counting
 
 
-def _shape_args(profile) -> list[str]:
-    return [f"{n}={':'.join('x'.join(map(str, s)) for s in rng)}" for n, rng in (profile or {}).items()]
-
-
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory) -> dict[str, tuple[Path, object]]:
     """(directory, WeightStore) per test model: its bundle as built, and its weights rewritten in 1 KiB frames
@@ -128,7 +124,7 @@ def stores(tmp_path_factory) -> dict[str, tuple[Path, object]]:
     for name, factory, profile in models.ALL_BUNDLABLE:
         # Weights and skeleton only: no engine is built (uploads do not need one), and the probe says "no GPU" so that no
         # weightless build is tried on the GPU this runs on (it need not be one TRT-RTX supports).
-        result = build_bundle(factory(root / "models"), root / name, options=make_options(shapes=_shape_args(profile), weightful=False),
+        result = build_bundle(factory(root / "models"), root / name, options=make_options(shapes=models.shape_args(profile), weightful=False),
                               probe=lambda: SimpleNamespace(gpus=(), driver_problem=lambda: None))
         manifest, _ = read_manifest(result.bundle_dir)
         out[name] = (result.bundle_dir, manifest.weights)

@@ -130,9 +130,7 @@ def build_engines(
     ``step(label)`` returns a context manager around each build (the CLI shows progress for slow ones).
     """
     version, _ = trt_rtx_identity()
-    request_profiles = [
-        {name: (r.min, r.opt, r.max) for name, r in sorted(p.shapes.items())} for p in profiles
-    ]
+    request_profiles = [p.triples() for p in profiles]
     engines_dir = bundle_dir / "engines"
     engines_dir.mkdir(parents=True, exist_ok=True)
     out = []

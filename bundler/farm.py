@@ -124,7 +124,7 @@ class ShimGpu:
         # engine's refit names are the weight store's names.
         onnx_path, tmp = materialize_model(manifest, bundle_dir, UserCache("trtx-farm", workdir / "user-cache"))
         try:
-            profiles = [{k: (r.min, r.opt, r.max) for k, r in sorted(p.shapes.items())} for p in manifest.profiles]
+            profiles = [p.triples() for p in manifest.profiles]
             return build_engine(BuildRequest(onnx_path=str(onnx_path), profiles=profiles, weightless=True))
         finally:
             if tmp is not None:

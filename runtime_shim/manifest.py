@@ -156,6 +156,10 @@ class Profile:
     def to_dict(self) -> dict[str, Any]:
         return {"shapes": {k: v.to_dict() for k, v in sorted(self.shapes.items())}}
 
+    def triples(self) -> dict[str, tuple[Shape, Shape, Shape]]:
+        """Input name -> (min, opt, max), sorted by name: one entry of trt_session.BuildRequest.profiles."""
+        return {k: (r.min, r.opt, r.max) for k, r in sorted(self.shapes.items())}
+
 
 @dataclass(frozen=True, kw_only=True)
 class TrtRtx:

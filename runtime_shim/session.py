@@ -247,7 +247,7 @@ def _built_here(p: Plan, bundle_dir: Path, user_cache: UserCache) -> tuple[str, 
         return str(path), kept
     onnx_path, tmp = materialize_model(p.manifest, bundle_dir, user_cache)
     try:
-        profiles = [{k: (r.min, r.opt, r.max) for k, r in prof.shapes.items()} for prof in p.manifest.profiles]
+        profiles = [prof.triples() for prof in p.manifest.profiles]
         try:
             data = build_engine(BuildRequest(onnx_path=str(onnx_path), profiles=profiles, weightless=True))
         except BundleError as e:

@@ -55,7 +55,7 @@ def real_engine(bundle: Path, sm: int) -> bytes:
     if (bundle, sm) not in _ENGINES:
         manifest, _ = read_manifest(bundle)
         onnx_path, _tmp = materialize_model(manifest, bundle, UserCache("tests", bundle.parent / f"uc-{sm}"))
-        profiles = [{k: (r.min, r.opt, r.max) for k, r in p.shapes.items()} for p in manifest.profiles]
+        profiles = [p.triples() for p in manifest.profiles]
         _ENGINES[(bundle, sm)] = build_engine(BuildRequest(onnx_path=str(onnx_path), profiles=profiles, compute_capabilities=[sm]))
     return _ENGINES[(bundle, sm)]
 

@@ -25,17 +25,6 @@ log = logging.getLogger(__name__)
 MODEL_NAME = "model.onnx"
 
 
-def verify_file(bundle_dir: Path, ref: FileRef, where: str) -> Path:
-    """The bundle file pinned at ``where``, after checking its size and sha256 (IntegrityError otherwise)."""
-    path = bundle_dir / ref.path
-    try:
-        actual, size = sha256_file(path)
-    except FileNotFoundError:
-        raise IntegrityError(f"{path}: missing (pinned by {where})", hint="fetch the bundle again") from None
-    _check_pin(path, ref, where, actual, size)
-    return path
-
-
 def read_verified(bundle_dir: Path, ref: FileRef, where: str) -> bytes:
     """The bytes of the bundle file pinned at ``where``, read once and checked: what is returned is what was hashed."""
     path = bundle_dir / ref.path
@@ -43,14 +32,11 @@ def read_verified(bundle_dir: Path, ref: FileRef, where: str) -> bytes:
         data = path.read_bytes()
     except FileNotFoundError:
         raise IntegrityError(f"{path}: missing (pinned by {where})", hint="fetch the bundle again") from None
-    _check_pin(path, ref, where, sha256_bytes(data), len(data))
-    return data
-
-
-def _check_pin(path: Path, ref: FileRef, where: str, actual: str, size: int) -> None:
+    actual, size = sha256_bytes(data), len(data)
     if size != ref.size or actual != ref.sha256:
         raise IntegrityError(f"{path}: {where} pins sha256 {ref.sha256} ({ref.size} bytes), the file has {actual} ({size} bytes)",
                              hint="the file was modified or damaged: fetch the bundle again ('trtx-bundle verify' lists every bad file)")
+    return data
 
 
 def model_folder_name(manifest: Manifest) -> str:
@@ -60,10 +46,10 @@ def model_folder_name(manifest: Manifest) -> str:
 
 def materialize_model(manifest: Manifest, bundle_dir: Path, user_cache: UserCache) -> tuple[Path, Path | None]:
     """(path of a runnable ONNX model, private temp dir to delete on close or None). Verifies what it copies."""
-    skeleton = verify_file(bundle_dir, manifest.skeleton.file, "skeleton.file")
+    skeleton = read_verified(bundle_dir, manifest.skeleton.file, "skeleton.file")
 
     def fill(folder: Path) -> None:
-        shutil.copyfile(skeleton, folder / MODEL_NAME)
+        (folder / MODEL_NAME).write_bytes(skeleton)  # a fresh private folder: nobody reads it before it is complete
         with WeightReader(bundle_dir, manifest.weights) as reader:  # checks every frame's sha256 as it decodes
             reader.unpack_raw(folder / manifest.skeleton.external_data)
 

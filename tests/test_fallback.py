@@ -13,7 +13,7 @@ import onnxruntime as ort
 import pytest
 
 from runtime_shim.errors import BackendUnavailableError, IntegrityError
-from runtime_shim.fallback import MODEL_NAME, OrtSession, materialize_model, model_folder_name, verify_file
+from runtime_shim.fallback import MODEL_NAME, OrtSession, materialize_model, model_folder_name
 from runtime_shim.manifest import Profile, ShapeRange, read_manifest
 from runtime_shim.user_cache import LAYOUT, UserCache
 
@@ -79,7 +79,7 @@ def test_missing_skeleton_is_an_integrity_error(external, tmp_path) -> None:
     bundle, m, _, _ = external
     (bundle / m.skeleton.file.path).unlink()
     with pytest.raises(IntegrityError, match="missing \\(pinned by skeleton.file\\)"):
-        verify_file(bundle, m.skeleton.file, "skeleton.file")
+        materialize_model(m, bundle, UserCache("T", tmp_path / "c"))
 
 
 def test_without_onnxruntime_the_error_says_what_to_install(external, tmp_path, monkeypatch) -> None:

@@ -14,6 +14,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from runtime_shim.manifest import Profile, ShapeRange
+
 OPSET = 17
 IR_VERSION = 8  # old enough for every onnxruntime and for TRT-RTX's parser
 
@@ -238,6 +240,13 @@ _BATCH: ShapeTriple = ((1,), (4,), (16,))
 
 def _batch(rest: tuple[int, ...]) -> ShapeTriple:
     return tuple((b[0], *rest) for b in _BATCH)  # type: ignore[return-value]
+
+
+def as_profiles(profile: Optional[ProfileDict]) -> tuple[Profile, ...]:
+    """The profile as BuildOptions.profiles takes it (none for a model whose inputs are all fixed)."""
+    if not profile:
+        return ()
+    return (Profile(shapes={k: ShapeRange(min=tuple(v[0]), opt=tuple(v[1]), max=tuple(v[2])) for k, v in profile.items()}),)
 
 
 def shape_args(profile: Optional[ProfileDict]) -> list[str]:

@@ -13,7 +13,6 @@ from click.testing import CliRunner
 from bundler.build import build_bundle
 from bundler.cli import main
 from bundler.config import BuildOptions
-from runtime_shim.manifest import Profile, ShapeRange
 
 sys.path.insert(0, str(Path(__file__).parent))
 import models  # noqa: E402
@@ -23,8 +22,7 @@ import models  # noqa: E402
 def conv(tmp_path):
     name, factory, prof = next(m for m in models.ALL_BUNDLABLE if m[0] == "conv")
     onnx_path = factory(tmp_path)
-    profiles = (Profile(shapes={k: ShapeRange(min=v[0], opt=v[1], max=v[2]) for k, v in prof.items()}),)
-    build_bundle(onnx_path, tmp_path / "bundle", options=BuildOptions(profiles=profiles, weightless=False))
+    build_bundle(onnx_path, tmp_path / "bundle", options=BuildOptions(profiles=models.as_profiles(prof), weightless=False))
     feeds = models.sample_inputs(name, prof, onnx_path)
     for k, v in feeds.items():
         np.save(tmp_path / f"{k}.npy", v)

@@ -14,7 +14,7 @@ import pytest
 
 from runtime_shim.errors import BackendUnavailableError, IntegrityError
 from runtime_shim.fallback import MODEL_NAME, OrtSession, materialize_model, model_folder_name
-from runtime_shim.manifest import Profile, ShapeRange, read_manifest
+from runtime_shim.manifest import read_manifest
 from runtime_shim.user_cache import LAYOUT, UserCache
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -31,8 +31,7 @@ def external(tmp_path):
     """The external-data test model (weights in a side file), bundled without engines."""
     name, factory, prof = next(m for m in models.ALL_BUNDLABLE if m[0] == "external")
     onnx_path = factory(tmp_path)
-    profiles = (Profile(shapes={k: ShapeRange(min=v[0], opt=v[1], max=v[2]) for k, v in prof.items()}),)
-    build_bundle(onnx_path, tmp_path / "bundle", options=BuildOptions(profiles=profiles, weightful=False, weightless=False))
+    build_bundle(onnx_path, tmp_path / "bundle", options=BuildOptions(profiles=models.as_profiles(prof), weightful=False, weightless=False))
     m, _ = read_manifest(tmp_path / "bundle")
     return tmp_path / "bundle", m, onnx_path, models.sample_inputs(name, prof, onnx_path)
 

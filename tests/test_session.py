@@ -17,7 +17,7 @@ import runtime_shim
 from runtime_shim.errors import BackendUnavailableError, BundleError, InputError, IntegrityError, SchemaVersionError
 from runtime_shim.fsutil import atomic_write
 from runtime_shim.machine import Gpu, Machine
-from runtime_shim.manifest import Profile, ShapeRange, read_manifest
+from runtime_shim.manifest import read_manifest
 
 sys.path.insert(0, str(Path(__file__).parent))
 import models  # noqa: E402
@@ -36,8 +36,7 @@ def _machine(gpus=(H100,), **kw) -> Machine:
 
 
 def _options(prof, **kw) -> BuildOptions:
-    profiles = (Profile(shapes={k: ShapeRange(min=tuple(v[0]), opt=tuple(v[1]), max=tuple(v[2])) for k, v in prof.items()}),) if prof else ()
-    return BuildOptions(profiles=profiles, weightless=False, **kw)
+    return BuildOptions(profiles=models.as_profiles(prof), weightless=False, **kw)
 
 
 def _max_rel(a: np.ndarray, b: np.ndarray) -> float:

@@ -158,10 +158,6 @@ class FakeDeviceUpload:
         self.runtime.calls.append(("free_upload",))
 
 
-def _profiles(prof):
-    return (Profile(shapes={k: ShapeRange(min=v[0], opt=v[1], max=v[2]) for k, v in prof.items()}),) if prof else ()
-
-
 @pytest.fixture
 def mlp(tmp_path):
     """A real bundle of the MLP test model, plus a weightless engine entry for SM 8.9 and two bundled caches."""
@@ -172,7 +168,7 @@ def _bundle_with_stand_ins(tmp_path, model: str):
     name, factory, prof = next(m for m in models.ALL_BUNDLABLE if m[0] == model)
     onnx_path = factory(tmp_path)
     bundle = tmp_path / "bundle"
-    build_bundle(onnx_path, bundle, options=BuildOptions(profiles=_profiles(prof), weightless=False))
+    build_bundle(onnx_path, bundle, options=BuildOptions(profiles=models.as_profiles(prof), weightless=False))
     m, _ = read_manifest(bundle)
     plan = (bundle / m.engines[0].file.path).read_bytes() + b"weightless stand-in"
     ref = FileRef.for_content("engines", hashlib.sha256(plan).hexdigest(), len(plan))
@@ -379,7 +375,7 @@ def test_real_gpu_matches_onnxruntime(tmp_path, weightless) -> None:
     name, factory, prof = next(m for m in models.ALL_BUNDLABLE if m[0] == "mlp")
     onnx_path = factory(tmp_path)
     bundle = tmp_path / "b"
-    build_bundle(onnx_path, bundle, options=BuildOptions(profiles=_profiles(prof), weightful=not weightless, weightless=weightless))
+    build_bundle(onnx_path, bundle, options=BuildOptions(profiles=models.as_profiles(prof), weightful=not weightless, weightless=weightless))
     feeds = models.sample_inputs(name, prof, onnx_path)
     ref = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"]).run(None, feeds)
     with runtime_shim.load(bundle, "T", cache_dir=tmp_path / "c", fallback="error") as s:

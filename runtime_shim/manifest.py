@@ -336,10 +336,6 @@ class CacheKey:
     trt_rtx_version: str
     cig: bool = False  # CUDA in Graphics
 
-    @property
-    def driver_major(self) -> int:
-        return int(self.driver_version.split(".")[0])
-
     @staticmethod
     def _parse(r: Reader) -> CacheKey:
         key = CacheKey(

@@ -63,7 +63,6 @@ def numpy_dtype(dtype: str) -> np.dtype:
 # then the planes' stored bytes. A frame of layout 1 is one plain zstd frame, which starts with zstd's magic instead.
 PLANES_TAG = b"BP2\x00"
 PLANE_RAW, PLANE_ZSTD = 0, 1
-_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _UINT = {2: np.dtype("<u2"), 4: np.dtype("<u4"), 8: np.dtype("<u8")}
 _local = threading.local()
 

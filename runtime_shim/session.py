@@ -124,8 +124,9 @@ def load(bundle_path: str | Path, app: str = "MyApp", *, cache_dir: str | Path |
     p = plan(bundle_dir, user_cache, machine=_machine, device=device)
     for w in p.warnings:
         log.warning("%s", w)
-    report = Report(bundle=str(bundle_dir), model=p.manifest.model.name, machine=p.machine.to_dict(), warnings=list(p.warnings),
-                    gpu=next((g for g in report_gpus(p.machine) if p.gpu and g["index"] == p.gpu.index), None),
+    machine = p.machine.to_dict()
+    report = Report(bundle=str(bundle_dir), model=p.manifest.model.name, machine=machine, warnings=list(p.warnings),
+                    gpu=next((g for g in machine["gpus"] if p.gpu and g["index"] == p.gpu.index), None),
                     engine_choices=[c.to_dict() for c in p.engines], cache_choices=[c.to_dict() for c in p.caches],
                     cache_dir=str(user_cache.dir))
     if p.manifest.trt_rtx.version != p.machine.trt_rtx_version and p.machine.trt_rtx_version:
@@ -158,10 +159,6 @@ def load(bundle_path: str | Path, app: str = "MyApp", *, cache_dir: str | Path |
         report.timings.update(impl.timings)
     report.timings["load_s"] = time.perf_counter() - t_start
     return Session(manifest=p.manifest, impl=impl, report=report, user_cache=user_cache, key=p.key, engine=engine_used)
-
-
-def report_gpus(machine: Machine) -> list[dict[str, Any]]:
-    return machine.to_dict()["gpus"]
 
 
 class _StoreWeights:

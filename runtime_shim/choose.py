@@ -67,9 +67,8 @@ def choose_engines(manifest: Manifest, machine: Machine, gpu: Gpu | None) -> lis
                 else f"weightful engine covering SM {sm_text(gpu.sm)}") if gpu and why is None else ""
         rows.append((ENGINE_KINDS_RANK[engine.kind], i, Choice(kind=engine.kind, index=i, candidate=engine, viable=why is None,
                                                                taken=False, reason=why or good)))
-    build_why = blocker
-    rows.append((2, 0, Choice(kind="build", index=None, candidate=None, viable=build_why is None, taken=False,
-                              reason=build_why or "build a weightless engine for this GPU from the skeleton (CURRENT), once; "
+    rows.append((2, 0, Choice(kind="build", index=None, candidate=None, viable=blocker is None, taken=False,
+                              reason=blocker or "build a weightless engine for this GPU from the skeleton (CURRENT), once; "
                                                   "it is kept in the user cache dir")))
     rows.append((3, 0, Choice(kind="fallback", index=None, candidate=None, viable=True, taken=False,
                               reason="ONNX Runtime on the CPU, from the skeleton and the weight store")))

@@ -6,7 +6,6 @@ a weightless engine's refit names match the bundle's weights.
 """
 from __future__ import annotations
 
-import importlib.metadata
 import logging
 import time
 from dataclasses import dataclass
@@ -50,18 +49,16 @@ class BuiltEngine:
 
 
 def trt_rtx_identity() -> tuple[str, str]:
-    """(exact TRT-RTX version, CUDA flavour) of the installed builder: engines run only on that version."""
+    """(exact TRT-RTX version, CUDA flavour) of the installed builder: engines run only on that version.
+
+    The flavour comes from the same lookup the shim's probe uses, so a bundle built here and a farm job or
+    app on this machine never disagree about it.
+    """
     import tensorrt_rtx  # the builder needs it anyway; import errors are reported by build_engine's trt()
 
-    flavour = "cu13"  # the plain tensorrt-rtx package pulls the CUDA 13 build since 1.7
-    for dist, fl in (("tensorrt_rtx_cu12", "cu12"), ("tensorrt_rtx_cu13", "cu13")):
-        try:
-            importlib.metadata.version(dist)
-            flavour = fl
-            break
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return str(tensorrt_rtx.__version__), flavour
+    from runtime_shim.machine import trt_rtx_install
+
+    return str(tensorrt_rtx.__version__), trt_rtx_install()[1] or "cu13"
 
 
 def local_weightless_target(probe: Callable[[], Any] | None = None) -> tuple[Any | None, str | None]:

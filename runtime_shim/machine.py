@@ -126,7 +126,7 @@ def probe(*, driver: Any = None, nvml: Any = None, proc_version_path: str = _PRO
     arch = _platform.machine().lower()
     plat = {("linux", "x86_64"): "linux_x86_64", ("linux", "amd64"): "linux_x86_64",
             ("windows", "amd64"): "windows_amd64", ("windows", "x86_64"): "windows_amd64"}.get((os_name, arch), f"{os_name}_{arch}")
-    trt_version, flavour = _trt_rtx_install()
+    trt_version, flavour = trt_rtx_install()
     notes: list[str] = []
     gpus: tuple[Gpu, ...] = ()
     driver_cuda: int | None = None
@@ -150,7 +150,8 @@ def probe(*, driver: Any = None, nvml: Any = None, proc_version_path: str = _PRO
                    problem=problem, notes=tuple(notes))
 
 
-def _trt_rtx_install() -> tuple[str | None, str | None]:
+def trt_rtx_install() -> tuple[str | None, str | None]:
+    """(version, CUDA flavour) of the installed TRT-RTX, or (None, None); the build and the probe both ask here."""
     # Read the installed distributions rather than importing tensorrt_rtx: the import loads ~230 MB of libraries.
     version, flavour = None, None
     for dist, dist_flavour in _TRT_DISTS:

@@ -300,3 +300,25 @@ def test_output_dir_that_is_a_symlink_is_refused(tmp_path: Path) -> None:
     (tmp_path / "link").symlink_to(tmp_path / "real")
     with pytest.raises(OutputDirError, match="symbolic link"):
         build_bundle(models.make_fixed(tmp_path / "m"), tmp_path / "link", options=make_options(), probe=no_gpu)
+
+
+@pytest.mark.parametrize("installed, flavour", [
+    ({"tensorrt-rtx-cu12-bindings": "1.7.1.116"}, "cu12"),
+    ({"tensorrt-rtx-cu13": "1.7.1.116", "tensorrt-rtx": "1.7.1.116"}, "cu13"),
+    ({"tensorrt-rtx": "1.7.1.116"}, "cu13"),
+])
+def test_build_and_probe_agree_on_the_cuda_flavour(monkeypatch, installed, flavour):
+    """A bundle built here must name the flavour that farm-job and the shim on this machine will see."""
+    import importlib.metadata
+
+    from bundler.engines import trt_rtx_identity
+    from runtime_shim import machine
+
+    def version(dist: str) -> str:
+        if dist in installed:
+            return installed[dist]
+        raise importlib.metadata.PackageNotFoundError(dist)
+
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    assert trt_rtx_identity()[1] == flavour
+    assert machine.trt_rtx_install() == ("1.7.1.116", flavour)

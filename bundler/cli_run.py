@@ -119,17 +119,20 @@ def _load_array(name: str, path: Path) -> np.ndarray:
 @click.option("--specialization", type=click.Choice(["lazy", "eager", "none"]), default="lazy", show_default=True,
               help="Dynamic-shape kernel specialization (TRT-RTX).")
 @click.option("--no-cuda-graphs", is_flag=True, help="Do not capture CUDA graphs.")
+@click.option("--verify-weights", type=click.Choice(["once", "always"]), default="once", show_default=True,
+              help="Hash every weight frame on each load (always), or on this user's first load of that very file, then "
+                   "again only if the file changes (once). Engines and caches are hashed on every load.")
 @click.option("--json", "as_json", is_flag=True, help="Print the load report and the outputs' shapes as JSON on stdout.")
 @render_errors
 def run(bundle: Path, inputs: tuple[str, ...], output_dir: Path | None, app: str, cache_dir: Path | None, fallback: str,
-        specialization: str, no_cuda_graphs: bool, as_json: bool) -> None:
+        specialization: str, no_cuda_graphs: bool, verify_weights: str, as_json: bool) -> None:
     """Run BUNDLE once on arrays from .npy files; save the outputs as .npy."""
     feeds = {}
     for spec in inputs:
         name, path = _parse_input(spec)
         feeds[name] = _load_array(name, path)
     with load(bundle, app, cache_dir=cache_dir, specialization=specialization, cuda_graphs=not no_cuda_graphs,
-              fallback=fallback) as session:
+              fallback=fallback, verify_weights=verify_weights) as session:
         outputs = session.run(feeds)
         report = session.report
     saved: dict[str, Any] = {}

@@ -102,18 +102,24 @@ def plan(bundle_path: str | Path, user_cache: UserCache, *, machine: Machine | N
 
 def load(bundle_path: str | Path, app: str = "MyApp", *, cache_dir: str | Path | None = None, specialization: str = "lazy",
          cuda_graphs: bool = True, fallback: str = "onnxruntime", device: int | None = None, weights_on_device: bool | None = None,
-         _machine: Machine | None = None, _trt_runtime: Any = None) -> Session:
+         verify_weights: str = "once", _machine: Machine | None = None, _trt_runtime: Any = None) -> Session:
     """Open a bundle for inference on this machine. ``_machine``/``_trt_runtime`` replace the probe and TRT-RTX (tests).
 
     ``weights_on_device`` (engines refit from the weight store): None (default) streams the weights to the GPU through
     gpu_upload's pinned-ring pipeline and refits from device pointers, and refits from host memory only where that
     upload fails (it needs GPU memory for a second copy of the weights during the refit); True: the GPU path or an
     error; False: host memory (every tensor decoded into host RAM, TRT-RTX copies it over).
+
+    ``verify_weights``: "once" (default) hashes every frame of the weight file the first time this user loads that
+    very file, then trusts it while its identity (size, times, inode) is unchanged (UserCache.is_verified says why
+    that is sound); "always" hashes every frame on every load. Engines and caches are always hashed.
     """
     from .trt_session import SPECIALIZATIONS
 
     if fallback not in FALLBACKS:
         raise BundleError(f"fallback: expected one of {', '.join(FALLBACKS)}, got {fallback!r}")
+    if verify_weights not in ("once", "always"):
+        raise BundleError(f"verify_weights: expected 'once' or 'always', got {verify_weights!r}")
     if specialization not in SPECIALIZATIONS:
         raise BundleError(f"specialization: expected one of {', '.join(SPECIALIZATIONS)}, got {specialization!r}")
     t_start = time.perf_counter()
@@ -140,7 +146,7 @@ def load(bundle_path: str | Path, app: str = "MyApp", *, cache_dir: str | Path |
             continue
         try:
             impl = _open_trt(p, choice, bundle_dir, user_cache, report, specialization=specialization, cuda_graphs=cuda_graphs,
-                             weights_on_device=weights_on_device, runtime=_trt_runtime)
+                             weights_on_device=weights_on_device, verify_weights=verify_weights, runtime=_trt_runtime)
             engine_used = choice.candidate if isinstance(choice.candidate, Engine) else None
             report.backend = "tensorrt_rtx"
             break
@@ -164,10 +170,20 @@ def load(bundle_path: str | Path, app: str = "MyApp", *, cache_dir: str | Path |
 class _StoreWeights:
     """The weight store as a TRT-RTX refit source: names and sizes from the manifest, bytes from the reader."""
 
-    def __init__(self, manifest: Manifest, bundle_dir: Path) -> None:
+    def __init__(self, manifest: Manifest, bundle_dir: Path, user_cache: UserCache, verify: str) -> None:
         from .weights import WeightReader
 
-        self.store, self.reader = manifest.weights, WeightReader(bundle_dir, manifest.weights)
+        self.store, self.user_cache = manifest.weights, user_cache
+        self.path = bundle_dir / manifest.weights.file.path
+        self.trusted = verify == "once" and user_cache.is_verified(self.path, self.store.file.sha256)
+        self.stamp = verify == "once" and not self.trusted  # stamp the file once a whole upload has hashed every frame
+        self.reader = WeightReader(bundle_dir, manifest.weights, verify_frames=not self.trusted)
+
+    @property
+    def check(self) -> str:
+        """How the weights were checked, for the load report."""
+        return ("every frame's sha256 checked before (this same file, unchanged since): not hashed again" if self.trusted
+                else "every frame's sha256 checked as it was read")
 
     def spec(self, name: str) -> tuple[str, int]:
         t = self.store.tensor(name)  # KeyError when absent
@@ -182,14 +198,17 @@ class _StoreWeights:
         indices = sorted({self.store.tensor(n).blob for n in names})  # a blob shared by identical tensors goes up once
         # A slot holds one frame at least (stores written with bigger frames get bigger slots) and no more than the
         # whole upload: a small model does not pin threads x 4 MiB.
-        largest = max((f.raw_size for i in indices for f in self.store.blobs[i].frames), default=1)
+        largest = max((max(f.raw_size, f.size) for i in indices for f in self.store.blobs[i].frames), default=1)
         total = sum(self.store.blobs[i].nbytes for i in indices)
         with open_uploader(slot_bytes=max(largest, min(SLOT_BYTES, total)), threads=self.reader.threads) as up:
-            return up.upload(self.reader, indices)
+            uploaded = up.upload(self.reader, indices)
+        if self.stamp and len(indices) == len(self.store.blobs):  # every frame of the file was just hashed
+            self.user_cache.mark_verified(self.path, self.store.file.sha256)
+        return uploaded
 
 
 def _open_trt(p: Plan, choice: Choice, bundle_dir: Path, user_cache: UserCache, report: Report, *, specialization: str,
-              cuda_graphs: bool, weights_on_device: bool | None, runtime: Any) -> Any:
+              cuda_graphs: bool, weights_on_device: bool | None, verify_weights: str, runtime: Any) -> Any:
     from .trt_session import TrtRtxRuntime, TrtSession
 
     t0 = time.perf_counter()
@@ -214,7 +233,7 @@ def _open_trt(p: Plan, choice: Choice, bundle_dir: Path, user_cache: UserCache, 
         elif c.candidate is not None:
             blobs.append(read_verified(bundle_dir, c.candidate.file, f"runtime_caches[{c.index}].file"))
             names.append(f"bundled runtime_caches[{c.index}] ({c.kind.replace('bundled_', '')} key)")
-    weights = _StoreWeights(p.manifest, bundle_dir) if choice.kind in ("weightless", "build") else None
+    weights = _StoreWeights(p.manifest, bundle_dir, user_cache, verify_weights) if choice.kind in ("weightless", "build") else None
     try:
         session = TrtSession(runtime or TrtRtxRuntime(p.gpu.index), plan_bytes, weights=weights, specialization=specialization,
                              cuda_graphs=cuda_graphs, caches=blobs, weights_on_device=weights_on_device, source=where)
@@ -224,6 +243,7 @@ def _open_trt(p: Plan, choice: Choice, bundle_dir: Path, user_cache: UserCache, 
     report.timings.update(session.timings)
     if session.refit_from:
         report.engine["weights_from"] = session.refit_from  # "device" (gpu_upload pipeline) or "host"
+        report.engine["weights_check"] = weights.check if weights is not None else None
     report.warnings.extend(session.notes)
     if session.cache_loaded is not None:
         report.runtime_cache = names[session.cache_loaded]

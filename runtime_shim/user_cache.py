@@ -11,6 +11,7 @@ Layout (the ``v1`` folder is the layout version; a later layout gets a new folde
     <cache dir>/trtx-v1/runtime-caches/<model id>/<key id>.rtcache
     <cache dir>/trtx-v1/engines/<name>.engine
     <cache dir>/trtx-v1/models/<weights sha256>/          (skeleton + unpacked weights, for ONNX Runtime)
+    <cache dir>/trtx-v1/verified/<id>.json                  (weight files whose every frame was hashed, by file identity)
     <cache dir>/trtx-v1/locks/<name>.lock
     <cache dir>/trtx-v1/corrupt/
 """
@@ -74,7 +75,7 @@ class UserCache:
         if self._ready or self.problem is not None:
             return self._ready
         try:
-            for sub in ("runtime-caches", "engines", "models", "locks", "corrupt"):
+            for sub in ("runtime-caches", "engines", "models", "locks", "corrupt", "verified"):
                 (self.root / sub).mkdir(parents=True, exist_ok=True)
             tag = self.dir / "CACHEDIR.TAG"
             if not tag.exists():
@@ -117,6 +118,42 @@ class UserCache:
             yield
         finally:
             lock.release()
+
+    # ----------------------------------------------------------------------------------- verified weight files
+    # Why a stamp may stand in for hashing: the bundle's manifest pins the weights by sha256, but nothing signs the
+    # manifest, so whoever can rewrite the weight file can rewrite the manifest too; hashing on every load guards
+    # against damage, not against an attacker. Damage after a full check shows up as a new file identity (size,
+    # mtime, ctime or inode changes), which voids the stamp. A stamp lives where the user's runtime caches (compiled
+    # kernels) live, so trusting it trusts nothing new; a forged stamp only skips checking an untouched file.
+    # Left uncovered: bytes that rot on the disk without any metadata change; load(verify_weights="always") for that.
+    def _stamp_path(self, path: Path, sha256: str) -> Path:
+        key = sha256_bytes((sha256 + "\0" + os.path.realpath(path)).encode())[:24]
+        return self.root / "verified" / f"{key}.json"
+
+    @staticmethod
+    def _identity(path: Path, sha256: str) -> dict:
+        st = os.stat(path)
+        return {"path": os.path.realpath(path), "sha256": sha256, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                "ctime_ns": st.st_ctime_ns, "inode": st.st_ino, "device": st.st_dev}
+
+    def is_verified(self, path: Path, sha256: str) -> bool:
+        """True when every frame of this very file (same identity as then) was hashed and matched before."""
+        try:
+            stamp = json.loads(self._stamp_path(path, sha256).read_text())
+            return stamp == self._identity(path, sha256)
+        except (OSError, ValueError):
+            return False
+
+    def mark_verified(self, path: Path, sha256: str) -> bool:
+        """Record that every frame of ``path`` (pinned by ``sha256``) was just hashed and matched; best effort."""
+        if not self._ensure():
+            return False
+        try:
+            atomic_write(self._stamp_path(path, sha256), json.dumps(self._identity(path, sha256), sort_keys=True).encode())
+            return True
+        except OSError as e:
+            log.warning("%s: cannot record that the weights were verified (%s); they are checked again next time", path, e.strerror or e)
+            return False
 
     # ----------------------------------------------------------------------------------- runtime caches
     def runtime_cache_path(self, model_id: str, key: CacheKey) -> Path:

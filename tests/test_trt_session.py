@@ -424,3 +424,32 @@ def test_build_here_failing_falls_back_with_the_reason(mlp, tmp_path) -> None:
     with _load(bundle, RecordingFakeTrtRuntime(m), tmp_path) as s:
         assert s.backend == "onnxruntime" and "building an engine for this GPU failed" in s.report.why_not_trt
         s.run(feeds)
+
+
+def test_weights_are_hashed_on_the_first_load_then_trusted_until_the_file_changes(mlp, tmp_path) -> None:
+    bundle, m, feeds = mlp
+    with _load(bundle, RecordingFakeTrtRuntime(m), tmp_path) as s:
+        assert s.report.engine["weights_check"] == "every frame's sha256 checked as it was read"
+    with _load(bundle, RecordingFakeTrtRuntime(m), tmp_path) as s:
+        assert s.report.engine["weights_check"].endswith("not hashed again")
+    with _load(bundle, RecordingFakeTrtRuntime(m), tmp_path, verify_weights="always") as s:
+        assert s.report.engine["weights_check"] == "every frame's sha256 checked as it was read"
+    # Damage one stored byte, same size, and even put the modification time back: the ctime still moves, the
+    # stamp no longer matches, every frame is hashed again and the damage is caught.
+    path = bundle / m.weights.file.path
+    before = path.stat()
+    frame = m.weights.blobs[-1].frames[-1]
+    data = bytearray(path.read_bytes())
+    data[frame.offset + frame.size // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+    import os
+
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    with pytest.raises(IntegrityError, match=r"frame \d+ .*sha256"):
+        _load(bundle, RecordingFakeTrtRuntime(m), tmp_path)
+
+
+def test_verify_weights_takes_once_or_always(mlp, tmp_path) -> None:
+    bundle, m, feeds = mlp
+    with pytest.raises(runtime_shim.errors.BundleError, match="verify_weights: expected 'once' or 'always', got 'never'"):
+        _load(bundle, RecordingFakeTrtRuntime(m), tmp_path, verify_weights="never")

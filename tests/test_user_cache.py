@@ -85,7 +85,7 @@ def test_layout_tag_and_env_override(tmp_path, monkeypatch) -> None:
     cache = UserCache("MyApp", tmp_path / "c")
     assert cache.writable
     assert (tmp_path / "c" / "CACHEDIR.TAG").read_bytes().startswith(b"Signature: 8a477f597d28d172789f06886806bc55")
-    assert sorted(p.name for p in (tmp_path / "c" / LAYOUT).iterdir()) == ["corrupt", "engines", "locks", "models", "runtime-caches"]
+    assert sorted(p.name for p in (tmp_path / "c" / LAYOUT).iterdir()) == ["corrupt", "engines", "locks", "models", "runtime-caches", "verified"]
 
 
 def test_round_trip_and_a_corrupt_file_is_set_aside(tmp_path, caplog) -> None:
@@ -253,3 +253,33 @@ def test_engines_built_here_are_checked_when_read_back(tmp_path) -> None:
     path = cache.engine_path("m-sm89")
     path.write_bytes(path.read_bytes()[:-1] + b"X")
     assert cache.read_engine("m-sm89") is None and not path.exists()
+
+
+def test_a_verified_stamp_holds_only_for_the_same_unchanged_file_and_hash(tmp_path) -> None:
+    cache = UserCache("T", tmp_path / "cache")
+    weights = tmp_path / "w.bin"
+    weights.write_bytes(b"x" * 1000)
+    assert not cache.is_verified(weights, "ab" * 32)
+    assert cache.mark_verified(weights, "ab" * 32)
+    assert cache.is_verified(weights, "ab" * 32)
+    assert not cache.is_verified(weights, "cd" * 32)  # another pinned hash: another manifest
+    copy = tmp_path / "copy.bin"
+    copy.write_bytes(weights.read_bytes())
+    assert not cache.is_verified(copy, "ab" * 32)  # same bytes elsewhere: not checked there
+    weights.write_bytes(b"y" * 1000)  # same size, new content
+    assert not cache.is_verified(weights, "ab" * 32)
+
+
+def test_a_damaged_or_missing_stamp_means_not_verified_and_a_read_only_cache_never_raises(tmp_path) -> None:
+    cache = UserCache("T", tmp_path / "cache")
+    weights = tmp_path / "w.bin"
+    weights.write_bytes(b"x")
+    cache.mark_verified(weights, "ab" * 32)
+    stamp = next((cache.root / "verified").iterdir())
+    stamp.write_text("{not json")
+    assert not cache.is_verified(weights, "ab" * 32)
+    assert not cache.is_verified(tmp_path / "gone.bin", "ab" * 32)
+    (tmp_path / "a-file").write_bytes(b"")
+    unwritable = UserCache("T", tmp_path / "a-file" / "cache")  # under a file: nothing can be made there, even as root
+    assert unwritable.mark_verified(weights, "ab" * 32) is False
+    assert not unwritable.is_verified(weights, "ab" * 32)

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from bundler.weights_writer import Weight
+from runtime_shim.weights import ITEMSIZE
 
 SILERO = ("silero-vad==6.2.3", "silero_vad/data/silero_vad.onnx", "silero_vad.onnx")
 SILERO_IFLESS = ("silero-vad==6.2.3", "silero_vad/data/silero_vad_op18_ifless.onnx", "silero_vad_op18_ifless.onnx")  # TRT-RTX builds this one
@@ -150,6 +151,28 @@ def scaled(weights: list[Weight], copies: int) -> list[Weight]:
                 out.append(Weight(f"{w.name}#{r}", w.dtype, w.shape, x ^ flip))
             else:
                 out.append(Weight(f"{w.name}#{r}", w.dtype, w.shape, w.data))
+    return out
+
+
+def merged(weights: list[Weight], mib: float) -> list[Weight]:
+    """The same bytes regrouped into tensors of about ``mib`` MiB (consecutive tensors of one dtype joined, big ones
+    kept whole): the tensor-size profile of a large model (an LLM's matrices are tens of MiB) with trained weights'
+    bytes, for pipelines whose cost has a part per tensor or frame."""
+    out: list[Weight] = []
+    run: list[Weight] = []
+
+    def close() -> None:
+        if run:
+            data = b"".join(raw_bytes(w) for w in run)
+            size = len(data) // ITEMSIZE[run[0].dtype]
+            out.append(Weight(f"merged{len(out)}", run[0].dtype, (size,), data))
+            run.clear()
+
+    for w in weights:
+        if run and (w.dtype != run[0].dtype or sum(len(raw_bytes(x)) for x in run) >= mib * 2**20):
+            close()
+        run.append(w)
+    close()
     return out
 
 

@@ -1,10 +1,15 @@
-"""Host-to-GPU weight upload: decode frames into a small ring of pinned buffers on threads while earlier ones copy.
+"""Host-to-GPU weight upload: a small ring of pinned buffers filled on threads while earlier ones copy.
+
+Two ways to fill a slot, same ring:
+- decode on the GPU (when nvCOMP is installed; runtime_shim.gpu_decode): threads read and sha256-verify the *stored*
+  frames into the slot, the slot goes to device staging memory, and nvCOMP plus one kernel decode there. The host's
+  work per byte is a read and a hash, of fewer bytes than the raw model.
+- decode on the host: threads read, verify and decode each frame into the slot, and the slot goes to its final place.
 
 Device memory gets one allocation holding every blob (each 256-byte aligned), so TRT-RTX refit can take device
 pointers (``TensorLocation.DEVICE``). Pinned host memory is bounded by the ring (``slots * slot_bytes``), never by
-the model: consecutive frames are packed into *segments* of at most one slot that map to one contiguous device
-range, so each segment is one ``cudaMemcpyAsync`` on a non-default stream, and an event per slot says when the slot
-may be refilled. cuda-python is imported lazily; every CUDA error raises MachineError naming the call.
+the model; an event per slot says when the slot may be refilled. cuda-python is imported lazily; every CUDA error
+raises MachineError naming the call.
 """
 from __future__ import annotations
 
@@ -12,11 +17,12 @@ import collections
 import concurrent.futures as cf
 import ctypes
 import os
+import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, NamedTuple
 
-from .errors import MachineError
-from .weights import WeightReader
+from .errors import IntegrityError, MachineError
+from .weights import HINT_CORRUPT, PLANE_CHUNK, WeightReader
 
 DEVICE_ALIGNMENT = 256  # cudaMalloc's own alignment: what TensorRT expects of weight pointers
 SLOT_BYTES = 4 << 20  # the writer's default frame size (bundler DEFAULT_CHUNK): one frame a slot at least
@@ -46,9 +52,11 @@ def _check(rt: Any, result: Any, what: str) -> Any:
     return values[0] if len(values) == 1 else tuple(values)
 
 
-@dataclass(frozen=True)
-class DeviceTensor:
-    """Where one weight tensor lives on the GPU (its blob's bytes, shared by identical tensors)."""
+class DeviceTensor(NamedTuple):
+    """Where one weight tensor lives on the GPU (its blob's bytes, shared by identical tensors).
+
+    A NamedTuple, not a frozen dataclass: an upload makes one per tensor, and thousands of frozen-dataclass
+    inits cost milliseconds of the load (bench_upload.py)."""
 
     name: str
     dtype: str
@@ -118,7 +126,19 @@ def _segments(reader: WeightReader, indices: list[int], offsets: dict[int, int],
 class Uploader:
     """A CUDA stream, a ring of pinned slots and their events, reusable across uploads; close() frees them."""
 
-    def __init__(self, *, device: int = 0, slots: int | None = None, slot_bytes: int = SLOT_BYTES, threads: int | None = None) -> None:
+    def __init__(self, *, device: int = 0, slots: int | None = None, slot_bytes: int = SLOT_BYTES, threads: int | None = None,
+                 decode: str = "auto", batch_bytes: int | None = None) -> None:
+        """``decode``: ``auto`` (on the GPU when nvCOMP is installed, else on the host), ``device`` or ``host``.
+        ``batch_bytes``: stored bytes per GPU decode batch (default: gpu_decode.DeviceDecoder.batch_for); the GPU
+        decoder takes 6x that in device memory."""
+        if decode not in ("auto", "device", "host"):
+            raise ValueError(f"decode={decode!r}: expected 'auto', 'device' or 'host'")
+        self.decode, self.batch_bytes = decode, batch_bytes
+        self.decode_why: str | None = None
+        # seconds this uploader's calls spent, by step, on the calling thread (bench_upload.py prints them)
+        self.spent: collections.Counter[str] = collections.Counter()
+        self.decoded_on: str | None = None
+        self._device_decoder: Any = None
         self.rt = rt = _cudart()
         self.device = device
         self.threads = max(1, threads if threads is not None else min(8, os.cpu_count() or 1))
@@ -145,6 +165,9 @@ class Uploader:
 
     def close(self) -> None:
         rt = self.rt
+        if self._device_decoder is not None:
+            self._device_decoder.close()
+            self._device_decoder = None
         for ev in self._events:
             rt.cudaEventDestroy(ev)
         self._events = []
@@ -161,68 +184,242 @@ class Uploader:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _slot(self, k: int) -> memoryview:
-        addr = self._host + k * self.slot_bytes
-        return memoryview((ctypes.c_ubyte * self.slot_bytes).from_address(addr)).cast("B")
+    def _decoder(self, reader: WeightReader) -> Any:
+        """The GPU decoder to use for this store, or None to decode on the host (``self.decode_why`` says why)."""
+        if self.decode == "host" or all(b.encoding == "none" for b in reader.store.blobs):
+            self.decode_why = "decode='host'" if self.decode == "host" else "the store is uncompressed"
+            return None
+        if self._device_decoder is None:
+            from . import gpu_decode
+
+            why = gpu_decode.available()
+            if why is None:
+                try:
+                    self._device_decoder = gpu_decode.DeviceDecoder(self.rt, self._stream)
+                except MachineError as e:
+                    why = str(e)
+            if why is not None:
+                if self.decode == "device":
+                    raise MachineError(f"cannot decode weights on the GPU: {why}", hint=gpu_decode.NVCOMP_HINT)
+                self.decode_why = why
+                return None
+        self.decode_why = None
+        return self._device_decoder
 
     def upload(self, reader: WeightReader, indices: Iterable[int] | None = None) -> DeviceWeights:
-        """Decode (verifying every frame) and copy the given blobs (default: all) into one new device allocation."""
-        rt = self.rt
+        """Verify, decode and copy the given blobs (default: all) into one new device allocation.
+
+        Frames are decoded on the GPU when nvCOMP is available (``decode``), else on host threads into the pinned ring.
+        """
+        rt, t0 = self.rt, time.perf_counter()
         order = list(range(len(reader.store.blobs)) if indices is None else indices)
-        too_big = max((f.raw_size for i in order for f in reader.store.blobs[i].frames), default=0)
+        too_big = max((max(f.raw_size, f.size) for i in order for f in reader.store.blobs[i].frames), default=0)
         if too_big > self.slot_bytes:
             raise ValueError(f"a frame of {too_big} bytes does not fit a {self.slot_bytes}-byte pinned slot; pass slot_bytes >= {too_big}")
         offsets, total = _layout(reader, order)
         _check(rt, rt.cudaSetDevice(self.device), f"cudaSetDevice({self.device})")
+        decoder = self._decoder(reader)
+        self.decoded_on = "host" if decoder is None else "gpu"
+        self.spent["layout, decoder check"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
         base = _check(rt, rt.cudaMalloc(total), f"cudaMalloc({total})")
+        self.spent["cudaMalloc"] += time.perf_counter() - t0
         try:
-            self._run(reader, _segments(reader, order, offsets, self.slot_bytes), base)
+            if decoder is None:
+                self._run_host(reader, _segments(reader, order, offsets, self.slot_bytes), base)
+            else:
+                self._run_device(reader, decoder, order, offsets, base)
         except BaseException:
             rt.cudaStreamSynchronize(self._stream)
+            if decoder is not None and decoder.stream is not None:
+                rt.cudaStreamSynchronize(decoder.stream)
             rt.cudaFree(base)
             raise
+        t0 = time.perf_counter()
         tensors = {}
         for t in reader.store.tensors:
             if t.blob in offsets:
                 tensors[t.name] = DeviceTensor(t.name, t.dtype, tuple(t.shape), base + offsets[t.blob], reader.store.blobs[t.blob].nbytes)
+        self.spent["tensor table"] += time.perf_counter() - t0
         return DeviceWeights(tensors=tensors, base=base, nbytes=total, device=self.device, _rt=rt)
 
-    def _run(self, reader: WeightReader, segments: list[_Segment], base: int) -> None:
-        rt, h2d = self.rt, self.rt.cudaMemcpyKind.cudaMemcpyHostToDevice
-        used = [False] * self.slots
+    def _ring(self, segments: list[Any], slot_bytes: int, nslots: int, submit: Any, enqueue: Any, first: Any = None) -> None:
+        """For each segment, in order: ``submit(pool, segment, slot_view)`` starts its work on threads (futures),
+        ``enqueue(segment, slot)`` runs here once they are done (it enqueues the copies out of the slot), and a slot
+        is refilled only once the copies out of it are done. The ring is the pinned block cut in ``nslots``.
+        ``first()``, if given, runs here once the first slots' work is under way (work that can overlap it)."""
+        rt = self.rt
+        used = [False] * nslots
+        clock, spent = time.perf_counter, self.spent
 
-        def decode(seg: _Segment, slot: int) -> None:
-            buf = self._slot(slot)
-            for i, j, off in seg.frames:
-                reader.decode_frame(i, j, buf[off:off + reader.store.blobs[i].frames[j].raw_size])
-
-        def issue(k: int, fut: cf.Future[None]) -> None:
-            fut.result()  # decoded and verified
-            seg, slot = segments[k], k % self.slots
-            _check(rt, rt.cudaMemcpyAsync(base + seg.dev_offset, self._host + slot * self.slot_bytes, seg.size, h2d, self._stream), "cudaMemcpyAsync")
+        def issue(k: int, futs: list[cf.Future[None]]) -> None:
+            t0 = clock()
+            for fut in futs:
+                fut.result()  # read and verified (and decoded, on the host path)
+            t1 = clock()
+            slot = k % nslots
+            enqueue(segments[k], slot)
             _check(rt, rt.cudaEventRecord(self._events[slot], self._stream), "cudaEventRecord")
             used[slot] = True
+            spent["wait for threads"] += t1 - t0
+            spent["enqueue"] += clock() - t1
 
-        pending: collections.deque[tuple[int, cf.Future[None]]] = collections.deque()
+        pending: collections.deque[tuple[int, list[cf.Future[None]]]] = collections.deque()
         with cf.ThreadPoolExecutor(self.threads) as pool:
             try:
                 for k, seg in enumerate(segments):
-                    while len(pending) >= self.slots - 1:  # keep one slot for the copy in flight
+                    if len(pending) >= nslots - 1 and first is not None:
+                        first, _ = None, first()
+                    while len(pending) >= nslots - 1:  # keep one slot for the copy in flight
                         issue(*pending.popleft())
-                    slot = k % self.slots
+                    slot = k % nslots
                     if used[slot]:  # its previous segment's copy must be done before it is overwritten
+                        t0 = clock()
                         _check(rt, rt.cudaEventSynchronize(self._events[slot]), "cudaEventSynchronize")
-                    pending.append((k, pool.submit(decode, seg, slot)))
+                        spent["wait for a free slot"] += clock() - t0
+                    view = memoryview((ctypes.c_ubyte * slot_bytes).from_address(self._host + slot * slot_bytes)).cast("B")
+                    pending.append((k, submit(pool, seg, view)))
+                if first is not None:
+                    first()
                 while pending:
                     issue(*pending.popleft())
             finally:
-                for _, fut in pending:
-                    fut.cancel()
+                for _, futs in pending:
+                    for fut in futs:
+                        fut.cancel()
+
+    def _run_host(self, reader: WeightReader, segments: list[_Segment], base: int) -> None:
+        rt, h2d = self.rt, self.rt.cudaMemcpyKind.cudaMemcpyHostToDevice
+
+        def decode(seg: _Segment, buf: memoryview) -> None:
+            for i, j, off in seg.frames:
+                reader.decode_frame(i, j, buf[off:off + reader.store.blobs[i].frames[j].raw_size])
+
+        def enqueue(seg: _Segment, slot: int) -> None:
+            _check(rt, rt.cudaMemcpyAsync(base + seg.dev_offset, self._host + slot * self.slot_bytes, seg.size, h2d, self._stream), "cudaMemcpyAsync")
+
+        self._ring(segments, self.slot_bytes, self.slots, lambda pool, seg, view: [pool.submit(decode, seg, view)], enqueue)
         _check(rt, rt.cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
 
+    def _run_device(self, reader: WeightReader, decoder: Any, order: list[int], offsets: dict[int, int], base: int) -> None:
+        import numpy as np
 
-def upload_weights(reader: WeightReader, *, device: int = 0, threads: int | None = None, slots: int | None = None) -> DeviceWeights:
+        from .gpu_decode import FrameFormatError, cut, plan_frames, plan_starts
+
+        t0 = time.perf_counter()
+        t = _frame_table(reader, order, offsets)
+        self.spent["frame table"] += time.perf_counter() - t0
+        largest = int(t["size"].max()) if len(t["size"]) else 1
+        batch = self.batch_bytes or decoder.batch_for(int(t["size"].sum()), _check(self.rt, self.rt.cudaMemGetInfo(), "cudaMemGetInfo")[0])
+        if largest > batch:
+            raise ValueError(f"a frame of {largest} stored bytes does not fit a GPU decode batch of {batch} bytes; pass batch_bytes >= {largest}")
+        frames = list(zip(t["blob"].tolist(), t["frame"].tolist()))
+
+        def integrity(k: int, e: Exception) -> IntegrityError:
+            i, j = frames[k]
+            return IntegrityError(f"{reader._where(i, j)}: cannot decode as {reader.store.blobs[i].encoding} ({e})", hint=HINT_CORRUPT)
+
+        ring = self.slots * self.slot_bytes
+        slot_bytes = max(largest, min(ring // 4, batch, DEVICE_SEGMENT))
+        nslots = max(2, min(self.slots, ring // slot_bytes))  # one event per slot: self.slots of them
+        segments = _pack(t, slot_bytes)
+        delta = t["slot_off"] - t["file"]
+        planned: list[Any] = []
+
+        def plan_all() -> None:
+            # Plan every frame at once from the mapped file (headers and chunk tables only are touched): one numpy
+            # pass, where planning segment by segment cost ~1 ms each in the copy loop; it runs while the first
+            # segments are read. What the plan was derived from is checked again in each segment as read (cut), so
+            # the GPU only ever gets the plan of the bytes it receives.
+            t0 = time.perf_counter()
+            try:
+                plan = plan_frames(reader.mapped(), t["file"], t["size"], t["raw"], t["es"], t["enc"], t["dst"])
+            except FrameFormatError as e:
+                raise integrity(e.frame, e) from None
+            planned[:] = [plan, plan_starts(plan)]
+            decoder.begin(batch, len(plan.chunk_in), len(plan.job_out), int(plan.chunk_raw.max()) if len(plan.chunk_raw) else 1)
+            self.spent["plan every frame (numpy), size the decoder"] += time.perf_counter() - t0
+
+        def submit(pool: cf.ThreadPoolExecutor, seg: tuple[int, int, Any], view: memoryview) -> list[cf.Future[None]]:
+            return [pool.submit(reader.read_frames, frames[a:b], view[int(t["slot_off"][a]):]) for a, b in seg[2]]
+
+        def enqueue(seg: tuple[int, int, Any], slot: int) -> None:
+            lo, hi, _ = seg
+            host = self._host + slot * slot_bytes
+            end = int(t["slot_off"][hi - 1] + t["size"][hi - 1])
+            try:
+                part = cut(*planned, lo, hi, delta, np.frombuffer((ctypes.c_ubyte * end).from_address(host), dtype=np.uint8))
+            except FrameFormatError as e:
+                raise integrity(lo + e.frame, e) from None
+            decoder.add_segment(part, host, end, base, frames[lo:hi])
+
+        self._ring(segments, slot_bytes, nslots, submit, enqueue, first=plan_all)
+        t0 = time.perf_counter()
+        failed = decoder.finish()
+        self.spent["wait for the GPU at the end"] += time.perf_counter() - t0
+        _check(self.rt, self.rt.cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
+        if failed:
+            (i, j), status, got, want = failed[0]
+            raise IntegrityError(f"{reader._where(i, j)}: the GPU decoder (nvCOMP) returned status {status} and {got} of {want} bytes"
+                                 + (f"; {len(failed) - 1} more chunks failed" if len(failed) > 1 else ""), hint=HINT_CORRUPT)
+
+
+DEVICE_SEGMENT = 16 << 20  # stored bytes per segment on the GPU decode path (fewer, bigger numpy passes)
+READ_RUN = 4 << 20  # one read call (one thread) per this many bytes of back-to-back frames
+
+
+def _frame_table(reader: WeightReader, order: list[int], offsets: dict[int, int]) -> dict[str, Any]:
+    """Per frame of the upload, in order, as numpy int64 arrays: blob, frame, stored size, raw size, element size,
+    ENC_*, device offset of its raw bytes, file offset, and the most zstd chunks it can hold (planes in chunks of
+    PLANE_CHUNK or more)."""
+    import numpy as np
+
+    from .gpu_decode import ENCODINGS
+
+    cols: dict[str, list[int]] = {k: [] for k in ("blob", "frame", "size", "raw", "es", "enc", "dst", "file", "chunks")}
+    for i in order:
+        b = reader.store.blobs[i]
+        dst, enc = offsets[i], ENCODINGS[b.encoding]
+        planes = b.element_size if b.encoding == "zstd-byteplane" and b.element_size > 1 else 1
+        for j, f in enumerate(b.frames):
+            for k, v in (("blob", i), ("frame", j), ("size", f.size), ("raw", f.raw_size), ("es", b.element_size), ("enc", enc), ("dst", dst), ("file", f.offset)):
+                cols[k].append(v)
+            cols["chunks"].append(0 if b.encoding == "none" else planes * max(1, -(-f.raw_size // planes // PLANE_CHUNK)))
+            dst += f.raw_size
+    return {k: np.array(v, dtype=np.int64) for k, v in cols.items()}
+
+
+def _pack(t: dict[str, Any], slot_bytes: int) -> list[tuple[int, int, list[tuple[int, int]]]]:
+    """Cut the frames into segments of at most ``slot_bytes`` stored bytes, back to back in the slot (sets
+    t["slot_off"]): per segment (first frame, end, read runs: ranges of frames back to back in the file, of at most
+    READ_RUN bytes unless one frame is bigger)."""
+    import numpy as np
+
+    size, file = t["size"].tolist(), t["file"].tolist()
+    slot_off = np.zeros(len(size), dtype=np.int64)
+    segments: list[tuple[int, int, list[tuple[int, int]]]] = []
+    lo, used, runs, run_lo, run_bytes = 0, 0, [], 0, 0
+    for k, n in enumerate(size):
+        if k > lo and used + n > slot_bytes:
+            runs.append((run_lo, k))
+            segments.append((lo, k, runs))
+            lo, used, runs, run_lo, run_bytes = k, 0, [], k, 0
+        elif k > run_lo and (file[k] != file[k - 1] + size[k - 1] or run_bytes + n > READ_RUN):
+            runs.append((run_lo, k))
+            run_lo, run_bytes = k, 0
+        slot_off[k] = used
+        used += n
+        run_bytes += n
+    if size:
+        runs.append((run_lo, len(size)))
+        segments.append((lo, len(size), runs))
+    t["slot_off"] = slot_off
+    return segments
+
+
+def upload_weights(reader: WeightReader, *, device: int = 0, threads: int | None = None, slots: int | None = None,
+                   decode: str = "auto") -> DeviceWeights:
     """One-shot: stream the whole weight store to the GPU; returns device pointers per tensor (see DeviceWeights)."""
-    slot_bytes = max((f.raw_size for b in reader.store.blobs for f in b.frames), default=1)
-    with Uploader(device=device, slots=slots, slot_bytes=max(slot_bytes, 1 << 20), threads=threads or reader.threads) as up:
+    slot_bytes = max((max(f.raw_size, f.size) for b in reader.store.blobs for f in b.frames), default=1)
+    with Uploader(device=device, slots=slots, slot_bytes=max(slot_bytes, 1 << 20), threads=threads or reader.threads, decode=decode) as up:
         return up.upload(reader)

@@ -9,17 +9,14 @@ from __future__ import annotations
 import ctypes
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
-from bundler.build import build_bundle
-from bundler.config import make_options
-from bundler.weights_writer import Weight, write_weight_store
-from runtime_shim import gpu_upload
+from bundler.onnx_model import load_model
+from bundler.weights_writer import write_weight_store
+from runtime_shim import gpu_decode, gpu_upload
 from runtime_shim.errors import IntegrityError, MachineError
 from runtime_shim.gpu_upload import Uploader, upload_weights
-from runtime_shim.manifest import read_manifest
 from runtime_shim.weights import WeightReader
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -48,6 +45,9 @@ def _cuda_python_missing() -> bool:
 
 NO_DEVICE = _no_device_reason()
 needs_cuda = pytest.mark.skipif(NO_DEVICE is not None, reason=f"needs a CUDA GPU, any model ({NO_DEVICE})")
+NO_NVCOMP = gpu_decode.available()
+# Both ways of decoding: on host threads into the pinned ring, and on the GPU (nvCOMP + the plane kernel).
+DECODES = ["host", pytest.param("device", marks=pytest.mark.skipif(NO_NVCOMP is not None, reason=f"GPU decoding needs nvCOMP ({NO_NVCOMP})"))]
 
 
 # ------------------------------------------------------------------------------------------- every machine
@@ -121,17 +121,13 @@ def stores(tmp_path_factory) -> dict[str, tuple[Path, object]]:
         pytest.skip(f"needs a CUDA GPU, any model ({NO_DEVICE})")
     root = tmp_path_factory.mktemp("gpu_upload")
     out = {}
-    for name, factory, profile in models.ALL_BUNDLABLE:
-        # Weights and skeleton only: no engine is built (uploads do not need one), and the probe says "no GPU" so that no
-        # weightless build is tried on the GPU this runs on (it need not be one TRT-RTX supports).
-        result = build_bundle(factory(root / "models"), root / name, options=make_options(shapes=models.shape_args(profile), weightful=False),
-                              probe=lambda: SimpleNamespace(gpus=(), driver_problem=lambda: None))
-        manifest, _ = read_manifest(result.bundle_dir)
-        out[name] = (result.bundle_dir, manifest.weights)
-        with WeightReader(result.bundle_dir, manifest.weights) as r:
-            weights = [Weight(t.name, t.dtype, tuple(t.shape), r.read_tensor(t.name).tobytes()) for t in manifest.weights.tensors]
-        small = root / f"{name}-small"
-        out[f"{name}:small-frames"] = (small, write_weight_store(weights, small, chunk_bytes=1024, threads=2))
+    for name, factory, _ in models.ALL_BUNDLABLE:
+        # The weight store as build writes it (no engine and no TRT-RTX needed: uploads do not use one), and the same
+        # tensors again in 1 KiB frames (multi-frame blobs) under the name + ':small-frames'.
+        weights = list(load_model(factory(root / "models")).weights)
+        for suffix, chunk in (("", None), (":small-frames", 1024)):
+            d = root / f"{name}{suffix.replace(':', '-')}"
+            out[name + suffix] = (d, write_weight_store(weights, d, threads=2, **({"chunk_bytes": chunk} if chunk else {})))
     return out
 
 
@@ -157,27 +153,35 @@ RINGS = [(1, 2, 1), (4, None, 1), (2, 3, 2), (8, 2, 3)]
 
 
 @needs_cuda
+@pytest.mark.parametrize("decode", DECODES)
 @pytest.mark.parametrize("threads, slots, frames_a_slot", RINGS)
 @pytest.mark.parametrize("model", [n for n, _, _ in models.ALL_BUNDLABLE] + [f"{n}:small-frames" for n, _, _ in models.ALL_BUNDLABLE])
-def test_every_tensor_round_trips_bit_exact_within_the_pinned_ring(stores, cudart, model, threads, slots, frames_a_slot) -> None:
+def test_every_tensor_round_trips_bit_exact_within_the_pinned_ring(stores, cudart, model, threads, slots, frames_a_slot, decode) -> None:
     bundle_dir, store = stores[model]
-    slot_bytes = max(f.raw_size for b in store.blobs for f in b.frames) * frames_a_slot
+    slot_bytes = max(max(f.raw_size, f.size) for b in store.blobs for f in b.frames) * frames_a_slot
     raw = sum(b.nbytes for b in store.blobs)
     with WeightReader(bundle_dir, store, threads=threads) as reader:
         order = list(range(len(store.blobs)))
         segments = gpu_upload._segments(reader, order, gpu_upload._layout(reader, order)[0], slot_bytes)
         if raw > slot_bytes:
             assert len(segments) > 1  # one segment would hold every frame: the slot is smaller, so several copies
-        with Uploader(threads=threads, slots=slots, slot_bytes=slot_bytes) as up:
+        # batch_bytes: small enough that the bigger stores take several GPU batches (both halves, reused)
+        with Uploader(threads=threads, slots=slots, slot_bytes=slot_bytes, decode=decode, batch_bytes=max(slot_bytes, 1 << 16)) as up:
             ring = up.slots * up.slot_bytes
             for _ in range(2):  # the second upload reuses the slots and their events
                 dw = up.upload(reader)
+                compressed = any(b.encoding != "none" for b in store.blobs)
+                assert up.decoded_on == ("gpu" if decode == "device" and compressed else "host")
                 try:
                     _check_every_tensor(cudart, reader, dw)
                 finally:
                     dw.free()
                 assert dw.base == 0
-    assert 0 < cudart.peak_pinned <= ring  # bounded by the ring (slots x slot_bytes), whatever the model's size
+    # plus, on the GPU path, the pinned tables: nvCOMP's pointers, sizes and statuses (48 bytes a zstd chunk) and the
+    # kernel's jobs (96 bytes a frame): a bound by the frame count, a hundred thousandth of the model's bytes
+    t = gpu_upload._frame_table(reader, order, gpu_upload._layout(reader, order)[0])
+    decoder_arrays = 48 * max(64, int(t["chunks"].sum())) + 96 * max(64, len(t["size"]))
+    assert 0 < cudart.peak_pinned <= ring + (decoder_arrays if decode == "device" else 0)  # bounded by the ring, whatever the model's size
     assert cudart.pinned == {} and cudart.device == {}  # close() and free() gave everything back
     if model.endswith(":small-frames"):
         assert sum(len(b.frames) for b in store.blobs) > len(store.blobs)  # multi-frame blobs really were exercised
@@ -216,15 +220,35 @@ def test_a_frame_bigger_than_a_slot_is_refused_before_any_gpu_memory_is_taken(st
 
 
 @needs_cuda
-def test_a_corrupt_frame_fails_the_upload_and_frees_its_device_memory(stores, cudart, tmp_path) -> None:
+@pytest.mark.parametrize("decode", DECODES)
+def test_a_corrupt_frame_fails_the_upload_and_frees_its_device_memory(stores, cudart, tmp_path, decode) -> None:
     src_dir, store = stores["conv:small-frames"]
     (tmp_path / "weights").mkdir()
     data = bytearray((src_dir / store.file.path).read_bytes())
     frame = store.blobs[-1].frames[-1]
     data[frame.offset + frame.size // 2] ^= 0x40
     (tmp_path / store.file.path).write_bytes(bytes(data))
-    with WeightReader(tmp_path, store, threads=2) as reader, Uploader(threads=2, slot_bytes=1024) as up:
-        with pytest.raises(IntegrityError, match=r"frame \d+ .*sha256"):
+    with WeightReader(tmp_path, store, threads=2) as reader, Uploader(threads=2, slot_bytes=1024, decode=decode) as up:
+        with pytest.raises(IntegrityError, match=r"frame \d+ .*sha256"):  # caught on the host: nvCOMP never sees it
             up.upload(reader)
-        assert cudart.device == {}  # the device allocation was given back
+        kept = set(up._device_decoder._allocs) if up._device_decoder is not None else set()
+        assert set(cudart.device) == kept  # the upload's own allocation was given back (the decoder's stay for reuse)
     assert cudart.pinned == {}
+
+
+@needs_cuda
+@pytest.mark.parametrize("decode", DECODES)
+def test_an_unverified_frame_with_a_bad_plane_header_is_refused_before_decoding(stores, cudart, tmp_path, decode) -> None:
+    """verify_frames=False (a file verified before): a damaged plane header still fails cleanly, on the host, before
+    any decoder (nvCOMP's is undefined on bad input) sees it."""
+    src_dir, store = stores["mlp"]
+    i = next(k for k, b in enumerate(store.blobs) if b.encoding == "zstd-byteplane")
+    frame = store.blobs[i].frames[0]
+    data = bytearray((src_dir / store.file.path).read_bytes())
+    assert data[frame.offset:frame.offset + 4] == b"BP2\x00"
+    data[frame.offset + 4] = 7  # plane 0's mode
+    (tmp_path / "weights").mkdir()
+    (tmp_path / store.file.path).write_bytes(bytes(data))
+    with WeightReader(tmp_path, store, threads=2, verify_frames=False) as reader, Uploader(threads=2, decode=decode) as up:
+        with pytest.raises(IntegrityError, match=rf"blob {i} .*frame 0 .*cannot decode as zstd-byteplane .*unknown mode 7"):
+            up.upload(reader)

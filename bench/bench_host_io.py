@@ -1,0 +1,122 @@
+"""Host-side limits of the upload pipeline, same run: what a GPU-decoding pipeline can at best feed the GPU.
+
+Per thread count T, on a file in the page cache (the store's stored bytes): reading into pinned memory with preadv
+(the pipeline's read), sha256 of pinned bytes (its verification), both together, and, where importable, BLAKE3 and
+xxh3-128 as cheaper hashes. Then the other way to skip the host copy: mmap the file and register the mapping with
+cudaHostRegister(ReadOnly), timing the registration and the DMA straight from the page cache. Baseline: pinned
+cudaMemcpy, as in bench_upload.py.
+
+    python bench/bench_host_io.py [--mib 1024] [--threads 1,4,8,16]
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import ctypes
+import hashlib
+import mmap
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import _data  # noqa: E402
+from runtime_shim.errors import MachineError  # noqa: E402
+
+CHUNK = 4 << 20
+
+
+def _parallel(T: int, n: int, job) -> float:
+    """Seconds for job(k) over k in range(n) on T threads (median of 3)."""
+    def once() -> None:
+        with cf.ThreadPoolExecutor(T) as pool:
+            list(pool.map(job, range(n)))
+    return _data.median_time(once, 3)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--mib", type=int, default=1024)
+    ap.add_argument("--threads", default="1,4,8,16")
+    args = ap.parse_args()
+    try:
+        from runtime_shim.gpu_upload import _check, _cudart
+        rt = _cudart()
+        _check(rt, rt.cudaSetDevice(0), "cudaSetDevice(0)")
+    except MachineError as e:
+        print(f"bench_host_io: skipped, no usable GPU here ({e})")
+        return
+    from bench_upload import pinned_memcpy_seconds
+
+    size = args.mib << 20
+    n = size // CHUNK
+    hashes = {"sha256": lambda b: hashlib.sha256(b).digest()}
+    try:
+        import blake3
+        hashes["blake3"] = lambda b: blake3.blake3(b).digest()
+    except ImportError:
+        print("blake3 not importable: its rows are skipped")
+    try:
+        import xxhash
+        hashes["xxh3-128"] = lambda b: xxhash.xxh3_128_digest(b)
+    except ImportError:
+        print("xxhash not importable: its rows are skipped")
+
+    with tempfile.TemporaryDirectory(dir=os.environ.get("TRTX_BENCH_TMP")) as tmp:
+        path = Path(tmp) / "data"
+        with open(path, "wb") as f:
+            for _ in range(n):
+                f.write(os.urandom(CHUNK))
+        path.read_bytes()  # into the page cache
+        t_copy = pinned_memcpy_seconds(rt, size, 5)
+        print(f"{os.cpu_count()} CPUs; {args.mib} MiB; baseline pinned cudaMemcpy {size / t_copy / 1e9:.2f} GB/s\n")
+        host = _check(rt, rt.cudaMallocHost(size), "cudaMallocHost")
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            ctypes.memset(host, 0, size)
+            views = [memoryview((ctypes.c_ubyte * CHUNK).from_address(host + k * CHUNK)).cast("B") for k in range(n)]
+
+            def read(k: int) -> None:
+                os.preadv(fd, [views[k]], k * CHUNK)
+
+            print(f"{'T':>3s} {'preadv->pinned':>15s} " + " ".join(f"{h:>10s}" for h in hashes) + f" {'read+sha256':>12s}   GB/s (x of memcpy)")
+            for T in [int(x) for x in args.threads.split(",")]:
+                cells = [size / _parallel(T, n, read)]
+                for h in hashes.values():
+                    cells.append(size / _parallel(T, n, lambda k, h=h: h(views[k])))
+                cells.append(size / _parallel(T, n, lambda k: (read(k), hashes["sha256"](views[k]))))
+                print(f"{T:3d} " + " ".join(f"{c / 1e9:6.2f} ({c * t_copy / size:4.2f}x)" for c in cells), flush=True)
+        finally:
+            os.close(fd)
+            rt.cudaFreeHost(host)
+
+        # Register the page cache itself: the DMA then reads the file's pages, no CPU copy at all.
+        with open(path, "rb") as f:
+            mm = mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ)
+        import numpy as np
+
+        addr = np.frombuffer(mm, dtype=np.uint8).__array_interface__["data"][0]  # read-only: ctypes.from_buffer refuses it
+        flags = rt.cudaHostRegisterReadOnly if hasattr(rt, "cudaHostRegisterReadOnly") else 8
+        t0 = time.perf_counter()
+        err = rt.cudaHostRegister(addr, size, int(flags))
+        t_reg = time.perf_counter() - t0
+        err = err[0] if isinstance(err, tuple) else err
+        if int(err) != 0:
+            print(f"\ncudaHostRegister(ReadOnly) of the mmap'd file failed: {rt.cudaGetErrorName(err)[1].decode()}")
+        else:
+            dev = _check(rt, rt.cudaMalloc(size), "cudaMalloc")
+            h2d = rt.cudaMemcpyKind.cudaMemcpyHostToDevice
+            t_dma = _data.median_time(lambda: _check(rt, rt.cudaMemcpy(dev, addr, size, h2d), "cudaMemcpy"), 3)
+            print(f"\nmmap + cudaHostRegister(ReadOnly): register {size / t_reg / 1e9:.2f} GB/s ({t_reg * 1e3:.0f} ms); "
+                  f"DMA from the registered page cache {size / t_dma / 1e9:.2f} GB/s ({t_copy / t_dma:.2f}x); "
+                  f"both {size / (t_reg + t_dma) / 1e9:.2f} GB/s ({t_copy / (t_reg + t_dma):.2f}x)")
+            rt.cudaFree(dev)
+            rt.cudaHostUnregister(addr)
+        mm.close()
+
+
+if __name__ == "__main__":
+    main()

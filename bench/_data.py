@@ -176,6 +176,20 @@ def merged(weights: list[Weight], mib: float) -> list[Weight]:
     return out
 
 
+def cuda_runtime(bench: str):
+    """cuda-python's runtime with device 0 set, or None after printing why this benchmark is skipped."""
+    from runtime_shim.errors import MachineError
+    from runtime_shim.gpu_upload import _check, _cudart
+
+    try:
+        rt = _cudart()
+        _check(rt, rt.cudaSetDevice(0), "cudaSetDevice(0)")
+    except MachineError as e:
+        print(f"{bench}: skipped, no usable GPU here ({e})")
+        return None
+    return rt
+
+
 def median_time(fn, repeat: int, *, collect: bool = False) -> float:
     """Median wall time of ``repeat`` calls: the machines here are shared, and the median shrugs off a stalled run.
 

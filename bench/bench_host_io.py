@@ -24,7 +24,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import _data  # noqa: E402
-from runtime_shim.errors import MachineError  # noqa: E402
 
 CHUNK = 4 << 20
 
@@ -42,14 +41,11 @@ def main() -> None:
     ap.add_argument("--mib", type=int, default=1024)
     ap.add_argument("--threads", default="1,4,8,16")
     args = ap.parse_args()
-    try:
-        from runtime_shim.gpu_upload import _check, _cudart
-        rt = _cudart()
-        _check(rt, rt.cudaSetDevice(0), "cudaSetDevice(0)")
-    except MachineError as e:
-        print(f"bench_host_io: skipped, no usable GPU here ({e})")
+    rt = _data.cuda_runtime("bench_host_io")
+    if rt is None:
         return
     from bench_upload import pinned_memcpy_seconds
+    from runtime_shim.gpu_upload import _check
 
     size = args.mib << 20
     n = size // CHUNK

@@ -1,4 +1,4 @@
-"""nVCOMP's zstd decoder on real exponent planes: time of one call against the chunk size and the chunk count.
+"""nvCOMP's zstd decoder on real exponent planes: time of one call against the chunk size and the chunk count.
 
 Why the store's planes are 64 KiB chunks and why the GPU path's last batch cannot be hidden: the exponent plane of
 MiniLM (bf16, --copies replicas) is compressed the way the store does it (literals-only zstd) in chunks of each
@@ -29,12 +29,13 @@ def main() -> None:
     ap.add_argument("--copies", type=int, default=8)
     ap.add_argument("--chunks-kib", default="64,32,16,2048")
     args = ap.parse_args()
-    try:
-        from runtime_shim import gpu_decode
-        from runtime_shim.gpu_upload import _check, _cudart
+    rt = _data.cuda_runtime("bench_nvcomp")
+    if rt is None:
+        return
+    from runtime_shim import gpu_decode
+    from runtime_shim.gpu_upload import _check
 
-        rt = _cudart()
-        _check(rt, rt.cudaSetDevice(0), "cudaSetDevice(0)")
+    try:
         nv = gpu_decode.Nvcomp()
     except MachineError as e:
         print(f"bench_nvcomp: skipped ({e})")
@@ -42,7 +43,7 @@ def main() -> None:
     weights = _data.scaled(_data.models("minilm")["minilm-bf16"], args.copies)
     u = np.concatenate([np.frombuffer(_data.raw_bytes(w), dtype="<u2") for w in weights if w.dtype == "bfloat16"])
     plane = (((u << np.uint16(1)) | (u >> np.uint16(15))) >> np.uint16(8)).astype(np.uint8).tobytes()  # layout 2's top plane
-    print(f"exponent plane of minilm-bf16 x{args.copies}: {len(plane) / 1e6:.1f} MB; nVCOMP at {nv.path}")
+    print(f"exponent plane of minilm-bf16 x{args.copies}: {len(plane) / 1e6:.1f} MB; nvCOMP at {nv.path}")
     stream = _check(rt, rt.cudaStreamCreateWithFlags(rt.cudaStreamNonBlocking), "cudaStreamCreateWithFlags")
     ev0, ev1 = _check(rt, rt.cudaEventCreate(), "cudaEventCreate"), _check(rt, rt.cudaEventCreate(), "cudaEventCreate")
     cctx = zstandard.ZstdCompressor(compression_params=weights_writer._LITERALS)
@@ -80,7 +81,7 @@ def main() -> None:
             _check(rt, rt.cudaMemcpy(back.ctypes.data, dev, back.nbytes, rt.cudaMemcpyKind.cudaMemcpyDeviceToHost), "cudaMemcpy")
             statuses = np.frombuffer(back[5].tobytes(), dtype=np.int32)[:count]
             if (statuses != 0).any() or (back[4, :count] != back[2, :count]).any():
-                raise SystemExit(f"FAIL: nVCOMP did not decode every {kib} KiB chunk")
+                raise SystemExit(f"FAIL: nvCOMP did not decode every {kib} KiB chunk")
             print(f"{kib:5d} KiB {len(blob) / len(plane) * 100:7.2f}% {count:7d} {best:7.2f} {sum(len(p) for p in pieces[:count]) / best / 1e6:14.1f}")
         for ptr in (stage, out, dev):
             rt.cudaFree(ptr)

@@ -26,7 +26,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import _data  # noqa: E402
 from bundler.weights_writer import write_weight_store  # noqa: E402
-from runtime_shim.errors import MachineError  # noqa: E402
 from runtime_shim.fsutil import sha256_bytes  # noqa: E402
 from runtime_shim.weights import WeightReader  # noqa: E402
 
@@ -83,15 +82,11 @@ def main() -> None:
     ap.add_argument("--merge-mib", type=float, default=0, help="regroup the tensors into ~N MiB ones (a large model's profile; 0: as trained)")
     args = ap.parse_args()
 
-    try:
-        from runtime_shim.gpu_upload import Uploader, _cudart
-        rt = _cudart()
-        from runtime_shim.gpu_upload import _check
-        _check(rt, rt.cudaSetDevice(0), "cudaSetDevice(0)")
-    except MachineError as e:
-        print(f"bench_upload: skipped, no usable GPU here ({e})")
+    rt = _data.cuda_runtime("bench_upload")
+    if rt is None:
         return
     from runtime_shim import gpu_decode
+    from runtime_shim.gpu_upload import Uploader
 
     decodes = args.decode.split(",")
     if "device" in decodes and gpu_decode.available() is not None:

@@ -420,48 +420,7 @@ $Lloop:
     add.u64 %d13, %d1, %d10;
     ld.global.u8 %r7, [%d13];
     cvt.u64.u32 %d14, %r7;
-    setp.lt.u32 %q1, %r0, 2;
-    @%q1 bra $Ljoined;
-    add.u64 %d13, %d2, %d10;
-    ld.global.u8 %r7, [%d13];
-    cvt.u64.u32 %d15, %r7;
-    shl.b64 %d15, %d15, 8;
-    or.b64 %d14, %d14, %d15;
-    setp.lt.u32 %q1, %r0, 4;
-    @%q1 bra $Ljoined;
-    add.u64 %d13, %d3, %d10;
-    ld.global.u8 %r7, [%d13];
-    cvt.u64.u32 %d15, %r7;
-    shl.b64 %d15, %d15, 16;
-    or.b64 %d14, %d14, %d15;
-    add.u64 %d13, %d4, %d10;
-    ld.global.u8 %r7, [%d13];
-    cvt.u64.u32 %d15, %r7;
-    shl.b64 %d15, %d15, 24;
-    or.b64 %d14, %d14, %d15;
-    setp.lt.u32 %q1, %r0, 8;
-    @%q1 bra $Ljoined;
-    add.u64 %d13, %d5, %d10;
-    ld.global.u8 %r7, [%d13];
-    cvt.u64.u32 %d15, %r7;
-    shl.b64 %d15, %d15, 32;
-    or.b64 %d14, %d14, %d15;
-    add.u64 %d13, %d6, %d10;
-    ld.global.u8 %r7, [%d13];
-    cvt.u64.u32 %d15, %r7;
-    shl.b64 %d15, %d15, 40;
-    or.b64 %d14, %d14, %d15;
-    add.u64 %d13, %d7, %d10;
-    ld.global.u8 %r7, [%d13];
-    cvt.u64.u32 %d15, %r7;
-    shl.b64 %d15, %d15, 48;
-    or.b64 %d14, %d14, %d15;
-    add.u64 %d13, %d8, %d10;
-    ld.global.u8 %r7, [%d13];
-    cvt.u64.u32 %d15, %r7;
-    shl.b64 %d15, %d15, 56;
-    or.b64 %d14, %d14, %d15;
-$Ljoined:
+@JOIN@$Ljoined:
     setp.eq.u32 %q2, %r1, 0;
     @%q2 bra $Lstore;
     and.b64 %d15, %d14, 1;
@@ -497,18 +456,27 @@ $Ldone:
     ret;
 }
 """
+
+
+def _join_ptx() -> str:
+    """Planes 1-7 of the join, unrolled: OR plane k's byte in at bit 8k; stop after es planes (es is 1, 2, 4 or 8)."""
+    lines = []
+    for k in range(1, 8):
+        if k in (1, 2, 4):  # the element ends before plane k when es <= k
+            lines += [f"    setp.lt.u32 %q1, %r0, {2 * k};", "    @%q1 bra $Ljoined;"]
+        lines += [f"    add.u64 %d13, %d{k + 1}, %d10;", "    ld.global.u8 %r7, [%d13];", "    cvt.u64.u32 %d15, %r7;",
+                  f"    shl.b64 %d15, %d15, {8 * k};", "    or.b64 %d14, %d14, %d15;"]
+    return "\n".join(lines) + "\n"
+
+
+PTX = PTX.replace("@JOIN@", _join_ptx())
 KERNEL_NAME = b"trtx_join_planes"
 
 
 def _driver() -> Any:
-    try:
-        from cuda.bindings import driver
-    except ImportError:
-        try:
-            from cuda import cuda as driver  # cuda-python < 12.6
-        except ImportError as e:
-            raise MachineError(f"cuda-python is not importable ({e})", hint="pip install 'cuda-python>=12.6'") from None
-    return driver
+    from .gpu_upload import _cuda
+
+    return _cuda("driver")
 
 
 def _dcheck(drv: Any, result: Any, what: str) -> Any:

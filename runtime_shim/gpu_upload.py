@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures as cf
 import ctypes
+import importlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -28,15 +29,22 @@ DEVICE_ALIGNMENT = 256  # cudaMalloc's own alignment: what TensorRT expects of w
 SLOT_BYTES = 4 << 20  # the writer's default frame size (bundler DEFAULT_CHUNK): one frame a slot at least
 
 
-def _cudart() -> Any:
+def _cuda(module: str) -> Any:
+    """cuda-python's ``runtime`` or ``driver`` bindings (``cuda.bindings.<module>``; before 12.6 ``cuda.cudart`` /
+    ``cuda.cuda``), imported only when the GPU is used; MachineError saying what to install when absent."""
     try:
-        from cuda.bindings import runtime
+        importlib.import_module("cuda.bindings")  # the package first: a cached submodule must not hide its absence
+        return importlib.import_module(f"cuda.bindings.{module}")
     except ImportError:
         try:
-            from cuda import cudart as runtime  # cuda-python < 12.6
+            importlib.import_module("cuda")
+            return importlib.import_module({"runtime": "cuda.cudart", "driver": "cuda.cuda"}[module])
         except ImportError as e:
             raise MachineError(f"cuda-python is not importable ({e})", hint="pip install 'cuda-python>=12.6'") from None
-    return runtime
+
+
+def _cudart() -> Any:
+    return _cuda("runtime")
 
 
 def _check(rt: Any, result: Any, what: str) -> Any:

@@ -252,3 +252,24 @@ def test_an_unverified_frame_with_a_bad_plane_header_is_refused_before_decoding(
     with WeightReader(tmp_path, store, threads=2, verify_frames=False) as reader, Uploader(threads=2, decode=decode) as up:
         with pytest.raises(IntegrityError, match=rf"blob {i} .*frame 0 .*cannot decode as zstd-byteplane .*unknown mode 7"):
             up.upload(reader)
+
+
+@needs_cuda
+def test_without_nvcomp_auto_decodes_on_the_host_and_says_why_and_device_refuses(stores, cudart, monkeypatch) -> None:
+    monkeypatch.setattr(gpu_decode, "find_nvcomp", lambda: None)
+    monkeypatch.delenv("TRTX_NVCOMP_LIBRARY", raising=False)
+    bundle_dir, store = stores["mlp"]
+    with WeightReader(bundle_dir, store) as reader:
+        with Uploader(threads=2, decode="auto") as up, up.upload(reader) as dw:
+            assert up.decoded_on == "host" and up.decode_why == "nvCOMP is not installed"
+            _check_every_tensor(cudart, reader, dw)
+        with Uploader(threads=2, decode="device") as up:
+            with pytest.raises(MachineError, match="cannot decode weights on the GPU: nvCOMP is not installed") as e:
+                up.upload(reader)
+            assert "nvidia-libnvcomp" in e.value.hint
+            assert cudart.device == {}  # refused before the upload's allocation
+
+
+def test_uploader_arguments_are_checked_before_any_gpu_work() -> None:
+    with pytest.raises(ValueError, match="decode='gpu': expected 'auto', 'device' or 'host'"):
+        Uploader(decode="gpu")

@@ -178,6 +178,8 @@ class _StoreWeights:
         self.trusted = verify == "once" and user_cache.is_verified(self.path, self.store.file.sha256)
         self.stamp = verify == "once" and not self.trusted  # stamp the file once a whole upload has hashed every frame
         self.reader = WeightReader(bundle_dir, manifest.weights, verify_frames=not self.trusted)
+        self.decoded_on: str | None = None
+        self.decode_why: str | None = None
 
     @property
     def check(self) -> str:
@@ -202,6 +204,9 @@ class _StoreWeights:
         total = sum(self.store.blobs[i].nbytes for i in indices)
         with open_uploader(slot_bytes=max(largest, min(SLOT_BYTES, total)), threads=self.reader.threads) as up:
             uploaded = up.upload(self.reader, indices)
+            # where the frames were decoded, and why not on the GPU when they were not (the load report shows it)
+            self.decoded_on = getattr(up, "decoded_on", None)
+            self.decode_why = getattr(up, "decode_why", None)
         if self.stamp and len(indices) == len(self.store.blobs):  # every frame of the file was just hashed
             self.user_cache.mark_verified(self.path, self.store.file.sha256)
         return uploaded
@@ -244,6 +249,8 @@ def _open_trt(p: Plan, choice: Choice, bundle_dir: Path, user_cache: UserCache, 
     if session.refit_from:
         report.engine["weights_from"] = session.refit_from  # "device" (gpu_upload pipeline) or "host"
         report.engine["weights_check"] = weights.check if weights is not None else None
+        if weights is not None and weights.decoded_on:
+            report.engine["weights_decoded_on"] = weights.decoded_on + (f" ({weights.decode_why})" if weights.decode_why else "")
     report.warnings.extend(session.notes)
     if session.cache_loaded is not None:
         report.runtime_cache = names[session.cache_loaded]

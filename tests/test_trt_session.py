@@ -115,6 +115,8 @@ class RecordingFakeTrtRuntime:
 class FakeUploader:
     """A FAKE of gpu_upload.Uploader: decodes the blobs into host buffers whose addresses stand in for device pointers."""
 
+    decoded_on, decode_why = "host", "the fake decodes on the host"  # what gpu_upload.Uploader reports after an upload
+
     def __init__(self, runtime: RecordingFakeTrtRuntime) -> None:
         self.runtime = runtime
 
@@ -202,6 +204,7 @@ def test_load_sequence_contract(mlp, tmp_path, on_device) -> None:
         assert s.serialize_cache() == b"serialized kernels"
         assert s.report.engine["kind"] == "weightless" and "bundled runtime_caches[0] (exact key)" == s.report.runtime_cache
         assert s.report.engine["weights_from"] == ("host" if on_device is False else "device") and s.report.warnings == []
+        assert s.report.engine.get("weights_decoded_on") == (None if on_device is False else "host (the fake decodes on the host)")
     names = fake.names_called()
     n = len(m.weights.tensors)
     assert names[:3] == ["engine_validity", "deserialize", "refittable_weights"]

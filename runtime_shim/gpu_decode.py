@@ -132,14 +132,6 @@ def plan_starts(plan: FramesPlan) -> tuple[Any, Any, Any]:
     return tuple(np.searchsorted(a, edges) for a in (plan.chunk_frame, plan.job_frame, plan.dep_frame))  # type: ignore[return-value]
 
 
-def _u32(buf: Any, pos: Any) -> Any:
-    """Little-endian u32 at each of ``pos`` (callers have checked that every read lies inside its frame)."""
-    import numpy as np
-
-    b = buf[pos[:, None] + np.arange(4)].astype(np.int64)
-    return b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16) | (b[:, 3] << 24)
-
-
 def _within(values: Any, counts: Any) -> Any:
     """For consecutive groups of ``counts`` values: each value's exclusive running sum inside its group."""
     import numpy as np
@@ -151,11 +143,13 @@ def _within(values: Any, counts: Any) -> Any:
     return run - np.repeat(base, counts)
 
 
-def _ranges(start: Any, length: Any) -> Any:
-    """Every position of the ranges ``[start, start + length)``, concatenated."""
+def _group_sums(values: Any, counts: Any) -> Any:
+    """The sum of each consecutive group of ``counts`` values (0 for an empty group, unlike np.add.reduceat)."""
     import numpy as np
 
-    return np.repeat(start - (np.cumsum(length) - length), length) + np.arange(int(length.sum()))
+    ends = np.concatenate(([0], np.cumsum(values)))
+    bounds = np.concatenate(([0], np.cumsum(counts)))
+    return ends[bounds[1:]] - ends[bounds[:-1]]
 
 
 def _fail(bad: Any, frames: Any, message: Any) -> None:
@@ -167,26 +161,88 @@ def _fail(bad: Any, frames: Any, message: Any) -> None:
         raise FrameFormatError(int(frames[i]), message(i))
 
 
+class _Reads:
+    """Gathers bytes from the planned buffer and keeps every one it read, with its frame: the plan's dependencies
+    are exactly the bytes it was derived from, even if the buffer (a mapped file) changes while it is planned."""
+
+    def __init__(self, buf: Any) -> None:
+        self.buf = buf
+        self.frames: list[Any] = []
+        self.pos: list[Any] = []
+        self.val: list[Any] = []
+
+    def bytes(self, frames: Any, pos: Any, n: int) -> Any:
+        """(len(pos), n) int64: bytes pos .. pos+n-1 (callers have checked that they lie inside each frame)."""
+        import numpy as np
+
+        at = pos[:, None] + np.arange(n)
+        got = self.buf[at]
+        self.frames.append(np.repeat(frames, n))
+        self.pos.append(at.ravel())
+        self.val.append(got.ravel())
+        return got.astype(np.int64)
+
+    def u32(self, frames: Any, pos: Any) -> Any:
+        b = self.bytes(frames, pos, 4)
+        return b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16) | (b[:, 3] << 24)
+
+
+_ZSTD_MAGIC = 0xFD2FB528
+
+
+def _check_zstd_heads(reads: _Reads, frame: Any, start: Any, size: Any, raw: Any) -> None:
+    """Every chunk must be one standard zstd frame header away from decoding to its planned size: the magic, no
+    dictionary, a content size equal to the planned one, room for the header and a block. nvCOMP is undefined on
+    anything else, so this is checked here, on the host, for every chunk (a damaged or misplaced chunk table fails)."""
+    import numpy as np
+
+    _fail(size < 9, frame, lambda i: f"a zstd chunk of {size[i]} bytes is shorter than the smallest zstd frame (9 bytes)")
+    head = reads.bytes(frame, start, 5)
+    magic = head[:, 0] | (head[:, 1] << 8) | (head[:, 2] << 16) | (head[:, 3] << 24)
+    _fail(magic != _ZSTD_MAGIC, frame, lambda i: f"a zstd chunk at stored offset {start[i]} does not start with zstd's magic number")
+    fhd = head[:, 4]
+    single, did, fcs_flag = (fhd >> 5) & 1, fhd & 3, fhd >> 6
+    _fail(did != 0, frame, lambda i: f"a zstd chunk at stored offset {start[i]} needs a dictionary")
+    fcs_size = np.where(fcs_flag == 0, single, 1 << fcs_flag)  # 0 (absent), 1, 2, 4 or 8 bytes
+    _fail(fcs_size == 0, frame, lambda i: f"a zstd chunk at stored offset {start[i]} does not say its decoded size")
+    at = start + 5 + (1 - single)
+    _fail(at + fcs_size + 3 > start + size, frame, lambda i: f"a zstd chunk of {size[i]} bytes is shorter than its own header")
+    value = np.zeros(len(frame), dtype=np.int64)
+    for width in (1, 2, 4, 8):
+        sel = fcs_size == width
+        if sel.any():
+            b = reads.bytes(frame[sel], at[sel], width)
+            v = np.zeros(int(sel.sum()), dtype=np.uint64)
+            for k in range(width):
+                v |= b[:, k].astype(np.uint64) << np.uint64(8 * k)
+            value[sel] = np.minimum(v, np.uint64(1 << 62)).astype(np.int64) + (256 if width == 2 else 0)
+    _fail(value != raw, frame, lambda i: f"a zstd chunk at stored offset {start[i]} decodes to {value[i]} bytes, {raw[i]} planned")
+
+
 def plan_frames(buf: Any, off: Any, size: Any, raw: Any, es: Any, enc: Any, dst: Any) -> FramesPlan:
     """Plan the GPU decode of many stored frames at once, in numpy (per-frame Python would bound the upload).
 
     ``buf``: uint8 array holding the stored frames (the mapped weight file, or a segment); per frame, int64
     arrays: offset in ``buf``, stored size, raw size, element size, ENC_* and destination offset. Same format
-    rules as weights.decode_frame_into, and every range is checked to lie inside its frame before anything is read
-    from it: nvCOMP must only ever see sound input. Raises FrameFormatError.
+    rules as weights.decode_frame_into, every range is checked to lie inside its frame before anything is read
+    from it, and every zstd chunk's header is checked: nvCOMP must only ever see sound input. Raises
+    FrameFormatError.
     """
     import numpy as np
 
     i64, F = np.int64, len(off)
     frames = np.arange(F)
     zeros8 = lambda k: np.zeros((k, 8), dtype=i64)  # noqa: E731
+    reads = _Reads(buf)
     chunks: list[tuple[Any, ...]] = []  # (frame, in, size, raw, out, to_dst)
     jobs: list[tuple[Any, ...]] = []  # (frame, out, ptr, kind, n, es, rot)
-    deps: list[tuple[Any, Any, Any]] = []  # (frame, start, length)
     need = np.zeros(F, dtype=i64)  # scratch bytes per frame
 
     def job_block(idx: Any, ptr: Any, kind: Any, n: Any, e: Any, rot: int) -> None:
         jobs.append((idx, dst[idx], ptr, kind, n, e, np.full(len(idx), rot, dtype=i64)))
+
+    _fail(raw <= 0, frames, lambda i: f"a frame of {raw[i]} raw bytes (frames hold at least one byte)")
+    _fail(off + size > len(buf), frames, lambda i: f"the frame ends at {off[i] + size[i]}, past the {len(buf)} bytes read")
 
     # stored as is: the kernel copies them from staging (es 1), so they cost no copy call of their own
     idx = frames[enc == ENC_NONE]
@@ -203,8 +259,7 @@ def plan_frames(buf: Any, off: Any, size: Any, raw: Any, es: Any, enc: Any, dst:
     _fail(raw[bp] % es[bp] != 0, bp, lambda i: f"raw size {raw[bp][i]} is not a multiple of the element size {es[bp][i]}")
     tag = np.zeros(len(bp), dtype=i64)
     long_enough = size[bp] >= 4
-    tag[long_enough] = _u32(buf, off[bp][long_enough])
-    deps.append((bp[long_enough], off[bp][long_enough], np.full(int(long_enough.sum()), 4, dtype=i64)))
+    tag[long_enough] = reads.u32(bp[long_enough], off[bp][long_enough])
     l1, f2 = bp[tag != _TAG], bp[tag == _TAG]
     need[l1] = raw[l1]
 
@@ -212,20 +267,19 @@ def plan_frames(buf: Any, off: Any, size: Any, raw: Any, es: Any, enc: Any, dst:
     e = es[f2]
     head = 4 + 5 * e
     _fail(size[f2] < head, f2, lambda i: f"frame of {size[f2][i]} bytes is shorter than its plane header ({head[i]} bytes)")
-    deps.append((f2, off[f2], head))
     pf = np.repeat(f2, e)  # frame of each plane
     pk = np.arange(len(pf)) - np.repeat(np.cumsum(e) - e, e)  # plane number in its frame
     hpos = off[pf] + 4 + 5 * pk
-    mode = buf[hpos].astype(i64)
-    psize = _u32(buf, hpos + 1)
+    fields = reads.bytes(pf, hpos, 5)
+    mode = fields[:, 0]
+    psize = fields[:, 1] | (fields[:, 2] << 8) | (fields[:, 3] << 16) | (fields[:, 4] << 24)
     pn = raw[pf] // es[pf]
     pstart = np.repeat(off[f2] + head, e) + _within(psize, e)
     fend = off[pf] + size[pf]
     _fail((mode < 0) | (mode > 2), pf, lambda i: f"plane {pk[i]}: unknown mode {mode[i]}")
     _fail(pstart + psize > fend, pf, lambda i: f"plane {pk[i]}: {psize[i]} bytes announced, {max(0, fend[i] - pstart[i])} left in the frame")
-    if len(f2):
-        spare = size[f2] - head - np.add.reduceat(psize, np.cumsum(e) - e)
-        _fail(spare != 0, f2, lambda i: f"{spare[i]} bytes after the last plane")
+    spare = size[f2] - head - _group_sums(psize, e)
+    _fail(spare != 0, f2, lambda i: f"{spare[i]} bytes after the last plane")
     _fail((mode == 0) & (psize != pn), pf, lambda i: f"plane {pk[i]} decodes to {psize[i]} bytes, expected {pn[i]}")
     zp = mode != 0
     zbytes = np.where(zp, pn, 0)
@@ -246,20 +300,18 @@ def plan_frames(buf: Any, off: Any, size: Any, raw: Any, es: Any, enc: Any, dst:
     chunks.append((pf[one], pstart[one], psize[one], pn[one], pscratch[one], np.zeros(int(one.sum()), dtype=bool)))
     m2 = np.nonzero(mode == 2)[0]
     _fail(psize[m2] < 8, pf[m2], lambda i: f"chunked plane of {psize[m2][i]} bytes is shorter than its 8-byte table header")
-    sub, count = _u32(buf, pstart[m2]), _u32(buf, pstart[m2] + 4)
+    sub, count = reads.u32(pf[m2], pstart[m2]), reads.u32(pf[m2], pstart[m2] + 4)
     want = -(-pn[m2] // np.maximum(sub, 1))
     _fail((sub < PLANE_CHUNK) | (count != want), pf[m2], lambda i: f"chunk table says {count[i]} chunks of {sub[i]} bytes for a plane of "
           f"{pn[m2][i]} bytes (expected chunks of at least {PLANE_CHUNK} bytes covering the plane)")
     table_end = 8 + 4 * count
     _fail(table_end > psize[m2], pf[m2], lambda i: f"chunk table of {count[i]} entries does not fit the plane's {psize[m2][i]} bytes")
-    deps.append((pf[m2], pstart[m2], table_end))
     cp = np.repeat(m2, count)  # plane of each chunk
     ci = np.arange(len(cp)) - np.repeat(np.cumsum(count) - count, count)
-    csize = _u32(buf, pstart[cp] + 8 + 4 * ci)
+    csize = reads.u32(pf[cp], pstart[cp] + 8 + 4 * ci)
     cin = np.repeat(pstart[m2] + table_end, count) + _within(csize, count)
-    if len(m2):
-        used = table_end + np.add.reduceat(csize, np.cumsum(count) - count)
-        _fail(used != psize[m2], pf[m2], lambda i: f"chunks add up to {used[i]} bytes, the plane has {psize[m2][i]}")
+    used = table_end + _group_sums(csize, count)
+    _fail(used != psize[m2], pf[m2], lambda i: f"chunks add up to {used[i]} bytes, the plane has {psize[m2][i]}")
     csub = np.repeat(sub, count)
     chunks.append((pf[cp], cin, csize, np.minimum(csub, pn[cp] - ci * csub), pscratch[cp] + ci * csub, np.zeros(len(cp), dtype=bool)))
     ptr, kind = zeros8(len(f2)), zeros8(len(f2))
@@ -269,15 +321,16 @@ def plan_frames(buf: Any, off: Any, size: Any, raw: Any, es: Any, enc: Any, dst:
     job_block(f2, ptr, kind, raw[f2] // e, e, 1)
 
     c = [np.concatenate(col) for col in zip(*chunks)]
+    _check_zstd_heads(reads, c[0], c[1], c[2], c[3])
     j = [np.concatenate(col) for col in zip(*jobs)]
-    d = [np.concatenate(col) for col in zip(*deps)]
     co, jo = np.argsort(c[0], kind="stable"), np.argsort(j[0], kind="stable")
-    dep_frame, dep_pos = np.repeat(d[0], d[2]), _ranges(d[1], d[2])
+    dep_frame = np.concatenate(reads.frames) if reads.frames else np.zeros(0, dtype=i64)
     do = np.argsort(dep_frame, kind="stable")
-    dep_pos = dep_pos[do]
+    dep_pos = (np.concatenate(reads.pos) if reads.pos else np.zeros(0, dtype=i64))[do]
+    dep_val = (np.concatenate(reads.val) if reads.val else np.zeros(0, dtype=np.uint8))[do]
     return FramesPlan(chunk_frame=c[0][co], chunk_in=c[1][co], chunk_size=c[2][co], chunk_raw=c[3][co], chunk_out=c[4][co], chunk_to_dst=c[5][co],
                       job_frame=j[0][jo], job_out=j[1][jo], job_ptr=j[2][jo], job_kind=j[3][jo], job_n=j[4][jo], job_es=j[5][jo], job_rot=j[6][jo],
-                      frame_scratch=frame_scratch, dep_frame=dep_frame[do], dep_pos=dep_pos, dep_val=buf[dep_pos])
+                      frame_scratch=frame_scratch, dep_frame=dep_frame[do], dep_pos=dep_pos, dep_val=dep_val)
 
 
 # --------------------------------------------------------------------------- nvCOMP

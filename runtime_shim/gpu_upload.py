@@ -319,8 +319,10 @@ class Uploader:
         self.spent["frame table"] += time.perf_counter() - t0
         largest = int(t["size"].max()) if len(t["size"]) else 1
         batch = self.batch_bytes or decoder.batch_for(int(t["size"].sum()), _check(self.rt, self.rt.cudaMemGetInfo(), "cudaMemGetInfo")[0])
-        if largest > batch:
-            raise ValueError(f"a frame of {largest} stored bytes does not fit a GPU decode batch of {batch} bytes; pass batch_bytes >= {largest}")
+        widest = int(t["raw"].max()) if len(t["raw"]) else 1
+        if largest > batch or widest > 2 * batch:
+            raise ValueError(f"a frame of {largest} stored / {widest} raw bytes does not fit a GPU decode batch of {batch} bytes; "
+                             f"pass batch_bytes >= {max(largest, -(-widest // 2))}")
         frames = list(zip(t["blob"].tolist(), t["frame"].tolist()))
 
         def integrity(k: int, e: Exception) -> IntegrityError:
@@ -330,7 +332,7 @@ class Uploader:
         ring = self.slots * self.slot_bytes
         slot_bytes = max(largest, min(ring // 4, batch, DEVICE_SEGMENT))
         nslots = max(2, min(self.slots, ring // slot_bytes))  # one event per slot: self.slots of them
-        segments = _pack(t, slot_bytes)
+        segments = _pack(t, slot_bytes, raw_cap=2 * batch)  # a segment must decode within one batch's scratch
         delta = t["slot_off"] - t["file"]
         planned: list[Any] = []
 
@@ -341,6 +343,7 @@ class Uploader:
             # the GPU only ever gets the plan of the bytes it receives.
             t0 = time.perf_counter()
             try:
+                # (a file cut short while mapped would kill the process with SIGBUS: mapped() checks its size first)
                 plan = plan_frames(reader.mapped(), t["file"], t["size"], t["raw"], t["es"], t["enc"], t["dst"])
             except FrameFormatError as e:
                 raise integrity(e.frame, e) from None
@@ -397,26 +400,29 @@ def _frame_table(reader: WeightReader, order: list[int], offsets: dict[int, int]
     return {k: np.array(v, dtype=np.int64) for k, v in cols.items()}
 
 
-def _pack(t: dict[str, Any], slot_bytes: int) -> list[tuple[int, int, list[tuple[int, int]]]]:
+def _pack(t: dict[str, Any], slot_bytes: int, raw_cap: int | None = None) -> list[tuple[int, int, list[tuple[int, int]]]]:
     """Cut the frames into segments of at most ``slot_bytes`` stored bytes, back to back in the slot (sets
-    t["slot_off"]): per segment (first frame, end, read runs: ranges of frames back to back in the file, of at most
-    READ_RUN bytes unless one frame is bigger)."""
+    t["slot_off"]), and of at most ``raw_cap`` raw bytes (a GPU batch decodes at most that much: a few kB of stored
+    zeros can stand for megabytes): per segment (first frame, end, read runs: ranges of frames back to back in the
+    file, of at most READ_RUN bytes unless one frame is bigger)."""
     import numpy as np
 
-    size, file = t["size"].tolist(), t["file"].tolist()
+    size, file, raw = t["size"].tolist(), t["file"].tolist(), t["raw"].tolist()
+    raw_cap = raw_cap or sum(raw) + 1
     slot_off = np.zeros(len(size), dtype=np.int64)
     segments: list[tuple[int, int, list[tuple[int, int]]]] = []
-    lo, used, runs, run_lo, run_bytes = 0, 0, [], 0, 0
+    lo, used, decoded, runs, run_lo, run_bytes = 0, 0, 0, [], 0, 0
     for k, n in enumerate(size):
-        if k > lo and used + n > slot_bytes:
+        if k > lo and (used + n > slot_bytes or decoded + raw[k] > raw_cap):
             runs.append((run_lo, k))
             segments.append((lo, k, runs))
-            lo, used, runs, run_lo, run_bytes = k, 0, [], k, 0
+            lo, used, decoded, runs, run_lo, run_bytes = k, 0, 0, [], k, 0
         elif k > run_lo and (file[k] != file[k - 1] + size[k - 1] or run_bytes + n > READ_RUN):
             runs.append((run_lo, k))
             run_lo, run_bytes = k, 0
         slot_off[k] = used
         used += n
+        decoded += raw[k]
         run_bytes += n
     if size:
         runs.append((run_lo, len(size)))

@@ -6,6 +6,7 @@ TRT-RTX was not used when it was not. Runtime caches are saved on close(), at in
 from __future__ import annotations
 
 import atexit
+import json
 import logging
 import re
 import time
@@ -19,6 +20,7 @@ import numpy as np
 from .choose import Choice, choose_caches, choose_engines, pick_gpu, trt_blocker
 from .errors import BackendUnavailableError, BundleError, InputError, MachineError
 from .fallback import OrtSession, materialize_model, read_verified
+from .fsutil import sha256_bytes
 from .machine import Machine, cache_key_for, probe
 from .manifest import CacheKey, Engine, Manifest, read_manifest
 from .user_cache import UserCache
@@ -175,9 +177,13 @@ class _StoreWeights:
 
         self.store, self.user_cache = manifest.weights, user_cache
         self.path = bundle_dir / manifest.weights.file.path
-        self.trusted = verify == "once" and user_cache.is_verified(self.path, self.store.file.sha256)
+        self.reader = WeightReader(bundle_dir, manifest.weights)
+        # The stamp is checked against the file as opened (fstat), and covers this frame table only.
+        self.index = sha256_bytes(json.dumps(self.store.to_dict(), sort_keys=True).encode())
+        self.opened = self.reader.identity()
+        self.trusted = verify == "once" and user_cache.is_verified(self.path, self.store.file.sha256, index=self.index, stat=self.opened)
         self.stamp = verify == "once" and not self.trusted  # stamp the file once a whole upload has hashed every frame
-        self.reader = WeightReader(bundle_dir, manifest.weights, verify_frames=not self.trusted)
+        self.reader.verify_frames = not self.trusted
         self.decoded_on: str | None = None
         self.decode_why: str | None = None
 
@@ -208,7 +214,7 @@ class _StoreWeights:
             self.decoded_on = getattr(up, "decoded_on", None)
             self.decode_why = getattr(up, "decode_why", None)
         if self.stamp and len(indices) == len(self.store.blobs):  # every frame of the file was just hashed
-            self.user_cache.mark_verified(self.path, self.store.file.sha256)
+            self.user_cache.mark_verified(self.path, self.store.file.sha256, index=self.index, stat=self.reader.identity(), before=self.opened)
         return uploaded
 
 

@@ -126,30 +126,40 @@ class UserCache:
     # mtime, ctime or inode changes), which voids the stamp. A stamp lives where the user's runtime caches (compiled
     # kernels) live, so trusting it trusts nothing new; a forged stamp only skips checking an untouched file.
     # Left uncovered: bytes that rot on the disk without any metadata change; load(verify_weights="always") for that.
-    def _stamp_path(self, path: Path, sha256: str) -> Path:
-        key = sha256_bytes((sha256 + "\0" + os.path.realpath(path)).encode())[:24]
+    # On Windows st_ctime is the creation time, which a rewrite in place keeps: no stamp is trusted or written there.
+    def _stamp_path(self, path: Path, sha256: str, index: str) -> Path:
+        key = sha256_bytes((sha256 + "\0" + index + "\0" + os.path.realpath(path)).encode())[:24]
         return self.root / "verified" / f"{key}.json"
 
     @staticmethod
-    def _identity(path: Path, sha256: str) -> dict:
-        st = os.stat(path)
-        return {"path": os.path.realpath(path), "sha256": sha256, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+    def _identity(path: Path, st: os.stat_result, sha256: str, index: str) -> dict:
+        return {"path": os.path.realpath(path), "sha256": sha256, "index": index, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
                 "ctime_ns": st.st_ctime_ns, "inode": st.st_ino, "device": st.st_dev}
 
-    def is_verified(self, path: Path, sha256: str) -> bool:
-        """True when every frame of this very file (same identity as then) was hashed and matched before."""
+    def is_verified(self, path: Path, sha256: str, *, index: str = "", stat: os.stat_result | None = None) -> bool:
+        """True when every frame of this very file (same identity as then: pass ``stat``, the fstat of the file as
+        opened, so that what is checked is what is read) was hashed and matched before, against the same frame
+        table (``index``: a digest of the manifest's weights index)."""
+        if os.name == "nt":
+            return False
         try:
-            stamp = json.loads(self._stamp_path(path, sha256).read_text())
-            return stamp == self._identity(path, sha256)
+            stamp = json.loads(self._stamp_path(path, sha256, index).read_text())
+            return stamp == self._identity(path, stat or os.stat(path), sha256, index)
         except (OSError, ValueError):
             return False
 
-    def mark_verified(self, path: Path, sha256: str) -> bool:
-        """Record that every frame of ``path`` (pinned by ``sha256``) was just hashed and matched; best effort."""
-        if not self._ensure():
+    def mark_verified(self, path: Path, sha256: str, *, index: str = "", stat: os.stat_result | None = None,
+                      before: os.stat_result | None = None) -> bool:
+        """Record that every frame of ``path`` was just hashed and matched; best effort. ``before``: the file's fstat
+        when the hashing began; if the file changed since (``stat``, now), nothing is recorded."""
+        if os.name == "nt" or not self._ensure():
             return False
         try:
-            atomic_write(self._stamp_path(path, sha256), json.dumps(self._identity(path, sha256), sort_keys=True).encode())
+            now = stat or os.stat(path)
+            if before is not None and _changed(before, now):
+                log.warning("%s changed while its frames were hashed; it is checked again next time", path)
+                return False
+            atomic_write(self._stamp_path(path, sha256, index), json.dumps(self._identity(path, now, sha256, index), sort_keys=True).encode())
             return True
         except OSError as e:
             log.warning("%s: cannot record that the weights were verified (%s); they are checked again next time", path, e.strerror or e)
@@ -263,6 +273,10 @@ class UserCache:
     def clear(self) -> None:
         """Delete everything this shim keeps here (the next run rebuilds what it needs)."""
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _changed(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_size, a.st_mtime_ns, a.st_ctime_ns, a.st_ino, a.st_dev) != (b.st_size, b.st_mtime_ns, b.st_ctime_ns, b.st_ino, b.st_dev)
 
 
 def _frame(payload: bytes, key: dict) -> bytes:

@@ -81,12 +81,11 @@ def _dctx() -> zstandard.ZstdDecompressor:
     return dctx
 
 
-def _decompress_into(data: memoryview, buf: memoryview, *, across_frames: bool = False) -> memoryview:
-    """Decode one zstd frame (or, ``across_frames``, several back to back) into a reused buffer (fresh output memory
-    would page-fault on every frame, which serializes threads on the kernel's memory map lock); returns the part
-    written."""
+def _decompress_into(data: memoryview, buf: memoryview) -> memoryview:
+    """Decode one zstd frame into a reused buffer (fresh output memory would page-fault on every frame, which
+    serializes threads on the kernel's memory map lock); returns the part written."""
     pos = 0
-    with _dctx().stream_reader(data, read_across_frames=across_frames) as reader:
+    with _dctx().stream_reader(data, read_across_frames=False) as reader:
         while pos < len(buf):
             got = reader.readinto(buf[pos:])
             if not got:
@@ -199,9 +198,15 @@ def _decode_planes(stored: memoryview, element_size: int, out: memoryview) -> No
             plane = data
         elif mode == PLANE_ZSTD:
             plane = _decompress_into(data, _scratch(f"plane{k}", n))
-        else:  # the chunks are whole zstd frames back to back: one reader decodes across them
-            chunks = plane_chunks(data, n)
-            plane = _decompress_into(data[chunks[0][0]:] if chunks else data[:0], _scratch(f"plane{k}", n), across_frames=True)
+        else:  # chunk by chunk, each exactly one zstd frame of its planned size: what the GPU decoder will be given
+            buf, pos = _scratch(f"plane{k}", n), 0
+            for c, (at, csize, craw) in enumerate(plane_chunks(data, n)):
+                part = _dctx().decompress(data[at:at + csize], max_output_size=craw, allow_extra_data=False)
+                if len(part) != craw:
+                    raise ValueError(f"plane {k}, chunk {c}: decodes to {len(part)} bytes, expected {craw}")
+                buf[pos:pos + craw] = part
+                pos += craw
+            plane = buf[:pos]
         if len(plane) != n:
             raise ValueError(f"plane {k} decodes to {len(plane)} bytes, expected {n}")
         planes.append(np.frombuffer(plane, dtype=np.uint8))
@@ -340,8 +345,16 @@ class WeightReader:
     def mapped(self) -> np.ndarray:
         """The whole weight file as a read-only uint8 array over a memory map (pages are read as touched; the map
         goes when the array does): for reading many small scattered pieces at once (frame headers, for
-        gpu_upload's planner). Nothing is verified."""
-        return np.frombuffer(mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ), dtype=np.uint8)
+        gpu_upload's planner). Nothing is verified. The size is checked first: a mapped file cut short kills the
+        process on access (SIGBUS), where a read would just come back short."""
+        size = os.fstat(self._file.fileno()).st_size
+        if size != self.store.file.size:
+            raise IntegrityError(f"{self.path}: size {size} bytes, expected {self.store.file.size} (weights.file.size); it changed while open", hint=HINT_CORRUPT)
+        return np.frombuffer(mmap.mmap(self._file.fileno(), size, access=mmap.ACCESS_READ), dtype=np.uint8)
+
+    def identity(self) -> os.stat_result:
+        """fstat of the open weight file: what it is now, whatever its path points to (see UserCache.is_verified)."""
+        return os.fstat(self._file.fileno())
 
     def read_frames(self, frames: Sequence[tuple[int, int]], out: memoryview) -> None:
         """Read frames that lie back to back in the file (``(blob, frame)`` pairs, in file order) as stored into

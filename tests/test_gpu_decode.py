@@ -218,6 +218,56 @@ def test_a_damaged_plane_header_is_refused_naming_its_frame_before_anything_reac
     assert e.value.frame == 1
 
 
+def _chunked_frame(values: np.ndarray) -> tuple[bytes, int]:
+    """A layout-2 frame of float32 values as the writer makes it, and the offset of its chunked plane's table."""
+    from bundler.weights_writer import encode_frame
+
+    stored = encode_frame(values.tobytes(), "zstd-byteplane", 4, 3)
+    modes = [stored[4 + 5 * k] for k in range(4)]
+    assert PLANE_ZSTD_CHUNKS in modes
+    k = modes.index(PLANE_ZSTD_CHUNKS)
+    sizes = [struct.unpack_from("<I", stored, 5 + 5 * j)[0] for j in range(4)]
+    return stored, 4 + 5 * 4 + sum(sizes[:k])
+
+
+def test_a_chunk_table_whose_sizes_do_not_match_the_zstd_frames_is_refused_by_both_decoders() -> None:
+    values = (np.random.default_rng(9).standard_normal(100_000) * 0.02).astype(np.float32)  # 2 chunks in the exponent plane
+    stored, table = _chunked_frame(values)
+    sub, count = struct.unpack_from("<II", stored, table)
+    assert count == 2
+    a, b = struct.unpack_from("<II", stored, table + 8)
+    assert a != b
+    swapped = bytearray(stored)
+    struct.pack_into("<II", swapped, table + 8, b, a)  # same total, wrong boundaries: not zstd frames any more
+    with pytest.raises((ValueError, zstandard.ZstdError)):  # the reader turns either into an IntegrityError
+        decode_frame_into(bytes(swapped), "zstd-byteplane", 4, memoryview(bytearray(values.nbytes)))
+    with pytest.raises(FrameFormatError, match="does not start with zstd's magic number|decodes to"):
+        _one_frame(bytes(swapped), "zstd-byteplane", 4, values.nbytes)
+    _check_one(stored, "zstd-byteplane", 4, values.tobytes())  # the sound one plans and decodes
+
+
+@pytest.mark.parametrize("stored, raw, message", [
+    (b"", 4, "shorter than the smallest zstd frame"),  # an empty zstd frame
+    (b"\x28\xb5\x2f\xfd\x00\x00\x00\x00\x00", 4, "does not say its decoded size"),
+    (b"\x00" * 12, 4, "does not start with zstd's magic number"),
+])
+def test_chunks_that_are_not_sound_zstd_frames_never_reach_the_gpu(stored, raw, message) -> None:
+    with pytest.raises(FrameFormatError, match=message):
+        _one_frame(stored, "zstd", 1, raw)
+
+
+def test_a_frame_of_no_raw_bytes_is_refused() -> None:
+    with pytest.raises(FrameFormatError, match="a frame of 0 raw bytes"):
+        _one_frame(b"", "none", 1, 0)
+
+
+def test_pack_keeps_a_segment_within_one_batch_of_decoded_bytes() -> None:
+    t = {"size": np.array([100, 100, 100, 100], dtype=np.int64), "raw": np.array([4 << 20] * 4, dtype=np.int64),
+         "file": np.array([8, 108, 208, 308], dtype=np.int64)}
+    segments = gpu_upload._pack(t, 16 << 20, raw_cap=8 << 20)  # 400 stored bytes would fit one slot; 16 MiB raw would not
+    assert [(lo, hi) for lo, hi, _ in segments] == [(0, 2), (2, 4)]
+
+
 def test_the_planner_refuses_wrong_sizes() -> None:
     with pytest.raises(FrameFormatError, match="stored 3 bytes, expected 4"):
         _one_frame(b"abc", "none", 1, 4)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from bundler.onnx_model import load_model
-from bundler.weights_writer import write_weight_store
+from bundler.weights_writer import Weight, write_weight_store
 from runtime_shim import gpu_decode, gpu_upload
 from runtime_shim.errors import IntegrityError, MachineError
 from runtime_shim.gpu_upload import Uploader, upload_weights
@@ -273,3 +273,18 @@ def test_without_nvcomp_auto_decodes_on_the_host_and_says_why_and_device_refuses
 def test_uploader_arguments_are_checked_before_any_gpu_work() -> None:
     with pytest.raises(ValueError, match="decode='gpu': expected 'auto', 'device' or 'host'"):
         Uploader(decode="gpu")
+
+
+@needs_cuda
+@pytest.mark.parametrize("decode", DECODES)
+def test_a_store_that_expands_a_thousandfold_uploads_within_the_gpu_batches(cudart, tmp_path, decode) -> None:
+    """64 MiB of zeros stores in a few kB: segments are cut by raw bytes too, or one would not fit a batch."""
+    import numpy as np
+
+    rng = np.random.default_rng(3)
+    weights = [Weight("mask", "float32", (16 << 20,), np.zeros(16 << 20, dtype=np.float32).tobytes()),
+               Weight("w", "float32", (1 << 20,), (rng.standard_normal(1 << 20) * 0.02).astype(np.float32).tobytes())]
+    store = write_weight_store(weights, tmp_path, threads=2)
+    assert store.file.size < 8 << 20
+    with WeightReader(tmp_path, store) as reader, Uploader(threads=2, decode=decode) as up, up.upload(reader) as dw:
+        _check_every_tensor(cudart, reader, dw)

@@ -283,3 +283,16 @@ def test_a_damaged_or_missing_stamp_means_not_verified_and_a_read_only_cache_nev
     unwritable = UserCache("T", tmp_path / "a-file" / "cache")  # under a file: nothing can be made there, even as root
     assert unwritable.mark_verified(weights, "ab" * 32) is False
     assert not unwritable.is_verified(weights, "ab" * 32)
+
+
+def test_a_stamp_covers_one_frame_table_and_is_not_written_for_a_file_that_changed_while_hashed(tmp_path) -> None:
+    cache = UserCache("T", tmp_path / "cache")
+    weights = tmp_path / "w.bin"
+    weights.write_bytes(b"x" * 1000)
+    before = os.stat(weights)
+    assert cache.mark_verified(weights, "ab" * 32, index="table-1", before=before)
+    assert cache.is_verified(weights, "ab" * 32, index="table-1", stat=os.stat(weights))
+    assert not cache.is_verified(weights, "ab" * 32, index="table-2")  # another manifest's frame table over the same file
+    weights.write_bytes(b"y" * 1000)  # changed between the start of the hashing and the stamp
+    assert cache.mark_verified(weights, "cd" * 32, index="table-1", before=before) is False
+    assert not cache.is_verified(weights, "cd" * 32, index="table-1")

@@ -113,6 +113,7 @@ from typing import Callable, Iterable, Protocol  # noqa: E402
 import numpy as np  # noqa: E402
 
 from .errors import BundleError, IntegrityError, MachineError  # noqa: E402
+from .gpu_upload import _check, _cudart  # noqa: E402 - one CUDA error check for the shim; cuda-python itself is imported lazily
 
 SPECIALIZATIONS = {"lazy": "LAZY", "eager": "EAGER", "none": "NONE"}
 # EngineInvalidityDiagnostics bits, in words a user can act on.
@@ -281,19 +282,6 @@ class TrtSession:
         self.context = self.engine = None
 
 
-def _cuda():
-    from cuda.bindings import runtime as cudart
-
-    return cudart
-
-
-def _ck(result: Any, what: str) -> Any:
-    err, *values = result if isinstance(result, tuple) else (result,)
-    if int(err) != 0:
-        raise MachineError(f"CUDA error in {what}: {getattr(err, 'name', err)}")
-    return values[0] if len(values) == 1 else values or None
-
-
 class _Context:
     def __init__(self, ctx: Any, config: Any, cache: Any, stream: int) -> None:
         self.ctx, self.config, self.cache, self.stream = ctx, config, cache, stream
@@ -305,9 +293,9 @@ class TrtRtxRuntime:
     """The real TrtRuntime: tensorrt_rtx for the engine, cuda.bindings.runtime for device memory and streams."""
 
     def __init__(self, device: int = 0) -> None:
-        self.t, self.cu, self.device = trt(), _cuda(), device
-        _ck(self.cu.cudaSetDevice(device), "cudaSetDevice")
-        _ck(self.cu.cudaFree(0), "cudaFree(0)")  # makes the primary context current: cache (de)serialize needs one
+        self.t, self.cu, self.device = trt(), _cudart(), device
+        _check(self.cu, self.cu.cudaSetDevice(device), "cudaSetDevice")
+        _check(self.cu, self.cu.cudaFree(0), "cudaFree(0)")  # makes the primary context current: cache (de)serialize needs one
         self.logger = _Logger()
         self.rt = self.t.Runtime(self.logger)
         self._refitters: dict[int, Any] = {}
@@ -380,7 +368,7 @@ class TrtRtxRuntime:
         if ctx is None:
             raise MachineError("TensorRT for RTX could not create an execution context: " + "; ".join(self.logger.errors[-3:]))
         # Graph capture cannot use the legacy default stream.
-        stream = _ck(self.cu.cudaStreamCreateWithFlags(self.cu.cudaStreamNonBlocking), "cudaStreamCreateWithFlags")
+        stream = _check(self.cu, self.cu.cudaStreamCreateWithFlags(self.cu.cudaStreamNonBlocking), "cudaStreamCreateWithFlags")
         return _Context(ctx, config, cache, stream), loaded
 
     def execute(self, context: Any, inputs: Mapping[str, np.ndarray], profile: int = 0) -> dict[str, np.ndarray]:
@@ -404,7 +392,7 @@ class TrtRtxRuntime:
                 self._free(c.buffers.pop(next(iter(c.buffers))))
             sizes = {n: a.nbytes for n, a in inputs.items()}
             sizes.update({n: int(np.prod(s)) * _np_dtype(engine.get_tensor_dtype(n).name).itemsize for n, s in shapes.items()})
-            c.buffers[signature] = {n: (_ck(cu.cudaMalloc(max(b, 1)), "cudaMalloc"), b) for n, b in sizes.items()}
+            c.buffers[signature] = {n: (_check(cu, cu.cudaMalloc(max(b, 1)), "cudaMalloc"), b) for n, b in sizes.items()}
         bufs = c.buffers[signature]
         results = {n: np.empty(shapes[n], dtype=_np_dtype(engine.get_tensor_dtype(n).name)) for n in outs}
         for name, (ptr, _) in bufs.items():
@@ -412,12 +400,12 @@ class TrtRtxRuntime:
         h2d, d2h = cu.cudaMemcpyKind.cudaMemcpyHostToDevice, cu.cudaMemcpyKind.cudaMemcpyDeviceToHost
         held = {n: np.ascontiguousarray(a) for n, a in inputs.items()}
         for name, array in held.items():
-            _ck(cu.cudaMemcpyAsync(bufs[name][0], array.ctypes.data, array.nbytes, h2d, c.stream), "cudaMemcpyAsync")
+            _check(cu, cu.cudaMemcpyAsync(bufs[name][0], array.ctypes.data, array.nbytes, h2d, c.stream), "cudaMemcpyAsync")
         if not c.ctx.execute_async_v3(int(c.stream)):
             raise MachineError("TensorRT for RTX failed to execute: " + "; ".join(self.logger.errors[-3:]))
         for name, out in results.items():
-            _ck(cu.cudaMemcpyAsync(out.ctypes.data, bufs[name][0], out.nbytes, d2h, c.stream), "cudaMemcpyAsync")
-        _ck(cu.cudaStreamSynchronize(c.stream), "cudaStreamSynchronize")
+            _check(cu, cu.cudaMemcpyAsync(out.ctypes.data, bufs[name][0], out.nbytes, d2h, c.stream), "cudaMemcpyAsync")
+        _check(cu, cu.cudaStreamSynchronize(c.stream), "cudaStreamSynchronize")
         return results
 
     def serialize_cache(self, context: Any) -> bytes:

@@ -77,12 +77,18 @@ def doctor(bundle: Path | None, app: str, cache_dir: Path | None, device: int | 
         blocker = trt_blocker(None, machine, pick_gpu(machine, device))
         can_run, why = blocker is None, blocker
     report["trt_rtx_can_run"], report["why_not"] = can_run, why
+    from runtime_shim import gpu_decode
+
+    no_gpu_decode = gpu_decode.available()
+    report["weights_decoded_on_gpu"] = {"possible": no_gpu_decode is None, "why_not": no_gpu_decode, "nvcomp": gpu_decode.find_nvcomp()}
     if as_json:
         emit_json(report)
         return
     for line in _machine_lines(machine):
         info(line)
     info(f"user cache dir: {cache.dir}")
+    info(f"refit weights: decoded on the GPU (nvCOMP at {gpu_decode.find_nvcomp()})" if no_gpu_decode is None else
+         f"refit weights: decoded on the CPU, {no_gpu_decode} (for the GPU: {gpu_decode.NVCOMP_HINT})")
     if bundle is not None:
         info(f"bundle {bundle}: model {p.manifest.model.name}, made for TRT-RTX {p.manifest.trt_rtx.version}")
         for w in p.warnings:

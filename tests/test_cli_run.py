@@ -42,8 +42,12 @@ def test_doctor_without_a_bundle(tmp_path) -> None:
     assert "TensorRT for RTX" in r.stderr and ("can run here" in r.stderr or "cannot run here" in r.stderr)
     r = _runner().invoke(main, ["doctor", "--json", "--cache-dir", str(tmp_path)])
     report = json.loads(r.stdout)
-    assert set(report) >= {"machine", "trt_rtx_can_run", "why_not", "cache_dir"}
+    assert set(report) >= {"machine", "trt_rtx_can_run", "why_not", "cache_dir", "weights_decoded_on_gpu"}
     assert report["trt_rtx_can_run"] == (report["why_not"] is None)
+    gpu_decode = report["weights_decoded_on_gpu"]
+    assert gpu_decode["possible"] == (gpu_decode["why_not"] is None) and gpu_decode["possible"] == (gpu_decode["nvcomp"] is not None)
+    r = _runner().invoke(main, ["doctor", "--cache-dir", str(tmp_path)])
+    assert ("refit weights: decoded on the GPU" if gpu_decode["possible"] else f"refit weights: decoded on the CPU, {gpu_decode['why_not']}") in r.stderr
 
 
 def test_doctor_with_a_bundle_ranks_engines_and_caches(conv, tmp_path) -> None:

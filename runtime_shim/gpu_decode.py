@@ -13,8 +13,10 @@ Pieces, each usable alone:
 """
 from __future__ import annotations
 
+import collections
 import ctypes
 import importlib.util
+import time
 import os
 import sys
 from dataclasses import dataclass
@@ -597,6 +599,7 @@ class DeviceDecoder:
                                f"this shim decodes chunks where they lie, so it needs 1 for both", hint=NVCOMP_HINT)
         self._temp, self._temp_bytes = 0, 0
         self._tables, self._mirror_addr, self._cap, self._jobcap = 0, 0, 0, 0
+        self.spent: collections.Counter[str] = collections.Counter()  # host seconds in nvCOMP and launch calls
         self._allocs: list[int] = []
         self._events: list[Any] = []
         self.halves: list[dict[str, Any]] = []
@@ -754,13 +757,17 @@ class DeviceDecoder:
             for r in range(4):
                 c(rt, rt.cudaMemcpyAsync(a + r * row + 8 * first, self._mirror_addr + r * row + 8 * first, 8 * (last - first), h2d, self.stream),
                   "cudaMemcpyAsync")
+            t0 = time.perf_counter()
             self.nvcomp.decompress(a + 8 * first, a + row + 8 * first, a + 2 * row + 8 * first, a + 4 * row + 8 * first, last - first,
                                    self._temp, self._temp_bytes, a + 3 * row + 8 * first, a + 5 * row + 4 * first, int(self.stream))
+            self.spent["enqueue: of which the nvCOMP call"] += time.perf_counter() - t0
         j0, j1 = self._batch_job, self._njobs
         if j1 > j0:
             jobs, at = a + 6 * row + 8 * JOB_WORDS * j0, self._mirror_addr + 6 * row + 8 * JOB_WORDS * j0
             c(rt, rt.cudaMemcpyAsync(jobs, at, 8 * JOB_WORDS * (j1 - j0), h2d, self.stream), "cudaMemcpyAsync")
+            t0 = time.perf_counter()
             self.kernel.launch(jobs, j1 - j0, self._max_n, int(self.stream))
+            self.spent["enqueue: of which the kernel launch"] += time.perf_counter() - t0
         c(rt, rt.cudaEventRecord(half["decoded"], self.stream), "cudaEventRecord")
         half["used"] = True
         self._batch_chunk, self._batch_job = last, j1

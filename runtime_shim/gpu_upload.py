@@ -358,16 +358,20 @@ class Uploader:
             lo, hi, _ = seg
             host = self._host + slot * slot_bytes
             end = int(t["slot_off"][hi - 1] + t["size"][hi - 1])
+            t0 = time.perf_counter()
             try:
                 part = cut(*planned, lo, hi, delta, np.frombuffer((ctypes.c_ubyte * end).from_address(host), dtype=np.uint8))
             except FrameFormatError as e:
                 raise integrity(lo + e.frame, e) from None
+            self.spent["enqueue: of which cutting the plan"] += time.perf_counter() - t0
             decoder.add_segment(part, host, end, base, frames[lo:hi])
 
         self._ring(segments, slot_bytes, nslots, submit, enqueue, first=plan_all)
         t0 = time.perf_counter()
         failed = decoder.finish()
         self.spent["wait for the GPU at the end"] += time.perf_counter() - t0
+        self.spent.update(decoder.spent)
+        decoder.spent.clear()
         _check(self.rt, self.rt.cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
         if failed:
             (i, j), status, got, want = failed[0]

@@ -4,7 +4,7 @@ choice, for a bundle with 10 engines and 50 runtime caches (and silero-vad's rea
 Printed next to Python's own start-up (``python -c pass``), each the median of --repeat runs:
   in-process  the three steps, modules already imported (what a long-running app pays per load())
   cold        a fresh interpreter that imports the shim modules and does the three steps (what a CLI pays)
-The probe is the real one (cuda-python driver API, NVML); on a machine without a GPU the choice is also timed
+The probe is the real one (the driver API and NVML through ctypes, runtime_shim/nvlibs.py); on a machine without a GPU the choice is also timed
 against a described RTX 4090 machine, so that every engine and cache is ranked rather than blocked up front.
 
     python bench/bench_shim_overhead.py [--repeat 20]
@@ -139,7 +139,8 @@ def main() -> None:
     print(f"  in-process: parse + choice (described RTX 4090)   {choice:7.1f} ms   -> engine: "
           f"{next(c.kind for c in chosen_e if c.taken)}, cache: {next(c.kind for c in chosen_c if c.taken)}")
     print(f"  cold process: imports + parse + probe + choice    {cold:7.1f} ms  ({cold - python:.1f} ms over python's start-up)")
-    print("  (cold = a fresh interpreter: numpy-free, but cuda.bindings and importlib.metadata imports are in it; see python -X importtime)")
+    print("  (cold = a fresh interpreter that imports the shim's manifest, machine and choose modules: no numpy, no cuda-python; "
+          "see python -X importtime)")
     print(f"  target: < 50 ms for parse + probe + choice -> {'met' if max(full, choice) < 50 else 'NOT met'} in-process"
           f"; cold minus start-up {'met' if cold - python < 50 else 'NOT met'}")
 

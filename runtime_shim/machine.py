@@ -6,7 +6,6 @@ problem in ``Machine.problem`` so that choice, ``doctor`` and the report can say
 from __future__ import annotations
 
 import dataclasses
-import importlib.metadata
 import os
 import platform as _platform
 import re
@@ -150,14 +149,43 @@ def probe(*, driver: Any = None, nvml: Any = None, proc_version_path: str = _PRO
                    problem=problem, notes=tuple(notes))
 
 
+def _dist_versions(names: list[str]) -> dict[str, str]:
+    """Versions of the named distributions from their ``*.dist-info`` folders on sys.path (what pip writes), first
+    found wins. Only when none is found there does importlib.metadata look (eggs, zips, odd installers): its import
+    alone costs ~12 ms of an app's start."""
+    wanted = {re.sub(r"[-_.]+", "_", n).lower(): n for n in names}
+    found: dict[str, str] = {}
+    for entry in sys.path:
+        try:
+            with os.scandir(entry or ".") as it:
+                for d in it:
+                    if d.name.endswith(".dist-info"):
+                        dist, _, version = d.name[:-len(".dist-info")].partition("-")
+                        name = wanted.get(re.sub(r"[-_.]+", "_", dist).lower())
+                        if name and version and name not in found:
+                            found[name] = version
+        except OSError:
+            continue
+    missing = [n for n in names if n not in found]
+    if missing and not found:
+        import importlib.metadata
+
+        for n in missing:
+            try:
+                found[n] = importlib.metadata.version(n)
+            except importlib.metadata.PackageNotFoundError:
+                pass
+    return found
+
+
 def trt_rtx_install() -> tuple[str | None, str | None]:
     """(version, CUDA flavour) of the installed TRT-RTX, or (None, None); the build and the probe both ask here."""
     # Read the installed distributions rather than importing tensorrt_rtx: the import loads ~230 MB of libraries.
     version, flavour = None, None
+    versions = _dist_versions([d for d, _ in _TRT_DISTS])
     for dist, dist_flavour in _TRT_DISTS:
-        try:
-            v = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
+        v = versions.get(dist)
+        if v is None:
             continue
         version = version or v
         flavour = flavour or dist_flavour
@@ -171,11 +199,13 @@ class _NoGpu(Exception):
 
 
 def _probe_driver(driver: Any) -> tuple[int | None, tuple[Gpu, ...]]:
-    if driver is None:
+    if driver is None:  # ctypes, not cuda.bindings.driver: ~1 ms where that import costs ~47 (runtime_shim/nvlibs.py)
+        from .nvlibs import CudaDriver
+
         try:
-            from cuda.bindings import driver  # type: ignore[no-redef]
-        except ImportError as e:
-            raise _NoGpu(f"cuda-python is not installed ({e}); it is needed to find NVIDIA GPUs (pip install cuda-python)") from None
+            driver = CudaDriver()
+        except OSError as e:
+            raise _NoGpu(f"no NVIDIA driver found (libcuda could not be loaded: {_first_line(e)})") from None
     try:
         (err,) = driver.cuInit(0)
     except Exception as e:  # cuda-python raises when libcuda itself cannot be loaded: no driver at all
@@ -248,10 +278,12 @@ def _norm_bus(bus: str) -> str:
 def _nvml_facts(nvml: Any, proc_path: str, bus_ids: list[str], sysfs: str) -> tuple[str | None, dict[str, int], str | None]:
     """(display-driver version like "580.95.05", {bus id: SKU}, note): NVML where cuda.bindings has it, else
     /proc/driver/nvidia/version and /sys/bus/pci (Linux)."""
-    if nvml is None:
+    if nvml is None:  # ctypes, not cuda.bindings.nvml, whose import costs ~100 ms (it imports numpy)
+        from .nvlibs import Nvml
+
         try:
-            from cuda.bindings import nvml  # type: ignore[no-redef]
-        except ImportError:
+            nvml = Nvml()
+        except OSError:
             nvml = None
     version, skus, nvml_problem = None, {}, None
     if nvml is not None:

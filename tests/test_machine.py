@@ -196,3 +196,50 @@ def test_the_shim_imports_neither_tensorrt_rtx_for_probing_nor_onnx_or_click() -
     root = Path(__file__).resolve().parent.parent
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root).stdout
     assert out.strip() == "[]"
+
+
+def test_probing_and_choosing_import_neither_cuda_python_nor_numpy_nor_importlib_metadata() -> None:
+    """What an app start pays before it knows its GPU: ctypes views of libcuda and NVML (runtime_shim/nvlibs.py)."""
+    code = ("import sys; from runtime_shim import machine, choose, manifest; m = machine.probe(); choose.pick_gpu(m); "
+            "print(sorted(n for n in ('cuda.bindings.driver', 'cuda.bindings.nvml', 'numpy', 'importlib.metadata') if n in sys.modules))")
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root).stdout
+    # importlib.metadata is only the fallback for TRT-RTX installs without a .dist-info on sys.path
+    assert out.strip() in ("[]", "['importlib.metadata']")
+    if importlib.util.find_spec("tensorrt_rtx") is not None:
+        assert out.strip() == "[]"
+
+
+def test_trt_rtx_version_from_dist_info_agrees_with_importlib_metadata() -> None:
+    import importlib.metadata
+
+    from runtime_shim import machine
+
+    names = [d for d, _ in machine._TRT_DISTS] + ["zstandard", "no-such-distribution-xyz"]
+    fast = machine._dist_versions(names)
+    for n in names:
+        try:
+            assert fast.get(n) == importlib.metadata.version(n), n
+        except importlib.metadata.PackageNotFoundError:
+            assert n not in fast
+    assert fast.get("zstandard")  # a wheel every install of the shim has
+    assert machine._dist_versions(["no-such-distribution-xyz"]) == {}  # nothing found: importlib.metadata asked, says none
+
+
+def _driver_present() -> bool:
+    from runtime_shim.nvlibs import CudaDriver
+
+    try:
+        return CudaDriver().cuInit(0)[0] == 0
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _driver_present(), reason="needs an NVIDIA driver (libcuda) and a GPU")
+def test_the_ctypes_probe_sees_what_cuda_python_sees() -> None:
+    pytest.importorskip("cuda.bindings.nvml")
+    from cuda.bindings import driver, nvml
+
+    fast, reference = probe(), probe(driver=driver, nvml=nvml)
+    assert fast.gpus and fast.gpus == reference.gpus  # names, SMs, SKUs, UUIDs, memory, bus ids
+    assert (fast.driver_version, fast.driver_cuda_version, fast.problem) == (reference.driver_version, reference.driver_cuda_version, reference.problem)

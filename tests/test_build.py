@@ -309,16 +309,10 @@ def test_output_dir_that_is_a_symlink_is_refused(tmp_path: Path) -> None:
 ])
 def test_build_and_probe_agree_on_the_cuda_flavour(monkeypatch, installed, flavour):
     """A bundle built here must name the flavour that farm-job and the shim on this machine will see."""
-    import importlib.metadata
-
     from bundler.engines import trt_rtx_identity
     from runtime_shim import machine
 
-    def version(dist: str) -> str:
-        if dist in installed:
-            return installed[dist]
-        raise importlib.metadata.PackageNotFoundError(dist)
-
-    monkeypatch.setattr(importlib.metadata, "version", version)
+    # what the dist-info scan (machine._dist_versions) would find with only these distributions installed
+    monkeypatch.setattr(machine, "_dist_versions", lambda names: {n: v for n, v in installed.items() if n in names})
     assert trt_rtx_identity()[1] == flavour
     assert machine.trt_rtx_install() == ("1.7.1.116", flavour)

@@ -96,34 +96,46 @@ class Cut(NamedTuple):
     scratch_bytes: int
 
 
-def cut(plan: FramesPlan, starts: tuple[Any, Any, Any], lo: int, hi: int, delta: Any, buf: Any) -> Cut:
-    """Frames [lo, hi) of ``plan``, whose bytes now lie in ``buf`` at (planned offset + ``delta[frame]``).
+class Cuts:
+    """A FramesPlan cut in segments: frames [lo, hi) of each segment lie back to back in one buffer, frame f at its
+    planned offset + ``delta[f]``. Everything that does not depend on the bytes read is moved once, here, for all
+    segments (vectorized); ``cut()`` per segment then only slices and checks the bytes the plan was derived from."""
 
-    ``starts``: first chunk, job and dependency byte of each frame (plan_starts). Raises FrameFormatError (frame
-    index in the segment) when a byte the plan was derived from differs in ``buf``: the frame changed after it
-    was planned, and the plan must not be used on it.
-    """
-    import numpy as np
+    def __init__(self, plan: FramesPlan, segments: list[tuple[int, int]], delta: Any) -> None:
+        import numpy as np
 
-    cs, js, ds = starts
-    d0, d1 = ds[lo], ds[hi]
-    if d1 > d0:
-        moved = plan.dep_pos[d0:d1] + delta[plan.dep_frame[d0:d1]]
-        differs = buf[moved] != plan.dep_val[d0:d1]
-        if differs.any():
-            raise FrameFormatError(int(plan.dep_frame[d0:d1][np.argmax(differs)]) - lo, "its header differs from the one read when the upload was planned: the file changed while being read")
-    c0, c1, j0, j1 = cs[lo], cs[hi], js[lo], js[hi]
-    s0 = plan.frame_scratch[lo]
-    to_dst = plan.chunk_to_dst[c0:c1]
-    cf = plan.chunk_frame[c0:c1]
-    kind = plan.job_kind[j0:j1]
-    ptr = plan.job_ptr[j0:j1]
-    jdelta = delta[plan.job_frame[j0:j1]][:, None]
-    return Cut(chunk_in=plan.chunk_in[c0:c1] + delta[cf], chunk_size=plan.chunk_size[c0:c1], chunk_raw=plan.chunk_raw[c0:c1],
-               chunk_out=np.where(to_dst, plan.chunk_out[c0:c1], plan.chunk_out[c0:c1] - s0), chunk_to_dst=to_dst, chunk_frame=cf - lo,
-               job_out=plan.job_out[j0:j1], job_ptr=np.where(kind == PTR_STAGE, ptr + jdelta, np.where(kind == PTR_SCRATCH, ptr - s0, 0)), job_kind=kind,
-               job_n=plan.job_n[j0:j1], job_es=plan.job_es[j0:j1], job_rot=plan.job_rot[j0:j1],
-               scratch_bytes=int(plan.frame_scratch[hi] - s0))
+        self.plan = plan
+        self.chunk_start, self.job_start, self.dep_start = plan_starts(plan)
+        first = np.zeros(len(plan.frame_scratch) - 1, dtype=np.int64)  # each frame's segment's first frame
+        for lo, hi in segments:
+            first[lo:hi] = lo
+        s0 = plan.frame_scratch[:-1][first]  # where each frame's segment's scratch area starts
+        cf, jf = plan.chunk_frame, plan.job_frame
+        self.chunk_in = plan.chunk_in + delta[cf]
+        self.chunk_out = np.where(plan.chunk_to_dst, plan.chunk_out, plan.chunk_out - s0[cf])
+        kind = plan.job_kind
+        self.job_ptr = np.where(kind == PTR_STAGE, plan.job_ptr + delta[jf][:, None],
+                                np.where(kind == PTR_SCRATCH, plan.job_ptr - s0[jf][:, None], 0))
+        self.dep_pos = plan.dep_pos + delta[plan.dep_frame]
+
+    def cut(self, lo: int, hi: int, buf: Any) -> Cut:
+        """The part for segment [lo, hi), whose bytes are in ``buf``. Raises FrameFormatError (frame index in the
+        segment) when a byte the plan was derived from differs in ``buf``: the frame changed after it was planned,
+        and the plan must not be used on it."""
+        import numpy as np
+
+        p = self.plan
+        d0, d1 = self.dep_start[lo], self.dep_start[hi]
+        if d1 > d0:
+            differs = buf[self.dep_pos[d0:d1]] != p.dep_val[d0:d1]
+            if differs.any():
+                raise FrameFormatError(int(p.dep_frame[d0:d1][np.argmax(differs)]) - lo,
+                                       "its header differs from the one read when the upload was planned: the file changed while being read")
+        c0, c1, j0, j1 = self.chunk_start[lo], self.chunk_start[hi], self.job_start[lo], self.job_start[hi]
+        return Cut(chunk_in=self.chunk_in[c0:c1], chunk_size=p.chunk_size[c0:c1], chunk_raw=p.chunk_raw[c0:c1],
+                   chunk_out=self.chunk_out[c0:c1], chunk_to_dst=p.chunk_to_dst[c0:c1], chunk_frame=p.chunk_frame[c0:c1] - lo,
+                   job_out=p.job_out[j0:j1], job_ptr=self.job_ptr[j0:j1], job_kind=p.job_kind[j0:j1], job_n=p.job_n[j0:j1],
+                   job_es=p.job_es[j0:j1], job_rot=p.job_rot[j0:j1], scratch_bytes=int(p.frame_scratch[hi] - p.frame_scratch[lo]))
 
 
 def plan_starts(plan: FramesPlan) -> tuple[Any, Any, Any]:

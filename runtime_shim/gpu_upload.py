@@ -312,7 +312,7 @@ class Uploader:
     def _run_device(self, reader: WeightReader, decoder: Any, order: list[int], offsets: dict[int, int], base: int) -> None:
         import numpy as np
 
-        from .gpu_decode import FrameFormatError, cut, plan_frames, plan_starts
+        from .gpu_decode import Cuts, FrameFormatError, plan_frames
 
         t0 = time.perf_counter()
         t = _frame_table(reader, order, offsets)
@@ -347,7 +347,7 @@ class Uploader:
                 plan = plan_frames(reader.mapped(), t["file"], t["size"], t["raw"], t["es"], t["enc"], t["dst"])
             except FrameFormatError as e:
                 raise integrity(e.frame, e) from None
-            planned[:] = [plan, plan_starts(plan)]
+            planned[:] = [Cuts(plan, [(lo, hi) for lo, hi, _ in segments], delta)]
             decoder.begin(batch, len(plan.chunk_in), len(plan.job_out), int(plan.chunk_raw.max()) if len(plan.chunk_raw) else 1)
             self.spent["plan every frame (numpy), size the decoder"] += time.perf_counter() - t0
 
@@ -360,7 +360,7 @@ class Uploader:
             end = int(t["slot_off"][hi - 1] + t["size"][hi - 1])
             t0 = time.perf_counter()
             try:
-                part = cut(*planned, lo, hi, delta, np.frombuffer((ctypes.c_ubyte * end).from_address(host), dtype=np.uint8))
+                part = planned[0].cut(lo, hi, np.frombuffer((ctypes.c_ubyte * end).from_address(host), dtype=np.uint8))
             except FrameFormatError as e:
                 raise integrity(lo + e.frame, e) from None
             self.spent["enqueue: of which cutting the plan"] += time.perf_counter() - t0

@@ -19,7 +19,7 @@ import zstandard
 
 from bundler.weights_writer import Weight, write_weight_store
 from runtime_shim import gpu_decode, gpu_upload
-from runtime_shim.gpu_decode import ENCODINGS, PTR_SCRATCH, PTR_STAGE, Cut, FrameFormatError, cut, plan_frames, plan_starts
+from runtime_shim.gpu_decode import ENCODINGS, PTR_SCRATCH, PTR_STAGE, Cut, Cuts, FrameFormatError, plan_frames
 from runtime_shim.weights import PLANE_CHUNK, PLANE_RAW, PLANE_ZSTD, PLANE_ZSTD_CHUNKS, PLANES_TAG, WeightReader, decode_frame_into, plane_chunks
 
 _UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
@@ -93,7 +93,7 @@ def _segments(bundle_dir: Path, store, slot_bytes: int) -> tuple[dict, list, np.
         want = np.zeros(total, dtype=np.uint8)
         for i in order:
             reader.decode_blob_into(i, memoryview(want)[offsets[i]:offsets[i] + store.blobs[i].nbytes])
-    return t, list(zip(segments, bufs)), want, total, plan, plan_starts(plan)
+    return t, list(zip(segments, bufs)), want, total, plan, Cuts(plan, [(lo, hi) for lo, hi, _ in segments], t["slot_off"] - t["file"])
 
 
 @pytest.mark.parametrize("name", ["zstd-byteplane-4194304", "zstd-byteplane-16384", "zstd-4194304", "zstd-16384", "none-4194304", "none-16384"])
@@ -101,13 +101,12 @@ def _segments(bundle_dir: Path, store, slot_bytes: int) -> tuple[dict, list, np.
 def test_every_segment_planned_and_run_as_the_gpu_would_matches_the_host_decoder(stores, name, slot_frames) -> None:
     bundle_dir, store = stores[name]
     slot_bytes = max(f.size for b in store.blobs for f in b.frames) * slot_frames
-    t, segs, want, total, plan, starts = _segments(bundle_dir, store, slot_bytes)
+    t, segs, want, total, plan, cuts = _segments(bundle_dir, store, slot_bytes)
     out = np.full(total, 0xAB, dtype=np.uint8)  # not zero: every byte of every blob must be written
-    delta = t["slot_off"] - t["file"]
     assert len(plan.chunk_in) <= t["chunks"].sum() and len(plan.job_out) <= len(t["size"])  # the decoder's tables are sized by these
     most_chunks = 0
     for (lo, hi, runs), buf in segs:
-        part = cut(plan, starts, lo, hi, delta, buf)
+        part = cuts.cut(lo, hi, buf)
         assert set(part.chunk_frame.tolist()) <= set(range(hi - lo))
         most_chunks = max(most_chunks, len(part.chunk_in))
         run_plan_on_host(part, buf, out)
@@ -120,13 +119,13 @@ def test_every_segment_planned_and_run_as_the_gpu_would_matches_the_host_decoder
 
 def test_a_frame_whose_header_changed_after_planning_is_refused_by_the_cut(stores) -> None:
     bundle_dir, store = stores["zstd-byteplane-4194304"]
-    t, segs, _, _, plan, starts = _segments(bundle_dir, store, max(f.size for b in store.blobs for f in b.frames) * 3)
+    t, segs, _, _, plan, cuts = _segments(bundle_dir, store, max(f.size for b in store.blobs for f in b.frames) * 3)
     (lo, hi, _), buf = next(((seg, buf) for seg, buf in segs if any(t["enc"][seg[0]:seg[1]] == 2)))
     k = lo + int(np.argmax(t["enc"][lo:hi] == 2))  # a byte-plane frame: its plane header is a dependency
     buf = buf.copy()
     buf[t["slot_off"][k] + 5] ^= 1  # a byte of plane 0's stored size
     with pytest.raises(FrameFormatError, match="differs from the one read when the upload was planned") as e:
-        cut(plan, starts, lo, hi, t["slot_off"] - t["file"], buf)
+        cuts.cut(lo, hi, buf)
     assert e.value.frame == k - lo
 
 
@@ -134,7 +133,7 @@ def _one_frame(stored: bytes, enc: str, es: int, raw: int, dst: int = 0) -> Cut:
     buf = np.frombuffer(stored, dtype=np.uint8)
     col = lambda v: np.array([v], dtype=np.int64)  # noqa: E731
     plan = plan_frames(buf, col(0), col(len(stored)), col(raw), col(es), col(ENCODINGS[enc]), col(dst))
-    return cut(plan, plan_starts(plan), 0, 1, col(0), buf)
+    return Cuts(plan, [(0, 1)], col(0)).cut(0, 1, buf)
 
 
 def _layout2_frame(values: np.ndarray, modes: list[int]) -> bytes:

@@ -6,7 +6,6 @@ TRT-RTX was not used when it was not. Runtime caches are saved on close(), at in
 from __future__ import annotations
 
 import atexit
-import json
 import logging
 import re
 import time
@@ -20,9 +19,8 @@ import numpy as np
 from .choose import Choice, choose_caches, choose_engines, pick_gpu, trt_blocker
 from .errors import BackendUnavailableError, BundleError, InputError, MachineError
 from .fallback import OrtSession, materialize_model, read_verified
-from .fsutil import sha256_bytes
 from .machine import Machine, cache_key_for, probe
-from .manifest import CacheKey, Engine, Manifest, read_manifest
+from .manifest import CacheKey, Engine, Manifest, read_manifest_sha256
 from .user_cache import UserCache
 
 log = logging.getLogger(__name__)
@@ -84,10 +82,11 @@ class Plan:
     blocker: str | None
     engines: list[Choice]
     caches: list[Choice]
+    manifest_sha256: str = ""  # of the manifest bytes parsed
 
 
 def plan(bundle_path: str | Path, user_cache: UserCache, *, machine: Machine | None = None, device: int | None = None) -> Plan:
-    manifest, warnings = read_manifest(bundle_path)
+    manifest, warnings, manifest_sha256 = read_manifest_sha256(bundle_path)
     machine = machine or probe()
     gpu = pick_gpu(machine, device)
     blocker = trt_blocker(manifest, machine, gpu)
@@ -99,7 +98,7 @@ def plan(bundle_path: str | Path, user_cache: UserCache, *, machine: Machine | N
             blocker = str(e)
     have_user = key is not None and user_cache.has_runtime_cache(model_id(manifest), key)
     return Plan(manifest, warnings, machine, gpu, key, blocker, choose_engines(manifest, machine, gpu),
-                choose_caches(manifest, machine, gpu, have_user))
+                choose_caches(manifest, machine, gpu, have_user), manifest_sha256=manifest_sha256)
 
 
 def load(bundle_path: str | Path, app: str = "MyApp", *, cache_dir: str | Path | None = None, specialization: str = "lazy",
@@ -172,14 +171,15 @@ def load(bundle_path: str | Path, app: str = "MyApp", *, cache_dir: str | Path |
 class _StoreWeights:
     """The weight store as a TRT-RTX refit source: names and sizes from the manifest, bytes from the reader."""
 
-    def __init__(self, manifest: Manifest, bundle_dir: Path, user_cache: UserCache, verify: str) -> None:
+    def __init__(self, manifest: Manifest, bundle_dir: Path, user_cache: UserCache, verify: str, manifest_sha256: str) -> None:
         from .weights import WeightReader
 
         self.store, self.user_cache = manifest.weights, user_cache
         self.path = bundle_dir / manifest.weights.file.path
         self.reader = WeightReader(bundle_dir, manifest.weights)
-        # The stamp is checked against the file as opened (fstat), and covers this frame table only.
-        self.index = sha256_bytes(json.dumps(self.store.to_dict(), sort_keys=True).encode())
+        # The stamp is checked against the file as opened (fstat), and covers this manifest's frame table: the stamp
+        # names the manifest's own sha256 (any change to the manifest means hashing the weights again).
+        self.index = manifest_sha256
         self.opened = self.reader.identity()
         self.trusted = verify == "once" and user_cache.is_verified(self.path, self.store.file.sha256, index=self.index, stat=self.opened)
         self.stamp = verify == "once" and not self.trusted  # stamp the file once a whole upload has hashed every frame
@@ -244,7 +244,7 @@ def _open_trt(p: Plan, choice: Choice, bundle_dir: Path, user_cache: UserCache, 
         elif c.candidate is not None:
             blobs.append(read_verified(bundle_dir, c.candidate.file, f"runtime_caches[{c.index}].file"))
             names.append(f"bundled runtime_caches[{c.index}] ({c.kind.replace('bundled_', '')} key)")
-    weights = _StoreWeights(p.manifest, bundle_dir, user_cache, verify_weights) if choice.kind in ("weightless", "build") else None
+    weights = _StoreWeights(p.manifest, bundle_dir, user_cache, verify_weights, p.manifest_sha256) if choice.kind in ("weightless", "build") else None
     try:
         session = TrtSession(runtime or TrtRtxRuntime(p.gpu.index), plan_bytes, weights=weights, specialization=specialization,
                              cuda_graphs=cuda_graphs, caches=blobs, weights_on_device=weights_on_device, source=where)

@@ -133,13 +133,12 @@ class UserCache:
 
     @staticmethod
     def _identity(path: Path, st: os.stat_result, sha256: str, index: str) -> dict:
-        return {"path": os.path.realpath(path), "sha256": sha256, "index": index, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
-                "ctime_ns": st.st_ctime_ns, "inode": st.st_ino, "device": st.st_dev}
+        return {"path": os.path.realpath(path), "sha256": sha256, "index": index, "stat": _stat_key(st)}
 
     def is_verified(self, path: Path, sha256: str, *, index: str = "", stat: os.stat_result | None = None) -> bool:
         """True when every frame of this very file (same identity as then: pass ``stat``, the fstat of the file as
         opened, so that what is checked is what is read) was hashed and matched before, against the same frame
-        table (``index``: a digest of the manifest's weights index)."""
+        table (``index``: the sha256 of the manifest that pinned it)."""
         if os.name == "nt":
             return False
         try:
@@ -156,7 +155,7 @@ class UserCache:
             return False
         try:
             now = stat or os.stat(path)
-            if before is not None and _changed(before, now):
+            if before is not None and _stat_key(before) != _stat_key(now):
                 log.warning("%s changed while its frames were hashed; it is checked again next time", path)
                 return False
             atomic_write(self._stamp_path(path, sha256, index), json.dumps(self._identity(path, now, sha256, index), sort_keys=True).encode())
@@ -275,8 +274,9 @@ class UserCache:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-def _changed(a: os.stat_result, b: os.stat_result) -> bool:
-    return (a.st_size, a.st_mtime_ns, a.st_ctime_ns, a.st_ino, a.st_dev) != (b.st_size, b.st_mtime_ns, b.st_ctime_ns, b.st_ino, b.st_dev)
+def _stat_key(st: os.stat_result) -> list[int]:
+    """What a file's identity is made of for a verified stamp: size, mtime, ctime, inode and device."""
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
 
 
 def _frame(payload: bytes, key: dict) -> bytes:

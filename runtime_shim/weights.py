@@ -288,10 +288,14 @@ class WeightReader:
         return f"{self.path}: {self._what(index)}, frame {j} (file offset {frame.offset}, {frame.size} bytes)"
 
     def _read_stored(self, index: int, j: int, stored: memoryview) -> None:
+        self._check_stored(index, j, stored, self._read_into(self.store.blobs[index].frames[j].offset, stored))
+
+    def _check_stored(self, index: int, j: int, stored: memoryview, got: int) -> None:
+        """``stored`` holds frame j of blob index as read, of which ``got`` bytes came from the file: all of it, and
+        (unless verify_frames is off) its pinned sha256."""
         frame = self.store.blobs[index].frames[j]
-        got = self._read_into(frame.offset, stored)
-        if got != frame.size:
-            raise IntegrityError(f"{self._where(index, j)}: file ends after {got} bytes of it; truncated", hint=HINT_CORRUPT)
+        if got < frame.size:
+            raise IntegrityError(f"{self._where(index, j)}: file ends after {max(0, got)} bytes of it; truncated", hint=HINT_CORRUPT)
         if self.verify_frames:
             actual = sha256_bytes(stored)
             if actual != frame.sha256:
@@ -337,11 +341,6 @@ class WeightReader:
         """
         self._decode_frame(index, j, memoryview(out).cast("B"))
 
-    def read_frame(self, index: int, j: int, out: memoryview) -> None:
-        """Read frame ``j`` of blob ``index`` as stored (still encoded) into ``out`` (exactly its ``size`` bytes) and
-        verify its sha256 (unless ``verify_frames`` is off): the unit of work when something else decodes (the GPU)."""
-        self._read_stored(index, j, memoryview(out).cast("B"))
-
     def mapped(self) -> np.ndarray:
         """The whole weight file as a read-only uint8 array over a memory map (pages are read as touched; the map
         goes when the array does): for reading many small scattered pieces at once (frame headers, for
@@ -368,13 +367,7 @@ class WeightReader:
         got = self._read_into(metas[0].offset, out[:total]) if metas else 0
         pos = 0
         for (i, j), f in zip(frames, metas):
-            piece = out[pos:pos + f.size]
-            if got < pos + f.size:
-                raise IntegrityError(f"{self._where(i, j)}: file ends after {max(0, got - pos)} bytes of it; truncated", hint=HINT_CORRUPT)
-            if self.verify_frames:
-                actual = sha256_bytes(piece)
-                if actual != f.sha256:
-                    raise IntegrityError(f"{self._where(i, j)}: sha256 {actual}, expected {f.sha256}", hint=HINT_CORRUPT)
+            self._check_stored(i, j, out[pos:pos + f.size], got - pos)
             pos += f.size
 
     def decode_blob_into(self, index: int, out: memoryview) -> None:

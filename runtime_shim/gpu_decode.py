@@ -197,8 +197,18 @@ class _Reads:
         return got.astype(np.int64)
 
     def u32(self, frames: Any, pos: Any) -> Any:
-        b = self.bytes(frames, pos, 4)
-        return b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16) | (b[:, 3] << 24)
+        return _le(self.bytes(frames, pos, 4))
+
+
+def _le(b: Any) -> Any:
+    """Each row of bytes as a little-endian unsigned number, int64 (capped at 2**62: sizes that large are refused
+    anyway, and the cap keeps 8-byte fields from wrapping negative)."""
+    import numpy as np
+
+    v = np.zeros(len(b), dtype=np.uint64)
+    for k in range(b.shape[1]):
+        v |= b[:, k].astype(np.uint64) << np.uint64(8 * k)
+    return np.minimum(v, np.uint64(1 << 62)).astype(np.int64)
 
 
 _ZSTD_MAGIC = 0xFD2FB528
@@ -212,8 +222,7 @@ def _check_zstd_heads(reads: _Reads, frame: Any, start: Any, size: Any, raw: Any
 
     _fail(size < 9, frame, lambda i: f"a zstd chunk of {size[i]} bytes is shorter than the smallest zstd frame (9 bytes)")
     head = reads.bytes(frame, start, 5)
-    magic = head[:, 0] | (head[:, 1] << 8) | (head[:, 2] << 16) | (head[:, 3] << 24)
-    _fail(magic != _ZSTD_MAGIC, frame, lambda i: f"a zstd chunk at stored offset {start[i]} does not start with zstd's magic number")
+    _fail(_le(head[:, :4]) != _ZSTD_MAGIC, frame, lambda i: f"a zstd chunk at stored offset {start[i]} does not start with zstd's magic number")
     fhd = head[:, 4]
     single, did, fcs_flag = (fhd >> 5) & 1, fhd & 3, fhd >> 6
     _fail(did != 0, frame, lambda i: f"a zstd chunk at stored offset {start[i]} needs a dictionary")
@@ -225,11 +234,7 @@ def _check_zstd_heads(reads: _Reads, frame: Any, start: Any, size: Any, raw: Any
     for width in (1, 2, 4, 8):
         sel = fcs_size == width
         if sel.any():
-            b = reads.bytes(frame[sel], at[sel], width)
-            v = np.zeros(int(sel.sum()), dtype=np.uint64)
-            for k in range(width):
-                v |= b[:, k].astype(np.uint64) << np.uint64(8 * k)
-            value[sel] = np.minimum(v, np.uint64(1 << 62)).astype(np.int64) + (256 if width == 2 else 0)
+            value[sel] = _le(reads.bytes(frame[sel], at[sel], width)) + (256 if width == 2 else 0)
     _fail(value != raw, frame, lambda i: f"a zstd chunk at stored offset {start[i]} decodes to {value[i]} bytes, {raw[i]} planned")
 
 
@@ -286,7 +291,7 @@ def plan_frames(buf: Any, off: Any, size: Any, raw: Any, es: Any, enc: Any, dst:
     hpos = off[pf] + 4 + 5 * pk
     fields = reads.bytes(pf, hpos, 5)
     mode = fields[:, 0]
-    psize = fields[:, 1] | (fields[:, 2] << 8) | (fields[:, 3] << 16) | (fields[:, 4] << 24)
+    psize = _le(fields[:, 1:])
     pn = raw[pf] // es[pf]
     pstart = np.repeat(off[f2] + head, e) + _within(psize, e)
     fend = off[pf] + size[pf]

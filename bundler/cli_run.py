@@ -81,6 +81,9 @@ def doctor(bundle: Path | None, app: str, cache_dir: Path | None, device: int | 
 
     no_gpu_decode = gpu_decode.available()
     report["weights_decoded_on_gpu"] = {"possible": no_gpu_decode is None, "why_not": no_gpu_decode, "nvcomp": gpu_decode.find_nvcomp()}
+    from runtime_shim.weights import native_join
+
+    report["host_decoder_compiled"] = native_join()
     if as_json:
         emit_json(report)
         return
@@ -89,6 +92,8 @@ def doctor(bundle: Path | None, app: str, cache_dir: Path | None, device: int | 
     info(f"user cache dir: {cache.dir}")
     info(f"refit weights: decoded on the GPU (nvCOMP at {gpu_decode.find_nvcomp()})" if no_gpu_decode is None else
          f"refit weights: decoded on the CPU, {no_gpu_decode} (for the GPU: {gpu_decode.NVCOMP_HINT})")
+    info("CPU weight decoder: compiled helper" if report["host_decoder_compiled"] else
+         f"CPU weight decoder: numpy fallback, 2-3x slower ({NATIVE_HINT})")
     if bundle is not None:
         info(f"bundle {bundle}: model {p.manifest.model.name}, made for TRT-RTX {p.manifest.trt_rtx.version}")
         for w in p.warnings:
@@ -97,6 +102,10 @@ def doctor(bundle: Path | None, app: str, cache_dir: Path | None, device: int | 
             info(line)
     info(("TensorRT for RTX can run here" + (" (this bundle: yes)" if bundle else "")) if can_run
          else f"TensorRT for RTX cannot run {'this bundle ' if bundle else ''}here: {why}")
+
+
+NATIVE_HINT = ("the C helper runtime_shim._planes was not built, or TRTX_SHIM_NATIVE=0 turned it off: "
+               "reinstall trtx-bundler where a C compiler is installed")
 
 
 def _parse_input(spec: str) -> tuple[str, Path]:

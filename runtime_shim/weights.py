@@ -22,6 +22,13 @@ from .errors import IntegrityError
 from .fsutil import atomic_writer, sha256_bytes
 from .manifest import Blob, WeightStore
 
+try:  # the optional C helper (setup.py); TRTX_SHIM_NATIVE=0 turns it off to rule it out when debugging a decode
+    from . import _planes as _native
+except ImportError:
+    _native = None
+if os.environ.get("TRTX_SHIM_NATIVE") == "0":
+    _native = None
+
 MAGIC = b"TRTXW\x00\x01\x00"  # "TRTXW", NUL, format version 1, reserved
 HINT_CORRUPT = "the bundle's weight file is damaged or was modified; fetch the bundle again ('trtx-bundle verify' lists every bad file)"
 
@@ -186,6 +193,32 @@ def plane_chunks(data: bytes | memoryview, plane_bytes: int) -> list[tuple[int, 
     return out
 
 
+def _decode_chunks(data: memoryview, n: int, buf: memoryview) -> None:
+    """Decode a mode-2 plane (``data``: its table and chunks) into ``buf`` (``n`` bytes).
+
+    With the C helper: the table and every chunk's header are checked at the chunk's planned offset (zstd's magic,
+    no dictionary, a content size equal to the planned size: what the GPU decoder checks too), then the chunks
+    are decoded as one run of zstd frames in one call, which releases the GIL once per plane instead of once per
+    64 KiB chunk; zstd checks each frame's size against its header and the run must fill the plane exactly.
+    Without it: chunk by chunk, each required to be exactly one zstd frame of its planned size (checking the
+    headers in numpy first would hold the GIL longer than this loop does).
+    """
+    if _native is None:
+        pos = 0
+        for c, (at, csize, craw) in enumerate(plane_chunks(data, n)):
+            part = _dctx().decompress(data[at:at + csize], max_output_size=craw, allow_extra_data=False)
+            if len(part) != craw:
+                raise ValueError(f"chunk {c} decodes to {len(part)} bytes, expected {craw}")
+            buf[pos:pos + craw] = part
+            pos += craw
+        return
+    first = _native.chunk_run(data, n, PLANE_CHUNK)
+    with _dctx().stream_reader(data[first:], read_across_frames=True) as reader:
+        got = reader.readinto(buf) if n else 0
+        if got != n or reader.read(1):
+            raise ValueError(f"zstd chunks decode to {'more than ' if got == n else ''}{got} bytes, expected {n}")
+
+
 def _decode_planes(stored: memoryview, element_size: int, out: memoryview) -> None:
     """Layout 2: decode each plane (raw or zstd), interleave them and rotate the sign bit back, in whole-array passes."""
     es = element_size
@@ -198,20 +231,29 @@ def _decode_planes(stored: memoryview, element_size: int, out: memoryview) -> No
             plane = data
         elif mode == PLANE_ZSTD:
             plane = _decompress_into(data, _scratch(f"plane{k}", n))
-        else:  # chunk by chunk, each exactly one zstd frame of its planned size: what the GPU decoder will be given
-            buf, pos = _scratch(f"plane{k}", n), 0
-            for c, (at, csize, craw) in enumerate(plane_chunks(data, n)):
-                part = _dctx().decompress(data[at:at + csize], max_output_size=craw, allow_extra_data=False)
-                if len(part) != craw:
-                    raise ValueError(f"plane {k}, chunk {c}: decodes to {len(part)} bytes, expected {craw}")
-                buf[pos:pos + craw] = part
-                pos += craw
-            plane = buf[:pos]
+        else:
+            plane = _scratch(f"plane{k}", n)
+            _decode_chunks(data, n, plane)
         if len(plane) != n:
             raise ValueError(f"plane {k} decodes to {len(plane)} bytes, expected {n}")
         planes.append(np.frombuffer(plane, dtype=np.uint8))
-    # Elements were rotated left by one bit before the split (the sign bit became bit 0, so the top plane holds
-    # the exponent alone): OR the shifted planes together, then rotate right by one. ~3-5 GB/s on one core.
+    join_rotated(out, planes)
+
+
+def native_join() -> bool:
+    """Whether the byte planes are joined by the compiled helper (runtime_shim._planes) rather than numpy."""
+    return _native is not None
+
+
+def join_rotated(out: memoryview, planes: Sequence[np.ndarray]) -> None:
+    """Interleave byte planes (least significant first) into ``out`` and rotate each element right by one bit: the
+    elements were rotated left before the split, so the sign bit became bit 0 and the top plane holds the exponent
+    alone. The compiled helper does it in one pass with the GIL released; numpy needs five passes."""
+    if _native is not None:
+        _native.join_rotated(out, planes)
+        return
+    es = len(planes)
+    n = len(out) // es
     u = _UINT[es]
     x = np.frombuffer(out, dtype=u)
     tmp = np.frombuffer(_scratch("tmp", n * es), dtype=u)

@@ -48,6 +48,10 @@ def test_doctor_without_a_bundle(tmp_path) -> None:
     assert gpu_decode["possible"] == (gpu_decode["why_not"] is None) and gpu_decode["possible"] == (gpu_decode["nvcomp"] is not None)
     r = _runner().invoke(main, ["doctor", "--cache-dir", str(tmp_path)])
     assert ("refit weights: decoded on the GPU" if gpu_decode["possible"] else f"refit weights: decoded on the CPU, {gpu_decode['why_not']}") in r.stderr
+    from runtime_shim.weights import native_join
+
+    assert report["host_decoder_compiled"] is native_join()
+    assert ("CPU weight decoder: compiled helper" if native_join() else "CPU weight decoder: numpy fallback") in r.stderr
 
 
 def test_doctor_with_a_bundle_ranks_engines_and_caches(conv, tmp_path) -> None:

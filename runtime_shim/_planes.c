@@ -1,0 +1,211 @@
+/* The weight store host decoder's hot loops (runtime_shim.weights): the byte-plane join, in one pass with the GIL
+ * released, and the check of a chunked plane's table and zstd headers.
+ *
+ * Optional: the shim falls back to numpy when this module was not built (no C compiler at install time), with the
+ * same results. numpy needs five passes and temporaries for the same work and holds the GIL between them, which is
+ * what kept the host decoder from scaling with threads (bench/README.md, "Decode speed").
+ *
+ * The store splits each little-endian element, rotated left by one bit (the sign bit becomes bit 0), into one plane
+ * per byte (docs/WEIGHT_STORE.md). Rotating back right by one is, byte by byte: byte k of the element is plane k
+ * shifted right by one plus the low bit of the next plane on top, and the top byte takes plane 0's low bit. Working
+ * on bytes keeps this independent of the host's byte order, and compilers vectorize it.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+
+#define MAX_PLANES 8
+
+static inline void join_rotated(uint8_t *restrict out, const uint8_t *const *planes, Py_ssize_t n, const int es)
+{
+    const uint8_t *p[MAX_PLANES];
+    for (int k = 0; k < es; k++)
+        p[k] = planes[k];
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uint8_t *o = out + i * es;
+        for (int k = 0; k < es - 1; k++)
+            o[k] = (uint8_t)((p[k][i] >> 1) | (p[k + 1][i] << 7));
+        o[es - 1] = (uint8_t)((p[es - 1][i] >> 1) | (p[0][i] << 7));
+    }
+}
+
+/* One loop per element size, so each has its inner loop unrolled and vectorized for a constant es. */
+static void join2(uint8_t *out, const uint8_t *const *planes, Py_ssize_t n) { join_rotated(out, planes, n, 2); }
+static void join4(uint8_t *out, const uint8_t *const *planes, Py_ssize_t n) { join_rotated(out, planes, n, 4); }
+static void join8(uint8_t *out, const uint8_t *const *planes, Py_ssize_t n) { join_rotated(out, planes, n, 8); }
+
+PyDoc_STRVAR(join_doc,
+"join_rotated(out, planes) -> None\n\n"
+"Interleave the byte planes (plane k holds byte k of every element, least significant first) into out and rotate\n"
+"each element right by one bit. out: a writable contiguous buffer of len(planes) * n bytes; planes: 2, 4 or 8\n"
+"contiguous buffers of n bytes each. Raises ValueError on any other shape.");
+
+static PyObject *py_join_rotated(PyObject *self, PyObject *args)
+{
+    PyObject *out_obj, *planes_obj;
+    if (!PyArg_ParseTuple(args, "OO:join_rotated", &out_obj, &planes_obj))
+        return NULL;
+    PyObject *seq = PySequence_Fast(planes_obj, "planes must be a sequence of buffers");
+    if (seq == NULL)
+        return NULL;
+    const Py_ssize_t es = PySequence_Fast_GET_SIZE(seq);
+    if (es != 2 && es != 4 && es != 8) {
+        Py_DECREF(seq);
+        return PyErr_Format(PyExc_ValueError, "%zd planes: expected 2, 4 or 8", es);
+    }
+    Py_buffer out, views[MAX_PLANES];
+    Py_ssize_t held = 0;
+    PyObject *result = NULL;
+    if (PyObject_GetBuffer(out_obj, &out, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) {
+        Py_DECREF(seq);
+        return NULL;
+    }
+    const uint8_t *ptrs[MAX_PLANES];
+    const Py_ssize_t n = out.len / es;
+    if (out.len % es) {
+        PyErr_Format(PyExc_ValueError, "out has %zd bytes, not a multiple of %zd planes", out.len, es);
+        goto done;
+    }
+    for (; held < es; held++) {
+        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(seq, held), &views[held], PyBUF_C_CONTIGUOUS) < 0)
+            goto done;
+        if (views[held].len != n) {
+            PyErr_Format(PyExc_ValueError, "plane %zd has %zd bytes, expected %zd", held, views[held].len, n);
+            held++;
+            goto done;
+        }
+        ptrs[held] = (const uint8_t *)views[held].buf;
+        /* the loop reads planes while it writes out: a plane inside out would be overwritten before it is read */
+        const char *lo = (const char *)views[held].buf, *olo = (const char *)out.buf;
+        if (n && lo < olo + out.len && olo < lo + n) {
+            PyErr_Format(PyExc_ValueError, "plane %zd overlaps out", held);
+            held++;
+            goto done;
+        }
+    }
+    Py_BEGIN_ALLOW_THREADS
+    if (es == 2)
+        join2((uint8_t *)out.buf, ptrs, n);
+    else if (es == 4)
+        join4((uint8_t *)out.buf, ptrs, n);
+    else
+        join8((uint8_t *)out.buf, ptrs, n);
+    Py_END_ALLOW_THREADS
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    while (held > 0)
+        PyBuffer_Release(&views[--held]);
+    PyBuffer_Release(&out);
+    Py_DECREF(seq);
+    return result;
+}
+
+static uint64_t le(const uint8_t *p, int n)
+{
+    uint64_t v = 0;
+    for (int k = n - 1; k >= 0; k--)
+        v = (v << 8) | p[k];
+    return v;
+}
+
+PyDoc_STRVAR(chunk_run_doc,
+"chunk_run(data, plane_bytes, min_chunk) -> int\n\n"
+"Check a chunked plane (docs/WEIGHT_STORE.md, plane mode 2) before it is decoded as one run of zstd frames: its\n"
+"chunk table, and at every chunk's planned offset a zstd frame header with no dictionary that promises the\n"
+"chunk's planned size. Returns the offset of the first chunk in data. Raises ValueError in the words of\n"
+"weights.plane_chunks and of the GPU planner's header check (gpu_decode).");
+
+/* The same checks as the GPU planner's (numpy, over a whole upload at once); per plane, numpy calls would hold the
+ * GIL longer than the decode they guard. */
+static PyObject *py_chunk_run(PyObject *self, PyObject *args)
+{
+    Py_buffer view;
+    Py_ssize_t plane_bytes, min_chunk;
+    if (!PyArg_ParseTuple(args, "y*nn:chunk_run", &view, &plane_bytes, &min_chunk))
+        return NULL;
+    const uint8_t *d = (const uint8_t *)view.buf;
+    const Py_ssize_t len = view.len;
+    PyObject *result = NULL;
+    if (len < 8) {
+        PyErr_Format(PyExc_ValueError, "chunked plane of %zd bytes is shorter than its 8-byte table header", len);
+        goto done;
+    }
+    const uint64_t sub = le(d, 4), count = le(d + 4, 4);
+    if (sub < (uint64_t)min_chunk || plane_bytes < 0 || count != ((uint64_t)plane_bytes + sub - 1) / sub) {
+        PyErr_Format(PyExc_ValueError, "chunk table says %llu chunks of %llu bytes for a plane of %zd bytes "
+                     "(expected chunks of at least %zd bytes covering the plane)",
+                     (unsigned long long)count, (unsigned long long)sub, plane_bytes, min_chunk);
+        goto done;
+    }
+    const uint64_t first = 8 + 4 * count;
+    if (first > (uint64_t)len) {
+        PyErr_Format(PyExc_ValueError, "chunk table of %llu entries does not fit the plane's %zd bytes",
+                     (unsigned long long)count, len);
+        goto done;
+    }
+    uint64_t pos = first;
+    for (uint64_t c = 0; c < count; c++)
+        pos += le(d + 8 + 4 * c, 4);
+    if (pos != (uint64_t)len) {
+        PyErr_Format(PyExc_ValueError, "chunks add up to %llu bytes, the plane has %zd", (unsigned long long)pos, len);
+        goto done;
+    }
+    pos = first;
+    for (uint64_t c = 0; c < count; c++) {
+        const uint64_t size = le(d + 8 + 4 * c, 4), raw = c + 1 < count ? sub : (uint64_t)plane_bytes - c * sub;
+        const uint8_t *h = d + pos;
+        const unsigned long long at = (unsigned long long)pos;
+        pos += size;
+        if (size < 9) {
+            PyErr_Format(PyExc_ValueError, "a zstd chunk of %llu bytes is shorter than the smallest zstd frame (9 bytes)",
+                         (unsigned long long)size);
+            goto done;
+        }
+        if (le(h, 4) != 0xFD2FB528u) {
+            PyErr_Format(PyExc_ValueError, "a zstd chunk at stored offset %llu does not start with zstd's magic number", at);
+            goto done;
+        }
+        const int fhd = h[4], single = (fhd >> 5) & 1, fcs_flag = fhd >> 6;
+        if (fhd & 3) {
+            PyErr_Format(PyExc_ValueError, "a zstd chunk at stored offset %llu needs a dictionary", at);
+            goto done;
+        }
+        const int fcs_size = fcs_flag == 0 ? single : 1 << fcs_flag;
+        if (fcs_size == 0) {
+            PyErr_Format(PyExc_ValueError, "a zstd chunk at stored offset %llu does not say its decoded size", at);
+            goto done;
+        }
+        const uint64_t field = 5 + (1 - single);
+        if (field + fcs_size + 3 > size) {
+            PyErr_Format(PyExc_ValueError, "a zstd chunk of %llu bytes is shorter than its own header", (unsigned long long)size);
+            goto done;
+        }
+        uint64_t value = le(h + field, fcs_size) + (fcs_size == 2 ? 256 : 0);
+        if (value > ((uint64_t)1 << 62))
+            value = (uint64_t)1 << 62;  /* as the GPU planner caps it */
+        if (value != raw) {
+            PyErr_Format(PyExc_ValueError, "a zstd chunk at stored offset %llu decodes to %llu bytes, %llu planned", at,
+                         (unsigned long long)value, (unsigned long long)raw);
+            goto done;
+        }
+    }
+    result = PyLong_FromUnsignedLongLong(first);
+done:
+    PyBuffer_Release(&view);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"join_rotated", py_join_rotated, METH_VARARGS, join_doc},
+    {"chunk_run", py_chunk_run, METH_VARARGS, chunk_run_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "runtime_shim._planes",
+    "The weight store host decoder's hot loops: byte-plane join and chunk checks (optional; numpy is the fallback).",
+    -1, methods,
+};
+
+PyMODINIT_FUNC PyInit__planes(void) { return PyModule_Create(&module); }

@@ -1,0 +1,174 @@
+"""The host decoder's byte-plane join (the optional C helper and its numpy fallback) and its chunked-plane reader."""
+from __future__ import annotations
+
+import os
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import zstandard
+
+from bundler.weights_writer import encode_frame
+from runtime_shim import weights
+from runtime_shim.weights import PLANE_CHUNK, PLANE_RAW, PLANE_ZSTD_CHUNKS, PLANES_TAG, decode_frame_into, join_rotated
+
+try:
+    from runtime_shim import _planes
+except ImportError:
+    _planes = None
+
+needs_native = pytest.mark.skipif(_planes is None, reason="the C helper runtime_shim._planes was not built (no C compiler at install)")
+
+
+@pytest.fixture(params=["native", "numpy"])
+def impl(request, monkeypatch) -> str:
+    """Run a test once with the C helper and once with its numpy fallback."""
+    if request.param == "native":
+        if _planes is None:
+            pytest.skip("the C helper runtime_shim._planes was not built (no C compiler at install)")
+        monkeypatch.setattr(weights, "_native", _planes)
+    else:
+        monkeypatch.setattr(weights, "_native", None)
+    return request.param
+
+
+def _reference(planes: list[np.ndarray]) -> bytes:
+    """Join and rotate with Python integers, element by element: slow and obviously right."""
+    es, out = len(planes), bytearray()
+    bits = 8 * es
+    for i in range(len(planes[0])):
+        x = sum(int(p[i]) << (8 * k) for k, p in enumerate(planes))
+        x = (x >> 1) | ((x & 1) << (bits - 1))
+        out += x.to_bytes(es, "little")
+    return bytes(out)
+
+
+@pytest.mark.parametrize("es", [2, 4, 8])
+@pytest.mark.parametrize("n", [0, 1, 7, 1000])
+def test_join_matches_element_by_element_rotation(impl, es, n) -> None:
+    rng = np.random.default_rng(es * 1000 + n)
+    planes = [rng.integers(0, 256, n, dtype=np.uint8) for _ in range(es)]
+    store = bytearray(n * es + 1)
+    out = memoryview(store)[1:]  # an odd address: nothing may assume the output is aligned to the element size
+    join_rotated(out, planes)
+    assert bytes(out) == _reference(planes)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.float64])
+def test_a_chunked_frame_round_trips_with_either_join(impl, dtype) -> None:
+    values = (np.random.default_rng(3).standard_normal(300_000) * 0.05).astype(dtype)
+    es = values.itemsize
+    stored = encode_frame(values.tobytes(), "zstd-byteplane", es, 3)
+    assert PLANE_ZSTD_CHUNKS in [stored[4 + 5 * k] for k in range(es)], "the exponent plane should be chunked"
+    out = bytearray(values.nbytes)
+    decode_frame_into(stored, "zstd-byteplane", es, memoryview(out))
+    assert bytes(out) == values.tobytes()
+
+
+@needs_native
+@pytest.mark.parametrize("call, message", [
+    (lambda: _planes.join_rotated(bytearray(6), [b"ab", b"cd", b"ef"]), "3 planes: expected 2, 4 or 8"),
+    (lambda: _planes.join_rotated(bytearray(5), [b"ab", b"cd"]), "not a multiple of 2 planes"),
+    (lambda: _planes.join_rotated(bytearray(4), [b"ab", b"c"]), "plane 1 has 1 bytes, expected 2"),
+    (lambda: _planes.join_rotated(b"abcd", [b"ab", b"cd"]), "writable|read-only"),
+])
+def test_the_native_join_refuses_wrong_shapes(call, message) -> None:
+    with pytest.raises((ValueError, TypeError, BufferError), match=message):
+        call()
+
+
+@needs_native
+def test_the_native_join_refuses_a_plane_inside_its_output() -> None:
+    buf = bytearray(8)
+    view = memoryview(buf)
+    with pytest.raises(ValueError, match="plane 1 overlaps out"):
+        _planes.join_rotated(view, [b"abcd", view[4:]])
+    assert bytes(buf) == bytes(8)
+
+
+def _frame_with_chunks() -> tuple[np.ndarray, bytearray, int]:
+    values = (np.random.default_rng(9).standard_normal(100_000) * 0.02).astype(np.float32)  # 2 chunks in the exponent plane
+    stored = bytearray(encode_frame(values.tobytes(), "zstd-byteplane", 4, 3))
+    modes = [stored[4 + 5 * k] for k in range(4)]
+    k = modes.index(PLANE_ZSTD_CHUNKS)
+    sizes = [struct.unpack_from("<I", stored, 5 + 5 * j)[0] for j in range(4)]
+    return values, stored, 4 + 5 * 4 + sum(sizes[:k])
+
+
+def _decode(stored: bytes | bytearray, values: np.ndarray) -> bytes:
+    out = bytearray(values.nbytes)
+    decode_frame_into(bytes(stored), "zstd-byteplane", 4, memoryview(out))
+    return bytes(out)
+
+
+def _refused(impl: str, message: str):
+    """The C helper checks chunk headers itself and says what is wrong; the numpy fallback decodes chunk by chunk,
+    each as exactly one zstd frame of its planned size, and lets zstd refuse a bad one in zstd's words (the
+    reader turns either into an IntegrityError naming the file and frame)."""
+    if impl == "native":
+        return pytest.raises(ValueError, match=message)
+    return pytest.raises((ValueError, zstandard.ZstdError))
+
+
+def test_chunks_are_read_where_the_table_puts_them_and_nowhere_else(impl) -> None:
+    values, stored, table = _frame_with_chunks()
+    assert _decode(stored, values) == values.tobytes()
+    count = struct.unpack_from("<I", stored, table + 4)[0]
+    a, b = struct.unpack_from("<II", stored, table + 8)
+    assert count == 2 and a != b
+    struct.pack_into("<II", stored, table + 8, b, a)  # same total, so the run of frames alone would still decode
+    with _refused(impl, "does not start with zstd's magic number"):
+        _decode(stored, values)
+
+
+@pytest.mark.parametrize("where, byte, message", [
+    (0, 0x00, "does not start with zstd's magic number"),
+    (4, 0x61, "needs a dictionary"),  # frame header descriptor: dictionary id flag set
+])
+def test_a_damaged_chunk_header_is_refused_before_decoding(impl, where, byte, message) -> None:
+    values, stored, table = _frame_with_chunks()
+    first = table + 8 + 4 * 2
+    stored[first + where] = byte
+    with _refused(impl, message):
+        _decode(stored, values)
+
+
+def test_a_chunk_that_promises_another_size_is_refused(impl) -> None:
+    values, stored, table = _frame_with_chunks()
+    first = table + 8 + 4 * 2
+    fhd = stored[first + 4]
+    assert fhd >> 6 == 1, "a 64 KiB chunk carries a 2-byte content size (stored as size - 256)"
+    at = first + 5 + (1 - ((fhd >> 5) & 1))
+    struct.pack_into("<H", stored, at, struct.unpack_from("<H", stored, at)[0] - 1)
+    with _refused(impl, "decodes to 65535 bytes, 65536 planned"):
+        _decode(stored, values)
+
+
+@pytest.mark.parametrize("table, message", [
+    (struct.pack("<II", 1024, 64), "expected chunks of at least 65536 bytes"),
+    (struct.pack("<II", PLANE_CHUNK, 3), "3 chunks of 65536 bytes for a plane of 100000"),
+    (struct.pack("<II", PLANE_CHUNK, 2), "does not fit"),
+    (struct.pack("<IIII", PLANE_CHUNK, 2, 5, 5) + b"x" * 9, "chunks add up to 26 bytes, the plane has 25"),
+    (b"\x00" * 5, "shorter than its 8-byte table header"),
+])
+def test_a_damaged_chunk_table_is_refused_in_the_same_words_by_either_way(impl, table, message) -> None:
+    plane = b"\x00" * 100_000  # element size 2: plane 0 raw, plane 1 the damaged chunked one
+    stored = PLANES_TAG + struct.pack("<BIBI", PLANE_RAW, len(plane), PLANE_ZSTD_CHUNKS, len(table)) + plane + table
+    with pytest.raises(ValueError, match=message):
+        decode_frame_into(stored, "zstd-byteplane", 2, memoryview(bytearray(200_000)))
+
+
+def test_the_environment_can_turn_the_native_join_off() -> None:
+    code = "from runtime_shim.weights import native_join; print(native_join())"
+    env = dict(os.environ, TRTX_SHIM_NATIVE="0")
+    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.strip() == "False"
+
+
+def test_ci_builds_the_native_join() -> None:
+    # .ci/run sets TRTX_REQUIRE_NATIVE: there a missing build must fail rather than leave the C helper untested.
+    if os.environ.get("TRTX_REQUIRE_NATIVE") != "1":
+        pytest.skip("TRTX_REQUIRE_NATIVE is not set (only .ci/run requires the C helper)")
+    assert _planes is not None, "runtime_shim._planes was not built; is a C compiler installed?"
+    assert weights.native_join()

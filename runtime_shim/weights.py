@@ -103,6 +103,20 @@ def _decompress_into(data: memoryview, buf: memoryview) -> memoryview:
     return buf[:pos]
 
 
+def _decompress_exact(data: bytes | memoryview, size: int, *, allow_extra_data: bool = True, what: str = "zstd frame") -> bytes:
+    """Decode one zstd frame that must decode to exactly ``size`` bytes. python-zstandard allocates whatever size the
+    frame's header promises before decoding (max_output_size only bounds frames that do not say), so a damaged or
+    hostile header is refused here before it can ask for gigabytes (or raise MemoryError instead of an error
+    that names the frame)."""
+    promised = zstandard.frame_content_size(data)
+    if promised not in (-1, size):
+        raise ValueError(f"{what} says it decodes to {promised} bytes, expected {size}")
+    raw = _dctx().decompress(data, max_output_size=size, allow_extra_data=allow_extra_data)
+    if len(raw) != size:
+        raise ValueError(f"{what} decodes to {len(raw)} bytes, expected {size}")
+    return raw
+
+
 def _scratch(kind: str, nbytes: int) -> memoryview:
     """A per-thread reusable buffer of exactly ``nbytes`` (grown as needed), for one use at a time per kind."""
     bufs = _local.__dict__.setdefault("scratch", {})
@@ -124,9 +138,7 @@ def decode_frame_into(stored: bytes | memoryview, encoding: str, element_size: i
     if encoding == "zstd-byteplane" and element_size > 1 and bytes(stored[:4]) == PLANES_TAG:
         _decode_planes(memoryview(stored), element_size, out)
         return
-    raw = _dctx().decompress(stored, max_output_size=len(out))
-    if len(raw) != len(out):
-        raise ValueError(f"decoded {len(raw)} bytes, expected {len(out)}")
+    raw = _decompress_exact(stored, len(out))
     if encoding == "zstd" or element_size == 1:
         out[:] = raw
     else:
@@ -206,10 +218,7 @@ def _decode_chunks(data: memoryview, n: int, buf: memoryview) -> None:
     if _native is None:
         pos = 0
         for c, (at, csize, craw) in enumerate(plane_chunks(data, n)):
-            part = _dctx().decompress(data[at:at + csize], max_output_size=craw, allow_extra_data=False)
-            if len(part) != craw:
-                raise ValueError(f"chunk {c} decodes to {len(part)} bytes, expected {craw}")
-            buf[pos:pos + craw] = part
+            buf[pos:pos + craw] = _decompress_exact(data[at:at + csize], craw, allow_extra_data=False, what=f"chunk {c}")
             pos += craw
         return
     first = _native.chunk_run(data, n, PLANE_CHUNK)

@@ -172,3 +172,47 @@ def test_ci_builds_the_native_join() -> None:
         pytest.skip("TRTX_REQUIRE_NATIVE is not set (only .ci/run requires the C helper)")
     assert _planes is not None, "runtime_shim._planes was not built; is a C compiler installed?"
     assert weights.native_join()
+
+
+def test_random_damage_to_a_chunked_frame_is_refused_or_decodes_never_crashes(impl) -> None:
+    # The C helper parses the chunk table and headers of bytes that may be hostile: whatever a damaged frame
+    # holds, either way must end in a clean error or a full-size result, never a crash or a short write.
+    values, stored, table = _frame_with_chunks()
+    rng = np.random.default_rng(11)
+    outcomes = {"refused": 0, "decoded": 0}
+    for _ in range(400):
+        bad = bytearray(stored)
+        for _ in range(int(rng.integers(1, 4))):
+            at = int(rng.integers(0, len(bad))) if rng.random() < 0.5 else table + int(rng.integers(0, 40))
+            bad[at] = int(rng.integers(0, 256))
+        if rng.random() < 0.2:
+            bad = bad[:int(rng.integers(0, len(bad)))]
+        out = bytearray(values.nbytes)
+        try:
+            decode_frame_into(bytes(bad), "zstd-byteplane", 4, memoryview(out))
+            outcomes["decoded"] += 1
+        except (ValueError, zstandard.ZstdError):
+            outcomes["refused"] += 1
+    assert outcomes["refused"] > 100  # the damage mostly lands where it must be caught
+
+
+def _promising(size: int) -> bytes:
+    """A zstd frame of 1000 bytes of 'a' whose header promises ``size`` bytes instead (an 8-byte content size)."""
+    frame = zstandard.ZstdCompressor(level=3, write_content_size=False).compress(b"a" * 1000)
+    fhd = frame[4]
+    assert fhd >> 6 == 0 and not (fhd >> 5) & 1, "expected a header with no content size and a window byte"
+    return frame[:4] + bytes([0xE0]) + struct.pack("<Q", size) + frame[6:]  # single segment, 8-byte size, no window byte
+
+
+def test_a_zstd_frame_promising_a_terabyte_is_refused_before_anything_is_allocated() -> None:
+    # python-zstandard allocates what a header promises: unchecked, this raised MemoryError (or took gigabytes)
+    with pytest.raises(ValueError, match="says it decodes to 1099511627776 bytes, expected 1000"):
+        decode_frame_into(_promising(1 << 40), "zstd", 1, memoryview(bytearray(1000)))
+
+
+def test_a_chunk_promising_a_terabyte_is_refused_either_way(impl) -> None:
+    chunk = _promising(1 << 40)
+    table = struct.pack("<III", PLANE_CHUNK, 1, len(chunk)) + chunk
+    stored = PLANES_TAG + struct.pack("<BIBI", PLANE_RAW, 1000, PLANE_ZSTD_CHUNKS, len(table)) + b"\x00" * 1000 + table
+    with pytest.raises(ValueError, match="1099511627776 bytes"):
+        decode_frame_into(stored, "zstd-byteplane", 2, memoryview(bytearray(2000)))

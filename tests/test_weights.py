@@ -248,3 +248,63 @@ def test_a_model_without_weights_has_an_empty_store(tmp_path: Path) -> None:
         assert r.read_all() == {}
         r.unpack_raw(tmp_path / "weights.bin")
     assert (tmp_path / "weights.bin").read_bytes() == b""
+
+
+def _many_blobs(tmp_path: Path) -> tuple[Path, WeightStore, dict[str, bytes]]:
+    """Small tensors (several per task) around a large one of several frames, all distinct."""
+    rng = np.random.default_rng(5)
+    weights = []
+    for k, n in enumerate([300, 5000, 70_000, 200, 1000, 40_000, 9, 120_000, 64, 3000]):
+        values = (rng.standard_normal(n) * 0.1).astype(np.float32)
+        weights.append(Weight(f"t{k}", "float32", (n,), values.tobytes()))
+    store = write_weight_store(weights, tmp_path, chunk_bytes=64 << 10)
+    assert max(len(b.frames) for b in store.blobs) > 1
+    return tmp_path, store, {w.name: bytes(w.data) for w in weights}
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_iter_blobs_yields_whole_blobs_in_order_with_frames_grouped_into_tasks(tmp_path: Path, monkeypatch, threads) -> None:
+    from runtime_shim import weights as store_reader
+
+    monkeypatch.setattr(store_reader, "JOB_RAW", 100_000)  # a few small frames per task, big frames alone
+    bundle, store, raw = _many_blobs(tmp_path)
+    by_blob = {t.blob: t.name for t in store.tensors}
+    order = list(range(len(store.blobs)))[::-1]
+    decoded = yielded = peak = 0
+    real = WeightReader._decode_frame
+
+    def counting(self, index, j, out):
+        nonlocal decoded, peak
+        real(self, index, j, out)
+        decoded += len(out)
+        peak = max(peak, decoded - yielded)
+
+    monkeypatch.setattr(WeightReader, "_decode_frame", counting)
+    with WeightReader(bundle, store, threads=threads) as reader:
+        got = []
+        for index, buf in reader.iter_blobs(order):
+            assert bytes(buf) == raw[by_blob[index]]
+            got.append(index)
+            yielded += len(buf)
+    assert got == order
+    # decoded ahead of the consumer: at most the window of tasks (2 x threads + the one being filled) and the
+    # blob being yielded, however many frames that is
+    biggest = max(b.nbytes for b in store.blobs)
+    assert peak <= (2 * threads + 1) * 100_000 + biggest
+
+
+def test_a_bad_frame_inside_a_task_of_several_is_named(tmp_path: Path, monkeypatch) -> None:
+    from runtime_shim import weights as store_reader
+
+    monkeypatch.setattr(store_reader, "JOB_RAW", 1 << 30)  # everything in one task
+    bundle, store, _ = _many_blobs(tmp_path)
+    victim = 3
+    frame = store.blobs[victim].frames[0]
+    path = bundle / store.file.path
+    data = bytearray(path.read_bytes())
+    data[frame.offset + frame.size // 2] ^= 0xFF
+    path.write_bytes(data)
+    with WeightReader(bundle, store, threads=2) as reader:
+        with pytest.raises(IntegrityError, match=rf"blob {victim} \(tensor .*\), frame 0 .*sha256"):
+            for _ in reader.iter_blobs():
+                pass

@@ -16,6 +16,10 @@
 
 #define MAX_PLANES 8
 
+#if defined(_MSC_VER) && !defined(__clang__)
+#define restrict __restrict /* MSVC's C compiler knows C99's restrict only under its own name */
+#endif
+
 static inline void join_rotated(uint8_t *restrict out, const uint8_t *const *planes, Py_ssize_t n, const int es)
 {
     const uint8_t *p[MAX_PLANES];

@@ -15,6 +15,9 @@
 #include <stdint.h>
 
 #define MAX_PLANES 8
+/* Blocks per zstd chunk, at most: the writer's 64 KiB chunks are one block each; the bound keeps the GPU planner's
+ * vectorized walk over block headers short whatever a file holds. weights.ZSTD_MAX_BLOCKS says the same. */
+#define ZSTD_MAX_BLOCKS 64
 
 #if defined(_MSC_VER) && !defined(__clang__)
 #define restrict __restrict /* MSVC's C compiler knows C99's restrict only under its own name */
@@ -49,10 +52,11 @@ static PyObject *py_join_rotated(PyObject *self, PyObject *args)
     PyObject *out_obj, *planes_obj;
     if (!PyArg_ParseTuple(args, "OO:join_rotated", &out_obj, &planes_obj))
         return NULL;
-    PyObject *seq = PySequence_Fast(planes_obj, "planes must be a sequence of buffers");
+    /* a tuple holds its own references: a list could drop a plane while its buffer is being taken */
+    PyObject *seq = PySequence_Tuple(planes_obj);
     if (seq == NULL)
         return NULL;
-    const Py_ssize_t es = PySequence_Fast_GET_SIZE(seq);
+    const Py_ssize_t es = PyTuple_GET_SIZE(seq);
     if (es != 2 && es != 4 && es != 8) {
         Py_DECREF(seq);
         return PyErr_Format(PyExc_ValueError, "%zd planes: expected 2, 4 or 8", es);
@@ -71,7 +75,7 @@ static PyObject *py_join_rotated(PyObject *self, PyObject *args)
         goto done;
     }
     for (; held < es; held++) {
-        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(seq, held), &views[held], PyBUF_C_CONTIGUOUS) < 0)
+        if (PyObject_GetBuffer(PyTuple_GET_ITEM(seq, held), &views[held], PyBUF_C_CONTIGUOUS) < 0)
             goto done;
         if (views[held].len != n) {
             PyErr_Format(PyExc_ValueError, "plane %zd has %zd bytes, expected %zd", held, views[held].len, n);
@@ -117,7 +121,7 @@ PyDoc_STRVAR(chunk_run_doc,
 "chunk_run(data, plane_bytes, min_chunk) -> int\n\n"
 "Check a chunked plane (docs/WEIGHT_STORE.md, plane mode 2) before it is decoded as one run of zstd frames: its\n"
 "chunk table, and at every chunk's planned offset a zstd frame header with no dictionary that promises the\n"
-"chunk's planned size. Returns the offset of the first chunk in data. Raises ValueError in the words of\n"
+"chunk's planned size, and a frame of at most 64 blocks that ends where the chunk ends. Returns the offset of the first chunk in data. Raises ValueError in the words of\n"
 "weights.plane_chunks and of the GPU planner's header check (gpu_decode).");
 
 /* The same checks as the GPU planner's (numpy, over a whole upload at once); per plane, numpy calls would hold the
@@ -136,7 +140,7 @@ static PyObject *py_chunk_run(PyObject *self, PyObject *args)
         goto done;
     }
     const uint64_t sub = le(d, 4), count = le(d + 4, 4);
-    if (sub < (uint64_t)min_chunk || plane_bytes < 0 || count != ((uint64_t)plane_bytes + sub - 1) / sub) {
+    if (sub == 0 || sub < (uint64_t)min_chunk || plane_bytes < 0 || count != ((uint64_t)plane_bytes + sub - 1) / sub) {
         PyErr_Format(PyExc_ValueError, "chunk table says %llu chunks of %llu bytes for a plane of %zd bytes "
                      "(expected chunks of at least %zd bytes covering the plane)",
                      (unsigned long long)count, (unsigned long long)sub, plane_bytes, min_chunk);
@@ -158,6 +162,10 @@ static PyObject *py_chunk_run(PyObject *self, PyObject *args)
     pos = first;
     for (uint64_t c = 0; c < count; c++) {
         const uint64_t size = le(d + 8 + 4 * c, 4), raw = c + 1 < count ? sub : (uint64_t)plane_bytes - c * sub;
+        if (size > (uint64_t)len - pos) { /* the sizes were summed above; checked again in case the buffer changed */
+            PyErr_Format(PyExc_ValueError, "chunks add up to more than the plane's %zd bytes", len);
+            goto done;
+        }
         const uint8_t *h = d + pos;
         const unsigned long long at = (unsigned long long)pos;
         pos += size;
@@ -191,6 +199,27 @@ static PyObject *py_chunk_run(PyObject *self, PyObject *args)
         if (value != raw) {
             PyErr_Format(PyExc_ValueError, "a zstd chunk at stored offset %llu decodes to %llu bytes, %llu planned", at,
                          (unsigned long long)value, (unsigned long long)raw);
+            goto done;
+        }
+        /* The frame must end exactly where its chunk does: the run decodes frame after frame, the GPU chunk by chunk,
+         * and only then do both read the same bytes. Walk the block headers to the end of the frame. */
+        uint64_t b = field + fcs_size;
+        int last = 0, blocks = 0;
+        while (!last) {
+            if (b + 3 > size || ++blocks > ZSTD_MAX_BLOCKS)
+                break;
+            const uint64_t bh = le(h + b, 3);
+            const int type = (int)((bh >> 1) & 3);
+            last = (int)(bh & 1);
+            if (type == 3)
+                break;
+            b += 3 + (type == 1 ? 1 : (bh >> 3));
+        }
+        if (last)
+            b += (fhd >> 2) & 1 ? 4 : 0; /* content checksum */
+        if (!last || b != size) {
+            PyErr_Format(PyExc_ValueError, "a zstd chunk at stored offset %llu is not one zstd frame of at most %d blocks "
+                         "that ends with the chunk's %llu bytes", at, ZSTD_MAX_BLOCKS, (unsigned long long)size);
             goto done;
         }
     }

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from .errors import MachineError
-from .weights import PLANE_CHUNK, PLANES_TAG
+from .weights import PLANE_CHUNK, PLANES_TAG, ZSTD_MAX_BLOCKS
 
 NVCOMP_HINT = "pip install nvidia-libnvcomp-cu13 (or -cu12 to match the driver), or set TRTX_NVCOMP_LIBRARY to libnvcomp's path"
 
@@ -215,9 +215,10 @@ _ZSTD_MAGIC = 0xFD2FB528
 
 
 def _check_zstd_heads(reads: _Reads, frame: Any, start: Any, size: Any, raw: Any) -> None:
-    """Every chunk must be one standard zstd frame header away from decoding to its planned size: the magic, no
-    dictionary, a content size equal to the planned one, room for the header and a block. nvCOMP is undefined on
-    anything else, so this is checked here, on the host, for every chunk (a damaged or misplaced chunk table fails)."""
+    """Every chunk must be one standard zstd frame that decodes to its planned size and fills the chunk: the magic, no
+    dictionary, a content size equal to the planned one, and at most ZSTD_MAX_BLOCKS blocks whose headers lead to the
+    chunk's end. nvCOMP is undefined on anything else, so this is checked here, on the host, for every chunk (a
+    damaged or misplaced chunk table fails); the host decoder's C helper checks the same (runtime_shim/_planes.c)."""
     import numpy as np
 
     _fail(size < 9, frame, lambda i: f"a zstd chunk of {size[i]} bytes is shorter than the smallest zstd frame (9 bytes)")
@@ -236,6 +237,27 @@ def _check_zstd_heads(reads: _Reads, frame: Any, start: Any, size: Any, raw: Any
         if sel.any():
             value[sel] = _le(reads.bytes(frame[sel], at[sel], width)) + (256 if width == 2 else 0)
     _fail(value != raw, frame, lambda i: f"a zstd chunk at stored offset {start[i]} decodes to {value[i]} bytes, {raw[i]} planned")
+    # The frame must end exactly where its chunk does (nvCOMP gets the chunk's bytes; the host decoder runs frame after
+    # frame): walk the block headers, all chunks at once, at most ZSTD_MAX_BLOCKS steps.
+    end = start + size
+    pos = at + fcs_size  # the first block header
+    open_ = np.ones(len(frame), dtype=bool)  # chunks whose last block is not reached yet
+    bad = np.zeros(len(frame), dtype=bool)
+    for _ in range(ZSTD_MAX_BLOCKS):
+        idx = np.nonzero(open_ & ~bad)[0]
+        if not len(idx):
+            break
+        fits = pos[idx] + 3 <= end[idx]
+        bad[idx[~fits]] = True
+        idx = idx[fits]
+        bh = _le(reads.bytes(frame[idx], pos[idx], 3))
+        kind = (bh >> 1) & 3
+        bad[idx[kind == 3]] = True
+        pos[idx] += 3 + np.where(kind == 1, 1, bh >> 3)
+        open_[idx[(bh & 1) == 1]] = False
+    pos += 4 * ((fhd >> 2) & 1)  # content checksum
+    _fail(bad | open_ | (pos != end), frame, lambda i: f"a zstd chunk at stored offset {start[i]} is not one zstd frame of at most "
+                                                       f"{ZSTD_MAX_BLOCKS} blocks that ends with the chunk's {size[i]} bytes")
 
 
 def plan_frames(buf: Any, off: Any, size: Any, raw: Any, es: Any, enc: Any, dst: Any) -> FramesPlan:

@@ -75,6 +75,9 @@ PLANES_TAG = b"BP2\x00"
 # one chunk per thread block, so a 2 MiB plane in one frame would decode serially (bench/README.md, GPU decode).
 PLANE_RAW, PLANE_ZSTD, PLANE_ZSTD_CHUNKS = 0, 1, 2
 PLANE_CHUNK = 64 << 10
+# A chunk is one zstd frame of at most this many blocks (the writer's are one block each): both decoders walk the
+# block headers to check that the frame ends with its chunk, and the GPU planner does so in this many vectorized steps.
+ZSTD_MAX_BLOCKS = 64
 _UINT = {2: np.dtype("<u2"), 4: np.dtype("<u4"), 8: np.dtype("<u8")}
 _local = threading.local()
 
@@ -103,15 +106,18 @@ def _decompress_into(data: memoryview, buf: memoryview) -> memoryview:
     return buf[:pos]
 
 
-def _decompress_exact(data: bytes | memoryview, size: int, *, allow_extra_data: bool = True, what: str = "zstd frame") -> bytes:
+def _decompress_exact(data: bytes | memoryview, size: int, *, chunk: bool = False, what: str = "zstd frame") -> bytes:
     """Decode one zstd frame that must decode to exactly ``size`` bytes. python-zstandard allocates whatever size the
     frame's header promises before decoding (max_output_size only bounds frames that do not say), so a damaged or
     hostile header is refused here before it can ask for gigabytes (or raise MemoryError instead of an error
-    that names the frame)."""
+    that names the frame). ``chunk``: a plane's chunk, which must also say its size and be nothing but that one
+    frame, as the C helper and the GPU planner require."""
     promised = zstandard.frame_content_size(data)
+    if chunk and promised == -1:
+        raise ValueError(f"{what} does not say its decoded size")
     if promised not in (-1, size):
         raise ValueError(f"{what} says it decodes to {promised} bytes, expected {size}")
-    raw = _dctx().decompress(data, max_output_size=size, allow_extra_data=allow_extra_data)
+    raw = _dctx().decompress(data, max_output_size=size, allow_extra_data=not chunk)
     if len(raw) != size:
         raise ValueError(f"{what} decodes to {len(raw)} bytes, expected {size}")
     return raw
@@ -208,17 +214,19 @@ def plane_chunks(data: bytes | memoryview, plane_bytes: int) -> list[tuple[int, 
 def _decode_chunks(data: memoryview, n: int, buf: memoryview) -> None:
     """Decode a mode-2 plane (``data``: its table and chunks) into ``buf`` (``n`` bytes).
 
-    With the C helper: the table and every chunk's header are checked at the chunk's planned offset (zstd's magic,
-    no dictionary, a content size equal to the planned size: what the GPU decoder checks too), then the chunks
-    are decoded as one run of zstd frames in one call, which releases the GIL once per plane instead of once per
-    64 KiB chunk; zstd checks each frame's size against its header and the run must fill the plane exactly.
-    Without it: chunk by chunk, each required to be exactly one zstd frame of its planned size (checking the
-    headers in numpy first would hold the GIL longer than this loop does).
+    With the C helper: the table and every chunk are checked first (at its planned offset a zstd frame with no
+    dictionary that says it decodes to the chunk's planned size, whose block headers lead exactly to the chunk's
+    end: what the GPU planner checks), then the chunks are decoded as one run of zstd frames in one call, which
+    releases the GIL once per plane instead of once per 64 KiB chunk; zstd checks each frame's size against its
+    header and the run must fill the plane exactly. Without it: chunk by chunk, each required to be exactly one
+    zstd frame that says its size and decodes to it (checking the headers in numpy first would hold the GIL longer
+    than this loop does). The one difference: this path does not count blocks (the others refuse a frame of more
+    than ZSTD_MAX_BLOCKS), so it may decode a plane they refuse, never one differently.
     """
     if _native is None:
         pos = 0
         for c, (at, csize, craw) in enumerate(plane_chunks(data, n)):
-            buf[pos:pos + craw] = _decompress_exact(data[at:at + csize], craw, allow_extra_data=False, what=f"chunk {c}")
+            buf[pos:pos + craw] = _decompress_exact(data[at:at + csize], craw, chunk=True, what=f"chunk {c}")
             pos += craw
         return
     first = _native.chunk_run(data, n, PLANE_CHUNK)
@@ -279,6 +287,7 @@ def join_rotated(out: memoryview, planes: Sequence[np.ndarray]) -> None:
 # Raw bytes of frames per task on the reader's threads: per-task costs on the calling thread (submit, settle, with
 # 16 busy threads contending for the GIL) were paid per frame, and most frames of a model's small tensors are small.
 JOB_RAW = 4 << 20
+TASK_MIN = 256 << 10
 
 
 class WeightReader:
@@ -443,11 +452,13 @@ class WeightReader:
         """Yield ``(index, raw bytes)`` per blob in the given order (default: all), decoding ahead on threads.
 
         Frames go to the threads in tasks of up to JOB_RAW raw bytes (a small tensor's frame is grouped with the
-        next ones), at most ``2 * threads`` tasks in flight, so memory is bounded by the blobs being decoded, not by
+        next ones; smaller tasks for a small model), at most ``2 * threads`` tasks in flight, so memory is bounded by the blobs being decoded, not by
         the model. Each yielded buffer is new; keeping it is the caller's choice.
         """
         order = list(range(len(self.store.blobs)) if indices is None else indices)
         window = 2 * self.threads
+        # smaller tasks for a small model, so that every thread still gets some (2 per thread, down to TASK_MIN)
+        limit = max(TASK_MIN, min(JOB_RAW, sum(self.store.blobs[i].nbytes for i in order) // window))
         # FIFO of (task, blobs whose last frame is in that task): tasks finish in any order but are taken in order,
         # so once a task is done every blob it lists is whole.
         pending: collections.deque[tuple[cf.Future[None] | None, list[tuple[int, memoryview]]]] = collections.deque()
@@ -475,7 +486,7 @@ class WeightReader:
                     # malloc's reuse of freed memory on later loads.)
                     buf = memoryview(np.empty(self.store.blobs[index].nbytes, dtype=np.uint8))
                     for j, piece in self._frame_slices(index, buf):
-                        if task and task_raw + len(piece) > JOB_RAW:
+                        if task and task_raw + len(piece) > limit:
                             pending.append((pool.submit(run, task), whole))
                             task, task_raw, whole = [], 0, []
                             while len(pending) > window:

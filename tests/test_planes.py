@@ -119,7 +119,7 @@ def test_chunks_are_read_where_the_table_puts_them_and_nowhere_else(impl) -> Non
     a, b = struct.unpack_from("<II", stored, table + 8)
     assert count == 2 and a != b
     struct.pack_into("<II", stored, table + 8, b, a)  # same total, so the run of frames alone would still decode
-    with _refused(impl, "does not start with zstd's magic number"):
+    with _refused(impl, "is not one zstd frame of at most 64 blocks that ends with the chunk's"):
         _decode(stored, values)
 
 
@@ -216,3 +216,93 @@ def test_a_chunk_promising_a_terabyte_is_refused_either_way(impl) -> None:
     stored = PLANES_TAG + struct.pack("<BIBI", PLANE_RAW, 1000, PLANE_ZSTD_CHUNKS, len(table)) + b"\x00" * 1000 + table
     with pytest.raises(ValueError, match="1099511627776 bytes"):
         decode_frame_into(stored, "zstd-byteplane", 2, memoryview(bytearray(2000)))
+
+
+# Crafted planes on which a run of frames (the host with the C helper) and chunk-by-chunk decoding (the GPU, the
+# numpy fallback) would read different bytes, or one would accept what another refuses: all three must refuse.
+_MAGIC = struct.pack("<I", 0xFD2FB528)
+
+
+def _raw_frame(content: bytes) -> bytes:
+    """One zstd frame of one raw block: single segment, 4-byte content size."""
+    return _MAGIC + b"\xa0" + struct.pack("<I", len(content)) + struct.pack("<I", len(content) << 3 | 1)[:3] + content
+
+
+def _rle_frame(byte: int, size: int) -> bytes:
+    return _MAGIC + b"\xa0" + struct.pack("<I", size) + struct.pack("<I", size << 3 | 2 | 1)[:3] + bytes([byte])
+
+
+def _skippable(payload: bytes) -> bytes:
+    return struct.pack("<II", 0x184D2A50, len(payload)) + payload
+
+
+def _two_chunk_frame(chunks: bytes, sizes: list[int]) -> bytes:
+    n = 2 * PLANE_CHUNK
+    plane = struct.pack("<II", PLANE_CHUNK, len(sizes)) + struct.pack(f"<{len(sizes)}I", *sizes) + chunks
+    return PLANES_TAG + struct.pack("<BIBI", PLANE_RAW, n, PLANE_ZSTD_CHUNKS, len(plane)) + bytes(n) + plane
+
+
+_F0, _F1 = _raw_frame(b"\x11" * PLANE_CHUNK), _raw_frame(b"\x22" * PLANE_CHUNK)
+_HIDDEN = _skippable(_rle_frame(0x77, PLANE_CHUNK))  # a frame the run skips over, where chunk 1 is said to start
+_NO_SIZE = zstandard.ZstdCompressor(write_content_size=False).compress(b"\x11" * PLANE_CHUNK)
+CRAFTED = {
+    "skippable frame after chunk 0's frame": _two_chunk_frame(_F0 + _skippable(b"junk") + _F1, [len(_F0) + 12, len(_F1)]),
+    "chunk 1 planned inside a skippable frame": _two_chunk_frame(_F0 + _HIDDEN + _F1, [len(_F0) + 8, len(_HIDDEN) - 8 + len(_F1)]),
+    "chunks that do not say their size": _two_chunk_frame(_NO_SIZE * 2, [len(_NO_SIZE)] * 2),
+}
+
+
+@pytest.mark.parametrize("case", list(CRAFTED))
+def test_crafted_chunk_runs_are_refused_by_both_host_paths_and_the_gpu_planner(impl, case) -> None:
+    from runtime_shim.gpu_decode import ENCODINGS, FrameFormatError, plan_frames
+
+    stored = CRAFTED[case]
+    n = 2 * PLANE_CHUNK
+    with pytest.raises((ValueError, zstandard.ZstdError)):
+        decode_frame_into(stored, "zstd-byteplane", 2, memoryview(bytearray(2 * n)))
+    one = lambda v: np.array([v], dtype=np.int64)  # noqa: E731
+    with pytest.raises(FrameFormatError):
+        plan_frames(np.frombuffer(stored, dtype=np.uint8), one(0), one(len(stored)), one(2 * n), one(2), one(ENCODINGS["zstd-byteplane"]), one(0))
+
+
+def test_the_crafted_runs_are_sound_once_their_chunks_are_honest(impl) -> None:
+    # the same frames, tabled where they really are, decode on every path: the refusals above are about the table
+    stored = _two_chunk_frame(_F0 + _F1, [len(_F0), len(_F1)])
+    out = bytearray(4 * PLANE_CHUNK)
+    decode_frame_into(stored, "zstd-byteplane", 2, memoryview(out))
+    hi = np.frombuffer(bytes(out), dtype="<u2") >> 7 & 0xFF  # the chunked plane is byte 1 of each element, rotated
+    assert set(hi[:PLANE_CHUNK].tolist()) == {0x11} and set(hi[PLANE_CHUNK:].tolist()) == {0x22}
+
+
+def _blocks_frame(pieces: list[bytes]) -> bytes:
+    """One zstd frame of several raw blocks (legal zstd, though the writer makes one block per chunk)."""
+    size = sum(len(p) for p in pieces)
+    body = b"".join(struct.pack("<I", len(p) << 3 | (k == len(pieces) - 1))[:3] + p for k, p in enumerate(pieces))
+    return _MAGIC + b"\xa0" + struct.pack("<I", size) + body
+
+
+@pytest.mark.parametrize("blocks, accepted", [(3, True), (64, True), (65, False)])
+def test_a_chunk_of_several_blocks_is_walked_to_its_end(impl, blocks, accepted) -> None:
+    from runtime_shim.gpu_decode import ENCODINGS, FrameFormatError, plan_frames
+
+    step = -(-PLANE_CHUNK // blocks)
+    content = bytes(range(256)) * (PLANE_CHUNK // 256)
+    f0 = _blocks_frame([content[i:i + step] for i in range(0, PLANE_CHUNK, step)])
+    stored = _two_chunk_frame(f0 + _F1, [len(f0), len(_F1)])
+    n = 2 * PLANE_CHUNK
+    out = bytearray(2 * n)
+    one = lambda v: np.array([v], dtype=np.int64)  # noqa: E731
+    plan = lambda: plan_frames(np.frombuffer(stored, dtype=np.uint8), one(0), one(len(stored)), one(2 * n), one(2),  # noqa: E731
+                               one(ENCODINGS["zstd-byteplane"]), one(0))
+    if accepted or impl == "numpy":  # the numpy fallback does not count blocks (weights._decode_chunks says so)
+        decode_frame_into(stored, "zstd-byteplane", 2, memoryview(out))
+        hi = (np.frombuffer(bytes(out), dtype="<u2") >> 7 & 0xFF).astype(np.uint8)  # the chunked plane, rotated back
+        assert hi.tobytes() == content + b"\x22" * PLANE_CHUNK
+    else:
+        with pytest.raises(ValueError, match="at most 64 blocks"):
+            decode_frame_into(stored, "zstd-byteplane", 2, memoryview(out))
+    if accepted:
+        plan()
+    else:
+        with pytest.raises(FrameFormatError, match="at most 64 blocks"):
+            plan()

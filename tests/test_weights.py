@@ -267,6 +267,7 @@ def test_iter_blobs_yields_whole_blobs_in_order_with_frames_grouped_into_tasks(t
     from runtime_shim import weights as store_reader
 
     monkeypatch.setattr(store_reader, "JOB_RAW", 100_000)  # a few small frames per task, big frames alone
+    monkeypatch.setattr(store_reader, "TASK_MIN", 1)
     bundle, store, raw = _many_blobs(tmp_path)
     by_blob = {t.blob: t.name for t in store.tensors}
     order = list(range(len(store.blobs)))[::-1]

@@ -117,6 +117,69 @@ static uint64_t le(const uint8_t *p, int n)
     return v;
 }
 
+/* Check one zstd range of ``size`` bytes at ``h`` that must decode to ``raw`` bytes: a standard frame header with no
+ * dictionary that says so and leaves room for a block, and, with ``walk`` (the chunks of chunked planes), a frame of
+ * at most ZSTD_MAX_BLOCKS blocks whose headers lead exactly to the range's end: the host decodes those chunks as one
+ * run of frames, the GPU chunk by chunk, and only then do both read the same bytes. Returns 0, or -1 with a
+ * ValueError in the GPU planner's words (gpu_decode._check_zstd_heads). ``at`` names the range in the message. */
+static int check_chunk(const uint8_t *h, uint64_t size, uint64_t raw, int walk, unsigned long long at)
+{
+    if (size < 9) {
+        PyErr_Format(PyExc_ValueError, "a zstd chunk of %llu bytes is shorter than the smallest zstd frame (9 bytes)",
+                     (unsigned long long)size);
+        return -1;
+    }
+    if (le(h, 4) != 0xFD2FB528u) {
+        PyErr_Format(PyExc_ValueError, "a zstd chunk at stored offset %llu does not start with zstd's magic number", at);
+        return -1;
+    }
+    const int fhd = h[4], single = (fhd >> 5) & 1, fcs_flag = fhd >> 6;
+    if (fhd & 3) {
+        PyErr_Format(PyExc_ValueError, "a zstd chunk at stored offset %llu needs a dictionary", at);
+        return -1;
+    }
+    const int fcs_size = fcs_flag == 0 ? single : 1 << fcs_flag;
+    if (fcs_size == 0) {
+        PyErr_Format(PyExc_ValueError, "a zstd chunk at stored offset %llu does not say its decoded size", at);
+        return -1;
+    }
+    const uint64_t field = 5 + (1 - single);
+    if (field + fcs_size + 3 > size) {
+        PyErr_Format(PyExc_ValueError, "a zstd chunk of %llu bytes is shorter than its own header", (unsigned long long)size);
+        return -1;
+    }
+    uint64_t value = le(h + field, fcs_size) + (fcs_size == 2 ? 256 : 0);
+    if (value > ((uint64_t)1 << 62))
+        value = (uint64_t)1 << 62;  /* as the GPU planner caps it */
+    if (value != raw) {
+        PyErr_Format(PyExc_ValueError, "a zstd chunk at stored offset %llu decodes to %llu bytes, %llu planned", at,
+                     (unsigned long long)value, (unsigned long long)raw);
+        return -1;
+    }
+    if (!walk)
+        return 0;
+    uint64_t b = field + fcs_size;
+    int last = 0, blocks = 0;
+    while (!last) {
+        if (b + 3 > size || ++blocks > ZSTD_MAX_BLOCKS)
+            break;
+        const uint64_t bh = le(h + b, 3);
+        const int type = (int)((bh >> 1) & 3);
+        last = (int)(bh & 1);
+        if (type == 3)
+            break;
+        b += 3 + (type == 1 ? 1 : (bh >> 3));
+    }
+    if (last)
+        b += (fhd >> 2) & 1 ? 4 : 0; /* content checksum */
+    if (!last || b != size) {
+        PyErr_Format(PyExc_ValueError, "a zstd chunk at stored offset %llu is not one zstd frame of at most %d blocks "
+                     "that ends with the chunk's %llu bytes", at, ZSTD_MAX_BLOCKS, (unsigned long long)size);
+        return -1;
+    }
+    return 0;
+}
+
 PyDoc_STRVAR(chunk_run_doc,
 "chunk_run(data, plane_bytes, min_chunk) -> int\n\n"
 "Check a chunked plane (docs/WEIGHT_STORE.md, plane mode 2) before it is decoded as one run of zstd frames: its\n"
@@ -169,59 +232,8 @@ static PyObject *py_chunk_run(PyObject *self, PyObject *args)
         const uint8_t *h = d + pos;
         const unsigned long long at = (unsigned long long)pos;
         pos += size;
-        if (size < 9) {
-            PyErr_Format(PyExc_ValueError, "a zstd chunk of %llu bytes is shorter than the smallest zstd frame (9 bytes)",
-                         (unsigned long long)size);
+        if (check_chunk(h, size, raw, 1, at) < 0)
             goto done;
-        }
-        if (le(h, 4) != 0xFD2FB528u) {
-            PyErr_Format(PyExc_ValueError, "a zstd chunk at stored offset %llu does not start with zstd's magic number", at);
-            goto done;
-        }
-        const int fhd = h[4], single = (fhd >> 5) & 1, fcs_flag = fhd >> 6;
-        if (fhd & 3) {
-            PyErr_Format(PyExc_ValueError, "a zstd chunk at stored offset %llu needs a dictionary", at);
-            goto done;
-        }
-        const int fcs_size = fcs_flag == 0 ? single : 1 << fcs_flag;
-        if (fcs_size == 0) {
-            PyErr_Format(PyExc_ValueError, "a zstd chunk at stored offset %llu does not say its decoded size", at);
-            goto done;
-        }
-        const uint64_t field = 5 + (1 - single);
-        if (field + fcs_size + 3 > size) {
-            PyErr_Format(PyExc_ValueError, "a zstd chunk of %llu bytes is shorter than its own header", (unsigned long long)size);
-            goto done;
-        }
-        uint64_t value = le(h + field, fcs_size) + (fcs_size == 2 ? 256 : 0);
-        if (value > ((uint64_t)1 << 62))
-            value = (uint64_t)1 << 62;  /* as the GPU planner caps it */
-        if (value != raw) {
-            PyErr_Format(PyExc_ValueError, "a zstd chunk at stored offset %llu decodes to %llu bytes, %llu planned", at,
-                         (unsigned long long)value, (unsigned long long)raw);
-            goto done;
-        }
-        /* The frame must end exactly where its chunk does: the run decodes frame after frame, the GPU chunk by chunk,
-         * and only then do both read the same bytes. Walk the block headers to the end of the frame. */
-        uint64_t b = field + fcs_size;
-        int last = 0, blocks = 0;
-        while (!last) {
-            if (b + 3 > size || ++blocks > ZSTD_MAX_BLOCKS)
-                break;
-            const uint64_t bh = le(h + b, 3);
-            const int type = (int)((bh >> 1) & 3);
-            last = (int)(bh & 1);
-            if (type == 3)
-                break;
-            b += 3 + (type == 1 ? 1 : (bh >> 3));
-        }
-        if (last)
-            b += (fhd >> 2) & 1 ? 4 : 0; /* content checksum */
-        if (!last || b != size) {
-            PyErr_Format(PyExc_ValueError, "a zstd chunk at stored offset %llu is not one zstd frame of at most %d blocks "
-                         "that ends with the chunk's %llu bytes", at, ZSTD_MAX_BLOCKS, (unsigned long long)size);
-            goto done;
-        }
     }
     result = PyLong_FromUnsignedLongLong(first);
 done:
@@ -229,9 +241,65 @@ done:
     return result;
 }
 
+PyDoc_STRVAR(check_chunks_doc,
+"check_chunks(buf, start, size, raw, walk) -> None | (int, str)\n\n"
+"The GPU planner's check of every zstd range of a segment (gpu_decode.Cuts.cut) in one call: start, size, raw:\n"
+"int64 arrays; walk: a bool array (chunks of chunked planes, whose blocks are walked). None when every range is\n"
+"sound, else (index of the first that is not, what is wrong with it). A range outside buf is not sound.");
+
+static PyObject *py_check_chunks(PyObject *self, PyObject *args)
+{
+    Py_buffer v[5];
+    int held = 0;
+    PyObject *objs[5], *result = NULL;
+    if (!PyArg_ParseTuple(args, "OOOOO:check_chunks", &objs[0], &objs[1], &objs[2], &objs[3], &objs[4]))
+        return NULL;
+    for (; held < 5; held++)
+        if (PyObject_GetBuffer(objs[held], &v[held], PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0)
+            goto done;
+    const Py_ssize_t n = v[1].len / 8;
+    for (int k = 1; k < 4; k++)
+        if (v[k].itemsize != 8 || v[k].len != n * 8) {
+            PyErr_SetString(PyExc_ValueError, "start, size and raw must be int64 arrays of one length");
+            goto done;
+        }
+    if (v[4].itemsize != 1 || v[4].len != n) {
+        PyErr_SetString(PyExc_ValueError, "walk must be a bool array as long as start");
+        goto done;
+    }
+    const uint8_t *buf = (const uint8_t *)v[0].buf, *walk = (const uint8_t *)v[4].buf;
+    const int64_t *start = (const int64_t *)v[1].buf, *size = (const int64_t *)v[2].buf, *raw = (const int64_t *)v[3].buf;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (start[i] < 0 || size[i] < 0 || raw[i] < 0 || start[i] > v[0].len || size[i] > v[0].len - start[i]) {
+            result = Py_BuildValue("(ns)", i, "a zstd range lies outside the bytes read");
+            goto done;
+        }
+        if (check_chunk(buf + start[i], (uint64_t)size[i], (uint64_t)raw[i], walk[i] != 0, (unsigned long long)start[i]) < 0) {
+            PyObject *type, *value, *tb;
+            PyErr_Fetch(&type, &value, &tb);
+            PyObject *text = value ? PyObject_Str(value) : NULL;
+            Py_XDECREF(type);
+            Py_XDECREF(value);
+            Py_XDECREF(tb);
+            if (text != NULL) {
+                result = Py_BuildValue("(nO)", i, text);
+                Py_DECREF(text);
+            }
+            goto done;
+        }
+    }
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    while (held > 0)
+        PyBuffer_Release(&v[--held]);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"join_rotated", py_join_rotated, METH_VARARGS, join_doc},
     {"chunk_run", py_chunk_run, METH_VARARGS, chunk_run_doc},
+    {"check_chunks", py_check_chunks, METH_VARARGS, check_chunks_doc},
     {NULL, NULL, 0, NULL},
 };
 

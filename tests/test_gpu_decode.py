@@ -240,7 +240,7 @@ def test_a_chunk_table_whose_sizes_do_not_match_the_zstd_frames_is_refused_by_bo
     struct.pack_into("<II", swapped, table + 8, b, a)  # same total, wrong boundaries: not zstd frames any more
     with pytest.raises((ValueError, zstandard.ZstdError)):  # the reader turns either into an IntegrityError
         decode_frame_into(bytes(swapped), "zstd-byteplane", 4, memoryview(bytearray(values.nbytes)))
-    with pytest.raises(FrameFormatError, match="does not start with zstd's magic number|decodes to"):
+    with pytest.raises(FrameFormatError, match="does not start with zstd's magic number|decodes to|is not one zstd frame"):
         _one_frame(bytes(swapped), "zstd-byteplane", 4, values.nbytes)
     _check_one(stored, "zstd-byteplane", 4, values.tobytes())  # the sound one plans and decodes
 
@@ -334,3 +334,24 @@ def test_a_library_that_is_not_nvcomp_is_refused_with_its_path(tmp_path) -> None
     fake.write_bytes(b"not an ELF file")
     with pytest.raises(gpu_decode.MachineError, match=f"cannot load nvCOMP from {fake}"):
         gpu_decode.Nvcomp(str(fake))
+
+
+def test_a_chunk_damaged_after_planning_is_refused_in_the_bytes_that_go_to_the_gpu(stores) -> None:
+    # zstd chunk headers are not part of the plan: they are checked when the plan is cut, in the segment as read
+    bundle_dir, store = stores["zstd-byteplane-4194304"]
+    t, segs, _, _, plan, cuts = _segments(bundle_dir, store, max(f.size for b in store.blobs for f in b.frames) * 3)
+    (lo, hi, _), buf = next((seg, buf) for seg, buf in segs if len(cuts.cut(seg[0], seg[1], buf).chunk_in))
+    part = cuts.cut(lo, hi, buf)
+    k = int(np.argmax(part.chunk_size))  # the biggest chunk of the segment
+    bad = buf.copy()
+    bad[part.chunk_in[k]] ^= 0xFF  # its first magic byte
+    with pytest.raises(FrameFormatError, match="does not start with zstd's magic number") as e:
+        cuts.cut(lo, hi, bad)
+    assert e.value.frame == part.chunk_frame[k]
+
+
+def test_a_whole_zstd_frame_of_many_blocks_plans_as_one_range() -> None:
+    # only chunks of chunked planes are held to 64 blocks; a frame of the zstd encoding may have one per 128 KiB
+    raw = np.random.default_rng(2).integers(0, 16, 9 << 20, dtype=np.uint8).tobytes()  # 9 MiB: at least 72 blocks
+    plan = _check_one(zstandard.ZstdCompressor(level=1).compress(raw), "zstd", 1, raw)
+    assert len(plan.chunk_in) == 1

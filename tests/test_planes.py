@@ -252,17 +252,27 @@ CRAFTED = {
 }
 
 
+def _planned_for_the_gpu(stored: bytes, raw: int):
+    """What the GPU decoder would be given for one byte-plane frame of element size 2: planned, then cut for the
+    segment holding it (where every zstd chunk is checked)."""
+    from runtime_shim.gpu_decode import ENCODINGS, Cuts, plan_frames
+
+    buf = np.frombuffer(stored, dtype=np.uint8)
+    one = lambda v: np.array([v], dtype=np.int64)  # noqa: E731
+    plan = plan_frames(buf, one(0), one(len(stored)), one(raw), one(2), one(ENCODINGS["zstd-byteplane"]), one(0))
+    return Cuts(plan, [(0, 1)], one(0)).cut(0, 1, buf)
+
+
 @pytest.mark.parametrize("case", list(CRAFTED))
 def test_crafted_chunk_runs_are_refused_by_both_host_paths_and_the_gpu_planner(impl, case) -> None:
-    from runtime_shim.gpu_decode import ENCODINGS, FrameFormatError, plan_frames
+    from runtime_shim.gpu_decode import FrameFormatError
 
     stored = CRAFTED[case]
     n = 2 * PLANE_CHUNK
     with pytest.raises((ValueError, zstandard.ZstdError)):
         decode_frame_into(stored, "zstd-byteplane", 2, memoryview(bytearray(2 * n)))
-    one = lambda v: np.array([v], dtype=np.int64)  # noqa: E731
     with pytest.raises(FrameFormatError):
-        plan_frames(np.frombuffer(stored, dtype=np.uint8), one(0), one(len(stored)), one(2 * n), one(2), one(ENCODINGS["zstd-byteplane"]), one(0))
+        _planned_for_the_gpu(stored, 2 * n)
 
 
 def test_the_crafted_runs_are_sound_once_their_chunks_are_honest(impl) -> None:
@@ -283,7 +293,7 @@ def _blocks_frame(pieces: list[bytes]) -> bytes:
 
 @pytest.mark.parametrize("blocks, accepted", [(3, True), (64, True), (65, False)])
 def test_a_chunk_of_several_blocks_is_walked_to_its_end(impl, blocks, accepted) -> None:
-    from runtime_shim.gpu_decode import ENCODINGS, FrameFormatError, plan_frames
+    from runtime_shim.gpu_decode import FrameFormatError
 
     step = -(-PLANE_CHUNK // blocks)
     content = bytes(range(256)) * (PLANE_CHUNK // 256)
@@ -291,9 +301,7 @@ def test_a_chunk_of_several_blocks_is_walked_to_its_end(impl, blocks, accepted) 
     stored = _two_chunk_frame(f0 + _F1, [len(f0), len(_F1)])
     n = 2 * PLANE_CHUNK
     out = bytearray(2 * n)
-    one = lambda v: np.array([v], dtype=np.int64)  # noqa: E731
-    plan = lambda: plan_frames(np.frombuffer(stored, dtype=np.uint8), one(0), one(len(stored)), one(2 * n), one(2),  # noqa: E731
-                               one(ENCODINGS["zstd-byteplane"]), one(0))
+    plan = lambda: _planned_for_the_gpu(stored, 2 * n)  # noqa: E731
     if accepted or impl == "numpy":  # the numpy fallback does not count blocks (weights._decode_chunks says so)
         decode_frame_into(stored, "zstd-byteplane", 2, memoryview(out))
         hi = (np.frombuffer(bytes(out), dtype="<u2") >> 7 & 0xFF).astype(np.uint8)  # the chunked plane, rotated back

@@ -836,9 +836,11 @@ class DeviceDecoder:
         if nxt["used"]:  # the copy stream must not overwrite that half before its last batch is decoded
             c(rt, rt.cudaStreamWaitEvent(self.copy_stream, nxt["decoded"], 0), "cudaStreamWaitEvent")
 
-    def finish(self) -> list[tuple[Any, int, int, int]]:
+    def finish(self, while_waiting: Any = None) -> list[tuple[Any, int, int, int]]:
         """Flush, wait for the GPU, and return the chunks nvCOMP did not decode as expected:
-        ``(frame label, nvcompStatus_t, bytes decoded, bytes expected)``; empty when all is well."""
+        ``(frame label, nvcompStatus_t, bytes decoded, bytes expected)``; empty when all is well.
+        ``while_waiting()``, if given, runs once the last batch is enqueued, before the wait (host work that can
+        overlap the GPU's tail)."""
         import numpy as np
 
         self.flush()
@@ -848,6 +850,8 @@ class DeviceDecoder:
             row = 8 * self._cap
             c(rt, rt.cudaMemcpyAsync(self._mirror_addr + 4 * row, self._tables + 4 * row, 2 * row, rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, self.stream),
               "cudaMemcpyAsync")
+        if while_waiting is not None:
+            while_waiting()
         c(rt, rt.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
         for h in self.halves:
             h["used"] = False

@@ -145,7 +145,7 @@ class Cuts:
             if bad is not None:
                 raise FrameFormatError(int(frame[bad[0]]), bad[1])
         else:
-            _check_zstd_heads(_Reads(buf, record=False), frame, start, size, raw, walk)
+            _check_zstd_heads(buf, frame, start, size, raw, walk)
         return Cut(chunk_in=self.chunk_in[c0:c1], chunk_size=p.chunk_size[c0:c1], chunk_raw=p.chunk_raw[c0:c1],
                    chunk_out=self.chunk_out[c0:c1], chunk_to_dst=p.chunk_to_dst[c0:c1], chunk_frame=p.chunk_frame[c0:c1] - lo,
                    job_out=p.job_out[j0:j1], job_ptr=self.job_ptr[j0:j1], job_kind=p.job_kind[j0:j1], job_n=p.job_n[j0:j1],
@@ -193,9 +193,8 @@ class _Reads:
     """Gathers bytes from the planned buffer and keeps every one it read, with its frame: the plan's dependencies
     are exactly the bytes it was derived from, even if the buffer (a mapped file) changes while it is planned."""
 
-    def __init__(self, buf: Any, *, record: bool = True) -> None:
+    def __init__(self, buf: Any) -> None:
         self.buf = buf
-        self.record = record
         self.frames: list[Any] = []
         self.pos: list[Any] = []
         self.val: list[Any] = []
@@ -206,10 +205,9 @@ class _Reads:
 
         at = pos[:, None] + np.arange(n)
         got = self.buf[at]
-        if self.record:
-            self.frames.append(np.repeat(frames, n))
-            self.pos.append(at.ravel())
-            self.val.append(got.ravel())
+        self.frames.append(np.repeat(frames, n))
+        self.pos.append(at.ravel())
+        self.val.append(got.ravel())
         return got.astype(np.int64)
 
     def u32(self, frames: Any, pos: Any) -> Any:
@@ -230,7 +228,7 @@ def _le(b: Any) -> Any:
 _ZSTD_MAGIC = 0xFD2FB528
 
 
-def _check_zstd_heads(reads: _Reads, frame: Any, start: Any, size: Any, raw: Any, walk: Any) -> None:
+def _check_zstd_heads(buf: Any, frame: Any, start: Any, size: Any, raw: Any, walk: Any) -> None:
     """Every zstd range must start with a standard zstd frame header that promises its planned size: the magic, no
     dictionary, a content size equal to the planned one, room for a block. nvCOMP is undefined on anything else, so
     this is checked on the host for every range (a damaged or misplaced chunk table fails). The chunks of chunked
@@ -240,8 +238,11 @@ def _check_zstd_heads(reads: _Reads, frame: Any, start: Any, size: Any, raw: Any
     frame's size, whose many blocks this vectorized walk would take long to follow."""
     import numpy as np
 
+    def read(pos: Any, n: int) -> Any:  # (len(pos), n) int64: bytes pos .. pos+n-1 of each range, inside it
+        return buf[pos[:, None] + np.arange(n)].astype(np.int64)
+
     _fail(size < 9, frame, lambda i: f"a zstd chunk of {size[i]} bytes is shorter than the smallest zstd frame (9 bytes)")
-    head = reads.bytes(frame, start, 5)
+    head = read(start, 5)
     _fail(_le(head[:, :4]) != _ZSTD_MAGIC, frame, lambda i: f"a zstd chunk at stored offset {start[i]} does not start with zstd's magic number")
     fhd = head[:, 4]
     single, did, fcs_flag = (fhd >> 5) & 1, fhd & 3, fhd >> 6
@@ -254,7 +255,7 @@ def _check_zstd_heads(reads: _Reads, frame: Any, start: Any, size: Any, raw: Any
     for width in (1, 2, 4, 8):
         sel = fcs_size == width
         if sel.any():
-            value[sel] = _le(reads.bytes(frame[sel], at[sel], width)) + (256 if width == 2 else 0)
+            value[sel] = _le(read(at[sel], width)) + (256 if width == 2 else 0)
     _fail(value != raw, frame, lambda i: f"a zstd chunk at stored offset {start[i]} decodes to {value[i]} bytes, {raw[i]} planned")
     # The frame must end exactly where its chunk does (nvCOMP gets the chunk's bytes; the host decoder runs frame after
     # frame): walk the block headers, all chunks at once, at most ZSTD_MAX_BLOCKS steps.
@@ -269,7 +270,7 @@ def _check_zstd_heads(reads: _Reads, frame: Any, start: Any, size: Any, raw: Any
         fits = pos[idx] + 3 <= end[idx]
         bad[idx[~fits]] = True
         idx = idx[fits]
-        bh = _le(reads.bytes(frame[idx], pos[idx], 3))
+        bh = _le(read(pos[idx], 3))
         kind = (bh >> 1) & 3
         bad[idx[kind == 3]] = True
         pos[idx] += 3 + np.where(kind == 1, 1, bh >> 3)

@@ -184,8 +184,9 @@ PyDoc_STRVAR(chunk_run_doc,
 "chunk_run(data, plane_bytes, min_chunk) -> int\n\n"
 "Check a chunked plane (docs/WEIGHT_STORE.md, plane mode 2) before it is decoded as one run of zstd frames: its\n"
 "chunk table, and at every chunk's planned offset a zstd frame header with no dictionary that promises the\n"
-"chunk's planned size, and a frame of at most 64 blocks that ends where the chunk ends. Returns the offset of the first chunk in data. Raises ValueError in the words of\n"
-"weights.plane_chunks and of the GPU planner's header check (gpu_decode).");
+"chunk's planned size, in a frame of at most 64 blocks that ends where the chunk ends. Returns the offset of the\n"
+"first chunk in data. Raises ValueError in the words of weights.plane_chunks and of the GPU planner's header\n"
+"check (gpu_decode).");
 
 /* The same checks as the GPU planner's (numpy, over a whole upload at once); per plane, numpy calls would hold the
  * GIL longer than the decode they guard. */

@@ -284,10 +284,11 @@ def join_rotated(out: memoryview, planes: Sequence[np.ndarray]) -> None:
     x |= tmp
 
 
-# Raw bytes of frames per task on the reader's threads: per-task costs on the calling thread (submit, settle, with
-# 16 busy threads contending for the GIL) were paid per frame, and most frames of a model's small tensors are small.
-JOB_RAW = 4 << 20
-TASK_MIN = 256 << 10
+# Raw bytes of frames per task on the reader's threads (iter_blobs): per-task costs on the calling thread (submit,
+# settle, with 16 busy threads contending for the GIL) were paid per frame, and most frames of a model's small tensors
+# are small. A small model gets smaller tasks, down to TASK_RAW_MIN, so that every thread still has some.
+TASK_RAW = 4 << 20
+TASK_RAW_MIN = 256 << 10
 
 
 class WeightReader:
@@ -451,14 +452,14 @@ class WeightReader:
     def iter_blobs(self, indices: Iterable[int] | None = None) -> Iterator[tuple[int, memoryview]]:
         """Yield ``(index, raw bytes)`` per blob in the given order (default: all), decoding ahead on threads.
 
-        Frames go to the threads in tasks of up to JOB_RAW raw bytes (a small tensor's frame is grouped with the
-        next ones; smaller tasks for a small model), at most ``2 * threads`` tasks in flight, so memory is bounded by the blobs being decoded, not by
-        the model. Each yielded buffer is new; keeping it is the caller's choice.
+        Frames go to the threads in tasks of up to TASK_RAW raw bytes (a small tensor's frame is grouped with the
+        next ones; smaller tasks for a small model), at most ``2 * threads`` tasks in flight, so memory is bounded
+        by the blobs being decoded, not by the model. Each yielded buffer is new; keeping it is the caller's choice.
         """
         order = list(range(len(self.store.blobs)) if indices is None else indices)
         window = 2 * self.threads
-        # smaller tasks for a small model, so that every thread still gets some (2 per thread, down to TASK_MIN)
-        limit = max(TASK_MIN, min(JOB_RAW, sum(self.store.blobs[i].nbytes for i in order) // window))
+        # smaller tasks for a small model, so that every thread still gets some (2 per thread, down to TASK_RAW_MIN)
+        limit = max(TASK_RAW_MIN, min(TASK_RAW, sum(self.store.blobs[i].nbytes for i in order) // window))
         # FIFO of (task, blobs whose last frame is in that task): tasks finish in any order but are taken in order,
         # so once a task is done every blob it lists is whole.
         pending: collections.deque[tuple[cf.Future[None] | None, list[tuple[int, memoryview]]]] = collections.deque()

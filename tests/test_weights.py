@@ -266,8 +266,8 @@ def _many_blobs(tmp_path: Path) -> tuple[Path, WeightStore, dict[str, bytes]]:
 def test_iter_blobs_yields_whole_blobs_in_order_with_frames_grouped_into_tasks(tmp_path: Path, monkeypatch, threads) -> None:
     from runtime_shim import weights as store_reader
 
-    monkeypatch.setattr(store_reader, "JOB_RAW", 100_000)  # a few small frames per task, big frames alone
-    monkeypatch.setattr(store_reader, "TASK_MIN", 1)
+    monkeypatch.setattr(store_reader, "TASK_RAW", 100_000)  # a few small frames per task, big frames alone
+    monkeypatch.setattr(store_reader, "TASK_RAW_MIN", 1)
     bundle, store, raw = _many_blobs(tmp_path)
     by_blob = {t.blob: t.name for t in store.tensors}
     order = list(range(len(store.blobs)))[::-1]
@@ -297,7 +297,7 @@ def test_iter_blobs_yields_whole_blobs_in_order_with_frames_grouped_into_tasks(t
 def test_a_bad_frame_inside_a_task_of_several_is_named(tmp_path: Path, monkeypatch) -> None:
     from runtime_shim import weights as store_reader
 
-    monkeypatch.setattr(store_reader, "JOB_RAW", 1 << 30)  # everything in one task
+    monkeypatch.setattr(store_reader, "TASK_RAW", 1 << 30)  # everything in one task
     bundle, store, _ = _many_blobs(tmp_path)
     victim = 3
     frame = store.blobs[victim].frames[0]

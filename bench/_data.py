@@ -127,6 +127,17 @@ def models(names: str = "silero,minilm") -> dict[str, list[Weight]]:
     return out
 
 
+def model(name: str, dtype: str, copies: int) -> list[Weight]:
+    """One model set (``minilm`` / ``silero`` in ``fp32`` / ``fp16`` / ``bf16``) made ``copies`` times larger (see scaled)."""
+    return scaled(models(name)[f"{name}-{dtype}"], copies)
+
+
+def thread_counts() -> str:
+    """The default --threads of the thread-scaling benchmarks: powers of two up to the core count, and the count."""
+    cores = os.cpu_count() or 1
+    return ",".join(str(t) for t in sorted({1, 2, 4, 8, 16, cores}) if t <= cores)
+
+
 def raw_bytes(w: Weight) -> memoryview:
     data = w.data
     if isinstance(data, np.ndarray):

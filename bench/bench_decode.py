@@ -46,7 +46,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="fp32,fp16,bf16")
     ap.add_argument("--copies", type=int, default=1)
     cores = os.cpu_count() or 1
-    ap.add_argument("--threads", default=",".join(str(t) for t in sorted({1, 2, 4, 8, 16, cores}) if t <= cores))
+    ap.add_argument("--threads", default=_data.thread_counts())
     ap.add_argument("--repeat", type=int, default=5)
     args = ap.parse_args()
     threads = [int(t) for t in args.threads.split(",")]

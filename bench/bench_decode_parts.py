@@ -34,12 +34,12 @@ def main() -> None:
     ap.add_argument("--dtype", default="bf16", choices=["fp32", "fp16", "bf16"])
     ap.add_argument("--copies", type=int, default=4)
     cores = os.cpu_count() or 1
-    ap.add_argument("--threads", default=",".join(str(t) for t in sorted({1, 2, 4, 8, 16, cores}) if t <= cores))
+    ap.add_argument("--threads", default=_data.thread_counts())
     ap.add_argument("--repeat", type=int, default=5)
     args = ap.parse_args()
     if not store_reader.native_join():
         sys.exit("the C helper runtime_shim._planes is not built: this benchmark measures its parts")
-    weights = _data.scaled(_data.models(args.model)[f"{args.model}-{args.dtype}"], args.copies)
+    weights = _data.model(args.model, args.dtype, args.copies)
     frames = []  # (stored, element size, out, [(mode, plane bytes)])
     for w in weights:
         if w.dtype not in FLOAT_DTYPES:

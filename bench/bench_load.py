@@ -73,10 +73,10 @@ def main() -> None:
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     ap.add_argument("--copies", type=int, default=1)
     cores = os.cpu_count() or 1
-    ap.add_argument("--threads", default=",".join(str(t) for t in sorted({1, 2, 4, 8, 16, cores}) if t <= cores))
+    ap.add_argument("--threads", default=_data.thread_counts())
     ap.add_argument("--repeat", type=int, default=5)
     args = ap.parse_args()
-    weights = _data.scaled(_data.models(args.model)[f"{args.model}-{args.dtype}"], args.copies)
+    weights = _data.model(args.model, args.dtype, args.copies)
     raws = [_data.raw_bytes(w) for w in weights]
 
     with tempfile.TemporaryDirectory(dir=os.environ.get("TRTX_BENCH_TMP")) as tmp:

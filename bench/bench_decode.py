@@ -5,6 +5,7 @@ decode speed (target >= 0.8x). Threads: speed(T) / speed(1) against 0.7 x T (tar
 
     python bench/bench_decode.py [--model minilm] [--dtype fp32,fp16,bf16] [--copies 1] [--threads 1,2,...] [--repeat 5]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,12 +17,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import zstandard  # noqa: E402
+import _data
+import zstandard
 
-import _data  # noqa: E402
-from bundler.weights_writer import DEFAULT_CHUNK, encode_frame  # noqa: E402
-from runtime_shim import weights as store_reader  # noqa: E402
-from runtime_shim.weights import FLOAT_DTYPES, ITEMSIZE, decode_frame_into  # noqa: E402
+from bundler.weights_writer import DEFAULT_CHUNK, encode_frame
+from runtime_shim.store import reader as store_reader
+from runtime_shim.store.reader import FLOAT_DTYPES, ITEMSIZE, decode_frame_into
 
 _local = threading.local()
 
@@ -39,7 +40,6 @@ def _store_job(job) -> None:
     decode_frame_into(stored, "zstd-byteplane", es, out)
 
 
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="minilm")
@@ -51,8 +51,10 @@ def main() -> None:
     args = ap.parse_args()
     threads = [int(t) for t in args.threads.split(",")]
     sets = _data.models(args.model)
-    print(f"{cores} CPUs; {DEFAULT_CHUNK >> 20} MiB frames; medians of {args.repeat}; "
-          f"C helper {'built' if store_reader.native_join() else 'NOT built: store and numpy columns are the same decoder'}")
+    print(
+        f"{cores} CPUs; {DEFAULT_CHUNK >> 20} MiB frames; medians of {args.repeat}; "
+        f"C helper {'built' if store_reader.native_join() else 'NOT built: store and numpy columns are the same decoder'}"
+    )
     for short in args.dtype.split(","):
         weights = _data.scaled(sets[f"{args.model}-{short}"], args.copies)
         tensors = [(w, _data.raw_bytes(w)) for w in weights if w.dtype in FLOAT_DTYPES and len(_data.raw_bytes(w))]
@@ -64,27 +66,31 @@ def main() -> None:
             out = memoryview(bytearray(len(r)))
             step = DEFAULT_CHUNK - DEFAULT_CHUNK % es
             for p in range(0, len(r), step):
-                piece = r[p:p + step]
-                zjobs.append((z3c.compress(piece), out[p:p + step]))
-                sjobs.append((encode_frame(piece, "zstd-byteplane", es, 3), es, out[p:p + step]))
+                piece = r[p : p + step]
+                zjobs.append((z3c.compress(piece), out[p : p + step]))
+                sjobs.append((encode_frame(piece, "zstd-byteplane", es, 3), es, out[p : p + step]))
         print(f"\n== {args.model}-{short} x{args.copies}: {raw / 1e6:.1f} MB raw in {len(sjobs)} frames")
-        print(f"{'T':>3s} {'zstd-3 GB/s':>12s} {'store GB/s':>11s} {'store/zstd-3':>13s} {'store scaling':>14s} {'0.7*T':>6s}"
-              f" {'numpy GB/s':>11s} {'numpy scaling':>14s}")
+        print(
+            f"{'T':>3s} {'zstd-3 GB/s':>12s} {'store GB/s':>11s} {'store/zstd-3':>13s} {'store scaling':>14s} {'0.7*T':>6s}"
+            f" {'numpy GB/s':>11s} {'numpy scaling':>14s}"
+        )
         one = one_np = None
         native = store_reader._native
         for T in threads:
             with cf.ThreadPoolExecutor(T) as pool:
                 t_z = _data.median_time(lambda: list(pool.map(_zstd_job, zjobs)), args.repeat)
                 t_s = _data.median_time(lambda: list(pool.map(_store_job, sjobs)), args.repeat)
-                # the same decoder without its C helper (runtime_shim._planes): what an install with no compiler gets
+                # the same decoder without its C helper (runtime_shim.store._planes): what an install with no compiler gets
                 store_reader._native = None
                 try:
                     t_n = _data.median_time(lambda: list(pool.map(_store_job, sjobs)), args.repeat) if native else t_s
                 finally:
                     store_reader._native = native
             one, one_np = one or t_s, one_np or t_n
-            print(f"{T:3d} {raw / t_z / 1e9:12.2f} {raw / t_s / 1e9:11.2f} {t_z / t_s:12.2f}x {one / t_s:13.2f}x {0.7 * T:6.1f}"
-                  f" {raw / t_n / 1e9:11.2f} {one_np / t_n:13.2f}x")
+            print(
+                f"{T:3d} {raw / t_z / 1e9:12.2f} {raw / t_s / 1e9:11.2f} {t_z / t_s:12.2f}x {one / t_s:13.2f}x {0.7 * T:6.1f}"
+                f" {raw / t_n / 1e9:11.2f} {one_np / t_n:13.2f}x"
+            )
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ whole decoder stops, the machine is the limit, not the decoder's serial parts.
 
     python bench/bench_decode_parts.py [--dtype bf16] [--copies 4] [--threads 1,2,4,8,16] [--repeat 5]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,13 +20,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
-import zstandard  # noqa: E402
+import _data
+import numpy as np
+import zstandard
 
-import _data  # noqa: E402
-from bundler.weights_writer import DEFAULT_CHUNK, encode_frame  # noqa: E402
-from runtime_shim import weights as store_reader  # noqa: E402
-from runtime_shim.weights import FLOAT_DTYPES, ITEMSIZE, PLANE_ZSTD_CHUNKS, decode_frame_into, plane_chunks, plane_table  # noqa: E402
+from bundler.weights_writer import DEFAULT_CHUNK, encode_frame
+from runtime_shim.store import reader as store_reader
+from runtime_shim.store.reader import (
+    FLOAT_DTYPES,
+    ITEMSIZE,
+    PLANE_ZSTD_CHUNKS,
+    decode_frame_into,
+    plane_chunks,
+    plane_table,
+)
 
 
 def main() -> None:
@@ -38,7 +46,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=5)
     args = ap.parse_args()
     if not store_reader.native_join():
-        sys.exit("the C helper runtime_shim._planes is not built: this benchmark measures its parts")
+        sys.exit("the C helper runtime_shim.store._planes is not built: this benchmark measures its parts")
     weights = _data.model(args.model, args.dtype, args.copies)
     frames = []  # (stored, element size, out, [(mode, plane bytes)])
     for w in weights:
@@ -47,10 +55,13 @@ def main() -> None:
         raw, es = _data.raw_bytes(w), ITEMSIZE[w.dtype]
         step = DEFAULT_CHUNK - DEFAULT_CHUNK % es
         for p in range(0, len(raw), step):
-            piece = raw[p:p + step]
+            piece = raw[p : p + step]
             stored = memoryview(encode_frame(piece, "zstd-byteplane", es, 3))
-            planes = [(mode, stored[at:at + size]) for mode, at, size in plane_table(stored, es, len(piece))] \
-                if bytes(stored[:4]) == store_reader.PLANES_TAG else []
+            planes = (
+                [(mode, stored[at : at + size]) for mode, at, size in plane_table(stored, es, len(piece))]
+                if bytes(stored[:4]) == store_reader.PLANES_TAG
+                else []
+            )
             frames.append((stored, es, memoryview(bytearray(len(piece))), planes))
     total = sum(len(f[2]) for f in frames)
 
@@ -66,7 +77,9 @@ def main() -> None:
     def join(f) -> None:
         n = len(f[2]) // f[1]
         if f[3]:
-            store_reader.join_rotated(f[2], [np.frombuffer(store_reader._scratch(f"bench{k}", n), np.uint8) for k in range(f[1])])
+            store_reader.join_rotated(
+                f[2], [np.frombuffer(store_reader._scratch(f"bench{k}", n), np.uint8) for k in range(f[1])]
+            )
 
     def copy(f) -> None:
         out = np.frombuffer(f[2], np.uint8)
@@ -77,12 +90,23 @@ def main() -> None:
         for mode, data in f[3]:
             if mode == PLANE_ZSTD_CHUNKS:
                 ch = np.array(plane_chunks(data, n), dtype=np.uint64)
-                store_reader._dctx().multi_decompress_to_buffer(zstandard.BufferWithSegments(data, ch[:, :2].tobytes()),
-                                                                decompressed_sizes=ch[:, 2].tobytes(), threads=1)
+                store_reader._dctx().multi_decompress_to_buffer(
+                    zstandard.BufferWithSegments(data, ch[:, :2].tobytes()),
+                    decompressed_sizes=ch[:, 2].tobytes(),
+                    threads=1,
+                )
 
-    parts = [("decode", whole), ("zstd run", zstd_run), ("C join", join), ("np.copyto", copy), ("multi_decompress", multi)]
-    print(f"{cores} CPUs; {args.model}-{args.dtype} x{args.copies}: {total / 1e6:.1f} MB raw in {len(frames)} frames; "
-          f"GB/s of raw output (scaling vs 1 thread); medians of {args.repeat}")
+    parts = [
+        ("decode", whole),
+        ("zstd run", zstd_run),
+        ("C join", join),
+        ("np.copyto", copy),
+        ("multi_decompress", multi),
+    ]
+    print(
+        f"{cores} CPUs; {args.model}-{args.dtype} x{args.copies}: {total / 1e6:.1f} MB raw in {len(frames)} frames; "
+        f"GB/s of raw output (scaling vs 1 thread); medians of {args.repeat}"
+    )
     print(f"{'T':>3s} " + " ".join(f"{name:>20s}" for name, _ in parts))
     first: dict[str, float] = {}
     for T in [int(t) for t in args.threads.split(",")]:

@@ -8,6 +8,7 @@ and the DMA straight from the page cache. Baseline: pinned cudaMemcpy, as in ben
 
     python bench/bench_host_io.py [--mib 1024] [--threads 1,4,8,16]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,16 +24,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import _data  # noqa: E402
+import _data
 
 CHUNK = 4 << 20
 
 
 def _parallel(T: int, n: int, job) -> float:
     """Seconds for job(k) over k in range(n) on T threads (median of 3)."""
+
     def once() -> None:
         with cf.ThreadPoolExecutor(T) as pool:
             list(pool.map(job, range(n)))
+
     return _data.median_time(once, 3)
 
 
@@ -45,18 +48,21 @@ def main() -> None:
     if rt is None:
         return
     from bench_upload import pinned_memcpy_seconds
-    from runtime_shim.gpu_upload import _check
+
+    from runtime_shim.gpu.cuda import check as _check
 
     size = args.mib << 20
     n = size // CHUNK
     hashes = {"sha256": lambda b: hashlib.sha256(b).digest()}
     try:
         import blake3
+
         hashes["blake3"] = lambda b: blake3.blake3(b).digest()
     except ImportError:
         print("blake3 not importable: its rows are skipped")
     try:
         import xxhash
+
         hashes["xxh3-128"] = lambda b: xxhash.xxh3_128_digest(b)
     except ImportError:
         print("xxhash not importable: its rows are skipped")
@@ -78,7 +84,11 @@ def main() -> None:
             def read(k: int) -> None:
                 os.preadv(fd, [views[k]], k * CHUNK)
 
-            print(f"{'T':>3s} {'preadv->pinned':>15s} " + " ".join(f"{h:>10s}" for h in hashes) + f" {'read+sha256':>12s}   GB/s (x of memcpy)")
+            print(
+                f"{'T':>3s} {'preadv->pinned':>15s} "
+                + " ".join(f"{h:>10s}" for h in hashes)
+                + f" {'read+sha256':>12s}   GB/s (x of memcpy)"
+            )
             for T in [int(x) for x in args.threads.split(",")]:
                 cells = [size / _parallel(T, n, read)]
                 for h in hashes.values():
@@ -94,7 +104,9 @@ def main() -> None:
             mm = mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ)
         import numpy as np
 
-        addr = np.frombuffer(mm, dtype=np.uint8).__array_interface__["data"][0]  # read-only: ctypes.from_buffer refuses it
+        addr = np.frombuffer(mm, dtype=np.uint8).__array_interface__["data"][
+            0
+        ]  # read-only: ctypes.from_buffer refuses it
         flags = rt.cudaHostRegisterReadOnly if hasattr(rt, "cudaHostRegisterReadOnly") else 8
         t0 = time.perf_counter()
         err = rt.cudaHostRegister(addr, size, int(flags))
@@ -123,7 +135,9 @@ def main() -> None:
                 t_par = time.perf_counter() - t0
                 with cf.ThreadPoolExecutor(T) as pool:
                     list(pool.map(unreg, range(size // piece)))
-                print(f"  register in 16 MiB pieces on {T:2d} threads: {size / t_par / 1e9:6.2f} GB/s ({t_copy * size / t_par / size:.2f}x of memcpy)")
+                print(
+                    f"  register in 16 MiB pieces on {T:2d} threads: {size / t_par / 1e9:6.2f} GB/s ({t_copy * size / t_par / size:.2f}x of memcpy)"
+                )
             dev = _check(rt, rt.cudaMalloc(size), "cudaMalloc")
             h2d = rt.cudaMemcpyKind.cudaMemcpyHostToDevice
             # Pipelined as an upload would: register a piece, copy it asynchronously, register the next...
@@ -140,12 +154,16 @@ def main() -> None:
             for k in range(size // piece):
                 rt.cudaHostUnregister(at + k * piece)
             rt.cudaStreamDestroy(stream)
-            print(f"  register + async copy, piece after piece: {size / t_pipe / 1e9:6.2f} GB/s ({t_copy / t_pipe:.2f}x of memcpy)")
+            print(
+                f"  register + async copy, piece after piece: {size / t_pipe / 1e9:6.2f} GB/s ({t_copy / t_pipe:.2f}x of memcpy)"
+            )
             _check(rt, rt.cudaHostRegister(addr, size, int(flags)), "cudaHostRegister")
             t_dma = _data.median_time(lambda: _check(rt, rt.cudaMemcpy(dev, addr, size, h2d), "cudaMemcpy"), 3)
-            print(f"\nmmap + cudaHostRegister(ReadOnly): register {size / t_reg / 1e9:.2f} GB/s ({t_reg * 1e3:.0f} ms); "
-                  f"DMA from the registered page cache {size / t_dma / 1e9:.2f} GB/s ({t_copy / t_dma:.2f}x); "
-                  f"both {size / (t_reg + t_dma) / 1e9:.2f} GB/s ({t_copy / (t_reg + t_dma):.2f}x)")
+            print(
+                f"\nmmap + cudaHostRegister(ReadOnly): register {size / t_reg / 1e9:.2f} GB/s ({t_reg * 1e3:.0f} ms); "
+                f"DMA from the registered page cache {size / t_dma / 1e9:.2f} GB/s ({t_copy / t_dma:.2f}x); "
+                f"both {size / (t_reg + t_dma) / 1e9:.2f} GB/s ({t_copy / (t_reg + t_dma):.2f}x)"
+            )
             rt.cudaFree(dev)
             rt.cudaHostUnregister(addr)
         mm.close()

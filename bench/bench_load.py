@@ -8,6 +8,7 @@ result itself; two would be the failure).
 
     python bench/bench_load.py [--model minilm] [--dtype fp32] [--copies 1] [--threads 1,2] [--repeat 5]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,11 +23,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import zstandard  # noqa: E402
+import _data
+import zstandard
 
-import _data  # noqa: E402
-from bundler.weights_writer import DEFAULT_CHUNK, write_weight_store  # noqa: E402
-from runtime_shim.weights import WeightReader  # noqa: E402
+from bundler.weights_writer import DEFAULT_CHUNK, write_weight_store
+from runtime_shim.store.reader import WeightReader
 
 _local = threading.local()
 
@@ -80,27 +81,39 @@ def main() -> None:
     raws = [_data.raw_bytes(w) for w in weights]
 
     with tempfile.TemporaryDirectory(dir=os.environ.get("TRTX_BENCH_TMP")) as tmp:
-        stores = {enc: write_weight_store(weights, Path(tmp) / enc, encoding=enc, threads=cores) for enc in ("zstd-byteplane", "none")}
+        stores = {
+            enc: write_weight_store(weights, Path(tmp) / enc, encoding=enc, threads=cores)
+            for enc in ("zstd-byteplane", "none")
+        }
         raw = sum(b.nbytes for b in stores["none"].blobs)
         # Baseline frames: every blob's raw bytes cut like the store's, each a plain zstd-3 frame.
         z3c = zstandard.ZstdCompressor(level=3)
         firsts = {}
         for w, r in zip(weights, raws):
             firsts.setdefault(stores["none"].blobs[stores["none"].tensor(w.name).blob].sha256, r)
-        zframes = [z3c.compress(r[p:p + DEFAULT_CHUNK]) for r in firsts.values() for p in range(0, len(r), DEFAULT_CHUNK)]
+        zframes = [
+            z3c.compress(r[p : p + DEFAULT_CHUNK]) for r in firsts.values() for p in range(0, len(r), DEFAULT_CHUNK)
+        ]
         none_path = Path(tmp) / "none" / stores["none"].file.path
         for enc, s in stores.items():
             (Path(tmp) / enc / s.file.path).read_bytes()  # page cache
-        print(f"{cores} CPUs; {args.model}-{args.dtype} x{args.copies}: {raw / 1e6:.1f} MB raw; "
-              f"store {stores['zstd-byteplane'].file.size / raw:.1%} of raw; medians of {args.repeat}")
-        print(f"{'T':>3s} {'zstd-3 only s':>14s} {'load s':>8s} {'load/zstd':>10s} {'(no sha)':>9s}   {'plain read s':>12s} {'none load s':>11s} {'read/load':>10s} {'(no sha)':>9s}")
+        print(
+            f"{cores} CPUs; {args.model}-{args.dtype} x{args.copies}: {raw / 1e6:.1f} MB raw; "
+            f"store {stores['zstd-byteplane'].file.size / raw:.1%} of raw; medians of {args.repeat}"
+        )
+        print(
+            f"{'T':>3s} {'zstd-3 only s':>14s} {'load s':>8s} {'load/zstd':>10s} {'(no sha)':>9s}   {'plain read s':>12s} {'none load s':>11s} {'read/load':>10s} {'(no sha)':>9s}"
+        )
         for T in [int(t) for t in args.threads.split(",")]:
             with cf.ThreadPoolExecutor(T) as pool:
                 t_z = _data.median_time(lambda: list(pool.map(_zstd_job, zframes)), args.repeat, collect=True)
             with WeightReader(Path(tmp) / "zstd-byteplane", stores["zstd-byteplane"], threads=T) as r:
                 t_load = _data.median_time(r.read_all, args.repeat, collect=True)
-            with WeightReader(Path(tmp) / "zstd-byteplane", stores["zstd-byteplane"], threads=T, verify_frames=False) as r:
+            with WeightReader(
+                Path(tmp) / "zstd-byteplane", stores["zstd-byteplane"], threads=T, verify_frames=False
+            ) as r:
                 t_load_ns = _data.median_time(r.read_all, args.repeat, collect=True)
+
             def plain_read() -> None:  # into fresh memory, as a load must: Path.read_bytes()
                 with open(none_path, "rb", buffering=0) as f:
                     f.read()
@@ -110,16 +123,22 @@ def main() -> None:
                 t_none = _data.median_time(r.read_all, args.repeat, collect=True)
             with WeightReader(Path(tmp) / "none", stores["none"], threads=T, verify_frames=False) as r:
                 t_none_ns = _data.median_time(r.read_all, args.repeat, collect=True)
-            print(f"{T:3d} {t_z:14.3f} {t_load:8.3f} {t_load / t_z:9.2f}x {t_load_ns / t_z:8.2f}x   "
-                  f"{t_read:12.3f} {t_none:11.3f} {t_read / t_none:9.2f}x {t_read / t_none_ns:8.2f}x")
-        print("targets: load/zstd <= 1.25x; read/load >= 0.7x (verified: the default; '(no sha)': verify_frames=False, for comparison)")
+            print(
+                f"{T:3d} {t_z:14.3f} {t_load:8.3f} {t_load / t_z:9.2f}x {t_load_ns / t_z:8.2f}x   "
+                f"{t_read:12.3f} {t_none:11.3f} {t_read / t_none:9.2f}x {t_read / t_none_ns:8.2f}x"
+            )
+        print(
+            "targets: load/zstd <= 1.25x; read/load >= 0.7x (verified: the default; '(no sha)': verify_frames=False, for comparison)"
+        )
 
         for enc, s in stores.items():
             gc.collect()
             base, peak = rss_peak_during(lambda: WeightReader(Path(tmp) / enc, s, threads=min(cores, 8)).read_all())
             grown = peak - base
-            print(f"memory, {enc}: resident set grew by {grown / 2**20:.1f} MiB at its peak during read_all = {grown / raw:.2f}x the model's "
-                  f"{raw / 2**20:.1f} MiB (sampled every ms; the result itself is 1.00x; target < 2x)")
+            print(
+                f"memory, {enc}: resident set grew by {grown / 2**20:.1f} MiB at its peak during read_all = {grown / raw:.2f}x the model's "
+                f"{raw / 2**20:.1f} MiB (sampled every ms; the result itself is 1.00x; target < 2x)"
+            )
 
 
 if __name__ == "__main__":

@@ -2,11 +2,12 @@
 
 Why the store's planes are 64 KiB chunks and why the GPU path's last batch cannot be hidden: the exponent plane of
 MiniLM (bf16, --copies replicas) is compressed the way the store does it (literals-only zstd) in chunks of each
-size, copied to the GPU once, and decoded by runtime_shim.gpu_decode.Nvcomp with 100, a quarter of, and all the
+size, copied to the GPU once, and decoded by runtime_shim.gpu.decode.Nvcomp with 100, a quarter of, and all the
 chunks in one call (CUDA-event time, best of 3). Also printed: the plane's stored size per chunk size.
 
     python bench/bench_nvcomp.py [--copies 8] [--chunks-kib 64,32,16,2048]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,12 +17,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
-import zstandard  # noqa: E402
+import _data
+import numpy as np
+import zstandard
 
-import _data  # noqa: E402
-from bundler import weights_writer  # noqa: E402
-from runtime_shim.errors import MachineError  # noqa: E402
+from bundler import weights_writer
+from runtime_shim.errors import MachineError
 
 
 def main() -> None:
@@ -32,8 +33,8 @@ def main() -> None:
     rt = _data.cuda_runtime("bench_nvcomp")
     if rt is None:
         return
-    from runtime_shim import gpu_decode
-    from runtime_shim.gpu_upload import _check
+    from runtime_shim.gpu import decode as gpu_decode
+    from runtime_shim.gpu.cuda import check as _check
 
     try:
         nv = gpu_decode.Nvcomp()
@@ -42,7 +43,9 @@ def main() -> None:
         return
     weights = _data.model("minilm", "bf16", args.copies)
     u = np.concatenate([np.frombuffer(_data.raw_bytes(w), dtype="<u2") for w in weights if w.dtype == "bfloat16"])
-    plane = (((u << np.uint16(1)) | (u >> np.uint16(15))) >> np.uint16(8)).astype(np.uint8).tobytes()  # layout 2's top plane
+    plane = (
+        (((u << np.uint16(1)) | (u >> np.uint16(15))) >> np.uint16(8)).astype(np.uint8).tobytes()
+    )  # layout 2's top plane
     print(f"exponent plane of minilm-bf16 x{args.copies}: {len(plane) / 1e6:.1f} MB; nvCOMP at {nv.path}")
     stream = _check(rt, rt.cudaStreamCreateWithFlags(rt.cudaStreamNonBlocking), "cudaStreamCreateWithFlags")
     ev0, ev1 = _check(rt, rt.cudaEventCreate(), "cudaEventCreate"), _check(rt, rt.cudaEventCreate(), "cudaEventCreate")
@@ -51,11 +54,14 @@ def main() -> None:
     print(f"{'chunk':>8s} {'stored':>8s} {'chunks':>7s} {'ms':>7s} {'GB/s of plane':>14s}")
     for kib in [int(x) for x in args.chunks_kib.split(",")]:
         size = kib << 10
-        pieces = [plane[i:i + size] for i in range(0, len(plane), size)]
+        pieces = [plane[i : i + size] for i in range(0, len(plane), size)]
         comp = [cctx.compress(p) for p in pieces]
         blob = b"".join(comp)
         n = len(comp)
-        stage, out = _check(rt, rt.cudaMalloc(len(blob)), "cudaMalloc"), _check(rt, rt.cudaMalloc(n * size), "cudaMalloc")
+        stage, out = (
+            _check(rt, rt.cudaMalloc(len(blob)), "cudaMalloc"),
+            _check(rt, rt.cudaMalloc(n * size), "cudaMalloc"),
+        )
         host = ctypes.create_string_buffer(blob, len(blob))
         _check(rt, rt.cudaMemcpy(stage, ctypes.addressof(host), len(blob), h2d), "cudaMemcpy")
         table = np.zeros((6, n), dtype=np.uint64)
@@ -72,17 +78,34 @@ def main() -> None:
             best = float("inf")
             for _ in range(3):
                 _check(rt, rt.cudaEventRecord(ev0, stream), "cudaEventRecord")
-                nv.decompress(dev, dev + row, dev + 2 * row, dev + 4 * row, count, temp, temp_bytes, dev + 3 * row, dev + 5 * row, int(stream))
+                nv.decompress(
+                    dev,
+                    dev + row,
+                    dev + 2 * row,
+                    dev + 4 * row,
+                    count,
+                    temp,
+                    temp_bytes,
+                    dev + 3 * row,
+                    dev + 5 * row,
+                    int(stream),
+                )
                 _check(rt, rt.cudaEventRecord(ev1, stream), "cudaEventRecord")
                 _check(rt, rt.cudaEventSynchronize(ev1), "cudaEventSynchronize")
                 best = min(best, _check(rt, rt.cudaEventElapsedTime(ev0, ev1), "cudaEventElapsedTime"))
             rt.cudaFree(temp)
             back = np.zeros((6, n), dtype=np.uint64)
-            _check(rt, rt.cudaMemcpy(back.ctypes.data, dev, back.nbytes, rt.cudaMemcpyKind.cudaMemcpyDeviceToHost), "cudaMemcpy")
+            _check(
+                rt,
+                rt.cudaMemcpy(back.ctypes.data, dev, back.nbytes, rt.cudaMemcpyKind.cudaMemcpyDeviceToHost),
+                "cudaMemcpy",
+            )
             statuses = np.frombuffer(back[5].tobytes(), dtype=np.int32)[:count]
             if (statuses != 0).any() or (back[4, :count] != back[2, :count]).any():
                 raise SystemExit(f"FAIL: nvCOMP did not decode every {kib} KiB chunk")
-            print(f"{kib:5d} KiB {len(blob) / len(plane) * 100:7.2f}% {count:7d} {best:7.2f} {sum(len(p) for p in pieces[:count]) / best / 1e6:14.1f}")
+            print(
+                f"{kib:5d} KiB {len(blob) / len(plane) * 100:7.2f}% {count:7d} {best:7.2f} {sum(len(p) for p in pieces[:count]) / best / 1e6:14.1f}"
+            )
         for ptr in (stage, out, dev):
             rt.cudaFree(ptr)
     print("(the chunk count matters until the GPU is full; below that a call takes one chunk's serial decode time)")

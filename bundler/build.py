@@ -9,6 +9,7 @@ Output directory rule: a missing or empty directory is filled; a non-empty one i
 ``force``. With ``force`` only the bundle's own files are replaced: manifest.json, the new content files, and
 the old content files that the old manifest listed. Any other file there is left alone (and reported).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -16,14 +17,22 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Iterator, Protocol
+from typing import Any, ContextManager, Protocol
 
 from runtime_shim.errors import BundleError, ManifestError, ModelError
 from runtime_shim.fsutil import atomic_write, sha256_bytes
 from runtime_shim.manifest import (
-    MANIFEST_NAME, Creator, FileRef, Manifest, ModelInfo, Skeleton, TrtRtx, read_manifest,
+    MANIFEST_NAME,
+    Creator,
+    FileRef,
+    Manifest,
+    ModelInfo,
+    Skeleton,
+    TrtRtx,
+    read_manifest,
 )
 
 from . import __version__
@@ -85,8 +94,14 @@ class BuildResult:
         return sum(e.file.size for e in self.manifest.engines)
 
 
-def build_bundle(onnx_path: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, options: BuildOptions,
-                 progress: Progress | None = None, probe: Callable[[], Any] | None = None) -> BuildResult:
+def build_bundle(
+    onnx_path: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    options: BuildOptions,
+    progress: Progress | None = None,
+    probe: Callable[[], Any] | None = None,
+) -> BuildResult:
     """Turn ``onnx_path`` into a verified bundle at ``out_dir`` (see the module docstring for the directory rule).
 
     ``probe`` replaces runtime_shim.machine.probe when deciding on a weightless engine (tests).
@@ -112,8 +127,13 @@ def build_bundle(onnx_path: str | os.PathLike[str], out_dir: str | os.PathLike[s
     try:
         writer_kwargs = {k: v for k, v in (("level", options.level), ("threads", options.threads)) if v is not None}
         with timed("write weight store"):
-            store = write_weight_store(model.weights, tmp, encoding=options.encoding,
-                                       progress=lambda done, total: progress.advance("write weight store", done, total), **writer_kwargs)
+            store = write_weight_store(
+                model.weights,
+                tmp,
+                encoding=options.encoding,
+                progress=lambda done, total: progress.advance("write weight store", done, total),
+                **writer_kwargs,
+            )
         with timed("write skeleton"):
             skeleton_bytes = make_skeleton(model, store, SKELETON_EXTERNAL_DATA)
             ref = FileRef.for_content("skeleton", sha256_bytes(skeleton_bytes), len(skeleton_bytes))
@@ -126,14 +146,22 @@ def build_bundle(onnx_path: str | os.PathLike[str], out_dir: str | os.PathLike[s
             # Beside the output, not in /tmp: a big model's weights fit where its bundle fits (often not in a tmpfs).
             with tempfile.TemporaryDirectory(prefix=f".{out.name}.normalized-", dir=out.parent) as norm_dir:
                 with timed("write normalized model"):
-                    model_file = write_normalized_model(model, store, Path(norm_dir), SKELETON_EXTERNAL_DATA, skeleton=skeleton_bytes)
+                    model_file = write_normalized_model(
+                        model, store, Path(norm_dir), SKELETON_EXTERNAL_DATA, skeleton=skeleton_bytes
+                    )
                 built = build_engines(Path(model_file), profiles, plans, tmp, step=progress.step)
         for b in built:
-            seconds[f"engine {b.engine.kind} {b.engine.platform} {list(b.engine.compute_capabilities) or 'default'}"] = b.seconds
+            seconds[
+                f"engine {b.engine.kind} {b.engine.platform} {list(b.engine.compute_capabilities) or 'default'}"
+            ] = b.seconds
         version, flavour = trt_rtx_identity()
         manifest = Manifest(
-            model=ModelInfo(name=options.name or src.stem, version=options.version, source_sha256=model.source_sha256,
-                            opset=getattr(model, "opset", None)),
+            model=ModelInfo(
+                name=options.name or src.stem,
+                version=options.version,
+                source_sha256=model.source_sha256,
+                opset=getattr(model, "opset", None),
+            ),
             inputs=tuple(model.inputs),
             outputs=tuple(model.outputs),
             profiles=profiles,
@@ -156,9 +184,13 @@ def build_bundle(onnx_path: str | os.PathLike[str], out_dir: str | os.PathLike[s
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
     if left_alone:
-        progress.note(f"{out}: left {len(left_alone)} file(s) that are not part of the bundle: {', '.join(left_alone[:5])}"
-                      + (" ..." if len(left_alone) > 5 else ""))
-    return BuildResult(bundle_dir=out, manifest=manifest, notes=tuple(notes), left_alone=tuple(left_alone), seconds=seconds)
+        progress.note(
+            f"{out}: left {len(left_alone)} file(s) that are not part of the bundle: {', '.join(left_alone[:5])}"
+            + (" ..." if len(left_alone) > 5 else "")
+        )
+    return BuildResult(
+        bundle_dir=out, manifest=manifest, notes=tuple(notes), left_alone=tuple(left_alone), seconds=seconds
+    )
 
 
 class _Timed:
@@ -184,21 +216,27 @@ def _source_date_epoch() -> int | None:
     try:
         return int(value.strip())
     except ValueError:
-        raise ModelError(f"SOURCE_DATE_EPOCH: expected an integer (unix seconds), got {value!r}",
-                         hint="unset it or set it to e.g. $(git log -1 --format=%ct)") from None
+        raise ModelError(
+            f"SOURCE_DATE_EPOCH: expected an integer (unix seconds), got {value!r}",
+            hint="unset it or set it to e.g. $(git log -1 --format=%ct)",
+        ) from None
 
 
 # --------------------------------------------------------------------------- output directory
 def _check_output_dir(out: Path, *, force: bool) -> None:
     if out.is_symlink():
-        raise OutputDirError(f"{out}: is a symbolic link; a bundle is written only into a real directory",
-                             hint="pass the link's target, or choose another output path")
+        raise OutputDirError(
+            f"{out}: is a symbolic link; a bundle is written only into a real directory",
+            hint="pass the link's target, or choose another output path",
+        )
     if out.exists() and not out.is_dir():
         raise OutputDirError(f"{out}: exists and is not a directory", hint="choose another output path")
     if out.is_dir() and any(out.iterdir()) and not force:
-        raise OutputDirError(f"{out}: exists and is not empty; refusing to write a bundle into it",
-                             hint="choose a new directory, or pass --force to replace the bundle's own files there "
-                                  "(other files are never deleted)")
+        raise OutputDirError(
+            f"{out}: exists and is not empty; refusing to write a bundle into it",
+            hint="choose a new directory, or pass --force to replace the bundle's own files there "
+            "(other files are never deleted)",
+        )
 
 
 def _move_into_place(tmp: Path, out: Path, new_manifest: Manifest) -> list[str]:
@@ -217,11 +255,16 @@ def _move_into_place(tmp: Path, out: Path, new_manifest: Manifest) -> list[str]:
     for rel in sorted(new_files):
         dest = out / rel
         if dest.parent.exists() and not dest.parent.is_dir():
-            raise OutputDirError(f"{dest.parent}: is a file where the bundle needs a folder; not touched",
-                                 hint="move that file away, or build into a new directory")
+            raise OutputDirError(
+                f"{dest.parent}: is a file where the bundle needs a folder; not touched",
+                hint="move that file away, or build into a new directory",
+            )
         dest.parent.mkdir(exist_ok=True)
         if dest.is_symlink() or (dest.exists() and not dest.is_file()):
-            raise OutputDirError(f"{dest}: exists and is not a regular file; not touched", hint="move it away, or build into a new directory")
+            raise OutputDirError(
+                f"{dest}: exists and is not a regular file; not touched",
+                hint="move it away, or build into a new directory",
+            )
         os.replace(tmp / rel, dest)
     os.replace(tmp / MANIFEST_NAME, out / MANIFEST_NAME)
     for rel in sorted(old_files - new_files):

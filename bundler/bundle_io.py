@@ -7,6 +7,7 @@ Extraction accepts only regular files at bundle paths (manifest.json, <folder>/<
 folders; anything else (absolute paths, '..', links, devices, fifos, duplicates) is refused by name
 before a byte is written, and the result is verified before it appears at the target path.
 """
+
 from __future__ import annotations
 
 import os
@@ -15,9 +16,9 @@ import shutil
 import stat
 import tarfile
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Callable
 
 from runtime_shim.errors import ArchiveError, IntegrityError, ManifestError, SchemaVersionError
 from runtime_shim.fsutil import CHUNK, atomic_writer, sha256_file
@@ -64,14 +65,24 @@ def verify_bundle(bundle_dir: str | os.PathLike[str], *, header_check: HeaderChe
     """
     root = Path(bundle_dir)
     if not root.is_dir():
-        return [Problem(kind="missing", path=str(root), message="not a directory",
-                        hint="pass the bundle directory (or 'unpack' an archive first)")]
+        return [
+            Problem(
+                kind="missing",
+                path=str(root),
+                message="not a directory",
+                hint="pass the bundle directory (or 'unpack' an archive first)",
+            )
+        ]
     try:
         manifest, warnings = read_manifest(root)
     except SchemaVersionError as e:
         return [Problem(kind="schema", path=MANIFEST_NAME, message=str(e), hint=e.hint)]
     except ManifestError as e:
-        return [Problem(kind="schema", path=MANIFEST_NAME, message=str(e), hint=e.hint or "rebuild the bundle or fetch it again")]
+        return [
+            Problem(
+                kind="schema", path=MANIFEST_NAME, message=str(e), hint=e.hint or "rebuild the bundle or fetch it again"
+            )
+        ]
     problems = [Problem(kind="warning", path=MANIFEST_NAME, message=w) for w in warnings]
     for key, ref in manifest.files():
         file_problems = _check_file(root, key, ref.path, ref.size, ref.sha256)
@@ -79,8 +90,14 @@ def verify_bundle(bundle_dir: str | os.PathLike[str], *, header_check: HeaderChe
         if header_check is not None and ref.path.startswith("engines/") and not file_problems:
             problems += _check_header(root, key, ref.path, header_check)
     for rel in unlisted_files(root, manifest):
-        problems.append(Problem(kind="extra", path=rel, message="not listed in the manifest",
-                                hint="remove it, or rebuild the bundle; only files the manifest pins belong in a bundle"))
+        problems.append(
+            Problem(
+                kind="extra",
+                path=rel,
+                message="not listed in the manifest",
+                hint="remove it, or rebuild the bundle; only files the manifest pins belong in a bundle",
+            )
+        )
     return problems
 
 
@@ -95,19 +112,43 @@ def _check_file(root: Path, key: str, rel: str, size: int, sha256: str) -> list[
     try:
         st = path.lstat()
     except FileNotFoundError:
-        return [Problem(kind="missing", path=rel, message=f"missing (pinned by {key})", hint="fetch or rebuild the bundle")]
+        return [
+            Problem(kind="missing", path=rel, message=f"missing (pinned by {key})", hint="fetch or rebuild the bundle")
+        ]
     if not stat.S_ISREG(st.st_mode):
-        return [Problem(kind="not-a-file", path=rel, message=f"not a regular file (pinned by {key}); links are not followed")]
+        return [
+            Problem(
+                kind="not-a-file", path=rel, message=f"not a regular file (pinned by {key}); links are not followed"
+            )
+        ]
     if st.st_size < size:
-        return [Problem(kind="truncated", path=rel, message=f"truncated: {st.st_size} bytes, expected {size} ({key}.size)",
-                        hint="the copy or download was cut short; fetch the bundle again")]
+        return [
+            Problem(
+                kind="truncated",
+                path=rel,
+                message=f"truncated: {st.st_size} bytes, expected {size} ({key}.size)",
+                hint="the copy or download was cut short; fetch the bundle again",
+            )
+        ]
     if st.st_size > size:
-        return [Problem(kind="size", path=rel, message=f"{st.st_size} bytes, expected {size} ({key}.size)",
-                        hint="the file was changed after the bundle was built; rebuild or fetch it again")]
+        return [
+            Problem(
+                kind="size",
+                path=rel,
+                message=f"{st.st_size} bytes, expected {size} ({key}.size)",
+                hint="the file was changed after the bundle was built; rebuild or fetch it again",
+            )
+        ]
     actual, _size = sha256_file(path)
     if actual != sha256:
-        return [Problem(kind="changed", path=rel, message=f"sha256 {actual}, expected {sha256} ({key}.sha256): content changed",
-                        hint="the file was altered; rebuild or fetch the bundle again")]
+        return [
+            Problem(
+                kind="changed",
+                path=rel,
+                message=f"sha256 {actual}, expected {sha256} ({key}.sha256): content changed",
+                hint="the file was altered; rebuild or fetch the bundle again",
+            )
+        ]
     return []
 
 
@@ -118,8 +159,14 @@ def _check_header(root: Path, key: str, rel: str, header_check: HeaderCheck) -> 
     bad = [text for bit, text in _BAD_ENGINE_BITS.items() if bits & bit]
     if not bad:
         return []
-    return [Problem(kind="engine", path=rel, message=f"TRT-RTX says the engine is {validity} ({', '.join(bad)}; {key})",
-                    hint="rebuild the bundle with the TRT-RTX version in manifest.json trt_rtx.version")]
+    return [
+        Problem(
+            kind="engine",
+            path=rel,
+            message=f"TRT-RTX says the engine is {validity} ({', '.join(bad)}; {key})",
+            hint="rebuild the bundle with the TRT-RTX version in manifest.json trt_rtx.version",
+        )
+    ]
 
 
 def _walk(root: Path) -> list[str]:
@@ -140,8 +187,9 @@ def raise_for_problems(problems: list[Problem], *, what: str) -> None:
     if fatal:
         shown = "\n  ".join(str(p) for p in fatal[:10])
         more = f"\n  ... and {len(fatal) - 10} more" if len(fatal) > 10 else ""
-        raise IntegrityError(f"{what}: {len(fatal)} problem(s):\n  {shown}{more}",
-                             hint=next((p.hint for p in fatal if p.hint), None))
+        raise IntegrityError(
+            f"{what}: {len(fatal)} problem(s):\n  {shown}{more}", hint=next((p.hint for p in fatal if p.hint), None)
+        )
 
 
 def temp_sibling(path: Path, tag: str) -> Path:
@@ -174,8 +222,10 @@ def pack_bundle(bundle_dir: str | os.PathLike[str], out_file: str | os.PathLike[
     extras = tuple(p.path for p in problems if p.kind == "extra")
     raise_for_problems([p for p in problems if p.kind != "extra"], what=f"{root}: cannot pack")
     if out.resolve().is_relative_to(root.resolve()):
-        raise ArchiveError(f"{out}: the archive cannot be written inside the bundle it packs ({root})",
-                           hint="choose an output path outside the bundle directory")
+        raise ArchiveError(
+            f"{out}: the archive cannot be written inside the bundle it packs ({root})",
+            hint="choose an output path outside the bundle directory",
+        )
     manifest, _ = read_manifest(root)
     names = [MANIFEST_NAME] + sorted({ref.path for _, ref in manifest.files()})
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -200,8 +250,10 @@ def unpack_bundle(archive: str | os.PathLike[str], out_dir: str | os.PathLike[st
     """
     src, target = Path(archive), Path(os.path.abspath(out_dir))
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        raise ArchiveError(f"{target}: exists and is not an empty directory; unpack refuses to mix files into it",
-                           hint="choose a new directory, or remove that one yourself")
+        raise ArchiveError(
+            f"{target}: exists and is not an empty directory; unpack refuses to mix files into it",
+            hint="choose a new directory, or remove that one yourself",
+        )
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_sibling(target, "unpack")
     try:
@@ -228,7 +280,9 @@ def _extract(src: Path, dest: Path) -> None:
     except FileNotFoundError:
         raise ArchiveError(f"{src}: not found") from None
     except (tarfile.TarError, OSError) as e:
-        raise ArchiveError(f"{src}: not a bundle archive (an uncompressed tar made by 'trtx-bundle pack'): {e}") from None
+        raise ArchiveError(
+            f"{src}: not a bundle archive (an uncompressed tar made by 'trtx-bundle pack'): {e}"
+        ) from None
     seen: set[str] = set()
     with tar:
         try:
@@ -252,25 +306,37 @@ def _check_member(src: Path, member: tarfile.TarInfo, seen: set[str]) -> str:
     raw = member.name
     kind = _member_kind(member)
     if kind is not None:
-        raise ArchiveError(f"{src}: entry {raw!r} is a {kind}; a bundle archive holds only regular files and folders",
-                           hint="the archive was not made by 'trtx-bundle pack', or it was tampered with: do not use it")
+        raise ArchiveError(
+            f"{src}: entry {raw!r} is a {kind}; a bundle archive holds only regular files and folders",
+            hint="the archive was not made by 'trtx-bundle pack', or it was tampered with: do not use it",
+        )
     if raw.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", raw) or PurePosixPath(raw).is_absolute():
-        raise ArchiveError(f"{src}: entry {raw!r} has an absolute path; refused",
-                           hint="the archive was not made by 'trtx-bundle pack', or it was tampered with: do not use it")
+        raise ArchiveError(
+            f"{src}: entry {raw!r} has an absolute path; refused",
+            hint="the archive was not made by 'trtx-bundle pack', or it was tampered with: do not use it",
+        )
     parts = [p for p in raw.replace("\\", "/").split("/") if p not in ("", ".")]
     if ".." in parts:
-        raise ArchiveError(f"{src}: entry {raw!r} climbs out of the bundle with '..'; refused",
-                           hint="the archive was not made by 'trtx-bundle pack', or it was tampered with: do not use it")
+        raise ArchiveError(
+            f"{src}: entry {raw!r} climbs out of the bundle with '..'; refused",
+            hint="the archive was not made by 'trtx-bundle pack', or it was tampered with: do not use it",
+        )
     name = "/".join(parts)
     if member.isdir():
         if name not in FILE_FOLDERS:
-            raise ArchiveError(f"{src}: entry {raw!r} is a folder a bundle does not have (expected one of {', '.join(FILE_FOLDERS)})")
+            raise ArchiveError(
+                f"{src}: entry {raw!r} is a folder a bundle does not have (expected one of {', '.join(FILE_FOLDERS)})"
+            )
         return name
     if name != MANIFEST_NAME and not _BUNDLE_FILE_RE.match(name):
-        raise ArchiveError(f"{src}: entry {raw!r} is not a bundle file (expected manifest.json or <folder>/<sha256>.<ext>)",
-                           hint="the archive was not made by 'trtx-bundle pack'")
+        raise ArchiveError(
+            f"{src}: entry {raw!r} is not a bundle file (expected manifest.json or <folder>/<sha256>.<ext>)",
+            hint="the archive was not made by 'trtx-bundle pack'",
+        )
     if name in seen:
-        raise ArchiveError(f"{src}: entry {raw!r} appears twice; refused (the second copy could replace a verified file)")
+        raise ArchiveError(
+            f"{src}: entry {raw!r} appears twice; refused (the second copy could replace a verified file)"
+        )
     seen.add(name)
     return name
 
@@ -313,8 +379,13 @@ def describe_bundle(bundle_dir: str | os.PathLike[str]) -> dict:
         "profiles": [p.to_dict() for p in manifest.profiles],
         "warmup_shapes": [{k: list(v) for k, v in s.items()} for s in manifest.warmup_shapes],
         "weights": {
-            "file": w.file.path, "tensors": len(w.tensors), "blobs": len(w.blobs), "tensor_bytes": tensor_bytes,
-            "raw_bytes": raw, "stored_bytes": w.file.size, "ratio": round(raw / w.file.size, 3) if w.file.size else None,
+            "file": w.file.path,
+            "tensors": len(w.tensors),
+            "blobs": len(w.blobs),
+            "tensor_bytes": tensor_bytes,
+            "raw_bytes": raw,
+            "stored_bytes": w.file.size,
+            "ratio": round(raw / w.file.size, 3) if w.file.size else None,
             "encodings": dict(sorted(encodings.items())),
         },
         "skeleton": manifest.skeleton.to_dict(),

@@ -4,6 +4,7 @@ Human output and progress go to stderr; `--json` output goes to stdout. Library 
 `ERROR <message>` plus a hint and exit code 1 (2 for usage errors, as click does). Commands live in three
 modules registered on one group: build-side here, run-side in cli_run.py, farm-side in cli_farm.py.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -13,8 +14,9 @@ import logging
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import click
 
@@ -79,7 +81,9 @@ def main(verbose: int) -> None:
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING)
     for name in ("bundler", "runtime_shim"):
-        logging.getLogger(name).setLevel(logging.DEBUG if verbose >= 2 else logging.INFO if verbose else logging.WARNING)
+        logging.getLogger(name).setLevel(
+            logging.DEBUG if verbose >= 2 else logging.INFO if verbose else logging.WARNING
+        )
 
 
 # =========================================================================== build side: build, inspect, verify, pack, unpack
@@ -144,38 +148,97 @@ def _parse_sms(_ctx: click.Context, _param: click.Parameter, value: str | None) 
 
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("-o", "--output", "output", required=True, type=click.Path(file_okay=False, path_type=Path), help="Bundle directory to create.")
-@click.option("--shape", "shapes", multiple=True, metavar="NAME=MIN:OPT:MAX",
-              help="Range of a dynamic input, dims joined by x (1x3x224x224:4x3x224x224:16x3x224x224; one shape = fixed). "
-                   "The k-th --shape of an input goes to profile k; an input given once applies to every profile. "
-                   "Replaces the profiles of --config.")
-@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), help="bundle.toml (see templates/bundle.toml).")
-@click.option("--sm", callback=_parse_sms, metavar="80,86,...", help="Targets of the weightful engine (default: TRT-RTX's default targets).")
+@click.option(
+    "-o",
+    "--output",
+    "output",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Bundle directory to create.",
+)
+@click.option(
+    "--shape",
+    "shapes",
+    multiple=True,
+    metavar="NAME=MIN:OPT:MAX",
+    help="Range of a dynamic input, dims joined by x (1x3x224x224:4x3x224x224:16x3x224x224; one shape = fixed). "
+    "The k-th --shape of an input goes to profile k; an input given once applies to every profile. "
+    "Replaces the profiles of --config.",
+)
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="bundle.toml (see templates/bundle.toml).",
+)
+@click.option(
+    "--sm",
+    callback=_parse_sms,
+    metavar="80,86,...",
+    help="Targets of the weightful engine (default: TRT-RTX's default targets).",
+)
 @click.option("--name", help="Model name in the manifest (default: the ONNX file's stem).")
 @click.option("--model-version", help="Model version in the manifest (default: 0).")
-@click.option("--no-weightful", is_flag=True, help="Skip the weightful multi-SM engine (the farm builds weightless ones).")
+@click.option(
+    "--no-weightful", is_flag=True, help="Skip the weightful multi-SM engine (the farm builds weightless ones)."
+)
 @click.option("--encoding", type=click.Choice(WEIGHT_ENCODINGS), help="Weight store encoding (default zstd-byteplane).")
-@click.option("--force", is_flag=True, help="Write into a non-empty directory: replaces the bundle's own files only, never deletes others.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Write into a non-empty directory: replaces the bundle's own files only, never deletes others.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 @render_errors
-def build(model: Path, output: Path, shapes: tuple[str, ...], config_path: Path | None, sm: tuple[int, ...] | None,
-          name: str | None, model_version: str | None, no_weightful: bool, encoding: str | None, force: bool, as_json: bool) -> None:
+def build(
+    model: Path,
+    output: Path,
+    shapes: tuple[str, ...],
+    config_path: Path | None,
+    sm: tuple[int, ...] | None,
+    name: str | None,
+    model_version: str | None,
+    no_weightful: bool,
+    encoding: str | None,
+    force: bool,
+    as_json: bool,
+) -> None:
     """Turn MODEL.onnx into a bundle: weight store, skeleton, engines, manifest."""
     from .build import build_bundle
     from .config import load_config, make_options
 
     config = load_config(config_path) if config_path else None
-    options = make_options(config, shapes=shapes, sms=sm, name=name, version=model_version,
-                           weightful=False if no_weightful else None, encoding=encoding, force=force)
+    options = make_options(
+        config,
+        shapes=shapes,
+        sms=sm,
+        name=name,
+        version=model_version,
+        weightful=False if no_weightful else None,
+        encoding=encoding,
+        force=force,
+    )
     t0 = time.monotonic()
     result = build_bundle(model, output, options=options, progress=_StderrProgress())
     m = result.manifest
     summary = {
-        "bundle": str(result.bundle_dir), "model": m.model.name, "seconds": round(time.monotonic() - t0, 3),
-        "raw_weight_bytes": result.raw_weight_bytes, "stored_weight_bytes": result.stored_weight_bytes,
-        "engines": [{"kind": e.kind, "platform": e.platform, "compute_capabilities": list(e.compute_capabilities),
-                     "size": e.file.size, "path": e.file.path} for e in m.engines],
-        "notes": list(result.notes), "left_alone": list(result.left_alone),
+        "bundle": str(result.bundle_dir),
+        "model": m.model.name,
+        "seconds": round(time.monotonic() - t0, 3),
+        "raw_weight_bytes": result.raw_weight_bytes,
+        "stored_weight_bytes": result.stored_weight_bytes,
+        "engines": [
+            {
+                "kind": e.kind,
+                "platform": e.platform,
+                "compute_capabilities": list(e.compute_capabilities),
+                "size": e.file.size,
+                "path": e.file.path,
+            }
+            for e in m.engines
+        ],
+        "notes": list(result.notes),
+        "left_alone": list(result.left_alone),
         "step_seconds": {k: round(v, 3) for k, v in result.seconds.items()},
     }
     if as_json:
@@ -202,32 +265,51 @@ def inspect(bundle: Path, as_json: bool) -> None:
         emit_json(d)
         return
     model, w = d["model"], d["weights"]
-    out = [f"bundle   {d['bundle']}", f"model    {model['name']} {model['version']} (opset {model['opset']}; schema {d['schema_version']})",
-           f"TRT-RTX  {d['trt_rtx']['version']} ({d['trt_rtx']['cuda_flavour']})", "inputs"]
+    out = [
+        f"bundle   {d['bundle']}",
+        f"model    {model['name']} {model['version']} (opset {model['opset']}; schema {d['schema_version']})",
+        f"TRT-RTX  {d['trt_rtx']['version']} ({d['trt_rtx']['cuda_flavour']})",
+        "inputs",
+    ]
     out += [f"  {t['name']:<24} {t['dtype']:<9} {_dims(t['shape'])}" for t in d["inputs"]]
     out += ["outputs"] + [f"  {t['name']:<24} {t['dtype']:<9} {_dims(t['shape'])}" for t in d["outputs"]]
     out.append("profiles" + ("" if d["profiles"] else "  (none: every input is fixed)"))
     for i, p in enumerate(d["profiles"]):
         for n, r in p["shapes"].items():
-            out.append(f"  [{i}] {n:<20} {'x'.join(map(str, r['min']))} : {'x'.join(map(str, r['opt']))} : {'x'.join(map(str, r['max']))}")
+            out.append(
+                f"  [{i}] {n:<20} {'x'.join(map(str, r['min']))} : {'x'.join(map(str, r['opt']))} : {'x'.join(map(str, r['max']))}"
+            )
     if d["warmup_shapes"]:
-        out += ["warm-up"] + [f"  [{i}] " + ", ".join(f"{n}={'x'.join(map(str, s))}" for n, s in ws.items()) for i, ws in enumerate(d["warmup_shapes"])]
+        out += ["warm-up"] + [
+            f"  [{i}] " + ", ".join(f"{n}={'x'.join(map(str, s))}" for n, s in ws.items())
+            for i, ws in enumerate(d["warmup_shapes"])
+        ]
     ratio = f"{w['ratio']:.2f}x" if w["ratio"] else "-"
-    out.append(f"weights  {w['tensors']} tensors in {w['blobs']} blobs: {w['raw_bytes']:,} bytes raw -> {w['stored_bytes']:,} stored ({ratio}; "
-               + ", ".join(f"{k} x{v}" for k, v in w["encodings"].items()) + ")")
+    out.append(
+        f"weights  {w['tensors']} tensors in {w['blobs']} blobs: {w['raw_bytes']:,} bytes raw -> {w['stored_bytes']:,} stored ({ratio}; "
+        + ", ".join(f"{k} x{v}" for k, v in w["encodings"].items())
+        + ")"
+    )
     out.append("engines" + ("" if d["engines"] else "  (none)"))
     for e in d["engines"]:
         targets = ", ".join(map(sm_text, e["compute_capabilities"])) or "TRT-RTX default targets"
-        out.append(f"  {e['kind']:<10} {e['platform']:<13} SM {targets:<24} {e['file']['size']:>12,} bytes  {e['file']['sha256'][:12]}")
+        out.append(
+            f"  {e['kind']:<10} {e['platform']:<13} SM {targets:<24} {e['file']['size']:>12,} bytes  {e['file']['sha256'][:12]}"
+        )
     out.append("runtime caches" + ("" if d["runtime_caches"] else "  (none)"))
     for c in d["runtime_caches"]:
         k = c["key"]
-        out.append(f"  {k['gpu_name']} (SM {k['sm']}, {k['os']}, driver >= {k['driver_version']}, {k['cuda_flavour']}): {c['file']['size']:,} bytes")
+        out.append(
+            f"  {k['gpu_name']} (SM {k['sm']}, {k['os']}, driver >= {k['driver_version']}, {k['cuda_flavour']}): {c['file']['size']:,} bytes"
+        )
     from .coverage import render as render_coverage
 
     out += render_coverage(d["coverage"])
     created = d["creator"]["created"]
-    out.append(f"created  by {d['creator']['tool']} {d['creator']['version']}" + (f" at {created} (SOURCE_DATE_EPOCH)" if created is not None else ""))
+    out.append(
+        f"created  by {d['creator']['tool']} {d['creator']['version']}"
+        + (f" at {created} (SOURCE_DATE_EPOCH)" if created is not None else "")
+    )
     out += [f"warning: {msg}" for msg in d["warnings"]]
     info("\n".join(out))
 
@@ -272,7 +354,14 @@ def verify(bundle: Path, as_json: bool) -> None:
 
 @main.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
-@click.option("-o", "--output", "output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Archive file to write.")
+@click.option(
+    "-o",
+    "--output",
+    "output",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Archive file to write.",
+)
 @render_errors
 def pack(bundle: Path, output: Path) -> None:
     """Pack a verified bundle into one file (a deterministic, uncompressed tar)."""
@@ -286,7 +375,14 @@ def pack(bundle: Path, output: Path) -> None:
 
 @main.command()
 @click.argument("archive", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("-o", "--output", "output", required=True, type=click.Path(file_okay=False, path_type=Path), help="New (or empty) directory.")
+@click.option(
+    "-o",
+    "--output",
+    "output",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="New (or empty) directory.",
+)
 @render_errors
 def unpack(archive: Path, output: Path) -> None:
     """Unpack a bundle archive safely (no links, devices, absolute paths or '..') and verify it."""
@@ -294,9 +390,18 @@ def unpack(archive: Path, output: Path) -> None:
 
     m = unpack_bundle(archive, output)
     info(f"unpacked {archive} into {output}: {m.model.name} {m.model.version}, {len(m.files())} files verified")
+
+
 @main.command()
-@click.option("-o", "--output", "workdir", type=click.Path(file_okay=False, path_type=Path), default=Path("trtx-demo"),
-              show_default=True, help="Where to put the demo model, its bundle and the user cache.")
+@click.option(
+    "-o",
+    "--output",
+    "workdir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("trtx-demo"),
+    show_default=True,
+    help="Where to put the demo model, its bundle and the user cache.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the shim's report as JSON on stdout.")
 @render_errors
 def demo(workdir: Path, as_json: bool) -> None:
@@ -319,10 +424,14 @@ def demo(workdir: Path, as_json: bool) -> None:
     if result.max_abs_error is not None:
         info(f"max |difference| vs ONNX Runtime on the original model: {result.max_abs_error:.3g}")
         if result.max_abs_error > 1e-4:
-            raise BundleError(f"demo outputs differ from the original model by {result.max_abs_error:.3g}",
-                              hint="please report this with the output of 'trtx-bundle doctor'")
+            raise BundleError(
+                f"demo outputs differ from the original model by {result.max_abs_error:.3g}",
+                hint="please report this with the output of 'trtx-bundle doctor'",
+            )
     info(f"demo OK: try 'trtx-bundle inspect {result.bundle_dir}' and 'trtx-bundle doctor {result.bundle_dir}'")
 
 
-from . import cli_run  # noqa: E402,F401
-from . import cli_farm  # noqa: E402,F401
+from . import (
+    cli_farm,  # noqa: F401
+    cli_run,  # noqa: F401
+)

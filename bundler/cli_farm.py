@@ -1,4 +1,5 @@
 """Farm-side commands of `trtx-bundle`: farm-job (on a GPU runner) and merge (folding its parts into the bundle)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,26 +13,50 @@ from .farm import DEFAULT_ROUNDS, EXIT_UNSERVABLE, FarmSettings, farm_settings, 
 from .merge import merge_parts
 
 
-@main.command("farm-job", epilog=f"""\b
+@main.command(
+    "farm-job",
+    epilog=f"""\b
 Exit codes:
   0  the part was written to PART_DIR
   1  error (bundle, install, build or warm-up), with a message and a hint
   2  usage error
   {EXIT_UNSERVABLE}  this machine cannot serve TensorRT for RTX: no NVIDIA GPU or driver, a GPU it does
      not support (e.g. SM 9.0 Hopper), or a driver too old; the message says what was found.
-     Nothing is written, not even PART_DIR.""")
+     Nothing is written, not even PART_DIR.""",
+)
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("-o", "--out", "part_dir", required=True, type=click.Path(path_type=Path),
-              help="Directory for the part (new or empty); written all at once when the job succeeds.")
-@click.option("--warmup", "warmups", multiple=True, metavar="NAME=SHAPE[,NAME=SHAPE]",
-              help="Extra warm-up shapes (dims joined by x, e.g. x=8x64), on top of the bundle's; repeatable.")
-@click.option("--rounds", type=click.IntRange(min=1), default=None,
-              help=f"Runs per warm-up shape (default {DEFAULT_ROUNDS}, or [farm].rounds of --config).")
-@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="bundle.toml whose [farm] table adds warm-up shapes and rounds.")
+@click.option(
+    "-o",
+    "--out",
+    "part_dir",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Directory for the part (new or empty); written all at once when the job succeeds.",
+)
+@click.option(
+    "--warmup",
+    "warmups",
+    multiple=True,
+    metavar="NAME=SHAPE[,NAME=SHAPE]",
+    help="Extra warm-up shapes (dims joined by x, e.g. x=8x64), on top of the bundle's; repeatable.",
+)
+@click.option(
+    "--rounds",
+    type=click.IntRange(min=1),
+    default=None,
+    help=f"Runs per warm-up shape (default {DEFAULT_ROUNDS}, or [farm].rounds of --config).",
+)
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="bundle.toml whose [farm] table adds warm-up shapes and rounds.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the part manifest as JSON on stdout.")
 @render_errors
-def farm_job(bundle: Path, part_dir: Path, warmups: tuple[str, ...], rounds: int | None, config_path: Path | None, as_json: bool) -> None:
+def farm_job(
+    bundle: Path, part_dir: Path, warmups: tuple[str, ...], rounds: int | None, config_path: Path | None, as_json: bool
+) -> None:
     """Build this GPU's weightless engine and pregenerate its runtime cache, as a part for `merge`.
 
     \b
@@ -45,24 +70,44 @@ def farm_job(bundle: Path, part_dir: Path, warmups: tuple[str, ...], rounds: int
 
         settings = farm_settings(load_config(config_path).farm, source=str(config_path))
     extra = [*settings.warmup, *(parse_warmup_arg(w) for w in warmups)]
-    result = run_farm_job(bundle, part_dir, warmups=extra, rounds=rounds or settings.rounds or DEFAULT_ROUNDS, progress=info)
+    result = run_farm_job(
+        bundle, part_dir, warmups=extra, rounds=rounds or settings.rounds or DEFAULT_ROUNDS, progress=info
+    )
     part = result.part
     k = part.runtime_cache.key
-    info(f"part {part_dir}: {'new weightless engine' if result.engine_built else 'engine from the bundle'}, runtime cache "
-         f"{part.runtime_cache.file.size} bytes for {k.gpu_name} (SM {sm_text(k.sm)}, {k.os}, driver {k.driver_version}); "
-         f"{len(part.warmup)} warm-up shape set(s) in {part.timings.get('total_s', 0):.1f} s")
+    info(
+        f"part {part_dir}: {'new weightless engine' if result.engine_built else 'engine from the bundle'}, runtime cache "
+        f"{part.runtime_cache.file.size} bytes for {k.gpu_name} (SM {sm_text(k.sm)}, {k.os}, driver {k.driver_version}); "
+        f"{len(part.warmup)} warm-up shape set(s) in {part.timings.get('total_s', 0):.1f} s"
+    )
     if as_json:
         emit_json(part.to_dict())
 
 
 @main.command("merge")
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.argument("part_dirs", metavar="PART_DIR...", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("-o", "--out", type=click.Path(path_type=Path), default=None,
-              help="Write the merged bundle to this new directory instead of updating BUNDLE in place.")
-@click.option("--prefer", default="newest", show_default=True, metavar="newest|oldest|PART_DIR",
-              help="Which cache wins when two differ for one key: the newest, the oldest, or the one from this part "
-                   "(or BUNDLE). Conflicts are always reported.")
+@click.argument(
+    "part_dirs",
+    metavar="PART_DIR...",
+    nargs=-1,
+    required=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+)
+@click.option(
+    "-o",
+    "--out",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Write the merged bundle to this new directory instead of updating BUNDLE in place.",
+)
+@click.option(
+    "--prefer",
+    default="newest",
+    show_default=True,
+    metavar="newest|oldest|PART_DIR",
+    help="Which cache wins when two differ for one key: the newest, the oldest, or the one from this part "
+    "(or BUNDLE). Conflicts are always reported.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the merge report as JSON on stdout.")
 @render_errors
 def merge(bundle: Path, part_dirs: tuple[Path, ...], out: Path | None, prefer: str, as_json: bool) -> None:
@@ -75,18 +120,26 @@ def merge(bundle: Path, part_dirs: tuple[Path, ...], out: Path | None, prefer: s
     """
     report = merge_parts(bundle, part_dirs, out=out, prefer=prefer, progress=info)
     for e in report.engines_added:
-        info(f"+ engine {e.kind} SM {', '.join(map(sm_text, e.compute_capabilities))} {e.platform} ({e.file.sha256[:12]})")
+        info(
+            f"+ engine {e.kind} SM {', '.join(map(sm_text, e.compute_capabilities))} {e.platform} ({e.file.sha256[:12]})"
+        )
     for c in report.caches_added:
         k = c.key
-        info(f"+ runtime cache {k.gpu_name} 0x{k.pci_device_id:04x} {k.os} driver {k.driver_version} ({c.file.size} bytes)")
+        info(
+            f"+ runtime cache {k.gpu_name} 0x{k.pci_device_id:04x} {k.os} driver {k.driver_version} ({c.file.size} bytes)"
+        )
     for conflict in report.conflicts:
         k = conflict.key
         dropped = ", ".join(f"{src} ({sha[:12]})" for src, sha, _ in conflict.dropped)
-        info(f"! conflict: two caches for {k.gpu_name} {k.os} driver {k.driver_version}: kept {conflict.kept} "
-             f"({conflict.kept_sha256[:12]}, {conflict.reason}); dropped {dropped}")
+        info(
+            f"! conflict: two caches for {k.gpu_name} {k.os} driver {k.driver_version}: kept {conflict.kept} "
+            f"({conflict.kept_sha256[:12]}, {conflict.reason}); dropped {dropped}"
+        )
     for note in report.notes:
         info(f"note: {note}")
-    info(f"merged {len(report.parts)} part(s): {len(report.engines_added)} engine(s), {len(report.caches_added)} cache(s) added, "
-         f"{len(report.conflicts)} conflict(s)")
+    info(
+        f"merged {len(report.parts)} part(s): {len(report.engines_added)} engine(s), {len(report.caches_added)} cache(s) added, "
+        f"{len(report.conflicts)} conflict(s)"
+    )
     if as_json:
         emit_json(report.to_dict())

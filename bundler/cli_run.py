@@ -1,4 +1,5 @@
 """`trtx-bundle run` and `trtx-bundle doctor`: the run side of the CLI (parse, call runtime_shim, render)."""
+
 from __future__ import annotations
 
 import io
@@ -9,10 +10,10 @@ from typing import Any
 import click
 import numpy as np
 
-from runtime_shim.choose import Choice
 from runtime_shim.errors import InputError
 from runtime_shim.fsutil import atomic_write
 from runtime_shim.machine import Machine, probe, trt_rtx_supports
+from runtime_shim.select import Choice
 from runtime_shim.session import load, plan
 from runtime_shim.user_cache import UserCache
 
@@ -22,16 +23,21 @@ _MARK = {(True, True): "*", (True, False): "+", (False, False): "-"}
 
 
 def _machine_lines(m: Machine) -> list[str]:
-    lines = [f"OS {m.os} ({m.platform}), Python {m.python}",
-             f"TensorRT for RTX: {m.trt_rtx_version or 'not installed'}" + (f" ({m.cuda_flavour})" if m.cuda_flavour else "")]
+    lines = [
+        f"OS {m.os} ({m.platform}), Python {m.python}",
+        f"TensorRT for RTX: {m.trt_rtx_version or 'not installed'}"
+        + (f" ({m.cuda_flavour})" if m.cuda_flavour else ""),
+    ]
     if m.driver_version or m.driver_cuda_version:
         lines.append(f"NVIDIA driver {m.driver_version or '?'} (supports CUDA {m.driver_cuda_text or '?'})")
     if m.problem:
         lines.append(f"GPU: none usable: {m.problem}")
     for g in m.gpus:
         ok = "supported by TRT-RTX" if trt_rtx_supports(g.sm) else "NOT supported by TRT-RTX"
-        lines.append(f"GPU {g.index}: {g.name}, SM {g.sm_text}, device 0x{g.pci_device_id:04x}, "
-                     f"{g.total_memory / 2**30:.1f} GiB, {g.uuid}: {ok}")
+        lines.append(
+            f"GPU {g.index}: {g.name}, SM {g.sm_text}, device 0x{g.pci_device_id:04x}, "
+            f"{g.total_memory / 2**30:.1f} GiB, {g.uuid}: {ok}"
+        )
     lines += [f"note: {n}" for n in m.notes]
     return lines
 
@@ -61,27 +67,40 @@ def doctor(bundle: Path | None, app: str, cache_dir: Path | None, device: int | 
     machine = probe()
     cache = UserCache(app, cache_dir)
     report: dict[str, Any] = {"machine": machine.to_dict(), "cache_dir": str(cache.dir)}
-    from runtime_shim.choose import pick_gpu, trt_blocker
+    from runtime_shim.select import pick_gpu, trt_blocker
 
     if bundle is not None:
         p = plan(bundle, cache, machine=machine, device=device)
-        report["bundle"] = {"path": str(bundle), "model": p.manifest.model.name, "trt_rtx_version": p.manifest.trt_rtx.version,
-                            "engines": [c.to_dict() for c in p.engines], "runtime_caches": [c.to_dict() for c in p.caches],
-                            "warnings": p.warnings}
+        report["bundle"] = {
+            "path": str(bundle),
+            "model": p.manifest.model.name,
+            "trt_rtx_version": p.manifest.trt_rtx.version,
+            "engines": [c.to_dict() for c in p.engines],
+            "runtime_caches": [c.to_dict() for c in p.caches],
+            "warnings": p.warnings,
+        }
         blocker = p.blocker
         taken = next(c for c in p.engines if c.taken)
         can_run = taken.kind != "fallback"
-        why = blocker or (None if can_run else "no engine in the bundle fits: " + "; ".join(
-            c.reason for c in p.engines if c.kind in ("weightless", "weightful")))
+        why = blocker or (
+            None
+            if can_run
+            else "no engine in the bundle fits: "
+            + "; ".join(c.reason for c in p.engines if c.kind in ("weightless", "weightful"))
+        )
     else:
         blocker = trt_blocker(None, machine, pick_gpu(machine, device))
         can_run, why = blocker is None, blocker
     report["trt_rtx_can_run"], report["why_not"] = can_run, why
-    from runtime_shim import gpu_decode
+    from runtime_shim.gpu import decode as gpu_decode
 
     no_gpu_decode = gpu_decode.available()
-    report["weights_decoded_on_gpu"] = {"possible": no_gpu_decode is None, "why_not": no_gpu_decode, "nvcomp": gpu_decode.find_nvcomp()}
-    from runtime_shim.weights import native_join
+    report["weights_decoded_on_gpu"] = {
+        "possible": no_gpu_decode is None,
+        "why_not": no_gpu_decode,
+        "nvcomp": gpu_decode.find_nvcomp(),
+    }
+    from runtime_shim.store.reader import native_join
 
     report["host_decoder_compiled"] = native_join()
     if as_json:
@@ -90,22 +109,33 @@ def doctor(bundle: Path | None, app: str, cache_dir: Path | None, device: int | 
     for line in _machine_lines(machine):
         info(line)
     info(f"user cache dir: {cache.dir}")
-    info(f"refit weights: decoded on the GPU (nvCOMP at {gpu_decode.find_nvcomp()})" if no_gpu_decode is None else
-         f"refit weights: decoded on the CPU, {no_gpu_decode} (for the GPU: {gpu_decode.NVCOMP_HINT})")
-    info("CPU weight decoder: compiled helper" if report["host_decoder_compiled"] else
-         f"CPU weight decoder: numpy fallback, 2-3x slower ({NATIVE_HINT})")
+    info(
+        f"refit weights: decoded on the GPU (nvCOMP at {gpu_decode.find_nvcomp()})"
+        if no_gpu_decode is None
+        else f"refit weights: decoded on the CPU, {no_gpu_decode} (for the GPU: {gpu_decode.NVCOMP_HINT})"
+    )
+    info(
+        "CPU weight decoder: compiled helper"
+        if report["host_decoder_compiled"]
+        else f"CPU weight decoder: numpy fallback, 2-3x slower ({NATIVE_HINT})"
+    )
     if bundle is not None:
         info(f"bundle {bundle}: model {p.manifest.model.name}, made for TRT-RTX {p.manifest.trt_rtx.version}")
         for w in p.warnings:
             info(f"warning: {w}")
         for line in _choice_lines("engines", p.engines) + _choice_lines("runtime caches", p.caches):
             info(line)
-    info(("TensorRT for RTX can run here" + (" (this bundle: yes)" if bundle else "")) if can_run
-         else f"TensorRT for RTX cannot run {'this bundle ' if bundle else ''}here: {why}")
+    info(
+        ("TensorRT for RTX can run here" + (" (this bundle: yes)" if bundle else ""))
+        if can_run
+        else f"TensorRT for RTX cannot run {'this bundle ' if bundle else ''}here: {why}"
+    )
 
 
-NATIVE_HINT = ("the C helper runtime_shim._planes was not built, or TRTX_SHIM_NATIVE=0 turned it off: "
-               "reinstall trtx-bundler where a C compiler is installed")
+NATIVE_HINT = (
+    "the C helper runtime_shim.store._planes was not built, or TRTX_SHIM_NATIVE=0 turned it off: "
+    "reinstall trtx-bundler where a C compiler is installed"
+)
 
 
 def _parse_input(spec: str) -> tuple[str, Path]:
@@ -119,35 +149,81 @@ def _load_array(name: str, path: Path) -> np.ndarray:
     try:
         return np.load(path, allow_pickle=False)
     except (OSError, ValueError) as e:
-        raise InputError(f"--input {name}={path}: cannot read a .npy array ({e})",
-                         hint="save it with numpy.save(path, array); pickled objects are refused") from None
+        raise InputError(
+            f"--input {name}={path}: cannot read a .npy array ({e})",
+            hint="save it with numpy.save(path, array); pickled objects are refused",
+        ) from None
 
 
 @main.command()
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("-i", "--input", "inputs", multiple=True, metavar="NAME=FILE.npy", required=True, help="An input array (repeat per input).")
-@click.option("-o", "--output-dir", type=click.Path(file_okay=False, path_type=Path), help="Save each output as NAME.npy here.")
+@click.option(
+    "-i",
+    "--input",
+    "inputs",
+    multiple=True,
+    metavar="NAME=FILE.npy",
+    required=True,
+    help="An input array (repeat per input).",
+)
+@click.option(
+    "-o", "--output-dir", type=click.Path(file_okay=False, path_type=Path), help="Save each output as NAME.npy here."
+)
 @click.option("--app", default="MyApp", show_default=True, help="App name: picks the user cache dir.")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), help="Use this cache dir instead.")
-@click.option("--fallback", type=click.Choice(["onnxruntime", "error"]), default="onnxruntime", show_default=True,
-              help="What to do where TRT-RTX cannot run this bundle.")
-@click.option("--specialization", type=click.Choice(["lazy", "eager", "none"]), default="lazy", show_default=True,
-              help="Dynamic-shape kernel specialization (TRT-RTX).")
+@click.option(
+    "--fallback",
+    type=click.Choice(["onnxruntime", "error"]),
+    default="onnxruntime",
+    show_default=True,
+    help="What to do where TRT-RTX cannot run this bundle.",
+)
+@click.option(
+    "--specialization",
+    type=click.Choice(["lazy", "eager", "none"]),
+    default="lazy",
+    show_default=True,
+    help="Dynamic-shape kernel specialization (TRT-RTX).",
+)
 @click.option("--no-cuda-graphs", is_flag=True, help="Do not capture CUDA graphs.")
-@click.option("--verify-weights", type=click.Choice(["once", "always"]), default="once", show_default=True,
-              help="Hash every weight frame on each load (always), or on this user's first load of that very file, then "
-                   "again only if the file changes (once). Engines and caches are hashed on every load.")
-@click.option("--json", "as_json", is_flag=True, help="Print the load report and the outputs' shapes as JSON on stdout.")
+@click.option(
+    "--verify-weights",
+    type=click.Choice(["once", "always"]),
+    default="once",
+    show_default=True,
+    help="Hash every weight frame on each load (always), or on this user's first load of that very file, then "
+    "again only if the file changes (once). Engines and caches are hashed on every load.",
+)
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print the load report and the outputs' shapes as JSON on stdout."
+)
 @render_errors
-def run(bundle: Path, inputs: tuple[str, ...], output_dir: Path | None, app: str, cache_dir: Path | None, fallback: str,
-        specialization: str, no_cuda_graphs: bool, verify_weights: str, as_json: bool) -> None:
+def run(
+    bundle: Path,
+    inputs: tuple[str, ...],
+    output_dir: Path | None,
+    app: str,
+    cache_dir: Path | None,
+    fallback: str,
+    specialization: str,
+    no_cuda_graphs: bool,
+    verify_weights: str,
+    as_json: bool,
+) -> None:
     """Run BUNDLE once on arrays from .npy files; save the outputs as .npy."""
     feeds = {}
     for spec in inputs:
         name, path = _parse_input(spec)
         feeds[name] = _load_array(name, path)
-    with load(bundle, app, cache_dir=cache_dir, specialization=specialization, cuda_graphs=not no_cuda_graphs,
-              fallback=fallback, verify_weights=verify_weights) as session:
+    with load(
+        bundle,
+        app,
+        cache_dir=cache_dir,
+        specialization=specialization,
+        cuda_graphs=not no_cuda_graphs,
+        fallback=fallback,
+        verify_weights=verify_weights,
+    ) as session:
         outputs = session.run(feeds)
         report = session.report
     saved: dict[str, Any] = {}

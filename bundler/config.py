@@ -5,20 +5,27 @@ min = opt = max. Several profiles: the k-th ``--shape`` given for an input belon
 input given once applies to every profile (so ``--shape x=1x3:4x3:8x3 --shape x=8x3:16x3:64x3 --shape
 mask=1x1`` makes two profiles, both with ``mask`` fixed). Command-line values replace the file's.
 """
+
 from __future__ import annotations
 
 import os
 import re
 import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from runtime_shim.errors import BundleError
 from runtime_shim.manifest import (
-    PLATFORMS, WEIGHT_ENCODINGS, Profile, Shape, ShapeRange, TensorSpec,
+    PLATFORMS,
+    WEIGHT_ENCODINGS,
+    Profile,
+    Shape,
+    ShapeRange,
+    TensorSpec,
 )
-from runtime_shim.trt_session import SUPPORTED_SMS
+from runtime_shim.targets import SUPPORTED_SMS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -89,12 +96,16 @@ def parse_range(text: str, *, where: str) -> ShapeRange:
     if len(parts) == 1:
         parts = parts * 3
     if len(parts) != 3:
-        raise ConfigError(f"{where}: expected MIN:OPT:MAX (or one shape), got {text!r} with {len(parts)} parts",
-                          hint=f"use {SHAPE_FLAG_HELP}")
+        raise ConfigError(
+            f"{where}: expected MIN:OPT:MAX (or one shape), got {text!r} with {len(parts)} parts",
+            hint=f"use {SHAPE_FLAG_HELP}",
+        )
     lo, opt, hi = (parse_dims(p, where=where) for p in parts)
     rng = ShapeRange(min=lo, opt=opt, max=hi)
     if problem := rng.problem():
-        raise ConfigError(f"{where}: {problem}", hint="each dim must satisfy min <= opt <= max, with the same rank in all three")
+        raise ConfigError(
+            f"{where}: {problem}", hint="each dim must satisfy min <= opt <= max, with the same rank in all three"
+        )
     return rng
 
 
@@ -117,7 +128,8 @@ def _profiles_from_lists(per_input: Mapping[str, list[ShapeRange]], *, where: st
     uneven = {n: c for n, c in counts.items() if c not in (1, n_profiles)}
     if uneven:
         raise ConfigError(
-            f"{where}: {n_profiles} profiles, but " + ", ".join(f"{n!r} given {c} times" for n, c in sorted(uneven.items())),
+            f"{where}: {n_profiles} profiles, but "
+            + ", ".join(f"{n!r} given {c} times" for n, c in sorted(uneven.items())),
             hint="give each input either once (it applies to every profile) or once per profile",
         )
     return tuple(
@@ -147,7 +159,10 @@ def resolve_profiles(inputs: Sequence[TensorSpec], profiles: Sequence[Profile], 
         for name, rng in profile.shapes.items():
             spec = specs.get(name)
             if spec is None:
-                raise ConfigError(f"{where}: no model input named {name!r}", hint=f"the model's inputs are: {', '.join(specs) or '(none)'}")
+                raise ConfigError(
+                    f"{where}: no model input named {name!r}",
+                    hint=f"the model's inputs are: {', '.join(specs) or '(none)'}",
+                )
             if len(rng.min) != len(spec.shape):
                 raise ConfigError(
                     f"{where}: {name!r} has rank {len(spec.shape)} {_fmt_shape(spec.shape)}, but the range given has rank {len(rng.min)} ({'x'.join(map(str, rng.min))})",
@@ -168,7 +183,9 @@ def resolve_profiles(inputs: Sequence[TensorSpec], profiles: Sequence[Profile], 
     return tuple(profiles)
 
 
-def check_warmups(inputs: Sequence[TensorSpec], profiles: Sequence[Profile], warmups: Sequence[Mapping[str, Shape]], *, source: str) -> None:
+def check_warmups(
+    inputs: Sequence[TensorSpec], profiles: Sequence[Profile], warmups: Sequence[Mapping[str, Shape]], *, source: str
+) -> None:
     """Every warm-up shape must name a model input, have its rank, and fit at least one profile."""
     specs = {t.name: t for t in inputs}
     for i, warm in enumerate(warmups):
@@ -176,9 +193,13 @@ def check_warmups(inputs: Sequence[TensorSpec], profiles: Sequence[Profile], war
             spec = specs.get(name)
             where = f"{source}: warmup[{i}].{name}"
             if spec is None:
-                raise ConfigError(f"{where}: no model input named {name!r}", hint=f"the model's inputs are: {', '.join(specs)}")
+                raise ConfigError(
+                    f"{where}: no model input named {name!r}", hint=f"the model's inputs are: {', '.join(specs)}"
+                )
             if len(shape) != len(spec.shape):
-                raise ConfigError(f"{where}: rank {len(shape)}, but the input has rank {len(spec.shape)} {_fmt_shape(spec.shape)}")
+                raise ConfigError(
+                    f"{where}: rank {len(shape)}, but the input has rank {len(spec.shape)} {_fmt_shape(spec.shape)}"
+                )
             ranges = [p.shapes[name] for p in profiles if name in p.shapes]
             if ranges and not any(r.contains(shape) for r in ranges):
                 raise ConfigError(f"{where}: {'x'.join(map(str, shape))} is outside every profile's range for {name!r}")
@@ -190,8 +211,10 @@ def _fmt_shape(shape: Sequence[Any]) -> str:
 
 def _example_range(shape: Sequence[Any]) -> str:
     """A placeholder range in the model's own dims: fixed dims kept, dynamic ones 1:8:64 for batch-like dims."""
+
     def dims(v: int) -> str:
         return "x".join(str(d) if isinstance(d, int) and d >= 0 else str(v) for d in shape)
+
     return f"{dims(1)}:{dims(8)}:{dims(64)}"
 
 
@@ -221,13 +244,18 @@ def load_config(path: str | os.PathLike[str]) -> BundleConfig:
     if sms is not None:
         bad = [s for s in sms if isinstance(s, bool) or not isinstance(s, int) or s not in SUPPORTED_SMS]
         if bad:
-            raise ConfigError(f"{src}: build.sm: {bad} are not TensorRT for RTX targets", hint=f"choose from {', '.join(map(str, SUPPORTED_SMS))}")
+            raise ConfigError(
+                f"{src}: build.sm: {bad} are not TensorRT for RTX targets",
+                hint=f"choose from {', '.join(map(str, SUPPORTED_SMS))}",
+            )
     encoding = _opt(build, "encoding", str, src, "build.")
     if encoding is not None and encoding not in WEIGHT_ENCODINGS:
         raise ConfigError(f"{src}: build.encoding: expected one of {', '.join(WEIGHT_ENCODINGS)}, got {encoding!r}")
     platforms = _opt(build, "platforms", list, src, "build.")
     if platforms is not None and (not platforms or any(p not in PLATFORMS for p in platforms)):
-        raise ConfigError(f"{src}: build.platforms: expected a non-empty list from {', '.join(PLATFORMS)}, got {platforms!r}")
+        raise ConfigError(
+            f"{src}: build.platforms: expected a non-empty list from {', '.join(PLATFORMS)}, got {platforms!r}"
+        )
 
     profiles = _read_profiles(data.get("profiles", []), src)
     warmups = _read_warmups(data.get("warmup", []), src)
@@ -257,12 +285,14 @@ def _read_profiles(raw: Any, src: str) -> tuple[Profile, ...]:
         _no_unknown(table, {"shapes"}, src, f"{where}.")
         shapes = table.get("shapes")
         if not isinstance(shapes, dict) or not shapes:
-            raise ConfigError(f"{src}: {where}.shapes: expected a table of input name -> \"MIN:OPT:MAX\"",
-                              hint='e.g. [profiles.shapes] then input = "1x3x224x224:4x3x224x224:16x3x224x224"')
+            raise ConfigError(
+                f'{src}: {where}.shapes: expected a table of input name -> "MIN:OPT:MAX"',
+                hint='e.g. [profiles.shapes] then input = "1x3x224x224:4x3x224x224:16x3x224x224"',
+            )
         ranges = {}
         for name, text in sorted(shapes.items()):
             if not isinstance(text, str):
-                raise ConfigError(f"{src}: {where}.shapes.{name}: expected a string like \"1x3:4x3:8x3\", got {text!r}")
+                raise ConfigError(f'{src}: {where}.shapes.{name}: expected a string like "1x3:4x3:8x3", got {text!r}')
             ranges[name] = parse_range(text, where=f"{src}: {where}.shapes.{name}")
         out.append(Profile(shapes=ranges))
     return tuple(out)
@@ -274,11 +304,11 @@ def _read_warmups(raw: Any, src: str) -> tuple[Mapping[str, Shape], ...]:
     out = []
     for i, table in enumerate(raw):
         if not isinstance(table, dict) or not table:
-            raise ConfigError(f"{src}: warmup[{i}]: expected a table of input name -> \"1x3x224x224\"")
+            raise ConfigError(f'{src}: warmup[{i}]: expected a table of input name -> "1x3x224x224"')
         shapes = {}
         for name, text in sorted(table.items()):
             if not isinstance(text, str):
-                raise ConfigError(f"{src}: warmup[{i}].{name}: expected a string like \"1x3x224x224\", got {text!r}")
+                raise ConfigError(f'{src}: warmup[{i}].{name}: expected a string like "1x3x224x224", got {text!r}')
             shapes[name] = parse_dims(text, where=f"{src}: warmup[{i}].{name}")
         out.append(shapes)
     return tuple(out)
@@ -303,7 +333,10 @@ def _opt(table: Mapping[str, Any], key: str, kind: type, src: str, prefix: str) 
 def _no_unknown(table: Mapping[str, Any], known: set[str], src: str, prefix: str) -> None:
     unknown = sorted(set(table) - known)
     if unknown:
-        raise ConfigError(f"{src}: {', '.join(prefix + k for k in unknown)}: unknown key", hint=f"known keys here: {', '.join(sorted(known))}")
+        raise ConfigError(
+            f"{src}: {', '.join(prefix + k for k in unknown)}: unknown key",
+            hint=f"known keys here: {', '.join(sorted(known))}",
+        )
 
 
 # --------------------------------------------------------------------------- merge
@@ -326,7 +359,10 @@ def make_options(
     if chosen_sms is not None:
         bad = [s for s in chosen_sms if s not in SUPPORTED_SMS]
         if bad:
-            raise ConfigError(f"--sm: {bad} are not TensorRT for RTX targets", hint=f"choose from {', '.join(map(str, SUPPORTED_SMS))}")
+            raise ConfigError(
+                f"--sm: {bad} are not TensorRT for RTX targets",
+                hint=f"choose from {', '.join(map(str, SUPPORTED_SMS))}",
+            )
         chosen_sms = tuple(sorted(set(chosen_sms)))
     enc = encoding or c.encoding or "zstd-byteplane"
     if enc not in WEIGHT_ENCODINGS:

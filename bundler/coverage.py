@@ -1,17 +1,19 @@
 """The coverage matrix of a bundle: per platform and SM, which engine a user gets and which GPUs have a runtime cache.
 
-The engine column comes from the shim's own ranking (runtime_shim.choose) run for a stand-in machine of
+The engine column comes from the shim's own ranking (runtime_shim.select) run for a stand-in machine of
 each SM, so what ``inspect`` promises is what ``load`` does.
 """
+
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
-from runtime_shim.choose import choose_engines
 from runtime_shim.machine import Gpu, Machine, sm_text
 from runtime_shim.manifest import PLATFORMS, Manifest, RuntimeCache
-from runtime_shim.trt_session import SUPPORTED_SMS
+from runtime_shim.select import choose_engines
+from runtime_shim.targets import SUPPORTED_SMS
 
 _OS_OF = {"linux_x86_64": "linux", "windows_amd64": "windows"}
 ENGINE_WORDS = {
@@ -20,9 +22,13 @@ ENGINE_WORDS = {
     "build": "none bundled: built on the user's GPU from the skeleton on first run (slow once), then kept in the user cache",
     "fallback": "ONNX Runtime fallback",
 }
-NO_CACHE = "no pregenerated cache: kernels JIT-compile on first use of each shape (seconds), then are kept in the user cache"
-UNSUPPORTED = ("GPUs TensorRT for RTX does not support (SM 9.0 Hopper, SM 10.x, older than SM 7.5) and machines without an "
-               "NVIDIA GPU or with an old driver: the ONNX Runtime fallback where the app allows it, otherwise a clear error")
+NO_CACHE = (
+    "no pregenerated cache: kernels JIT-compile on first use of each shape (seconds), then are kept in the user cache"
+)
+UNSUPPORTED = (
+    "GPUs TensorRT for RTX does not support (SM 9.0 Hopper, SM 10.x, older than SM 7.5) and machines without an "
+    "NVIDIA GPU or with an old driver: the ONNX Runtime fallback where the app allows it, otherwise a clear error"
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -35,7 +41,10 @@ class CoverageRow:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "platform": self.platform, "sm": self.sm, "engine": self.engine, "engine_sha256": self.engine_sha256,
+            "platform": self.platform,
+            "sm": self.sm,
+            "engine": self.engine,
+            "engine_sha256": self.engine_sha256,
             "engine_words": ENGINE_WORDS[self.engine],
             "caches": [_cache_dict(c) for c in self.caches],
             "uncached_gpus": NO_CACHE,
@@ -51,7 +60,8 @@ class Coverage:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "trt_rtx_version": self.trt_rtx_version, "cuda_flavour": self.cuda_flavour,
+            "trt_rtx_version": self.trt_rtx_version,
+            "cuda_flavour": self.cuda_flavour,
             "rows": [r.to_dict() for r in self.rows],
             "other_caches": [_cache_dict(c) for c in self.other_caches],
             "unsupported_gpus": UNSUPPORTED,
@@ -61,17 +71,33 @@ class Coverage:
 def coverage(manifest: Manifest) -> Coverage:
     version, flavour = manifest.trt_rtx.version, manifest.trt_rtx.cuda_flavour
     used_platforms = {e.platform for e in manifest.engines} | {
-        p for p, os_name in _OS_OF.items() for c in manifest.runtime_caches if c.key.os == os_name}
+        p for p, os_name in _OS_OF.items() for c in manifest.runtime_caches if c.key.os == os_name
+    }
     platforms = [p for p in PLATFORMS if p in used_platforms] or list(PLATFORMS)
     rows, shown = [], set()
     for platform in platforms:
         for sm in SUPPORTED_SMS:
             gpu = Gpu(index=0, name=f"any SM {sm_text(sm)} GPU", pci_device_id=0, uuid="", sm=sm, total_memory=0)
-            machine = Machine(os=_OS_OF[platform], platform=platform, cpu_arch="x86_64", python="", trt_rtx_version=version,
-                              cuda_flavour=flavour, driver_version=None, driver_cuda_version=None, gpus=(gpu,))
+            machine = Machine(
+                os=_OS_OF[platform],
+                platform=platform,
+                cpu_arch="x86_64",
+                python="",
+                trt_rtx_version=version,
+                cuda_flavour=flavour,
+                driver_version=None,
+                driver_cuda_version=None,
+                gpus=(gpu,),
+            )
             taken = next(c for c in choose_engines(manifest, machine, gpu) if c.taken)
-            caches = tuple(c for c in manifest.runtime_caches if c.key.sm == sm and c.key.os == _OS_OF[platform]
-                           and c.key.trt_rtx_version == version and c.key.cuda_flavour == flavour)
+            caches = tuple(
+                c
+                for c in manifest.runtime_caches
+                if c.key.sm == sm
+                and c.key.os == _OS_OF[platform]
+                and c.key.trt_rtx_version == version
+                and c.key.cuda_flavour == flavour
+            )
             shown.update(id(c) for c in caches)
             sha = taken.candidate.file.sha256 if taken.candidate is not None else None  # type: ignore[union-attr]
             rows.append(CoverageRow(platform=platform, sm=sm, engine=taken.kind, engine_sha256=sha, caches=caches))
@@ -85,17 +111,26 @@ def _cache_dict(c: RuntimeCache) -> dict[str, Any]:
 
 def render(d: Mapping[str, Any]) -> list[str]:
     """The matrix as text lines for `inspect`, from ``Coverage.to_dict()`` (what `inspect --json` prints)."""
-    lines = [f"coverage (TensorRT for RTX {d['trt_rtx_version']}, {d['cuda_flavour']}): what a user's GPU gets",
-             f"  {'platform':<14} {'SM':<5} {'engine':<11} runtime caches (GPU, device id, driver >=)"]
+    lines = [
+        f"coverage (TensorRT for RTX {d['trt_rtx_version']}, {d['cuda_flavour']}): what a user's GPU gets",
+        f"  {'platform':<14} {'SM':<5} {'engine':<11} runtime caches (GPU, device id, driver >=)",
+    ]
     for r in d["rows"]:
-        caches = "; ".join(f"{c['gpu_name']} 0x{c['pci_device_id']:04x} {c['driver_version']}" + (" CiG" if c["cig"] else "")
-                           for c in r["caches"]) or "-"
+        caches = (
+            "; ".join(
+                f"{c['gpu_name']} 0x{c['pci_device_id']:04x} {c['driver_version']}" + (" CiG" if c["cig"] else "")
+                for c in r["caches"]
+            )
+            or "-"
+        )
         engine = "build here" if r["engine"] == "build" else r["engine"]
         lines.append(f"  {r['platform']:<14} {sm_text(r['sm']):<5} {engine:<11} {caches}")
     lines.append("  engine 'build here': " + ENGINE_WORDS["build"])
     lines.append("  a GPU model, OS or driver major not listed: " + NO_CACHE)
     for c in d["other_caches"]:
-        lines.append(f"  cache no row uses (another TRT-RTX version or SM): {c['gpu_name']} SM {sm_text(c['sm'])} {c['os']} "
-                     f"driver {c['driver_version']} TRT-RTX {c['trt_rtx_version']} {c['cuda_flavour']}")
+        lines.append(
+            f"  cache no row uses (another TRT-RTX version or SM): {c['gpu_name']} SM {sm_text(c['sm'])} {c['os']} "
+            f"driver {c['driver_version']} TRT-RTX {c['trt_rtx_version']} {c['cuda_flavour']}"
+        )
     lines.append("  " + UNSUPPORTED)
     return lines

@@ -1,9 +1,11 @@
 """The built-in demo: make a small ONNX model, bundle it, load it through the shim, and check its outputs."""
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import onnx
@@ -38,9 +40,12 @@ def make_demo_model(directory: Path) -> Path:
         [helper.make_tensor_value_info(DEMO_INPUT, TensorProto.FLOAT, ["batch", 3, "height", "width"])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
         [
-            weight("conv1.weight", 16, 3, 3, 3), weight("conv1.bias", 16),
-            weight("conv2.weight", 32, 16, 3, 3), weight("conv2.bias", 32),
-            weight("fc.weight", 10, 32), weight("fc.bias", 10),
+            weight("conv1.weight", 16, 3, 3, 3),
+            weight("conv1.bias", 16),
+            weight("conv2.weight", 32, 16, 3, 3),
+            weight("conv2.bias", 32),
+            weight("fc.weight", 10, 32),
+            weight("fc.bias", 10),
         ],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="trtx-bundler-demo")
@@ -64,18 +69,23 @@ class DemoResult:
     output_shape: tuple[int, ...]
 
 
-def run_demo(workdir: Path, *, progress: Any = None, cache_dir: Path | None = None,
-             note: Callable[[str], None] = lambda _msg: None) -> DemoResult:
+def run_demo(
+    workdir: Path,
+    *,
+    progress: Any = None,
+    cache_dir: Path | None = None,
+    note: Callable[[str], None] = lambda _msg: None,
+) -> DemoResult:
     """Make the demo model in ``workdir``, bundle it, load the bundle through the shim and run one batch.
 
     The output is compared with ONNX Runtime on the original model where onnxruntime is installed, which is
     the proof that the bundle (weights, skeleton, selection, verification) round-trips.
     """
     import runtime_shim
+    from runtime_shim.manifest import Profile, ShapeRange
 
     from .build import build_bundle
     from .config import BuildOptions
-    from runtime_shim.manifest import Profile, ShapeRange
 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -92,8 +102,10 @@ def run_demo(workdir: Path, *, progress: Any = None, cache_dir: Path | None = No
     )
     bundle_dir = workdir / "bundle"
     result = build_bundle(model_path, bundle_dir, options=options, progress=progress)
-    note(f"bundled into {bundle_dir}: {result.raw_weight_bytes} B of weights stored in {result.stored_weight_bytes} B, "
-         f"{len(result.manifest.engines)} engine(s), {result.engine_bytes} B")
+    note(
+        f"bundled into {bundle_dir}: {result.raw_weight_bytes} B of weights stored in {result.stored_weight_bytes} B, "
+        f"{len(result.manifest.engines)} engine(s), {result.engine_bytes} B"
+    )
 
     image = np.random.default_rng(7).standard_normal((2, 3, 48, 40)).astype(np.float32)
     with runtime_shim.load(bundle_dir, app="trtx-bundler-demo", cache_dir=cache_dir) as session:
@@ -108,7 +120,15 @@ def run_demo(workdir: Path, *, progress: Any = None, cache_dir: Path | None = No
     except ImportError:
         note("onnxruntime is not installed: skipped the comparison with the original model")
     else:
-        reference = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"]).run(None, {DEMO_INPUT: image})[0]
+        reference = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"]).run(
+            None, {DEMO_INPUT: image}
+        )[0]
         max_abs_error = float(np.max(np.abs(reference - logits)))
-    return DemoResult(model_path=model_path, bundle_dir=bundle_dir, backend=backend, report=report,
-                      max_abs_error=max_abs_error, output_shape=tuple(logits.shape))
+    return DemoResult(
+        model_path=model_path,
+        bundle_dir=bundle_dir,
+        backend=backend,
+        report=report,
+        max_abs_error=max_abs_error,
+        output_shape=tuple(logits.shape),
+    )

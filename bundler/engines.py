@@ -1,22 +1,24 @@
 """Which engines a build makes and building them: weightful multi-SM (works without a GPU), weightless for the local GPU.
 
-Every engine goes through ``runtime_shim.trt_session.build_engine``, the one place that calls the TRT-RTX
+Every engine goes through ``runtime_shim.trt.runtime.build_engine``, the one place that calls the TRT-RTX
 builder. Engines are built from the normalized model file (initializer names = weight store names), so that
 a weightless engine's refit names match the bundle's weights.
 """
+
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from runtime_shim.errors import EngineBuildError
 from runtime_shim.fsutil import atomic_write, sha256_bytes
-from runtime_shim.machine import sm_text
 from runtime_shim.manifest import Engine, FileRef, Profile
-from runtime_shim.trt_session import BuildRequest, build_engine
+from runtime_shim.targets import sm_text, trt_rtx_supports
+from runtime_shim.trt.build import BuildRequest, build_engine
 
 from . import __version__
 from .config import BuildOptions, host_platform
@@ -39,7 +41,11 @@ class EnginePlan:
         if self.kind == "weightless":
             return f"weightless engine for {self.gpu} (SM {sm_text(self.compute_capabilities[0])})"
         targets = ", ".join(sm_text(s) for s in self.compute_capabilities) or "TRT-RTX default targets"
-        return f"weightful engine ({self.platform}; SM {targets})" if self.compute_capabilities else f"weightful engine ({self.platform}; {targets})"
+        return (
+            f"weightful engine ({self.platform}; SM {targets})"
+            if self.compute_capabilities
+            else f"weightful engine ({self.platform}; {targets})"
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -68,38 +74,34 @@ def local_weightless_target(probe: Callable[[], Any] | None = None) -> tuple[Any
     """
     if probe is None:
         try:
-            from runtime_shim.machine import probe as probe  # noqa: PLW0127 - optional module
+            from runtime_shim.machine import probe as probe
         except ImportError:
             return None, NO_GPU_NOTE
     try:
         machine = probe()
-    except Exception as e:  # noqa: BLE001 - a failed probe must never stop a CPU build
+    except Exception as e:
         log.debug("machine probe failed: %s", e)
         return None, NO_GPU_NOTE
     gpus = tuple(getattr(machine, "gpus", ()) or ())
-    supported = [g for g in gpus if _supported(g.sm)]
+    supported = [g for g in gpus if trt_rtx_supports(g.sm)]
     if not supported:
         return None, NO_GPU_NOTE
     gpu = supported[0]
     if gpu.index != 0:
         # ComputeCapability.CURRENT builds for the current CUDA device, which is device 0 here.
-        return None, (f"{NO_GPU_NOTE} (GPU {gpu.index} {gpu.name} is supported but is not the default device; "
-                      f"set CUDA_VISIBLE_DEVICES={gpu.index} to build for it)")
+        return None, (
+            f"{NO_GPU_NOTE} (GPU {gpu.index} {gpu.name} is supported but is not the default device; "
+            f"set CUDA_VISIBLE_DEVICES={gpu.index} to build for it)"
+        )
     driver_problem = getattr(machine, "driver_problem", lambda: None)()
     if driver_problem:
         return None, f"weightless engine not built: {driver_problem}"
     return gpu, None
 
 
-def _supported(sm: int) -> bool:
-    try:
-        from runtime_shim.machine import trt_rtx_supports
-    except ImportError:
-        return sm in (75, 80, 86, 89) or sm >= 120
-    return trt_rtx_supports(sm)
-
-
-def plan_engines(options: BuildOptions, *, probe: Callable[[], Any] | None = None, note: Note = lambda _: None) -> list[EnginePlan]:
+def plan_engines(
+    options: BuildOptions, *, probe: Callable[[], Any] | None = None, note: Note = lambda _: None
+) -> list[EnginePlan]:
     """The engines this build makes, in manifest order: weightful per platform, then weightless (if a GPU allows)."""
     plans: list[EnginePlan] = []
     if options.weightful:
@@ -110,7 +112,9 @@ def plan_engines(options: BuildOptions, *, probe: Callable[[], Any] | None = Non
         if gpu is None:
             note(why_not or NO_GPU_NOTE)
         else:
-            plans.append(EnginePlan(kind="weightless", platform=host_platform(), compute_capabilities=(gpu.sm,), gpu=gpu.name))
+            plans.append(
+                EnginePlan(kind="weightless", platform=host_platform(), compute_capabilities=(gpu.sm,), gpu=gpu.name)
+            )
     return plans
 
 
@@ -148,14 +152,19 @@ def build_engines(
                     plan_bytes = build_engine(req)
         except EngineBuildError as e:
             if req.windows_target:
-                raise EngineBuildError(f"{e} (while building {plan.label} on {host_platform()})",
-                                       hint="TensorRT for RTX may refuse cross-OS builds on a machine without a GPU; build Windows engines on a Windows farm machine") from None
+                raise EngineBuildError(
+                    f"{e} (while building {plan.label} on {host_platform()})",
+                    hint="TensorRT for RTX may refuse cross-OS builds on a machine without a GPU; build Windows engines on a Windows farm machine",
+                ) from None
             if e.hint is None and "could not build the engine" in str(e):
                 # The parser accepted the model and TRT-RTX's optimizer failed inside (seen with nested If nodes,
                 # e.g. silero-vad's If-based exports); the weights and skeleton can still ship without an engine.
-                raise EngineBuildError(str(e), hint="TensorRT for RTX failed inside its optimizer, not on a named node. "
-                                       "Pass --no-weightful to bundle weights and skeleton only (the ONNX Runtime fallback "
-                                       "runs them), or export the model without nested control flow (If inside If)") from None
+                raise EngineBuildError(
+                    str(e),
+                    hint="TensorRT for RTX failed inside its optimizer, not on a named node. "
+                    "Pass --no-weightful to bundle weights and skeleton only (the ONNX Runtime fallback "
+                    "runs them), or export the model without nested control flow (If inside If)",
+                ) from None
             raise
         seconds = time.monotonic() - t0
         sha = sha256_bytes(plan_bytes)
@@ -167,21 +176,31 @@ def build_engines(
             built_by["gpu"] = plan.gpu
         if plan.kind == "weightful" and not plan.compute_capabilities:
             built_by["targets"] = "TRT-RTX default (SM 8.0, 8.6, 8.9, 12.0 and later)"
-        engine = Engine(kind=plan.kind, platform=plan.platform, compute_capabilities=plan.compute_capabilities,
-                        trt_rtx_version=version, file=ref, built_by=built_by)
+        engine = Engine(
+            kind=plan.kind,
+            platform=plan.platform,
+            compute_capabilities=plan.compute_capabilities,
+            trt_rtx_version=version,
+            file=ref,
+            built_by=built_by,
+        )
         log.info("%s: %d bytes in %.2f s", plan.label, len(plan_bytes), seconds)
         out.append(BuiltEngine(engine=engine, seconds=seconds))
     return out
 
 
-def local_header_check(probe: Callable[[], Any] | None = None) -> tuple[Callable[[bytes], tuple[str, int]] | None, str | None]:
+def local_header_check(
+    probe: Callable[[], Any] | None = None,
+) -> tuple[Callable[[bytes], tuple[str, int]] | None, str | None]:
     """(TRT-RTX's engine-header validity check, None) where a supported GPU is present, else (None, why not)."""
     gpu, why_not = local_weightless_target(probe)
     if gpu is None:
-        return None, (why_not or NO_GPU_NOTE).replace("weightless engine left to the farm", "engine headers not checked")
+        return None, (why_not or NO_GPU_NOTE).replace(
+            "weightless engine left to the farm", "engine headers not checked"
+        )
     try:
-        from runtime_shim.trt_session import TrtRtxRuntime
+        from runtime_shim.trt.runtime import TrtRtxRuntime
 
         return TrtRtxRuntime().engine_validity, None
-    except Exception as e:  # noqa: BLE001 - the hash check stands on its own; the header check is a bonus
+    except Exception as e:
         return None, f"engine headers not checked: TRT-RTX runtime unavailable ({e})"

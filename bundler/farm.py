@@ -5,6 +5,7 @@ The part format is in bundler/part.py; ``merge`` (bundler/merge.py) folds parts 
 The GPU work goes through the shim (runtime_shim.session / trt_session), behind the small ``FarmGpu``
 seam, so the bookkeeping here is tested on machines without a GPU and the GPU part only where one exists.
 """
+
 from __future__ import annotations
 
 import logging
@@ -13,16 +14,26 @@ import shutil
 import socket
 import tempfile
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Protocol, Sequence
+from typing import Any, Protocol
 
 from runtime_shim import __version__
 from runtime_shim.errors import BundleError, MachineError
 from runtime_shim.fsutil import atomic_write, sha256_bytes
 from runtime_shim.machine import Gpu, Machine, cache_key_for, unsupported_reason
 from runtime_shim.machine import probe as real_probe
-from runtime_shim.manifest import MANIFEST_NAME, Engine, FileRef, Manifest, Profile, RuntimeCache, Shape, read_manifest_sha256
+from runtime_shim.manifest import (
+    MANIFEST_NAME,
+    Engine,
+    FileRef,
+    Manifest,
+    Profile,
+    RuntimeCache,
+    Shape,
+    read_manifest_sha256,
+)
 from runtime_shim.schema import kind_name
 
 from .part import Part, WarmupRun, base_sha256, write_part
@@ -65,15 +76,21 @@ def warmup_plan(manifest: Manifest, extra: Sequence[Mapping[str, Shape]] = ()) -
     for i, w in enumerate(warmups):
         for name, shape in w.items():
             if name not in specs:
-                raise BundleError(f"warm-up {_fmt(w)}: the bundle has no input {name!r}", hint=f"inputs: {', '.join(specs)}")
+                raise BundleError(
+                    f"warm-up {_fmt(w)}: the bundle has no input {name!r}", hint=f"inputs: {', '.join(specs)}"
+                )
             if len(shape) != len(specs[name].shape):
-                raise BundleError(f"warm-up {_fmt(w)}: {name!r} has rank {len(specs[name].shape)}, got {len(shape)} dims")
+                raise BundleError(
+                    f"warm-up {_fmt(w)}: {name!r} has rank {len(specs[name].shape)}, got {len(shape)} dims"
+                )
 
     def full(profile: Profile, given: Mapping[str, Shape]) -> dict[str, Shape] | None:
         out: dict[str, Shape] = {}
         for name, spec in specs.items():
             rng = profile.shapes.get(name)
-            shape = given.get(name) or (rng.opt if rng else tuple(d if isinstance(d, int) and d >= 0 else 1 for d in spec.shape))
+            shape = given.get(name) or (
+                rng.opt if rng else tuple(d if isinstance(d, int) and d >= 0 else 1 for d in spec.shape)
+            )
             if rng is not None and not rng.contains(shape):
                 return None
             if rng is None and any(isinstance(d, int) and d >= 0 and d != s for d, s in zip(spec.shape, shape)):
@@ -90,8 +107,10 @@ def warmup_plan(manifest: Manifest, extra: Sequence[Mapping[str, Shape]] = ()) -
                 runs.append(WarmupRun(profile=p, shapes=shapes))
     for w in warmups:
         if not any(all(run.shapes.get(n) == tuple(s) for n, s in w.items()) for run in runs):
-            raise BundleError(f"warm-up {_fmt(w)} fits no optimization profile of the bundle",
-                              hint="choose shapes inside a profile's min..max ('trtx-bundle inspect' lists them)")
+            raise BundleError(
+                f"warm-up {_fmt(w)} fits no optimization profile of the bundle",
+                hint="choose shapes inside a profile's min..max ('trtx-bundle inspect' lists them)",
+            )
     return tuple(runs)
 
 
@@ -106,8 +125,9 @@ class FarmGpu(Protocol):
     def build_weightless(self, bundle_dir: Path, manifest: Manifest, workdir: Path) -> bytes:
         """A STRIP_PLAN + REFIT_IDENTICAL engine for the current GPU (``ComputeCapability.CURRENT``)."""
 
-    def warm(self, bundle_dir: Path, engine_sha256: str, runs: Sequence[WarmupRun], rounds: int,
-             workdir: Path) -> tuple[bytes, tuple[WarmupRun, ...], Mapping[str, float]]:
+    def warm(
+        self, bundle_dir: Path, engine_sha256: str, runs: Sequence[WarmupRun], rounds: int, workdir: Path
+    ) -> tuple[bytes, tuple[WarmupRun, ...], Mapping[str, float]]:
         """Load ``bundle_dir`` through the shim (EAGER), run every warm-up ``rounds`` times with the engine
         whose sha256 is given, and return (serialized runtime cache, runs with timings, timings)."""
 
@@ -117,7 +137,7 @@ class ShimGpu:
 
     def build_weightless(self, bundle_dir: Path, manifest: Manifest, workdir: Path) -> bytes:
         from runtime_shim.fallback import materialize_model
-        from runtime_shim.trt_session import BuildRequest, build_engine
+        from runtime_shim.trt.build import BuildRequest, build_engine
         from runtime_shim.user_cache import UserCache
 
         # The skeleton plus the unpacked weight store is the normalized model `build` makes engines from, so the
@@ -130,25 +150,37 @@ class ShimGpu:
             if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)
 
-    def warm(self, bundle_dir: Path, engine_sha256: str, runs: Sequence[WarmupRun], rounds: int,
-             workdir: Path) -> tuple[bytes, tuple[WarmupRun, ...], Mapping[str, float]]:
+    def warm(
+        self, bundle_dir: Path, engine_sha256: str, runs: Sequence[WarmupRun], rounds: int, workdir: Path
+    ) -> tuple[bytes, tuple[WarmupRun, ...], Mapping[str, float]]:
         import numpy as np
 
         from runtime_shim.session import load
-        from runtime_shim.weights import numpy_dtype
+        from runtime_shim.store.reader import numpy_dtype
 
         t0 = time.perf_counter()
         # A private cache dir: the job starts from an empty runtime cache, not from whatever this runner kept.
-        session = load(bundle_dir, app="trtx-farm", cache_dir=workdir / "user-cache", specialization="eager", fallback="error", device=0)
+        session = load(
+            bundle_dir,
+            app="trtx-farm",
+            cache_dir=workdir / "user-cache",
+            specialization="eager",
+            fallback="error",
+            device=0,
+        )
         timings = {"load_s": time.perf_counter() - t0}
         try:
             if session.engine is None or session.engine.file.sha256 != engine_sha256:
-                raise BundleError(f"the shim loaded {session.report.engine} instead of the farm's engine {engine_sha256}",
-                                  hint="run 'trtx-bundle doctor' on this runner to see why the engine was passed over")
+                raise BundleError(
+                    f"the shim loaded {session.report.engine} instead of the farm's engine {engine_sha256}",
+                    hint="run 'trtx-bundle doctor' on this runner to see why the engine was passed over",
+                )
             done = []
             t0 = time.perf_counter()
             for run in runs:
-                inputs = {t.name: np.zeros(run.shapes[t.name], dtype=numpy_dtype(t.dtype)) for t in session.manifest.inputs}
+                inputs = {
+                    t.name: np.zeros(run.shapes[t.name], dtype=numpy_dtype(t.dtype)) for t in session.manifest.inputs
+                }
                 first = None
                 for i in range(rounds):
                     t = time.perf_counter()
@@ -178,10 +210,15 @@ Progress = Callable[[str], None]
 def check_servable(machine: Machine) -> Gpu:
     """The GPU a farm job serves (CUDA device 0), or UnservableMachineError saying what was found."""
     found = _describe(machine)
-    hint = ("run farm jobs on runners with a GPU TensorRT for RTX supports (RTX / workstation: SM 7.5, 8.0, 8.6, 8.9, 12.x); "
-            f"exit code {EXIT_UNSERVABLE} marks this case so CI can tell a mislabelled runner from a failed job")
+    hint = (
+        "run farm jobs on runners with a GPU TensorRT for RTX supports (RTX / workstation: SM 7.5, 8.0, 8.6, 8.9, 12.x); "
+        f"exit code {EXIT_UNSERVABLE} marks this case so CI can tell a mislabelled runner from a failed job"
+    )
     if machine.problem or not machine.gpus:
-        raise UnservableMachineError(f"this machine cannot serve TensorRT for RTX: {machine.problem or 'no GPU found'} (found: {found})", hint=hint)
+        raise UnservableMachineError(
+            f"this machine cannot serve TensorRT for RTX: {machine.problem or 'no GPU found'} (found: {found})",
+            hint=hint,
+        )
     gpu = machine.gpus[0]  # CURRENT builds for device 0: choose another with CUDA_VISIBLE_DEVICES
     reason = unsupported_reason(gpu)
     if reason is None and (driver := machine.driver_problem()):
@@ -192,16 +229,23 @@ def check_servable(machine: Machine) -> Gpu:
         others = [g for g in machine.gpus[1:] if unsupported_reason(g) is None]
         if others and unsupported_reason(gpu) is not None:
             hint += f"; this machine also has {others[0].name} (GPU {others[0].index}): select it with CUDA_VISIBLE_DEVICES={others[0].index}"
-        raise UnservableMachineError(f"this machine cannot serve TensorRT for RTX: {reason} (found: {found})", hint=hint)
+        raise UnservableMachineError(
+            f"this machine cannot serve TensorRT for RTX: {reason} (found: {found})", hint=hint
+        )
     if not machine.trt_rtx_version or not machine.cuda_flavour:
-        raise MachineError("tensorrt_rtx is not installed on this farm machine", hint="pip install tensorrt-rtx==<the bundle's TRT-RTX version>")
+        raise MachineError(
+            "tensorrt_rtx is not installed on this farm machine",
+            hint="pip install tensorrt-rtx==<the bundle's TRT-RTX version>",
+        )
     return gpu
 
 
 def _describe(machine: Machine) -> str:
     gpus = "; ".join(f"GPU {g.index} {g.name} SM {g.sm_text}" for g in machine.gpus) or "no GPU"
-    return (f"{machine.os}/{machine.platform}, driver {machine.driver_version or 'none'}, {gpus}, "
-            f"TRT-RTX {machine.trt_rtx_version or 'not installed'} ({machine.cuda_flavour or '-'})")
+    return (
+        f"{machine.os}/{machine.platform}, driver {machine.driver_version or 'none'}, {gpus}, "
+        f"TRT-RTX {machine.trt_rtx_version or 'not installed'} ({machine.cuda_flavour or '-'})"
+    )
 
 
 def run_farm_job(
@@ -229,16 +273,24 @@ def run_farm_job(
             hint=f"install tensorrt-rtx{'-cu12' if manifest.trt_rtx.cuda_flavour == 'cu12' else ''}=={manifest.trt_rtx.version} on this runner",
         )
     if part_dir.exists() and (not part_dir.is_dir() or any(part_dir.iterdir())):
-        raise BundleError(f"{part_dir}: already exists and is not an empty directory; a farm job never overwrites a part",
-                          hint="pass a new -o PART_DIR, or delete the old one")
+        raise BundleError(
+            f"{part_dir}: already exists and is not an empty directory; a farm job never overwrites a part",
+            hint="pass a new -o PART_DIR, or delete the old one",
+        )
     runs = warmup_plan(manifest, warmups)
     if rounds < 1:
         raise BundleError(f"--rounds: expected >= 1, got {rounds}")
     key = cache_key_for(machine, gpu)
     backend = gpu_backend or ShimGpu()
 
-    existing = [e for e in manifest.engines if e.kind == "weightless" and e.platform == machine.platform
-                and tuple(e.compute_capabilities) == (gpu.sm,) and e.trt_rtx_version == machine.trt_rtx_version]
+    existing = [
+        e
+        for e in manifest.engines
+        if e.kind == "weightless"
+        and e.platform == machine.platform
+        and tuple(e.compute_capabilities) == (gpu.sm,)
+        and e.trt_rtx_version == machine.trt_rtx_version
+    ]
     with tempfile.TemporaryDirectory(prefix="trtx-farm-") as tmp:
         work = Path(tmp)
         new_engine: Engine | None = None
@@ -253,26 +305,47 @@ def run_farm_job(
             timings["build_s"] = time.perf_counter() - t
             engine_sha = sha256_bytes(engine_bytes)
             new_engine = Engine(
-                kind="weightless", platform=machine.platform, compute_capabilities=(gpu.sm,),
-                trt_rtx_version=machine.trt_rtx_version, file=FileRef.for_content("engines", engine_sha, len(engine_bytes)),
-                built_by={"tool": f"trtx-bundler {__version__}", "builder": "farm", "gpu": gpu.name, "driver": machine.driver_version or "?"},
+                kind="weightless",
+                platform=machine.platform,
+                compute_capabilities=(gpu.sm,),
+                trt_rtx_version=machine.trt_rtx_version,
+                file=FileRef.for_content("engines", engine_sha, len(engine_bytes)),
+                built_by={
+                    "tool": f"trtx-bundler {__version__}",
+                    "builder": "farm",
+                    "gpu": gpu.name,
+                    "driver": machine.driver_version or "?",
+                },
             )
         overlay = _overlay_bundle(bundle_dir, manifest, work / "bundle", new_engine, engine_bytes, engine_sha)
         say(f"warming up {len(runs)} shape set(s) x {rounds} round(s) with EAGER specialization ...")
         cache_bytes, done_runs, warm_timings = backend.warm(overlay, engine_sha, runs, rounds, work)
         timings.update(warm_timings)
         if not cache_bytes:
-            raise BundleError("the runtime cache came back empty after the warm-up", hint="run with -vv to see TRT-RTX's log")
+            raise BundleError(
+                "the runtime cache came back empty after the warm-up", hint="run with -vv to see TRT-RTX's log"
+            )
         cache_sha = sha256_bytes(cache_bytes)
         part = Part(
-            bundle_manifest_sha256=manifest_sha, bundle_base_sha256=base_sha256(manifest), model=manifest.model.name,
+            bundle_manifest_sha256=manifest_sha,
+            bundle_base_sha256=base_sha256(manifest),
+            model=manifest.model.name,
             engine=new_engine,
-            runtime_cache=RuntimeCache(key=key, engines=(engine_sha,), file=FileRef.for_content("caches", cache_sha, len(cache_bytes)),
-                                       created=int(time.time())),
+            runtime_cache=RuntimeCache(
+                key=key,
+                engines=(engine_sha,),
+                file=FileRef.for_content("caches", cache_sha, len(cache_bytes)),
+                created=int(time.time()),
+            ),
             warmup=tuple(done_runs),
             timings={k: round(v, 6) for k, v in {**timings, "total_s": time.perf_counter() - t_start}.items()},
-            machine={"host": socket.gethostname(), "gpu_uuid": gpu.uuid, "gpu_index": str(gpu.index),
-                     "driver_version": machine.driver_version or "", "platform": machine.platform},
+            machine={
+                "host": socket.gethostname(),
+                "gpu_uuid": gpu.uuid,
+                "gpu_index": str(gpu.index),
+                "driver_version": machine.driver_version or "",
+                "platform": machine.platform,
+            },
             created=int(time.time()),
         )
         write_part(part_dir, part, {"engines": engine_bytes, "caches": cache_bytes})
@@ -280,8 +353,9 @@ def run_farm_job(
     return FarmResult(part_dir=part_dir, part=part, engine_built=new_engine is not None)
 
 
-def _overlay_bundle(bundle_dir: Path, manifest: Manifest, dest: Path, new_engine: Engine | None, engine_bytes: bytes,
-                    engine_sha: str) -> Path:
+def _overlay_bundle(
+    bundle_dir: Path, manifest: Manifest, dest: Path, new_engine: Engine | None, engine_bytes: bytes, engine_sha: str
+) -> Path:
     """A throw-away bundle with only the farm's engine and no runtime cache, so the shim must load that engine
     and start from an empty cache. Files are linked, not copied, where the file system allows."""
     from dataclasses import replace
@@ -306,7 +380,9 @@ def _overlay_bundle(bundle_dir: Path, manifest: Manifest, dest: Path, new_engine
 # --------------------------------------------------------------------------- [farm] in bundle.toml
 @dataclass(frozen=True, kw_only=True)
 class FarmSettings:
-    targets: tuple[str, ...] = ()  # the CI runner labels the farm matrix covers (documentation the templates test keeps honest)
+    targets: tuple[
+        str, ...
+    ] = ()  # the CI runner labels the farm matrix covers (documentation the templates test keeps honest)
     warmup: tuple[Mapping[str, Shape], ...] = ()  # run by farm-job on top of the manifest's warm-up shapes
     rounds: int | None = None
 
@@ -318,14 +394,20 @@ def farm_settings(table: Mapping[str, Any], *, source: str) -> FarmSettings:
     _no_unknown(table, {"targets", "warmup", "rounds"}, source, "farm.")
     targets = table.get("targets", [])
     if not isinstance(targets, list) or not all(isinstance(t, str) and t for t in targets):
-        raise ConfigError(f"{source}: farm.targets: expected a list of runner labels like \"rtx4090-linux\", got {targets!r}")
+        raise ConfigError(
+            f'{source}: farm.targets: expected a list of runner labels like "rtx4090-linux", got {targets!r}'
+        )
     raw = table.get("warmup", [])
     if not isinstance(raw, list):
-        raise ConfigError(f"{source}: farm.warmup: expected a list of tables like {{ x = \"8x64\" }}, got {kind_name(raw)}")
+        raise ConfigError(
+            f'{source}: farm.warmup: expected a list of tables like {{ x = "8x64" }}, got {kind_name(raw)}'
+        )
     warmups = []
     for i, item in enumerate(raw):
         if not isinstance(item, Mapping) or not item or not all(isinstance(v, str) for v in item.values()):
-            raise ConfigError(f"{source}: farm.warmup[{i}]: expected a table of input name -> \"dims\", e.g. {{ x = \"8x64\" }}")
+            raise ConfigError(
+                f'{source}: farm.warmup[{i}]: expected a table of input name -> "dims", e.g. {{ x = "8x64" }}'
+            )
         warmups.append({k: parse_dims(v, where=f"{source}: farm.warmup[{i}].{k}") for k, v in sorted(item.items())})
     rounds = table.get("rounds")
     if rounds is not None and (isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1):

@@ -7,6 +7,7 @@ that point leaves the bundle exactly as it was. Where no atomic exchange exists 
 the new files are moved in and manifest.json is replaced last: a crash then leaves the old manifest with
 every file it pins intact, but possibly unlisted files that ``verify`` reports as extra.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -15,9 +16,10 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from runtime_shim.errors import BundleError, IntegrityError
 from runtime_shim.fsutil import CHUNK, atomic_write, atomic_writer, sha256_file
@@ -46,8 +48,12 @@ class CacheConflict:
     reason: str
 
     def to_dict(self) -> dict[str, Any]:
-        return {"key": self.key.to_dict(), "kept": {"source": self.kept, "sha256": self.kept_sha256}, "reason": self.reason,
-                "dropped": [{"source": s, "sha256": h, "created": c} for s, h, c in self.dropped]}
+        return {
+            "key": self.key.to_dict(),
+            "kept": {"source": self.kept, "sha256": self.kept_sha256},
+            "reason": self.reason,
+            "dropped": [{"source": s, "sha256": h, "created": c} for s, h, c in self.dropped],
+        }
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -62,10 +68,13 @@ class MergeReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "bundle": str(self.bundle), "out": str(self.out), "parts": list(self.parts),
+            "bundle": str(self.bundle),
+            "out": str(self.out),
+            "parts": list(self.parts),
             "engines_added": [e.to_dict() for e in self.engines_added],
             "caches_added": [c.to_dict() for c in self.caches_added],
-            "conflicts": [c.to_dict() for c in self.conflicts], "notes": list(self.notes),
+            "conflicts": [c.to_dict() for c in self.conflicts],
+            "notes": list(self.notes),
         }
 
 
@@ -93,10 +102,15 @@ def merge_parts(
     # In place, the directory itself is exchanged: resolve links so the exchange hits the real bundle.
     target = Path(out) if out is not None else bundle.resolve()
     if out is not None and target.exists() and (not target.is_dir() or any(target.iterdir())):
-        raise MergeError(f"-o {target}: exists and is not an empty directory; merge writes a new bundle there",
-                         hint="choose a new directory, or merge in place by leaving out -o")
+        raise MergeError(
+            f"-o {target}: exists and is not an empty directory; merge writes a new bundle there",
+            hint="choose a new directory, or merge in place by leaving out -o",
+        )
     if out is not None and target.resolve().is_relative_to(bundle.resolve()):
-        raise MergeError(f"-o {target}: inside the bundle {bundle}; it would become an unlisted file of it", hint="choose a directory outside the bundle")
+        raise MergeError(
+            f"-o {target}: inside the bundle {bundle}; it would become an unlisted file of it",
+            hint="choose a directory outside the bundle",
+        )
     # Keys a newer trtx-bundler wrote cannot be carried over by this one: say so rather than drop them silently.
     notes: list[str] = [f"{w}; it is not kept in the merged manifest" for w in warnings]
     parts: list[tuple[str, Path, Part]] = []
@@ -120,11 +134,17 @@ def merge_parts(
         e = part.engine
         if e is None or any(x.file.sha256 == e.file.sha256 for x in engines):
             continue
-        twins = [x for x in engines if (x.kind, x.platform, tuple(x.compute_capabilities), x.trt_rtx_version)
-                 == (e.kind, e.platform, tuple(e.compute_capabilities), e.trt_rtx_version)]
+        twins = [
+            x
+            for x in engines
+            if (x.kind, x.platform, tuple(x.compute_capabilities), x.trt_rtx_version)
+            == (e.kind, e.platform, tuple(e.compute_capabilities), e.trt_rtx_version)
+        ]
         if twins:
-            notes.append(f"{given}: another {e.kind} engine for SM {_sms(e)} on {e.platform} is already there; both kept "
-                         f"(each runtime cache names the engine it was made with)")
+            notes.append(
+                f"{given}: another {e.kind} engine for SM {_sms(e)} on {e.platform} is already there; both kept "
+                f"(each runtime cache names the engine it was made with)"
+            )
         engines.append(e)
         engine_src[e.file.sha256] = path
         added_engines.append(e)
@@ -132,55 +152,82 @@ def merge_parts(
     for given, _path, part in parts:
         missing = [s for s in part.runtime_cache.engines if s not in known]
         if missing:
-            raise MergeError(f"{given}: its runtime cache was made with engine {missing[0]}, which is neither in the bundle nor in any part given",
-                             hint="merge the part that built that engine in the same run, or run the farm job again on this bundle")
+            raise MergeError(
+                f"{given}: its runtime cache was made with engine {missing[0]}, which is neither in the bundle nor in any part given",
+                hint="merge the part that built that engine in the same run, or run the farm job again on this bundle",
+            )
 
     caches, conflicts, cache_src = _resolve_caches(manifest, parts, bundle, prefer, prefer_source, notes)
     added_caches = tuple(c for c in caches if c.file.sha256 in cache_src)
     new_manifest = replace(manifest, engines=tuple(engines), runtime_caches=tuple(caches))
     Manifest.from_dict(new_manifest.to_dict(), source="the merged manifest")  # the same checks a reader will make
-    report = MergeReport(bundle=bundle, out=target, parts=tuple(g for g, _, _ in parts), engines_added=tuple(added_engines),
-                         caches_added=added_caches, conflicts=tuple(conflicts), notes=tuple(notes))
+    report = MergeReport(
+        bundle=bundle,
+        out=target,
+        parts=tuple(g for g, _, _ in parts),
+        engines_added=tuple(added_engines),
+        caches_added=added_caches,
+        conflicts=tuple(conflicts),
+        notes=tuple(notes),
+    )
     if new_manifest == manifest and out is None:
         say("nothing new: every engine and cache of these parts is already in the bundle")
         return report
-    new_files = {ref.path: (engine_src.get(ref.sha256) or cache_src[ref.sha256], ref)
-                 for _w, ref in new_manifest.files() if ref.sha256 in engine_src or ref.sha256 in cache_src}
+    new_files = {
+        ref.path: (engine_src.get(ref.sha256) or cache_src[ref.sha256], ref)
+        for _w, ref in new_manifest.files()
+        if ref.sha256 in engine_src or ref.sha256 in cache_src
+    }
     dropped = {ref.path for _w, ref in manifest.files()} - {ref.path for _w, ref in new_manifest.files()}
     _commit(bundle.resolve(), target, new_manifest, new_files, dropped, in_place=out is None, say=say)
     return report
 
 
-def _check_part(path: Path, part: Part, manifest: Manifest, manifest_sha: str, base: str, bundle: Path, notes: list[str]) -> None:
+def _check_part(
+    path: Path, part: Part, manifest: Manifest, manifest_sha: str, base: str, bundle: Path, notes: list[str]
+) -> None:
     if part.bundle_manifest_sha256 != manifest_sha:
         if part.bundle_base_sha256 != base:
             raise MergeError(
                 f"{path}: made for another bundle: its part.json names a bundle manifest with sha256 {part.bundle_manifest_sha256} "
                 f"(model {part.model!r}), but {bundle / MANIFEST_NAME} has sha256 {manifest_sha} (model {manifest.model.name!r}), "
                 "and its model, weights or profiles differ",
-                hint="run the farm job on the bundle that this merge job merges into (the build job's artifact)")
-        notes.append(f"{path}: made for an earlier state of this bundle (same model, weights and profiles; other parts merged since)")
+                hint="run the farm job on the bundle that this merge job merges into (the build job's artifact)",
+            )
+        notes.append(
+            f"{path}: made for an earlier state of this bundle (same model, weights and profiles; other parts merged since)"
+        )
     want = manifest.trt_rtx
     key = part.runtime_cache.key
-    for where, version in (("runtime_cache.key.trt_rtx_version", key.trt_rtx_version),
-                           ("engine.trt_rtx_version", part.engine.trt_rtx_version if part.engine else want.version)):
+    for where, version in (
+        ("runtime_cache.key.trt_rtx_version", key.trt_rtx_version),
+        ("engine.trt_rtx_version", part.engine.trt_rtx_version if part.engine else want.version),
+    ):
         if version != want.version:
-            raise MergeError(f"{path}/part.json: {where} is {version}, but the bundle is for TensorRT for RTX {want.version}; "
-                             "engines and caches work only with the exact version that made them",
-                             hint=f"install tensorrt-rtx=={want.version} on that farm runner and run its job again")
+            raise MergeError(
+                f"{path}/part.json: {where} is {version}, but the bundle is for TensorRT for RTX {want.version}; "
+                "engines and caches work only with the exact version that made them",
+                hint=f"install tensorrt-rtx=={want.version} on that farm runner and run its job again",
+            )
     if key.cuda_flavour != want.cuda_flavour:
-        raise MergeError(f"{path}/part.json: runtime_cache.key.cuda_flavour is {key.cuda_flavour}, but the bundle's TRT-RTX is {want.cuda_flavour}",
-                         hint=f"install the {want.cuda_flavour} build of tensorrt-rtx on that farm runner and run its job again")
+        raise MergeError(
+            f"{path}/part.json: runtime_cache.key.cuda_flavour is {key.cuda_flavour}, but the bundle's TRT-RTX is {want.cuda_flavour}",
+            hint=f"install the {want.cuda_flavour} build of tensorrt-rtx on that farm runner and run its job again",
+        )
     for where, ref in part.files():
         file = path / ref.path
         try:
             sha, size = sha256_file(file)
         except FileNotFoundError:
-            raise IntegrityError(f"{file}: missing (pinned by {path}/part.json {where})",
-                                 hint="the part was copied incompletely; download the artifact again or rerun the farm job") from None
+            raise IntegrityError(
+                f"{file}: missing (pinned by {path}/part.json {where})",
+                hint="the part was copied incompletely; download the artifact again or rerun the farm job",
+            ) from None
         if (sha, size) != (ref.sha256, ref.size):
-            raise IntegrityError(f"{file}: sha256 {sha} ({size} bytes), but {path}/part.json {where} pins {ref.sha256} ({ref.size} bytes)",
-                                 hint="the part was changed or truncated after the farm job wrote it; do not merge it, run the job again")
+            raise IntegrityError(
+                f"{file}: sha256 {sha} ({size} bytes), but {path}/part.json {where} pins {ref.sha256} ({ref.size} bytes)",
+                hint="the part was changed or truncated after the farm job wrote it; do not merge it, run the job again",
+            )
 
 
 def _prefer_source(prefer: str, bundle: Path, parts: Sequence[tuple[str, Path, Part]]) -> str | None:
@@ -192,11 +239,19 @@ def _prefer_source(prefer: str, bundle: Path, parts: Sequence[tuple[str, Path, P
     for given, path, _part in parts:
         if path.resolve() == wanted:
             return given
-    raise MergeError(f"--prefer {prefer}: expected newest, oldest, the bundle, or one of the PART_DIRs given ({', '.join(g for g, _, _ in parts)})")
+    raise MergeError(
+        f"--prefer {prefer}: expected newest, oldest, the bundle, or one of the PART_DIRs given ({', '.join(g for g, _, _ in parts)})"
+    )
 
 
-def _resolve_caches(manifest: Manifest, parts: Sequence[tuple[str, Path, Part]], bundle: Path, prefer: str,
-                    prefer_source: str | None, notes: list[str]) -> tuple[list[RuntimeCache], list[CacheConflict], dict[str, Path]]:
+def _resolve_caches(
+    manifest: Manifest,
+    parts: Sequence[tuple[str, Path, Part]],
+    bundle: Path,
+    prefer: str,
+    prefer_source: str | None,
+    notes: list[str],
+) -> tuple[list[RuntimeCache], list[CacheConflict], dict[str, Path]]:
     """One cache per key. Identical bytes are one cache; different bytes are a conflict, settled by ``prefer``."""
     candidates = [_Candidate(c, "bundle", 0, bundle) for c in manifest.runtime_caches]
     candidates += [_Candidate(p.runtime_cache, given, i + 1, path) for i, (given, path, p) in enumerate(parts)]
@@ -205,7 +260,9 @@ def _resolve_caches(manifest: Manifest, parts: Sequence[tuple[str, Path, Part]],
         group = groups.setdefault(c.cache.key, [])
         if any(g.cache.file.sha256 == c.cache.file.sha256 for g in group):
             if c.source != "bundle":
-                notes.append(f"{c.source}: its runtime cache for {_key_text(c.cache.key)} is already there (same bytes)")
+                notes.append(
+                    f"{c.source}: its runtime cache for {_key_text(c.cache.key)} is already there (same bytes)"
+                )
             continue
         group.append(c)
     out: list[RuntimeCache] = []
@@ -224,8 +281,15 @@ def _resolve_caches(manifest: Manifest, parts: Sequence[tuple[str, Path, Part]],
                 # Ties in `created` go to the later source for "newest" and the earlier one for "oldest".
                 winner = pick(group, key=lambda g: (g.cache.created or 0, g.order if policy == "newest" else -g.order))
                 reason = policy + ("" if prefer_source is None else f" (--prefer {prefer} has no cache for this key)")
-            conflicts.append(CacheConflict(key=key, kept=winner.source, kept_sha256=winner.cache.file.sha256, reason=reason,
-                                           dropped=tuple((g.source, g.cache.file.sha256, g.cache.created) for g in group if g is not winner)))
+            conflicts.append(
+                CacheConflict(
+                    key=key,
+                    kept=winner.source,
+                    kept_sha256=winner.cache.file.sha256,
+                    reason=reason,
+                    dropped=tuple((g.source, g.cache.file.sha256, g.cache.created) for g in group if g is not winner),
+                )
+            )
         out.append(winner.cache)
         if winner.source != "bundle":
             sources[winner.cache.file.sha256] = winner.src_dir
@@ -241,8 +305,16 @@ def _sms(engine: Engine) -> str:
 
 
 # --------------------------------------------------------------------------- commit
-def _commit(bundle: Path, target: Path, manifest: Manifest, new_files: dict[str, tuple[Path, FileRef]], dropped: set[str], *,
-            in_place: bool, say: Callable[[str], None]) -> None:
+def _commit(
+    bundle: Path,
+    target: Path,
+    manifest: Manifest,
+    new_files: dict[str, tuple[Path, FileRef]],
+    dropped: set[str],
+    *,
+    in_place: bool,
+    say: Callable[[str], None],
+) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     stage: Path | None = Path(tempfile.mkdtemp(prefix=f".{target.name}.merge-", dir=target.parent))
     try:
@@ -284,8 +356,10 @@ def _copy_verified(src: Path, dest: Path, ref: FileRef) -> None:
             size += len(chunk)
             out.write(chunk)
         if (h.hexdigest(), size) != (ref.sha256, ref.size):
-            raise IntegrityError(f"{src}: changed while merging: sha256 {h.hexdigest()} ({size} bytes), expected {ref.sha256} ({ref.size} bytes)",
-                                 hint="something is writing to the part directory; merge again once it is done")
+            raise IntegrityError(
+                f"{src}: changed while merging: sha256 {h.hexdigest()} ({size} bytes), expected {ref.sha256} ({ref.size} bytes)",
+                hint="something is writing to the part directory; merge again once it is done",
+            )
 
 
 def _link_or_copy(src: Path, dest: Path) -> None:
@@ -312,7 +386,9 @@ def _exchange(a: Path, b: Path) -> bool:
     return False
 
 
-def _move_in(stage: Path, bundle: Path, manifest: Manifest, new_files: dict[str, tuple[Path, FileRef]], dropped: set[str]) -> None:
+def _move_in(
+    stage: Path, bundle: Path, manifest: Manifest, new_files: dict[str, tuple[Path, FileRef]], dropped: set[str]
+) -> None:
     """Move the new files into the bundle, then replace manifest.json; on an error, take the moved files out again."""
     placed: list[Path] = []
     try:

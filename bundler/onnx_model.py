@@ -5,14 +5,15 @@ After ``load_model`` the ModelProto holds no tensor data at all: every initializ
 ``make_skeleton`` points every initializer at the weight store's unpacked raw layout (ONNX external data), so
 the skeleton plus ``WeightReader.unpack_raw`` is a complete model for onnxruntime and TRT-RTX's parser.
 """
+
 from __future__ import annotations
 
 import functools
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import onnx
 from google.protobuf.message import DecodeError
@@ -21,7 +22,7 @@ from onnx import TensorProto, helper, numpy_helper
 from runtime_shim.errors import ModelError
 from runtime_shim.fsutil import atomic_write, atomic_writer, sha256_file
 from runtime_shim.manifest import TensorSpec, WeightStore
-from runtime_shim.weights import nbytes_for
+from runtime_shim.store.reader import nbytes_for
 
 from .weights_writer import Weight
 
@@ -31,15 +32,28 @@ SKELETON_NAME = "model.onnx"
 INLINE_MAX = 1024  # bytes; tensors this small stay inline in the skeleton too (onnx's own size_threshold default)
 
 _DTYPE_NAMES = {
-    TensorProto.FLOAT: "float32", TensorProto.FLOAT16: "float16", TensorProto.BFLOAT16: "bfloat16",
-    TensorProto.DOUBLE: "float64", TensorProto.INT8: "int8", TensorProto.UINT8: "uint8", TensorProto.INT16: "int16",
-    TensorProto.UINT16: "uint16", TensorProto.INT32: "int32", TensorProto.UINT32: "uint32", TensorProto.INT64: "int64",
-    TensorProto.UINT64: "uint64", TensorProto.BOOL: "bool", TensorProto.FLOAT8E4M3FN: "float8e4m3fn",
-    TensorProto.INT4: "int4", TensorProto.UINT4: "uint4",
+    TensorProto.FLOAT: "float32",
+    TensorProto.FLOAT16: "float16",
+    TensorProto.BFLOAT16: "bfloat16",
+    TensorProto.DOUBLE: "float64",
+    TensorProto.INT8: "int8",
+    TensorProto.UINT8: "uint8",
+    TensorProto.INT16: "int16",
+    TensorProto.UINT16: "uint16",
+    TensorProto.INT32: "int32",
+    TensorProto.UINT32: "uint32",
+    TensorProto.INT64: "int64",
+    TensorProto.UINT64: "uint64",
+    TensorProto.BOOL: "bool",
+    TensorProto.FLOAT8E4M3FN: "float8e4m3fn",
+    TensorProto.INT4: "int4",
+    TensorProto.UINT4: "uint4",
 }
 # Data fields a TensorProto may carry; all cleared once the bytes have moved to LoadedModel.weights.
 _DATA_FIELDS = ("raw_data", "float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data")
-_HINT_SHAPES = "export the model with input shapes (dynamic dims may be named), or set them with onnx.tools.update_model_dims"
+_HINT_SHAPES = (
+    "export the model with input shapes (dynamic dims may be named), or set them with onnx.tools.update_model_dims"
+)
 
 
 @dataclass
@@ -150,22 +164,28 @@ def _external_bytes(t: TensorProto, model_path: Path, cache: dict[str, int]) -> 
     where = f"{model_path}: initializer {t.name!r}"
     rel = Path(location)
     if not location or rel.is_absolute() or ".." in rel.parts:
-        raise ModelError(f"{where}: external data location {location!r} must be a relative path inside {model_path.parent}",
-                         hint="re-save the model with onnx.save_model(..., save_as_external_data=True, location='<file name>')")
+        raise ModelError(
+            f"{where}: external data location {location!r} must be a relative path inside {model_path.parent}",
+            hint="re-save the model with onnx.save_model(..., save_as_external_data=True, location='<file name>')",
+        )
     data_path = model_path.parent / rel
     if location not in cache:
         try:
             cache[location] = data_path.stat().st_size
         except FileNotFoundError:
-            raise ModelError(f"{model_path}: external data file {data_path} (initializer {t.name!r}) not found",
-                             hint=f"put {location} next to {model_path.name}, as it was when the model was saved") from None
+            raise ModelError(
+                f"{model_path}: external data file {data_path} (initializer {t.name!r}) not found",
+                hint=f"put {location} next to {model_path.name}, as it was when the model was saved",
+            ) from None
     try:
         offset, length = int(info.get("offset", 0)), info.get("length")
     except ValueError:
         raise ModelError(f"{where}: external data offset {info.get('offset')!r} is not an integer") from None
     length = int(length) if length is not None else cache[location] - offset
     if offset < 0 or length < 0 or offset + length > cache[location]:
-        raise ModelError(f"{where}: external data bytes {offset}..{offset + length} lie outside {data_path} ({cache[location]} bytes); truncated?")
+        raise ModelError(
+            f"{where}: external data bytes {offset}..{offset + length} lie outside {data_path} ({cache[location]} bytes); truncated?"
+        )
     with open(data_path, "rb") as f:
         f.seek(offset)
         return f.read(length)
@@ -215,14 +235,18 @@ def load_model(path: str | os.PathLike[str]) -> LoadedModel:
     except OSError as e:
         raise ModelError(f"{path}: cannot read ({e.strerror or e})") from None
     except (DecodeError, ValueError, RuntimeError, UnicodeDecodeError) as e:
-        raise ModelError(f"{path}: not an ONNX model (cannot parse it as an ONNX ModelProto: {e})",
-                         hint="pass the .onnx file exported by your framework") from None
+        raise ModelError(
+            f"{path}: not an ONNX model (cannot parse it as an ONNX ModelProto: {e})",
+            hint="pass the .onnx file exported by your framework",
+        ) from None
     if model.ir_version <= 0 or not model.HasField("graph") or not (model.graph.node or model.graph.output):
-        raise ModelError(f"{path}: not an ONNX model (no IR version or no graph in it); expected an ONNX ModelProto",
-                         hint="pass the .onnx file exported by your framework")
+        raise ModelError(
+            f"{path}: not an ONNX model (no IR version or no graph in it); expected an ONNX ModelProto",
+            hint="pass the .onnx file exported by your framework",
+        )
     try:
         onnx.checker.check_model(str(path))  # path form: handles external data and models over 2 GB
-    except Exception as e:  # noqa: BLE001 - the checker is advisory: ORT and TRT-RTX accept some models it rejects
+    except Exception as e:
         log.warning("%s: onnx.checker reports: %s", path, str(e).splitlines()[0] if str(e) else type(e).__name__)
 
     hoisted = _hoist_constants(model)
@@ -238,24 +262,45 @@ def load_model(path: str | os.PathLike[str]) -> LoadedModel:
         raw = _take_bytes(t, path, sizes)
         expected = nbytes_for(dtype, t.dims)
         if len(raw) != expected:
-            raise ModelError(f"{where}: holds {len(raw)} bytes, expected {expected} for {dtype} {list(t.dims)}; the model is corrupt")
+            raise ModelError(
+                f"{where}: holds {len(raw)} bytes, expected {expected} for {dtype} {list(t.dims)}; the model is corrupt"
+            )
         _strip(t)  # the bytes now live only in `weights`
         weights.append(Weight(name=t.name, dtype=dtype, shape=tuple(t.dims), data=raw))
     for g in _graphs(model.graph):
         if g is not model.graph and any(t.data_location == TensorProto.EXTERNAL for t in g.initializer):
-            raise ModelError(f"{path}: subgraph {g.name!r} has initializers in external data; not supported",
-                             hint="move them to the main graph's initializers")
+            raise ModelError(
+                f"{path}: subgraph {g.name!r} has initializers in external data; not supported",
+                hint="move them to the main graph's initializers",
+            )
     if model.graph.sparse_initializer:
-        raise ModelError(f"{path}: sparse initializers ({model.graph.sparse_initializer[0].values.name!r}...) are not supported",
-                         hint="densify them (onnx.numpy_helper) before bundling")
+        raise ModelError(
+            f"{path}: sparse initializers ({model.graph.sparse_initializer[0].values.name!r}...) are not supported",
+            hint="densify them (onnx.numpy_helper) before bundling",
+        )
 
     init_names = {t.name for t in model.graph.initializer}
     inputs = tuple(_spec(vi, "input") for vi in model.graph.input if vi.name not in init_names)
     outputs = tuple(_spec(vi, "output") for vi in _outputs_with_shapes(model, path))
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
-    log.info("%s: %d weights (%d from Constant nodes), %d inputs, %d outputs", path, len(weights), hoisted, len(inputs), len(outputs))
-    return LoadedModel(path=path, proto=model, weights=weights, inputs=inputs, outputs=outputs,
-                       source_sha256=source_sha256, opset=opset, constants_hoisted=hoisted)
+    log.info(
+        "%s: %d weights (%d from Constant nodes), %d inputs, %d outputs",
+        path,
+        len(weights),
+        hoisted,
+        len(inputs),
+        len(outputs),
+    )
+    return LoadedModel(
+        path=path,
+        proto=model,
+        weights=weights,
+        inputs=inputs,
+        outputs=outputs,
+        source_sha256=source_sha256,
+        opset=opset,
+        constants_hoisted=hoisted,
+    )
 
 
 def _outputs_with_shapes(model: onnx.ModelProto, path: Path) -> list[onnx.ValueInfoProto]:
@@ -264,15 +309,16 @@ def _outputs_with_shapes(model: onnx.ModelProto, path: Path) -> list[onnx.ValueI
         return outputs
     try:  # the graph holds no data now, so inference is cheap; it usually recovers the rank
         inferred = onnx.shape_inference.infer_shapes(model).graph.output
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         log.warning("%s: shape inference failed (%s)", path, e)
         return outputs
     return [i if not o.type.tensor_type.HasField("shape") else o for o, i in zip(outputs, inferred)]
 
 
 # --------------------------------------------------------------------------- skeleton
-def make_skeleton(model: LoadedModel, store: WeightStore, external_data_name: str = "weights.bin", *,
-                  inline_max: int = INLINE_MAX) -> bytes:
+def make_skeleton(
+    model: LoadedModel, store: WeightStore, external_data_name: str = "weights.bin", *, inline_max: int = INLINE_MAX
+) -> bytes:
     """The normalized graph, every initializer pointing at its blob in the unpacked layout ``external_data_name``.
 
     Tensors of at most ``inline_max`` bytes keep their data inline as well (they are in the store all the same):
@@ -286,8 +332,10 @@ def make_skeleton(model: LoadedModel, store: WeightStore, external_data_name: st
         try:
             wt = store.tensor(t.name)
         except KeyError:
-            raise ModelError(f"{where}: not in the weight store; the skeleton would lose it",
-                             hint="write the weight store from the same LoadedModel") from None
+            raise ModelError(
+                f"{where}: not in the weight store; the skeleton would lose it",
+                hint="write the weight store from the same LoadedModel",
+            ) from None
         dtype = dtype_name(t.data_type, where)
         if wt.dtype != dtype or tuple(wt.shape) != tuple(t.dims):
             raise ModelError(f"{where}: weight store has {wt.dtype} {list(wt.shape)}, the model {dtype} {list(t.dims)}")
@@ -297,7 +345,11 @@ def make_skeleton(model: LoadedModel, store: WeightStore, external_data_name: st
                 t.raw_data = bytes(model.weight(t.name).data)
             continue
         t.data_location = TensorProto.EXTERNAL
-        for key, value in (("location", external_data_name), ("offset", str(blob.raw_offset)), ("length", str(blob.nbytes))):
+        for key, value in (
+            ("location", external_data_name),
+            ("offset", str(blob.raw_offset)),
+            ("length", str(blob.nbytes)),
+        ):
             entry = t.external_data.add()
             entry.key, entry.value = key, value
     return skeleton.SerializeToString(deterministic=True)
@@ -318,8 +370,14 @@ def write_raw_layout(model: LoadedModel, store: WeightStore, path: str | os.Path
         f.write(bytes(store.raw_size - pos))
 
 
-def write_normalized_model(model: LoadedModel, store: WeightStore, dest_dir: str | os.PathLike[str],
-                           external_data_name: str = "weights.bin", *, skeleton: bytes | None = None) -> Path:
+def write_normalized_model(
+    model: LoadedModel,
+    store: WeightStore,
+    dest_dir: str | os.PathLike[str],
+    external_data_name: str = "weights.bin",
+    *,
+    skeleton: bytes | None = None,
+) -> Path:
     """Skeleton + raw layout in ``dest_dir``: a complete model file for TRT-RTX's parser or onnxruntime. Returns its path.
 
     ``skeleton``: what ``make_skeleton(model, store, external_data_name)`` returned, when the caller made it already.

@@ -17,6 +17,7 @@ model, weights and profiles), the full runtime-cache key, the warm-up runs, timi
 A newer schema_version is refused (merge with the trtx-bundler release the farm runs); unknown keys are warned
 about and dropped, as in manifest.json.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -24,9 +25,10 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from runtime_shim import __version__
 from runtime_shim.errors import ManifestError
@@ -50,14 +52,22 @@ class WarmupRun:
     rounds: int = 0
 
     def to_dict(self) -> dict[str, Any]:
-        return {"profile": self.profile, "shapes": {k: list(v) for k, v in sorted(self.shapes.items())},
-                "first_run_s": self.first_run_s, "rounds": self.rounds}
+        return {
+            "profile": self.profile,
+            "shapes": {k: list(v) for k, v in sorted(self.shapes.items())},
+            "first_run_s": self.first_run_s,
+            "rounds": self.rounds,
+        }
 
     @staticmethod
     def _parse(r: Reader) -> WarmupRun:
         shapes = r.get("shapes", Mapping)
-        return WarmupRun(profile=r.get("profile", int), shapes={k: tuple(v) for k, v in sorted(shapes.items())},
-                         first_run_s=r.get("first_run_s", (int, float), default=None), rounds=r.get("rounds", int, default=0))
+        return WarmupRun(
+            profile=r.get("profile", int),
+            shapes={k: tuple(v) for k, v in sorted(shapes.items())},
+            first_run_s=r.get("first_run_s", (int, float), default=None),
+            rounds=r.get("rounds", int, default=0),
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -84,8 +94,13 @@ class Part:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "kind": PART_KIND, "schema_version": self.schema_version,
-            "bundle": {"manifest_sha256": self.bundle_manifest_sha256, "base_sha256": self.bundle_base_sha256, "model": self.model},
+            "kind": PART_KIND,
+            "schema_version": self.schema_version,
+            "bundle": {
+                "manifest_sha256": self.bundle_manifest_sha256,
+                "base_sha256": self.bundle_base_sha256,
+                "model": self.model,
+            },
             "engine": None if self.engine is None else self.engine.to_dict(),
             "runtime_cache": self.runtime_cache.to_dict(),
             "warmup": [w.to_dict() for w in self.warmup],
@@ -102,14 +117,18 @@ class Part:
     def from_dict(cls, data: Any, *, source: str) -> tuple[Part, list[str]]:
         warnings: list[str] = []
         if not isinstance(data, Mapping) or data.get("kind") != PART_KIND:
-            raise ManifestError(f"{source}: not a farm part manifest (expected \"kind\": \"{PART_KIND}\")",
-                                hint="pass the PART_DIR that 'trtx-bundle farm-job -o PART_DIR' wrote")
+            raise ManifestError(
+                f'{source}: not a farm part manifest (expected "kind": "{PART_KIND}")',
+                hint="pass the PART_DIR that 'trtx-bundle farm-job -o PART_DIR' wrote",
+            )
         version = data.get("schema_version")
         if isinstance(version, bool) or not isinstance(version, int) or version < 1:
             raise ManifestError(f"{source}: schema_version: expected an integer >= 1, got {version!r}")
         if version > PART_SCHEMA_VERSION:
-            raise ManifestError(f"{source}: part schema_version {version} is newer than this trtx-bundler reads (up to {PART_SCHEMA_VERSION})",
-                                hint="run merge with the trtx-bundler release the farm runs")
+            raise ManifestError(
+                f"{source}: part schema_version {version} is newer than this trtx-bundler reads (up to {PART_SCHEMA_VERSION})",
+                hint="run merge with the trtx-bundler release the farm runs",
+            )
         try:
             r = Reader(data, "", warnings)
             r.seen.update({"kind", "schema_version"})
@@ -135,7 +154,9 @@ class Part:
         except ManifestError as e:
             raise ManifestError(f"{source}: {e}", hint=e.hint) from None
         if part.engine is not None and part.engine.file.sha256 not in part.runtime_cache.engines:
-            raise ManifestError(f"{source}: runtime_cache.engines does not name the part's own engine {part.engine.file.sha256}")
+            raise ManifestError(
+                f"{source}: runtime_cache.engines does not name the part's own engine {part.engine.file.sha256}"
+            )
         return part, warnings
 
 
@@ -146,9 +167,12 @@ def _seconds(v: Mapping[str, Any]) -> str | None:
 
 def read_part(part_dir: str | os.PathLike[str]) -> tuple[Part, list[str]]:
     path = Path(part_dir) / PART_MANIFEST_NAME
-    data = load_json_file(path, expected=f"a farm part directory with {PART_MANIFEST_NAME} at its root",
-                          missing_hint="pass the directory 'trtx-bundle farm-job -o PART_DIR' wrote (CI: the downloaded artifact)",
-                          corrupt_hint="the part is corrupt or truncated; run the farm job again")
+    data = load_json_file(
+        path,
+        expected=f"a farm part directory with {PART_MANIFEST_NAME} at its root",
+        missing_hint="pass the directory 'trtx-bundle farm-job -o PART_DIR' wrote (CI: the downloaded artifact)",
+        corrupt_hint="the part is corrupt or truncated; run the farm job again",
+    )
     return Part.from_dict(data, source=str(path))
 
 

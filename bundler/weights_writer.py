@@ -4,6 +4,7 @@ Format: docs/WEIGHT_STORE.md. Output is deterministic: the same tensors, encodin
 same bytes whatever the thread count (frames are compressed independently, each by its own compressor, and
 written in index order).
 """
+
 from __future__ import annotations
 
 import collections
@@ -14,9 +15,10 @@ import os
 import struct
 import threading
 import uuid
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence, Union
+from typing import Union
 
 import numpy as np
 import zstandard
@@ -24,14 +26,26 @@ import zstandard
 from runtime_shim.errors import ModelError
 from runtime_shim.fsutil import atomic_writer, sha256_bytes
 from runtime_shim.manifest import DTYPES, WEIGHT_ENCODINGS, Blob, FileRef, Frame, WeightStore, WeightTensor
-from runtime_shim.weights import _UINT, FLOAT_DTYPES, ITEMSIZE, MAGIC, PLANE_CHUNK, PLANE_RAW, PLANE_ZSTD_CHUNKS, PLANES_TAG, nbytes_for
+from runtime_shim.store.reader import (
+    _UINT,
+    FLOAT_DTYPES,
+    ITEMSIZE,
+    MAGIC,
+    PLANE_CHUNK,
+    PLANE_RAW,
+    PLANE_ZSTD_CHUNKS,
+    PLANES_TAG,
+    nbytes_for,
+)
 
 log = logging.getLogger(__name__)
 
 DEFAULT_LEVEL = 3  # see docs/WEIGHT_STORE.md for the measurements behind it
 DEFAULT_CHUNK = 4 << 20
 ALIGNMENT = 64  # raw_offset alignment in the unpacked layout: cache lines, and what ONNX/ORT readers seek to
-MIN_SAVING = 0.02  # a blob whose frames save less than this fraction is stored as "none": decoding it would cost for nothing
+MIN_SAVING = (
+    0.02  # a blob whose frames save less than this fraction is stored as "none": decoding it would cost for nothing
+)
 
 Buffer = Union[bytes, bytearray, memoryview, np.ndarray]
 Progress = Callable[[int, int], None]  # (raw bytes done, raw bytes in all)
@@ -53,8 +67,15 @@ PLANE_RAW_ABOVE = 0.98  # a plane that zstd shrinks by less than 2% is stored ra
 # low-entropy byte stream cost more than they save (MiniLM fp32 exponents: 33.0% of raw vs 41.1% at level 3),
 # and this encodes at several hundred MB/s. Each plane gets the smaller of this and the level's output.
 _LITERALS = zstandard.ZstdCompressionParameters(
-    strategy=zstandard.STRATEGY_FAST, window_log=17, hash_log=6, chain_log=6, search_log=1, min_match=7,
-    target_length=0, write_content_size=True, write_checksum=False,
+    strategy=zstandard.STRATEGY_FAST,
+    window_log=17,
+    hash_log=6,
+    chain_log=6,
+    search_log=1,
+    min_match=7,
+    target_length=0,
+    write_content_size=True,
+    write_checksum=False,
 )
 _local = threading.local()
 
@@ -63,13 +84,16 @@ def _cctx(level: int | None) -> zstandard.ZstdCompressor:
     """A per-thread compressor (None: the literals-only one); contexts are not thread-safe and costly to make."""
     cache = _local.__dict__.setdefault("cctx", {})
     if level not in cache:
-        cache[level] = (zstandard.ZstdCompressor(compression_params=_LITERALS) if level is None
-                        else zstandard.ZstdCompressor(level=level, write_content_size=True, write_checksum=False))
+        cache[level] = (
+            zstandard.ZstdCompressor(compression_params=_LITERALS)
+            if level is None
+            else zstandard.ZstdCompressor(level=level, write_content_size=True, write_checksum=False)
+        )
     return cache[level]
 
 
 def encode_frame(raw: bytes | memoryview, encoding: str, element_size: int, level: int) -> bytes:
-    """Encode one frame's raw bytes; the inverse is runtime_shim.weights.decode_frame_into."""
+    """Encode one frame's raw bytes; the inverse is runtime_shim.store.reader.decode_frame_into."""
     if encoding == "none":
         return bytes(raw)
     if encoding not in ("zstd", "zstd-byteplane"):
@@ -105,7 +129,7 @@ def _chunked(plane: memoryview, level: int | None) -> bytes:
     zstd blocks of one frame already did every 128 KiB) and let a GPU decode ~30x more chunks at once.
     """
     cctx = _cctx(level)
-    frames = [cctx.compress(plane[i:i + PLANE_CHUNK]) for i in range(0, len(plane), PLANE_CHUNK)]
+    frames = [cctx.compress(plane[i : i + PLANE_CHUNK]) for i in range(0, len(plane), PLANE_CHUNK)]
     return b"".join([struct.pack(f"<II{len(frames)}I", PLANE_CHUNK, len(frames), *map(len, frames)), *frames])
 
 
@@ -200,7 +224,9 @@ def write_weight_store(
         with atomic_writer(staging) as f, cf.ThreadPoolExecutor(threads) as pool:
             f.write(MAGIC)
             offset, done = len(MAGIC), 0
-            for b, (stored_frames, blob_encoding, element_size) in enumerate(_encode_blobs(plan, weights, raws, encoding, level, chunk_bytes, pool, 4 * threads)):
+            for b, (stored_frames, blob_encoding, element_size) in enumerate(
+                _encode_blobs(plan, weights, raws, encoding, level, chunk_bytes, pool, 4 * threads)
+            ):
                 frames = []
                 for raw_size, stored, stored_sha in stored_frames:
                     f.write(stored)
@@ -208,8 +234,16 @@ def write_weight_store(
                     frames.append(Frame(offset=offset, size=len(stored), raw_size=raw_size, sha256=stored_sha))
                     offset += len(stored)
                 raw = raws[plan.firsts[b]]
-                blobs.append(Blob(sha256=plan.shas[b], nbytes=len(raw), raw_offset=plan.offsets[b], encoding=blob_encoding,
-                                  element_size=element_size, frames=tuple(frames)))
+                blobs.append(
+                    Blob(
+                        sha256=plan.shas[b],
+                        nbytes=len(raw),
+                        raw_offset=plan.offsets[b],
+                        encoding=blob_encoding,
+                        element_size=element_size,
+                        frames=tuple(frames),
+                    )
+                )
                 done += len(raw)
                 if progress is not None:
                     progress(done, total)
@@ -221,15 +255,37 @@ def write_weight_store(
             staging.unlink()
     raw_size = max((b.raw_offset + b.nbytes for b in blobs), default=0)
     store = WeightStore(
-        file=ref, raw_size=raw_size, alignment=alignment, blobs=tuple(blobs),
-        tensors=tuple(WeightTensor(name=w.name, dtype=w.dtype, shape=tuple(w.shape), blob=plan.blob_of[i]) for i, w in enumerate(weights)),
+        file=ref,
+        raw_size=raw_size,
+        alignment=alignment,
+        blobs=tuple(blobs),
+        tensors=tuple(
+            WeightTensor(name=w.name, dtype=w.dtype, shape=tuple(w.shape), blob=plan.blob_of[i])
+            for i, w in enumerate(weights)
+        ),
     )
-    log.info("weight store %s: %d tensors in %d blobs, %d raw bytes -> %d stored (%s)", ref.path, len(weights), len(blobs), total, ref.size, encoding)
+    log.info(
+        "weight store %s: %d tensors in %d blobs, %d raw bytes -> %d stored (%s)",
+        ref.path,
+        len(weights),
+        len(blobs),
+        total,
+        ref.size,
+        encoding,
+    )
     return store
 
 
-def _encode_blobs(plan: _Plan, weights: Sequence[Weight], raws: Sequence[memoryview], encoding: str, level: int,
-                  chunk_bytes: int, pool: cf.Executor, window: int) -> Iterable[tuple[list[tuple[int, bytes, str]], str, int]]:
+def _encode_blobs(
+    plan: _Plan,
+    weights: Sequence[Weight],
+    raws: Sequence[memoryview],
+    encoding: str,
+    level: int,
+    chunk_bytes: int,
+    pool: cf.Executor,
+    window: int,
+) -> Iterable[tuple[list[tuple[int, bytes, str]], str, int]]:
     """Per blob, in order: its stored frames [(raw_size, stored bytes, their sha256)], the encoding chosen, the element size.
 
     Frames are submitted ahead across blob boundaries with a bounded window, so small blobs keep every thread busy
@@ -244,7 +300,7 @@ def _encode_blobs(plan: _Plan, weights: Sequence[Weight], raws: Sequence[memoryv
             enc = "zstd"
         element_size = ITEMSIZE[w.dtype] if enc == "zstd-byteplane" else 1
         chunk = max(element_size, chunk_bytes - chunk_bytes % element_size)
-        return enc, element_size, [raw[p:p + chunk] for p in range(0, len(raw), chunk)]
+        return enc, element_size, [raw[p : p + chunk] for p in range(0, len(raw), chunk)]
 
     blobs = iter(range(len(plan.firsts)))
     queued = 0

@@ -1,5 +1,6 @@
 """Shared pytest fixtures: the real silero-vad ONNX models, fetched once into pytest's cache; a chunked weight frame;
 the C-helper-or-numpy switch of the weight decoders."""
+
 from __future__ import annotations
 
 import os
@@ -23,9 +24,19 @@ def _fetch_silero(cache: Path) -> dict[str, Path]:
         if not wheels:
             # The package itself is only a carrier for the .onnx files: no deps, no install.
             proc = subprocess.run(
-                [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                 f"silero-vad=={SILERO_VERSION}", "-d", str(cache)],
-                capture_output=True, text=True,
+                [
+                    sys.executable,
+                    "-m",
+                    "pip",
+                    "download",
+                    "--no-deps",
+                    "--only-binary=:all:",
+                    f"silero-vad=={SILERO_VERSION}",
+                    "-d",
+                    str(cache),
+                ],
+                capture_output=True,
+                text=True,
             )
             wheels = sorted(cache.glob(f"silero_vad-{SILERO_VERSION}-*.whl"))
             if proc.returncode != 0 or not wheels:
@@ -35,7 +46,9 @@ def _fetch_silero(cache: Path) -> dict[str, Path]:
             for info in zf.infolist():
                 if info.filename.startswith(_SILERO_PREFIX) and info.filename.endswith(".onnx"):
                     target = models_dir / Path(info.filename).name  # basename only: never trust archive paths
-                    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")  # concurrent sessions never share a temp file
+                    tmp = target.with_name(
+                        f".{target.name}.{os.getpid()}.tmp"
+                    )  # concurrent sessions never share a temp file
                     tmp.write_bytes(zf.read(info))
                     tmp.replace(target)
         done.write_text(wheels[0].name + "\n")
@@ -61,7 +74,7 @@ def chunked_frame() -> tuple[np.ndarray, bytes, int]:
     import struct
 
     from bundler.weights_writer import encode_frame
-    from runtime_shim.weights import PLANE_ZSTD_CHUNKS
+    from runtime_shim.store.reader import PLANE_ZSTD_CHUNKS
 
     values = (np.random.default_rng(9).standard_normal(100_000) * 0.02).astype(np.float32)
     stored = encode_frame(values.tobytes(), "zstd-byteplane", 4, 3)
@@ -74,15 +87,15 @@ def chunked_frame() -> tuple[np.ndarray, bytes, int]:
 
 @pytest.fixture(params=["native", "numpy"])
 def impl(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Run a test once with the shim's C helper (runtime_shim._planes) and once with its numpy fallback: the
-    weight reader's decoding and the GPU planner's slot checks both follow runtime_shim.weights._native."""
-    from runtime_shim import weights
+    """Run a test once with the shim's C helper (runtime_shim.store._planes) and once with its numpy fallback: the
+    weight reader's decoding and the GPU planner's slot checks both follow runtime_shim.store.reader._native."""
+    from runtime_shim.store import reader as weights
 
     if request.param == "native":
         try:
-            from runtime_shim import _planes
+            from runtime_shim.store import _planes
         except ImportError:
-            pytest.skip("the C helper runtime_shim._planes was not built (no C compiler at install)")
+            pytest.skip("the C helper runtime_shim.store._planes was not built (no C compiler at install)")
         monkeypatch.setattr(weights, "_native", _planes)
     else:
         monkeypatch.setattr(weights, "_native", None)

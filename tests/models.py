@@ -5,10 +5,11 @@ from a seeded RNG at a realistic scale (normal * 0.05), so the same call always 
 compression figures resemble those of trained models. ``ALL_BUNDLABLE`` lists every model TRT-RTX can parse,
 with a default optimization profile for its dynamic inputs, so other tests can loop over all of them.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Callable, Mapping, Optional
 
 import numpy as np
 import onnx
@@ -46,7 +47,16 @@ def _save(model: onnx.ModelProto, dir: Path, name: str) -> Path:
     return path
 
 
-def _mlp_graph(name: str, dtype: int, np_dtype: type, batch: str | int, seed: int, d_in: int = 64, d_hidden: int = 128, d_out: int = 32) -> onnx.GraphProto:
+def _mlp_graph(
+    name: str,
+    dtype: int,
+    np_dtype: type,
+    batch: str | int,
+    seed: int,
+    d_in: int = 64,
+    d_hidden: int = 128,
+    d_out: int = 32,
+) -> onnx.GraphProto:
     rng = _rng(seed)
     inits = [
         numpy_helper.from_array(_w(rng, d_in, d_hidden, dtype=np_dtype), "fc1.weight"),
@@ -62,7 +72,8 @@ def _mlp_graph(name: str, dtype: int, np_dtype: type, batch: str | int, seed: in
         helper.make_node("Add", ["h3", "fc2.bias"], ["y"], name="fc2_add"),
     ]
     return helper.make_graph(
-        nodes, name,
+        nodes,
+        name,
         [helper.make_tensor_value_info("x", dtype, [batch, d_in])],
         [helper.make_tensor_value_info("y", dtype, [batch, d_out])],
         initializer=inits,
@@ -90,7 +101,8 @@ def make_conv(dir: Path) -> Path:
         helper.make_node("Gemm", ["f", "fc.weight", "fc.bias"], ["logits"], name="fc", transB=1),
     ]
     graph = helper.make_graph(
-        nodes, "conv",
+        nodes,
+        "conv",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, "height", "width"])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
         initializer=inits,
@@ -128,7 +140,8 @@ def make_constants(dir: Path) -> Path:
         helper.make_node("Reshape", ["h4", "out_shape"], ["y"], name="reshape"),
     ]
     graph = helper.make_graph(
-        nodes, "constants",
+        nodes,
+        "constants",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 32])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4, 4])],
     )
@@ -147,8 +160,14 @@ def make_external(dir: Path) -> Path:
     onnx.checker.check_model(model)
     path = dir / "mlp_external.onnx"
     # size_threshold=0: every tensor goes out, biases included, as exporters do for big models.
-    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=EXTERNAL_DATA_NAME, size_threshold=0)
+    onnx.save_model(
+        model,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=EXTERNAL_DATA_NAME,
+        size_threshold=0,
+    )
     return path
 
 
@@ -172,7 +191,8 @@ def make_typed_fields(dir: Path) -> Path:
         helper.make_node("Reshape", ["h1", "shape"], ["y"], name="reshape"),
     ]
     graph = helper.make_graph(
-        nodes, "typed_fields",
+        nodes,
+        "typed_fields",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4, 8])],
         initializer=inits,
@@ -186,19 +206,24 @@ def make_duplicates(dir: Path) -> Path:
     rng = _rng(7)
     w, b = _w(rng, 32, 32), _w(rng, 32)
     inits = [
-        numpy_helper.from_array(w, "layer1.weight"), numpy_helper.from_array(b, "layer1.bias"),
-        numpy_helper.from_array(w.copy(), "layer2.weight"), numpy_helper.from_array(b.copy(), "layer2.bias"),
+        numpy_helper.from_array(w, "layer1.weight"),
+        numpy_helper.from_array(b, "layer1.bias"),
+        numpy_helper.from_array(w.copy(), "layer2.weight"),
+        numpy_helper.from_array(b.copy(), "layer2.bias"),
         numpy_helper.from_array(_w(rng, 32, 8), "head.weight"),
     ]
     nodes = [
-        helper.make_node("MatMul", ["x", "layer1.weight"], ["a0"]), helper.make_node("Add", ["a0", "layer1.bias"], ["a1"]),
+        helper.make_node("MatMul", ["x", "layer1.weight"], ["a0"]),
+        helper.make_node("Add", ["a0", "layer1.bias"], ["a1"]),
         helper.make_node("Relu", ["a1"], ["a2"]),
-        helper.make_node("MatMul", ["a2", "layer2.weight"], ["b0"]), helper.make_node("Add", ["b0", "layer2.bias"], ["b1"]),
+        helper.make_node("MatMul", ["a2", "layer2.weight"], ["b0"]),
+        helper.make_node("Add", ["b0", "layer2.bias"], ["b1"]),
         helper.make_node("Relu", ["b1"], ["b2"]),
         helper.make_node("MatMul", ["b2", "head.weight"], ["y"]),
     ]
     graph = helper.make_graph(
-        nodes, "duplicates",
+        nodes,
+        "duplicates",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 32])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8])],
         initializer=inits,
@@ -218,12 +243,14 @@ def make_unsupported(dir: Path) -> Path:
         helper.make_node(UNSUPPORTED_OP, ["h"], ["y"], name="determinant"),
     ]
     graph = helper.make_graph(
-        nodes, "unsupported",
+        nodes,
+        "unsupported",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 3])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch"])],
         initializer=inits,
     )
     return _save(_model(graph), dir, "unsupported")
+
 
 # profile for make_unsupported, for tests that expect the parse (not the profile) to fail
 UNSUPPORTED_PROFILE: ProfileDict = {"x": ((1, 3, 3), (4, 3, 3), (16, 3, 3))}
@@ -242,20 +269,22 @@ def _batch(rest: tuple[int, ...]) -> ShapeTriple:
     return tuple((b[0], *rest) for b in _BATCH)  # type: ignore[return-value]
 
 
-def as_profiles(profile: Optional[ProfileDict]) -> tuple[Profile, ...]:
+def as_profiles(profile: ProfileDict | None) -> tuple[Profile, ...]:
     """The profile as BuildOptions.profiles takes it (none for a model whose inputs are all fixed)."""
     if not profile:
         return ()
-    return (Profile(shapes={k: ShapeRange(min=tuple(v[0]), opt=tuple(v[1]), max=tuple(v[2])) for k, v in profile.items()}),)
+    return (
+        Profile(shapes={k: ShapeRange(min=tuple(v[0]), opt=tuple(v[1]), max=tuple(v[2])) for k, v in profile.items()}),
+    )
 
 
-def shape_args(profile: Optional[ProfileDict]) -> list[str]:
+def shape_args(profile: ProfileDict | None) -> list[str]:
     """The profile as ``--shape NAME=MIN:OPT:MAX`` values (what make_options(shapes=...) takes)."""
     return [f"{n}={':'.join('x'.join(map(str, s)) for s in rng)}" for n, rng in (profile or {}).items()]
 
 
 # (name, factory, default profile for dynamic inputs or None when every input is fixed)
-ALL_BUNDLABLE: list[tuple[str, Callable[[Path], Path], Optional[ProfileDict]]] = [
+ALL_BUNDLABLE: list[tuple[str, Callable[[Path], Path], ProfileDict | None]] = [
     ("conv", make_conv, {"input": ((1, 3, 16, 16), (2, 3, 32, 32), (4, 3, 64, 64))}),
     ("mlp", make_mlp, {"x": _batch((64,))}),
     ("mlp_fp16", make_mlp_fp16, {"x": _batch((64,))}),
@@ -267,7 +296,7 @@ ALL_BUNDLABLE: list[tuple[str, Callable[[Path], Path], Optional[ProfileDict]]] =
 ]
 
 
-def sample_inputs(name: str, profile: Optional[ProfileDict], model_path: Path, seed: int = 0) -> dict[str, np.ndarray]:
+def sample_inputs(name: str, profile: ProfileDict | None, model_path: Path, seed: int = 0) -> dict[str, np.ndarray]:
     """Random inputs at the profile's opt shape (or the model's fixed shape), in the model's input dtype."""
     model = onnx.load(str(model_path), load_external_data=False)
     rng = _rng(seed)

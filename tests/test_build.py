@@ -1,5 +1,6 @@
 """build_bundle end to end: every test model bundles, the result verifies and runs like the original, rebuilds are
 byte-identical, and bad input fails clearly and leaves nothing behind."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -17,13 +18,13 @@ from bundler.config import ConfigError, make_options
 from bundler.engines import NO_GPU_NOTE, plan_engines
 from runtime_shim.errors import EngineBuildError, ModelError
 from runtime_shim.manifest import read_manifest
-from runtime_shim.weights import WeightReader
+from runtime_shim.store.reader import WeightReader
 from tests import models
 
 SMS = [86, 89]  # two targets keep builds fast; the default targets are checked once below
 
 
-def options_for(profile: models.ProfileDict | None, **kw) -> "object":
+def options_for(profile: models.ProfileDict | None, **kw) -> object:
     return make_options(shapes=models.shape_args(profile), sms=kw.pop("sms", SMS), **kw)
 
 
@@ -95,12 +96,20 @@ def test_conv_rebuild_engine_nondeterminism_is_reported_not_hidden(built, tmp_pa
     """Two builds of `conv` (batch, height and width dynamic): everything but the engine must be identical; when
     TRT-RTX's engine bytes differ (about 1 build in 10) this is an xfail that counts the bytes, never a pass."""
     model, first = built["conv"]
-    again = build_bundle(model, tmp_path / "again", options=options_for(dict((n, p) for n, _, p in models.ALL_BUNDLABLE)["conv"]), probe=no_gpu)
+    again = build_bundle(
+        model,
+        tmp_path / "again",
+        options=options_for(dict((n, p) for n, _, p in models.ALL_BUNDLABLE)["conv"]),
+        probe=no_gpu,
+    )
     a, b = _files(first.bundle_dir), _files(again.bundle_dir)
     same = lambda files: {k: v for k, v in files.items() if not k.startswith("engines/") and k != "manifest.json"}  # noqa: E731
     assert same(a) == same(b)
     if a != b:
-        ea, eb = [v for k, v in sorted(a.items()) if k.startswith("engines/")], [v for k, v in sorted(b.items()) if k.startswith("engines/")]
+        ea, eb = (
+            [v for k, v in sorted(a.items()) if k.startswith("engines/")],
+            [v for k, v in sorted(b.items()) if k.startswith("engines/")],
+        )
         assert len(ea) == len(eb) == 1 and len(ea[0]) == len(eb[0])
         diff = int(np.count_nonzero(np.frombuffer(ea[0], np.uint8) != np.frombuffer(eb[0], np.uint8)))
         pytest.xfail(f"TRT-RTX engine bytes differ between two builds of the same model: {diff} bytes of {len(ea[0])}")
@@ -112,12 +121,19 @@ def test_source_date_epoch_sets_created(tmp_path: Path, monkeypatch: pytest.Monk
     result = build_bundle(model, tmp_path / "b1", options=make_options(sms=SMS, weightful=False), probe=no_gpu)
     assert result.manifest.creator.created == 1700000000
     monkeypatch.delenv("SOURCE_DATE_EPOCH")
-    assert build_bundle(model, tmp_path / "b2", options=make_options(sms=SMS, weightful=False), probe=no_gpu).manifest.creator.created is None
+    assert (
+        build_bundle(
+            model, tmp_path / "b2", options=make_options(sms=SMS, weightful=False), probe=no_gpu
+        ).manifest.creator.created
+        is None
+    )
 
 
 def test_default_targets_build(built, tmp_path: Path) -> None:
     model, _ = built["mlp"]
-    result = build_bundle(model, tmp_path / "b", options=options_for({"x": ((1, 64), (4, 64), (16, 64))}, sms=None), probe=no_gpu)
+    result = build_bundle(
+        model, tmp_path / "b", options=options_for({"x": ((1, 64), (4, 64), (16, 64))}, sms=None), probe=no_gpu
+    )
     (engine,) = result.manifest.engines
     assert engine.compute_capabilities == () and "default" in engine.built_by["targets"]
 
@@ -125,8 +141,11 @@ def test_default_targets_build(built, tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- silero-vad
 SILERO_PROFILE = {"input": ((1, 576), (1, 576), (4, 576)), "state": ((2, 1, 128), (2, 1, 128), (2, 4, 128))}
 SILERO_SHAPES = {
-    "silero_vad": SILERO_PROFILE, "silero_vad_16k_op15": SILERO_PROFILE, "silero_vad_half": SILERO_PROFILE,
-    "silero_vad_op18_ifless": SILERO_PROFILE, "silero_vad_16k_sequence": {"input": ((1, 576), (4, 576), (16, 576))},
+    "silero_vad": SILERO_PROFILE,
+    "silero_vad_16k_op15": SILERO_PROFILE,
+    "silero_vad_half": SILERO_PROFILE,
+    "silero_vad_op18_ifless": SILERO_PROFILE,
+    "silero_vad_16k_sequence": {"input": ((1, 576), (4, 576), (16, 576))},
     "silero_vad_openvino_16k": None,
 }
 # TRT-RTX 1.7.1 fails an internal assertion on these (If nodes nested in If branches), with the original files too.
@@ -183,7 +202,9 @@ def test_dynamic_input_without_profile(tmp_path: Path) -> None:
     model = models.make_conv(tmp_path)
     with pytest.raises(ConfigError) as e:
         build_bundle(model, tmp_path / "out", options=make_options(sms=SMS), probe=no_gpu)
-    assert "'input'" in str(e.value) and "[batch, 3, height, width]" in str(e.value) and "--shape input=" in e.value.hint
+    assert (
+        "'input'" in str(e.value) and "[batch, 3, height, width]" in str(e.value) and "--shape input=" in e.value.hint
+    )
     _no_leftovers(tmp_path, "out")
 
 
@@ -215,17 +236,23 @@ def test_non_empty_output_dir_is_refused_and_left_intact(tmp_path: Path) -> None
 def test_force_replaces_only_the_bundles_own_files(tmp_path: Path) -> None:
     out = tmp_path / "out"
     (tmp_path / "sibling.txt").write_text("beside")
-    first = build_bundle(models.make_mlp(tmp_path / "m"), out, options=options_for({"x": ((1, 64), (4, 64), (16, 64))}), probe=no_gpu)
+    first = build_bundle(
+        models.make_mlp(tmp_path / "m"), out, options=options_for({"x": ((1, 64), (4, 64), (16, 64))}), probe=no_gpu
+    )
     (out / "notes.txt").write_text("mine")
     (out / "engines" / "README").write_text("also mine")
-    second = build_bundle(models.make_fixed(tmp_path / "m"), out, options=make_options(sms=SMS, force=True), probe=no_gpu)
+    second = build_bundle(
+        models.make_fixed(tmp_path / "m"), out, options=make_options(sms=SMS, force=True), probe=no_gpu
+    )
     assert (tmp_path / "sibling.txt").read_text() == "beside"
     assert (out / "notes.txt").read_text() == "mine" and (out / "engines" / "README").read_text() == "also mine"
     assert sorted(second.left_alone) == ["engines/README", "notes.txt"]
     old = {r.path for _, r in first.manifest.files()} - {r.path for _, r in second.manifest.files()}
     assert old and not any((out / p).exists() for p in old), "the old bundle's files must go"
     problems = verify_bundle(out)
-    assert sorted(p.path for p in problems) == ["engines/README", "notes.txt"] and {p.kind for p in problems} == {"extra"}
+    assert sorted(p.path for p in problems) == ["engines/README", "notes.txt"] and {p.kind for p in problems} == {
+        "extra"
+    }
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "out", "sibling.txt"]
 
 
@@ -259,8 +286,14 @@ def test_probe_failure_or_old_driver_is_a_note_not_a_crash() -> None:
         raise RuntimeError("driver exploded")
 
     assert plan_engines(make_options(weightful=False), probe=broken, note=notes.append) == []
-    assert plan_engines(make_options(weightful=False), probe=lambda: _machine(89, driver_problem="driver too old"),
-                        note=notes.append) == []
+    assert (
+        plan_engines(
+            make_options(weightful=False),
+            probe=lambda: _machine(89, driver_problem="driver too old"),
+            note=notes.append,
+        )
+        == []
+    )
     assert notes == [NO_GPU_NOTE, "weightless engine not built: driver too old"]
 
 
@@ -269,7 +302,11 @@ def test_real_probe_on_this_machine_does_not_crash() -> None:
     plans = plan_engines(make_options(), note=notes.append)
     assert plans[0].kind == "weightful"
     if not any(p.kind == "weightless" for p in plans):
-        assert len(notes) == 1 and notes[0].startswith("no GPU that TensorRT for RTX supports here") or notes[0].startswith("weightless")
+        assert (
+            len(notes) == 1
+            and notes[0].startswith("no GPU that TensorRT for RTX supports here")
+            or notes[0].startswith("weightless")
+        )
 
 
 @pytest.mark.skipif(os.name == "nt", reason="checks the cross-OS target from Linux")
@@ -302,11 +339,14 @@ def test_output_dir_that_is_a_symlink_is_refused(tmp_path: Path) -> None:
         build_bundle(models.make_fixed(tmp_path / "m"), tmp_path / "link", options=make_options(), probe=no_gpu)
 
 
-@pytest.mark.parametrize("installed, flavour", [
-    ({"tensorrt-rtx-cu12-bindings": "1.7.1.116"}, "cu12"),
-    ({"tensorrt-rtx-cu13": "1.7.1.116", "tensorrt-rtx": "1.7.1.116"}, "cu13"),
-    ({"tensorrt-rtx": "1.7.1.116"}, "cu13"),
-])
+@pytest.mark.parametrize(
+    "installed, flavour",
+    [
+        ({"tensorrt-rtx-cu12-bindings": "1.7.1.116"}, "cu12"),
+        ({"tensorrt-rtx-cu13": "1.7.1.116", "tensorrt-rtx": "1.7.1.116"}, "cu13"),
+        ({"tensorrt-rtx": "1.7.1.116"}, "cu13"),
+    ],
+)
 def test_build_and_probe_agree_on_the_cuda_flavour(monkeypatch, installed, flavour):
     """A bundle built here must name the flavour that farm-job and the shim on this machine will see."""
     from bundler.engines import trt_rtx_identity

@@ -1,4 +1,5 @@
 """verify names every kind of damage; pack is deterministic; unpack refuses hostile archives and writes nothing outside."""
+
 from __future__ import annotations
 
 import io
@@ -22,8 +23,12 @@ from tests import models
 def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("io")
     model = models.make_mlp(root / "models")
-    build_bundle(model, root / "bundle", options=make_options(shapes=["x=1x64:4x64:16x64"], sms=[86, 89]),
-                 probe=lambda: SimpleNamespace(gpus=()))
+    build_bundle(
+        model,
+        root / "bundle",
+        options=make_options(shapes=["x=1x64:4x64:16x64"], sms=[86, 89]),
+        probe=lambda: SimpleNamespace(gpus=()),
+    )
     return root / "bundle"
 
 
@@ -49,7 +54,10 @@ def test_changed_file(copy: Path) -> None:
     data[100] ^= 1
     engine.write_bytes(bytes(data))
     (p,) = verify_bundle(copy)
-    assert (p.kind, p.path) == ("changed", engine.relative_to(copy).as_posix()) and "engines[0].file.sha256" in p.message
+    assert (p.kind, p.path) == (
+        "changed",
+        engine.relative_to(copy).as_posix(),
+    ) and "engines[0].file.sha256" in p.message
 
 
 def test_missing_file(copy: Path) -> None:
@@ -153,7 +161,9 @@ def _hostile(tmp_path: Path, bundle: Path, add) -> Path:
     return bad
 
 
-def _entry(name: str, type_: bytes = tarfile.REGTYPE, data: bytes = b"", linkname: str = "") -> tuple[tarfile.TarInfo, io.BytesIO | None]:
+def _entry(
+    name: str, type_: bytes = tarfile.REGTYPE, data: bytes = b"", linkname: str = ""
+) -> tuple[tarfile.TarInfo, io.BytesIO | None]:
     info = tarfile.TarInfo(name)
     info.type, info.linkname, info.size = type_, linkname, len(data) if type_ == tarfile.REGTYPE else 0
     return info, io.BytesIO(data) if type_ == tarfile.REGTYPE else None
@@ -162,9 +172,21 @@ def _entry(name: str, type_: bytes = tarfile.REGTYPE, data: bytes = b"", linknam
 HOSTILE = {
     "absolute": (lambda: _entry("/tmp/evil-absolute", data=b"x"), "/tmp/evil-absolute", "absolute path"),
     "dotdot": (lambda: _entry("engines/../../evil-dotdot", data=b"x"), "engines/../../evil-dotdot", "'..'"),
-    "symlink": (lambda: _entry("engines/" + "a" * 64 + ".engine", tarfile.SYMTYPE, linkname="/etc/passwd"), "symbolic link", "symbolic link"),
-    "hardlink": (lambda: _entry("weights/" + "b" * 64 + ".trtxw", tarfile.LNKTYPE, linkname="/etc/passwd"), "hard link", "hard link"),
-    "device": (lambda: _entry("caches/" + "c" * 64 + ".cache", tarfile.CHRTYPE), "caches/" + "c" * 64 + ".cache", "device file"),
+    "symlink": (
+        lambda: _entry("engines/" + "a" * 64 + ".engine", tarfile.SYMTYPE, linkname="/etc/passwd"),
+        "symbolic link",
+        "symbolic link",
+    ),
+    "hardlink": (
+        lambda: _entry("weights/" + "b" * 64 + ".trtxw", tarfile.LNKTYPE, linkname="/etc/passwd"),
+        "hard link",
+        "hard link",
+    ),
+    "device": (
+        lambda: _entry("caches/" + "c" * 64 + ".cache", tarfile.CHRTYPE),
+        "caches/" + "c" * 64 + ".cache",
+        "device file",
+    ),
     "fifo": (lambda: _entry("fifo", tarfile.FIFOTYPE), "'fifo'", "fifo"),
     "stray": (lambda: _entry("evil.sh", data=b"#!/bin/sh"), "'evil.sh'", "not a bundle file"),
 }
@@ -182,7 +204,11 @@ def test_hostile_archives_are_refused_and_write_nothing(bundle: Path, tmp_path: 
     assert name_part in str(e.value) and reason in str(e.value)
     assert not (work / "sub" / "out").exists() and list((work / "sub").iterdir()) == []
     assert sorted(p.name for p in tmp_path.parent.iterdir()) == before
-    assert not Path("/tmp/evil-absolute").exists() and not (tmp_path / "evil-dotdot").exists() and not (work / "evil-dotdot").exists()
+    assert (
+        not Path("/tmp/evil-absolute").exists()
+        and not (tmp_path / "evil-dotdot").exists()
+        and not (work / "evil-dotdot").exists()
+    )
 
 
 def test_duplicate_entry_is_refused(bundle: Path, tmp_path: Path) -> None:
@@ -218,7 +244,9 @@ def test_unpack_refuses_non_empty_target_and_non_archives(bundle: Path, tmp_path
     assert verify_bundle(tmp_path / "empty") == []
 
 
-def test_unpack_into_the_current_empty_directory_keeps_it(bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unpack_into_the_current_empty_directory_keeps_it(
+    bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     archive = pack_bundle(bundle, tmp_path / "b.trtx").path
     (tmp_path / "here").mkdir()
     inode = (tmp_path / "here").stat().st_ino

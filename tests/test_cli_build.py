@@ -1,4 +1,5 @@
 """The build-side commands through click: exit codes, stdout JSON vs stderr messages, errors as `ERROR ...` + hint."""
+
 from __future__ import annotations
 
 import json
@@ -12,7 +13,7 @@ from bundler.cli import main
 from tests import models
 
 
-def run(*args: str | Path) -> "object":
+def run(*args: str | Path) -> object:
     return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
@@ -20,8 +21,21 @@ def run(*args: str | Path) -> "object":
 def cli_bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     root = tmp_path_factory.mktemp("cli")
     model = models.make_conv(root / "models")
-    result = run("build", model, "-o", root / "bundle", "--shape", "input=1x3x16x16:2x3x32x32:4x3x64x64",
-                 "--shape", "input=4x3x64x64:8x3x64x64:8x3x128x128", "--sm", "86,89", "--name", "tiny-conv", "--json")
+    result = run(
+        "build",
+        model,
+        "-o",
+        root / "bundle",
+        "--shape",
+        "input=1x3x16x16:2x3x32x32:4x3x64x64",
+        "--shape",
+        "input=4x3x64x64:8x3x64x64:8x3x128x128",
+        "--sm",
+        "86,89",
+        "--name",
+        "tiny-conv",
+        "--json",
+    )
     assert result.exit_code == 0, result.output
     return root / "bundle", json.loads(result.stdout)
 
@@ -43,8 +57,17 @@ def test_inspect(cli_bundle: tuple[Path, dict]) -> None:
     bundle, _ = cli_bundle
     human = run("inspect", bundle)
     assert human.exit_code == 0 and human.stdout == ""
-    for text in ("tiny-conv", "[batch, 3, height, width]", "[0] input", "[1] input", "4x3x64x64 : 8x3x64x64 : 8x3x128x128",
-                 "bytes raw ->", "weightful", "SM 8.6, 8.9", "runtime caches  (none)"):
+    for text in (
+        "tiny-conv",
+        "[batch, 3, height, width]",
+        "[0] input",
+        "[1] input",
+        "4x3x64x64 : 8x3x64x64 : 8x3x128x128",
+        "bytes raw ->",
+        "weightful",
+        "SM 8.6, 8.9",
+        "runtime caches  (none)",
+    ):
         assert text in human.stderr, text
     d = json.loads(run("inspect", bundle, "--json").stdout)
     assert len(d["profiles"]) == 2 and d["weights"]["tensors"] == 6 and d["engines"][0]["kind"] == "weightful"
@@ -108,8 +131,10 @@ def test_force_flag(tmp_path: Path) -> None:
 def test_config_file(tmp_path: Path) -> None:
     model = models.make_mlp(tmp_path)
     config = tmp_path / "bundle.toml"
-    config.write_text('[model]\nname = "from-toml"\nversion = "2.1"\n[build]\nsm = [89]\nencoding = "zstd"\n'
-                      '[[profiles]]\n[profiles.shapes]\nx = "1x64:2x64:8x64"\n[[warmup]]\nx = "2x64"\n')
+    config.write_text(
+        '[model]\nname = "from-toml"\nversion = "2.1"\n[build]\nsm = [89]\nencoding = "zstd"\n'
+        '[[profiles]]\n[profiles.shapes]\nx = "1x64:2x64:8x64"\n[[warmup]]\nx = "2x64"\n'
+    )
     r = run("build", model, "-o", tmp_path / "b", "--config", config, "--json")
     assert r.exit_code == 0, r.output
     d = json.loads(run("inspect", tmp_path / "b", "--json").stdout)

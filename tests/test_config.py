@@ -1,4 +1,5 @@
 """bundle.toml and --shape parsing, and the profile checks against a model's inputs."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,7 +7,13 @@ from pathlib import Path
 import pytest
 
 from bundler.config import (
-    BundleConfig, ConfigError, load_config, make_options, parse_range, parse_shape_args, resolve_profiles,
+    BundleConfig,
+    ConfigError,
+    load_config,
+    make_options,
+    parse_range,
+    parse_shape_args,
+    resolve_profiles,
 )
 from runtime_shim.manifest import Profile, ShapeRange, TensorSpec
 
@@ -21,13 +28,16 @@ def test_range_and_fixed_shape() -> None:
     assert parse_range("2x64", where="t") == ShapeRange(min=(2, 64), opt=(2, 64), max=(2, 64))
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("4x3:1x3:8x3", "axis 0: expected min <= opt <= max, got 4 / 1 / 8"),  # min > opt
-    ("1x3:9x3:8x3", "axis 0: expected min <= opt <= max, got 1 / 9 / 8"),  # opt > max
-    ("1x3:4x3x1:8x3", "different ranks"),
-    ("1x3:4x3", "expected MIN:OPT:MAX"),
-    ("1,3:4,3:8,3", "dims joined by 'x'"),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("4x3:1x3:8x3", "axis 0: expected min <= opt <= max, got 4 / 1 / 8"),  # min > opt
+        ("1x3:9x3:8x3", "axis 0: expected min <= opt <= max, got 1 / 9 / 8"),  # opt > max
+        ("1x3:4x3x1:8x3", "different ranks"),
+        ("1x3:4x3", "expected MIN:OPT:MAX"),
+        ("1,3:4,3:8,3", "dims joined by 'x'"),
+    ],
+)
 def test_bad_ranges(text: str, expected: str) -> None:
     with pytest.raises(ConfigError, match=expected.replace("(", r"\(").replace("/", "/")) as e:
         parse_range(text, where="--shape x")
@@ -89,11 +99,11 @@ def test_config_errors_name_file_and_key(tmp_path: Path) -> None:
     cases = {
         "[build]\nsm = [90]\n": "build.sm: [90] are not TensorRT for RTX targets",
         "[build]\nweightfull = true\n": "build.weightfull: unknown key",
-        "[[profiles]]\n[profiles.shapes]\nx = \"4:2:8\"\n": "profiles[0].shapes.x: axis 0",
+        '[[profiles]]\n[profiles.shapes]\nx = "4:2:8"\n': "profiles[0].shapes.x: axis 0",
         "[[profiles]]\nshapes = 3\n": "profiles[0].shapes: expected a table",
-        "[[warmup]]\nx = \"1x3y\"\n": "warmup[0].x: expected dims joined by 'x'",
+        '[[warmup]]\nx = "1x3y"\n': "warmup[0].x: expected dims joined by 'x'",
         "[model\n": "not valid TOML",
-        "[build]\nencoding = \"lz4\"\n": "build.encoding: expected one of",
+        '[build]\nencoding = "lz4"\n': "build.encoding: expected one of",
     }
     for i, (text, expected) in enumerate(cases.items()):
         path = tmp_path / f"b{i}.toml"
@@ -107,7 +117,7 @@ def test_config_errors_name_file_and_key(tmp_path: Path) -> None:
 
 def test_farm_table_is_kept_for_the_farm(tmp_path: Path) -> None:
     path = tmp_path / "bundle.toml"
-    path.write_text("[model]\nname = \"m\"\n[farm]\nanything = 1\n")
+    path.write_text('[model]\nname = "m"\n[farm]\nanything = 1\n')
     assert load_config(path).farm == {"anything": 1}
 
 

@@ -1,4 +1,5 @@
 """The README's first command: `trtx-bundle demo` builds, loads and checks the built-in model."""
+
 from __future__ import annotations
 
 import json

@@ -1,4 +1,5 @@
 """The ONNX Runtime fallback: materializing skeleton + weights (once, verified, by several processes at once)."""
+
 from __future__ import annotations
 
 import logging
@@ -18,10 +19,10 @@ from runtime_shim.manifest import read_manifest
 from runtime_shim.user_cache import LAYOUT, UserCache
 
 sys.path.insert(0, str(Path(__file__).parent))
-import models  # noqa: E402
+import models
 
-from bundler.build import build_bundle  # noqa: E402
-from bundler.config import BuildOptions  # noqa: E402
+from bundler.build import build_bundle
+from bundler.config import BuildOptions
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -31,7 +32,11 @@ def external(tmp_path):
     """The external-data test model (weights in a side file), bundled without engines."""
     name, factory, prof = next(m for m in models.ALL_BUNDLABLE if m[0] == "external")
     onnx_path = factory(tmp_path)
-    build_bundle(onnx_path, tmp_path / "bundle", options=BuildOptions(profiles=models.as_profiles(prof), weightful=False, weightless=False))
+    build_bundle(
+        onnx_path,
+        tmp_path / "bundle",
+        options=BuildOptions(profiles=models.as_profiles(prof), weightful=False, weightless=False),
+    )
     m, _ = read_manifest(tmp_path / "bundle")
     return tmp_path / "bundle", m, onnx_path, models.sample_inputs(name, prof, onnx_path)
 
@@ -55,7 +60,7 @@ def test_made_once_then_reused(external, tmp_path, monkeypatch) -> None:
     def boom(*a, **k):
         raise AssertionError("unpacked again")
 
-    monkeypatch.setattr("runtime_shim.weights.WeightReader.unpack_raw", boom)
+    monkeypatch.setattr("runtime_shim.store.reader.WeightReader.unpack_raw", boom)
     assert materialize_model(m, bundle, cache)[0] == first
 
 
@@ -93,14 +98,18 @@ def test_processes_materializing_at_once_make_one_folder(external, tmp_path) -> 
     bundle, m, _, feeds = external
     code = textwrap.dedent(f"""
         import numpy as np, runtime_shim
-        with runtime_shim.load({str(bundle)!r}, "T", cache_dir={str(tmp_path / 'c')!r}) as s:
+        with runtime_shim.load({str(bundle)!r}, "T", cache_dir={str(tmp_path / "c")!r}) as s:
             out = s.run({{"x": np.ones((2, 64), np.float32)}})
             print("OK", s.backend, float(next(iter(out.values())).sum()))
     """)
     # Keep the caller's PYTHONPATH: where the dependencies come from a --target dir, the child needs it too.
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-             for _ in range(4)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        )
+        for _ in range(4)
+    ]
     outs = [p.communicate(timeout=120) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1][-800:] for o in outs]
     assert len({o[0] for o in outs}) == 1 and outs[0][0].startswith("OK onnxruntime")

@@ -4,6 +4,7 @@ The job's GPU work (weightless build, EAGER warm-up, cache serialization) cannot
 ``FakeGpuRuntimeForTests`` stands in for it, and ``test_farm_job_on_a_real_rtx_gpu`` runs the real thing
 where a GPU TensorRT for RTX supports is present (skipped elsewhere, saying why).
 """
+
 from __future__ import annotations
 
 import json
@@ -15,20 +16,26 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from test_merge import make_bundle, real_engine
 
 from bundler.bundle_io import verify_bundle
 from bundler.cli import main
 from bundler.config import ConfigError
 from bundler.coverage import coverage
 from bundler.farm import (
-    EXIT_UNSERVABLE, UnservableMachineError, check_servable, farm_settings, parse_warmup_arg, run_farm_job, warmup_plan,
+    EXIT_UNSERVABLE,
+    UnservableMachineError,
+    check_servable,
+    farm_settings,
+    parse_warmup_arg,
+    run_farm_job,
+    warmup_plan,
 )
 from bundler.merge import merge_parts
 from bundler.part import PART_SCHEMA_VERSION, Part, read_part
 from runtime_shim.errors import BundleError, MachineError, ManifestError
 from runtime_shim.machine import Gpu, Machine, probe, trt_rtx_supports
 from runtime_shim.manifest import Profile, ShapeRange, read_manifest
-from test_merge import make_bundle, real_engine
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -42,13 +49,29 @@ SERVABLE = _servable_here()
 
 
 def gpu(sm: int = 89, name: str = "NVIDIA GeForce RTX 4090", index: int = 0, pci: int = 0x2684) -> Gpu:
-    return Gpu(index=index, name=name, pci_device_id=pci, uuid=f"GPU-{index:08d}-0000-0000-0000-000000000000", sm=sm,
-               total_memory=24 << 30)
+    return Gpu(
+        index=index,
+        name=name,
+        pci_device_id=pci,
+        uuid=f"GPU-{index:08d}-0000-0000-0000-000000000000",
+        sm=sm,
+        total_memory=24 << 30,
+    )
 
 
 def machine(*gpus: Gpu, version: str = "1.7.1.116", problem: str | None = None, driver_cuda: int = 13000) -> Machine:
-    return Machine(os="linux", platform="linux_x86_64", cpu_arch="x86_64", python="3.11", trt_rtx_version=version,
-                   cuda_flavour="cu13", driver_version="580.95.05", driver_cuda_version=driver_cuda, gpus=gpus, problem=problem)
+    return Machine(
+        os="linux",
+        platform="linux_x86_64",
+        cpu_arch="x86_64",
+        python="3.11",
+        trt_rtx_version=version,
+        cuda_flavour="cu13",
+        driver_version="580.95.05",
+        driver_cuda_version=driver_cuda,
+        gpus=gpus,
+        problem=problem,
+    )
 
 
 class FakeGpuRuntimeForTests:
@@ -68,7 +91,11 @@ class FakeGpuRuntimeForTests:
         if self.fail_warm:
             raise BundleError("TRT-RTX failed during the warm-up (fake)")
         done = tuple(replace(r, first_run_s=0.5, rounds=rounds) for r in runs)
-        return b"fake runtime cache for " + engine_sha256.encode(), done, {"load_s": 0.1, "warmup_s": 1.0, "serialize_s": 0.01}
+        return (
+            b"fake runtime cache for " + engine_sha256.encode(),
+            done,
+            {"load_s": 0.1, "warmup_s": 1.0, "serialize_s": 0.01},
+        )
 
 
 @pytest.fixture
@@ -91,20 +118,37 @@ def test_farm_job_refuses_this_machine_cli(tmp_path: Path, bundle: Path) -> None
 def test_farm_job_refuses_this_machine_subprocess(tmp_path: Path, bundle: Path) -> None:
     listing = sorted(p.name for p in tmp_path.iterdir())
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-c", "from bundler.cli import main; main()", "farm-job", str(bundle),
-                           "-o", str(tmp_path / "part"), "--warmup", "x=8x64"], capture_output=True, text=True, env=env)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from bundler.cli import main; main()",
+            "farm-job",
+            str(bundle),
+            "-o",
+            str(tmp_path / "part"),
+            "--warmup",
+            "x=8x64",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert proc.returncode == 3, proc.stderr
     assert "cannot serve TensorRT for RTX" in proc.stderr and proc.stdout == ""
     assert sorted(p.name for p in tmp_path.iterdir()) == listing
 
 
-@pytest.mark.parametrize("m, expected", [
-    (machine(problem="no NVIDIA driver found (libcuda could not be loaded)"), "no NVIDIA driver found"),
-    (machine(), "no GPU found"),
-    (machine(gpu(90, "NVIDIA H100 80GB HBM3", pci=0x2330)), r"compute capability 9\.0 \(Hopper"),
-    (machine(gpu(100, "NVIDIA B200")), r"compute capability 10\.0"),
-    (machine(gpu(89), driver_cuda=12020), "needs a driver for CUDA 13.0"),
-])
+@pytest.mark.parametrize(
+    "m, expected",
+    [
+        (machine(problem="no NVIDIA driver found (libcuda could not be loaded)"), "no NVIDIA driver found"),
+        (machine(), "no GPU found"),
+        (machine(gpu(90, "NVIDIA H100 80GB HBM3", pci=0x2330)), r"compute capability 9\.0 \(Hopper"),
+        (machine(gpu(100, "NVIDIA B200")), r"compute capability 10\.0"),
+        (machine(gpu(89), driver_cuda=12020), "needs a driver for CUDA 13.0"),
+    ],
+)
 def test_unservable_machines_say_what_was_found(m: Machine, expected: str) -> None:
     with pytest.raises(UnservableMachineError, match=expected) as e:
         check_servable(m)
@@ -128,7 +172,9 @@ def test_farm_job_writes_a_part_that_merges(tmp_path: Path, bundle: Path) -> Non
     manifest, _ = read_manifest(bundle)
     fake = FakeGpuRuntimeForTests(real_engine(bundle, 89))
     m = machine(gpu(89), version=manifest.trt_rtx.version)
-    result = run_farm_job(bundle, tmp_path / "part", warmups=[{"x": (8, 64)}], rounds=3, probe=lambda: m, gpu_backend=fake)
+    result = run_farm_job(
+        bundle, tmp_path / "part", warmups=[{"x": (8, 64)}], rounds=3, probe=lambda: m, gpu_backend=fake
+    )
     assert result.engine_built and fake.builds == 1
     # The shim was handed a bundle with only the new engine and no cache, so it must load that one, from scratch.
     (overlay,) = fake.overlays
@@ -137,13 +183,21 @@ def test_farm_job_writes_a_part_that_merges(tmp_path: Path, bundle: Path) -> Non
     assert warnings == [] and part == result.part
     key = part.runtime_cache.key
     assert (key.os, key.gpu_name, key.pci_device_id, key.sm, key.driver_version, key.cuda_flavour, key.cig) == (
-        "linux", "NVIDIA GeForce RTX 4090", 0x2684, 89, "580.95.05", "cu13", False)
+        "linux",
+        "NVIDIA GeForce RTX 4090",
+        0x2684,
+        89,
+        "580.95.05",
+        "cu13",
+        False,
+    )
     assert key.trt_rtx_version == manifest.trt_rtx.version
     assert [(w.profile, dict(w.shapes), w.rounds) for w in part.warmup] == [(0, {"x": (8, 64)}, 3)]
     assert {"probe_s", "build_s", "load_s", "warmup_s", "serialize_s", "total_s"} <= set(part.timings)
     assert part.engine.kind == "weightless" and part.engine.compute_capabilities == (89,)
-    assert sorted(p.relative_to(tmp_path / "part").as_posix() for p in (tmp_path / "part").rglob("*") if p.is_file()) == sorted(
-        ["part.json", part.engine.file.path, part.runtime_cache.file.path])
+    assert sorted(
+        p.relative_to(tmp_path / "part").as_posix() for p in (tmp_path / "part").rglob("*") if p.is_file()
+    ) == sorted(["part.json", part.engine.file.path, part.runtime_cache.file.path])
 
     merge_parts(bundle, [tmp_path / "part"])
     assert [p for p in verify_bundle(bundle) if p.fatal] == []
@@ -163,7 +217,9 @@ def test_failed_job_writes_nothing(tmp_path: Path, bundle: Path) -> None:
     manifest, _ = read_manifest(bundle)
     m = machine(gpu(89), version=manifest.trt_rtx.version)
     with pytest.raises(BundleError, match="warm-up"):
-        run_farm_job(bundle, tmp_path / "out" / "part", probe=lambda: m, gpu_backend=FakeGpuRuntimeForTests(b"e", fail_warm=True))
+        run_farm_job(
+            bundle, tmp_path / "out" / "part", probe=lambda: m, gpu_backend=FakeGpuRuntimeForTests(b"e", fail_warm=True)
+        )
     assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
 
 
@@ -176,7 +232,9 @@ def test_existing_part_dir_is_never_overwritten(tmp_path: Path, bundle: Path) ->
         run_farm_job(bundle, tmp_path / "part", probe=lambda: m, gpu_backend=FakeGpuRuntimeForTests(b"e"))
     assert [p.name for p in (tmp_path / "part").iterdir()] == ["keep.txt"]
     (tmp_path / "empty").mkdir()  # CI systems often create the folder first
-    run_farm_job(bundle, tmp_path / "empty", probe=lambda: m, gpu_backend=FakeGpuRuntimeForTests(real_engine(bundle, 89)))
+    run_farm_job(
+        bundle, tmp_path / "empty", probe=lambda: m, gpu_backend=FakeGpuRuntimeForTests(real_engine(bundle, 89))
+    )
     assert (tmp_path / "empty" / "part.json").is_file()
 
 
@@ -192,8 +250,15 @@ def test_warmup_plan(bundle: Path) -> None:
     manifest, _ = read_manifest(bundle)
     assert [r.shapes["x"] for r in warmup_plan(manifest)] == [(1, 64), (4, 64), (16, 64)]
     assert [r.shapes["x"] for r in warmup_plan(manifest, [parse_warmup_arg("x=8x64")])] == [(8, 64)]
-    two = replace(manifest, profiles=manifest.profiles + (Profile(shapes={"x": ShapeRange(min=(8, 64), opt=(32, 64), max=(64, 64))}),))
-    assert [(r.profile, r.shapes["x"]) for r in warmup_plan(two, [{"x": (8, 64)}, {"x": (40, 64)}])] == [(0, (8, 64)), (1, (8, 64)), (1, (40, 64))]
+    two = replace(
+        manifest,
+        profiles=manifest.profiles + (Profile(shapes={"x": ShapeRange(min=(8, 64), opt=(32, 64), max=(64, 64))}),),
+    )
+    assert [(r.profile, r.shapes["x"]) for r in warmup_plan(two, [{"x": (8, 64)}, {"x": (40, 64)}])] == [
+        (0, (8, 64)),
+        (1, (8, 64)),
+        (1, (40, 64)),
+    ]
     with pytest.raises(BundleError, match="fits no optimization profile"):
         warmup_plan(manifest, [{"x": (99, 64)}])
     with pytest.raises(BundleError, match="no input 'y'"):
@@ -211,8 +276,12 @@ def test_bad_warmup_args(arg: str) -> None:
 def test_farm_settings() -> None:
     s = farm_settings({"targets": ["rtx4090-linux"], "rounds": 3, "warmup": [{"x": "8x64"}]}, source="b.toml")
     assert s.targets == ("rtx4090-linux",) and s.rounds == 3 and s.warmup == ({"x": (8, 64)},)
-    for bad, msg in (({"rounds": 0}, "farm.rounds"), ({"warmup": [{"x": 8}]}, r"farm.warmup\[0\]"),
-                     ({"targets": "rtx"}, "farm.targets"), ({"gpu": 1}, "farm.gpu: unknown key")):
+    for bad, msg in (
+        ({"rounds": 0}, "farm.rounds"),
+        ({"warmup": [{"x": 8}]}, r"farm.warmup\[0\]"),
+        ({"targets": "rtx"}, "farm.targets"),
+        ({"gpu": 1}, "farm.gpu: unknown key"),
+    ):
         with pytest.raises(ConfigError, match=msg):
             farm_settings(bad, source="b.toml")
 
@@ -220,7 +289,9 @@ def test_farm_settings() -> None:
 # --------------------------------------------------------------------------- part format
 def _sample_part(tmp_path: Path, bundle: Path) -> Path:
     m = machine(gpu(89), version=read_manifest(bundle)[0].trt_rtx.version)
-    run_farm_job(bundle, tmp_path / "part", probe=lambda: m, gpu_backend=FakeGpuRuntimeForTests(real_engine(bundle, 89)))
+    run_farm_job(
+        bundle, tmp_path / "part", probe=lambda: m, gpu_backend=FakeGpuRuntimeForTests(real_engine(bundle, 89))
+    )
     return tmp_path / "part"
 
 
@@ -237,15 +308,23 @@ def test_part_format_versioning(tmp_path: Path, bundle: Path) -> None:
     with pytest.raises(ManifestError, match="not a farm part manifest"):
         Part.from_dict(json.loads((bundle / "manifest.json").read_text()), source="p")
     with pytest.raises(ManifestError, match=r"p: runtime_cache\.key\.sm: expected an integer"):
-        Part.from_dict({**data, "runtime_cache": {**data["runtime_cache"], "key": {**data["runtime_cache"]["key"], "sm": "89"}}}, source="p")
+        Part.from_dict(
+            {**data, "runtime_cache": {**data["runtime_cache"], "key": {**data["runtime_cache"]["key"], "sm": "89"}}},
+            source="p",
+        )
 
 
 # --------------------------------------------------------------------------- the real thing
 @pytest.mark.rtx_gpu
-@pytest.mark.skipif(not SERVABLE, reason="needs a GPU TensorRT for RTX supports (SM 7.5/8.x/12.x) as CUDA device 0: "
-                                          "weightless builds, EAGER warm-up and cache serialization run only there")
+@pytest.mark.skipif(
+    not SERVABLE,
+    reason="needs a GPU TensorRT for RTX supports (SM 7.5/8.x/12.x) as CUDA device 0: "
+    "weightless builds, EAGER warm-up and cache serialization run only there",
+)
 def test_farm_job_on_a_real_rtx_gpu(tmp_path: Path, bundle: Path) -> None:  # pragma: no cover - GPU only
-    res = CliRunner().invoke(main, ["farm-job", str(bundle), "-o", str(tmp_path / "part"), "--warmup", "x=8x64", "--json"])
+    res = CliRunner().invoke(
+        main, ["farm-job", str(bundle), "-o", str(tmp_path / "part"), "--warmup", "x=8x64", "--json"]
+    )
     assert res.exit_code == 0, res.output
     part, _ = read_part(tmp_path / "part")
     assert part.engine is not None and part.runtime_cache.file.size > 0

@@ -5,6 +5,7 @@ installed). The GPU itself is exercised by tests/test_gpu_upload.py on a machine
 Planner tests run each plan with a host reference of the GPU's two steps (nvCOMP: decode the planned zstd ranges;
 the kernel: join the planes of each job) and compare with the host decoder on real stores of every dtype and encoding.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -18,9 +19,19 @@ import pytest
 import zstandard
 
 from bundler.weights_writer import Weight, write_weight_store
-from runtime_shim import gpu_decode, gpu_upload
-from runtime_shim.gpu_decode import ENCODINGS, PTR_SCRATCH, PTR_STAGE, Cut, Cuts, FrameFormatError, plan_frames
-from runtime_shim.weights import PLANE_CHUNK, PLANE_RAW, PLANE_ZSTD, PLANE_ZSTD_CHUNKS, PLANES_TAG, WeightReader, decode_frame_into, plane_chunks
+from runtime_shim.gpu import decode as gpu_decode
+from runtime_shim.gpu import upload as gpu_upload
+from runtime_shim.gpu.decode import ENCODINGS, PTR_SCRATCH, PTR_STAGE, Cut, Cuts, FrameFormatError, plan_frames
+from runtime_shim.store.reader import (
+    PLANE_CHUNK,
+    PLANE_RAW,
+    PLANE_ZSTD,
+    PLANE_ZSTD_CHUNKS,
+    PLANES_TAG,
+    WeightReader,
+    decode_frame_into,
+    plane_chunks,
+)
 
 _UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
@@ -30,23 +41,27 @@ def run_plan_on_host(plan: Cut, stage: np.ndarray, out: np.ndarray) -> None:
     ``stage`` holds the segment as copied to the device, ``out`` is the upload's device allocation."""
     dctx = zstandard.ZstdDecompressor()
     scratch = np.zeros(plan.scratch_bytes, dtype=np.uint8)
-    for a, size, raw, at, to_dst in zip(plan.chunk_in, plan.chunk_size, plan.chunk_raw, plan.chunk_out, plan.chunk_to_dst):
+    for a, size, raw, at, to_dst in zip(
+        plan.chunk_in, plan.chunk_size, plan.chunk_raw, plan.chunk_out, plan.chunk_to_dst
+    ):
         assert 0 <= a and a + size <= len(stage)
-        part = np.frombuffer(dctx.decompress(stage[a:a + size].tobytes(), max_output_size=int(raw)), dtype=np.uint8)
+        part = np.frombuffer(dctx.decompress(stage[a : a + size].tobytes(), max_output_size=int(raw)), dtype=np.uint8)
         assert len(part) == raw
         target = out if to_dst else scratch
         assert at + raw <= len(target)
-        target[at:at + raw] = part
-    for dst, ptrs, kinds, n, es, rot in zip(plan.job_out, plan.job_ptr, plan.job_kind, plan.job_n, plan.job_es, plan.job_rot):
+        target[at : at + raw] = part
+    for dst, ptrs, kinds, n, es, rot in zip(
+        plan.job_out, plan.job_ptr, plan.job_kind, plan.job_n, plan.job_es, plan.job_rot
+    ):
         x = np.zeros(n, dtype=np.uint64)
         for k in range(es):
             src = {PTR_STAGE: stage, PTR_SCRATCH: scratch}[int(kinds[k])]
             assert ptrs[k] + n <= len(src)
-            x |= src[ptrs[k]:ptrs[k] + n].astype(np.uint64) << np.uint64(8 * k)
+            x |= src[ptrs[k] : ptrs[k] + n].astype(np.uint64) << np.uint64(8 * k)
         assert (kinds[es:] == 0).all()
         if rot:
             x = (x >> np.uint64(1)) | ((x & np.uint64(1)) << np.uint64(8 * es - 1))
-        out[dst:dst + n * es] = np.frombuffer(x.astype(_UINT[int(es)]).astype(f"<u{es}").tobytes(), dtype=np.uint8)
+        out[dst : dst + n * es] = np.frombuffer(x.astype(_UINT[int(es)]).astype(f"<u{es}").tobytes(), dtype=np.uint8)
 
 
 def _weights(rng: np.random.Generator) -> list[Weight]:
@@ -88,23 +103,37 @@ def _segments(bundle_dir: Path, store, slot_bytes: int) -> tuple[dict, list, np.
         for lo, hi, runs in segments:
             buf = np.zeros(slot_bytes, dtype=np.uint8)
             for a, b in runs:
-                reader.read_frames(frames[a:b], memoryview(buf)[int(t["slot_off"][a]):])
+                reader.read_frames(frames[a:b], memoryview(buf)[int(t["slot_off"][a]) :])
             bufs.append(buf)
         want = np.zeros(total, dtype=np.uint8)
         for i in order:
-            reader.decode_blob_into(i, memoryview(want)[offsets[i]:offsets[i] + store.blobs[i].nbytes])
-    return t, list(zip(segments, bufs)), want, total, plan, Cuts(plan, [(lo, hi) for lo, hi, _ in segments], t["slot_off"] - t["file"])
+            reader.decode_blob_into(i, memoryview(want)[offsets[i] : offsets[i] + store.blobs[i].nbytes])
+    return (
+        t,
+        list(zip(segments, bufs)),
+        want,
+        total,
+        plan,
+        Cuts(plan, [(lo, hi) for lo, hi, _ in segments], t["slot_off"] - t["file"]),
+    )
 
 
-@pytest.mark.parametrize("name", ["zstd-byteplane-4194304", "zstd-byteplane-16384", "zstd-4194304", "zstd-16384", "none-4194304", "none-16384"])
+@pytest.mark.parametrize(
+    "name",
+    ["zstd-byteplane-4194304", "zstd-byteplane-16384", "zstd-4194304", "zstd-16384", "none-4194304", "none-16384"],
+)
 @pytest.mark.parametrize("slot_frames", [1, 3])
-def test_every_segment_planned_and_run_as_the_gpu_would_matches_the_host_decoder(stores, name, slot_frames, impl) -> None:
+def test_every_segment_planned_and_run_as_the_gpu_would_matches_the_host_decoder(
+    stores, name, slot_frames, impl
+) -> None:
     # impl: Cuts.cut checks every zstd range with the C helper where it is built, with numpy elsewhere
     bundle_dir, store = stores[name]
     slot_bytes = max(f.size for b in store.blobs for f in b.frames) * slot_frames
     t, segs, want, total, plan, cuts = _segments(bundle_dir, store, slot_bytes)
     out = np.full(total, 0xAB, dtype=np.uint8)  # not zero: every byte of every blob must be written
-    assert len(plan.chunk_in) <= t["chunks"].sum() and len(plan.job_out) <= len(t["size"])  # the decoder's tables are sized by these
+    assert len(plan.chunk_in) <= t["chunks"].sum() and len(plan.job_out) <= len(
+        t["size"]
+    )  # the decoder's tables are sized by these
     most_chunks = 0
     for (lo, hi, runs), buf in segs:
         part = cuts.cut(lo, hi, buf)
@@ -113,7 +142,9 @@ def test_every_segment_planned_and_run_as_the_gpu_would_matches_the_host_decoder
         run_plan_on_host(part, buf, out)
     for i, blob in enumerate(store.blobs):
         start = int(t["dst"][t["blob"].tolist().index(i)])
-        assert out[start:start + blob.nbytes].tobytes() == want[start:start + blob.nbytes].tobytes(), f"blob {i} ({blob.encoding}, {blob.element_size})"
+        assert out[start : start + blob.nbytes].tobytes() == want[start : start + blob.nbytes].tobytes(), (
+            f"blob {i} ({blob.encoding}, {blob.element_size})"
+        )
     if name.startswith("zstd-byteplane-4"):
         assert most_chunks > len(segs[0][0][2])  # planes cut in several zstd chunks (mode 2) were exercised
 
@@ -121,7 +152,7 @@ def test_every_segment_planned_and_run_as_the_gpu_would_matches_the_host_decoder
 def test_a_frame_whose_header_changed_after_planning_is_refused_by_the_cut(stores) -> None:
     bundle_dir, store = stores["zstd-byteplane-4194304"]
     t, segs, _, _, plan, cuts = _segments(bundle_dir, store, max(f.size for b in store.blobs for f in b.frames) * 3)
-    (lo, hi, _), buf = next(((seg, buf) for seg, buf in segs if any(t["enc"][seg[0]:seg[1]] == 2)))
+    (lo, hi, _), buf = next(((seg, buf) for seg, buf in segs if any(t["enc"][seg[0] : seg[1]] == 2)))
     k = lo + int(np.argmax(t["enc"][lo:hi] == 2))  # a byte-plane frame: its plane header is a dependency
     buf = buf.copy()
     buf[t["slot_off"][k] + 5] ^= 1  # a byte of plane 0's stored size
@@ -176,13 +207,19 @@ def test_layout_1_frames_plan_as_one_zstd_frame_of_planes_joined_without_rotatio
     assert list(plan.job_rot) == [0] and list(plan.job_n) == [1000]
 
 
-@pytest.mark.parametrize("table, message", [
-    (struct.pack("<II", 1024, 64), "expected chunks of at least 65536 bytes"),  # too small: would overflow the arrays
-    (struct.pack("<II", PLANE_CHUNK, 3), "3 chunks of 65536 bytes for a plane of 100000"),
-    (struct.pack("<II", PLANE_CHUNK, 2), "does not fit"),
-    (struct.pack("<IIII", PLANE_CHUNK, 2, 5, 5) + b"x" * 9, "chunks add up to 26 bytes, the plane has 25"),
-    (b"\x00" * 5, "shorter than its 8-byte table header"),
-])
+@pytest.mark.parametrize(
+    "table, message",
+    [
+        (
+            struct.pack("<II", 1024, 64),
+            "expected chunks of at least 65536 bytes",
+        ),  # too small: would overflow the arrays
+        (struct.pack("<II", PLANE_CHUNK, 3), "3 chunks of 65536 bytes for a plane of 100000"),
+        (struct.pack("<II", PLANE_CHUNK, 2), "does not fit"),
+        (struct.pack("<IIII", PLANE_CHUNK, 2, 5, 5) + b"x" * 9, "chunks add up to 26 bytes, the plane has 25"),
+        (b"\x00" * 5, "shorter than its 8-byte table header"),
+    ],
+)
 def test_a_damaged_chunk_table_is_refused_by_the_host_decoder_and_the_planner_alike(table, message, impl) -> None:
     with pytest.raises(ValueError, match=message):
         plane_chunks(table, 100_000)
@@ -195,13 +232,18 @@ def test_a_damaged_chunk_table_is_refused_by_the_host_decoder_and_the_planner_al
     assert e.value.frame == 0
 
 
-@pytest.mark.parametrize("damage, message", [
-    (lambda s: s[:10], "shorter than its plane header"),
-    (lambda s: s[:-1], "announced"),
-    (lambda s: s + b"x", "after the last plane"),
-    (lambda s: s[:4] + b"\x07" + s[5:], "unknown mode 7"),
-])
-def test_a_damaged_plane_header_is_refused_naming_its_frame_before_anything_reaches_the_gpu(stores, damage, message) -> None:
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda s: s[:10], "shorter than its plane header"),
+        (lambda s: s[:-1], "announced"),
+        (lambda s: s + b"x", "after the last plane"),
+        (lambda s: s[:4] + b"\x07" + s[5:], "unknown mode 7"),
+    ],
+)
+def test_a_damaged_plane_header_is_refused_naming_its_frame_before_anything_reaches_the_gpu(
+    stores, damage, message
+) -> None:
     bundle_dir, store = stores["zstd-byteplane-4194304"]
     i = next(k for k, b in enumerate(store.blobs) if b.encoding == "zstd-byteplane" and b.element_size == 4)
     f = store.blobs[i].frames[0]
@@ -216,7 +258,15 @@ def test_a_damaged_plane_header_is_refused_naming_its_frame_before_anything_reac
     buf = np.frombuffer(bytes(good) + bad, dtype=np.uint8)
     col = lambda a, b: np.array([a, b], dtype=np.int64)  # noqa: E731
     with pytest.raises(FrameFormatError, match=message) as e:
-        plan_frames(buf, col(0, len(good)), col(len(good), len(bad)), col(f.raw_size, f.raw_size), col(4, 4), col(2, 2), col(0, f.raw_size))
+        plan_frames(
+            buf,
+            col(0, len(good)),
+            col(len(good), len(bad)),
+            col(f.raw_size, f.raw_size),
+            col(4, 4),
+            col(2, 2),
+            col(0, f.raw_size),
+        )
     assert e.value.frame == 1
 
 
@@ -230,16 +280,21 @@ def test_a_chunk_table_whose_sizes_do_not_match_the_zstd_frames_is_refused_by_bo
     struct.pack_into("<II", swapped, table + 8, b, a)  # same total, wrong boundaries: not zstd frames any more
     with pytest.raises((ValueError, zstandard.ZstdError)):  # the reader turns either into an IntegrityError
         decode_frame_into(bytes(swapped), "zstd-byteplane", 4, memoryview(bytearray(values.nbytes)))
-    with pytest.raises(FrameFormatError, match="does not start with zstd's magic number|decodes to|is not one zstd frame"):
+    with pytest.raises(
+        FrameFormatError, match="does not start with zstd's magic number|decodes to|is not one zstd frame"
+    ):
         _one_frame(bytes(swapped), "zstd-byteplane", 4, values.nbytes)
     _check_one(stored, "zstd-byteplane", 4, values.tobytes())  # the sound one plans and decodes
 
 
-@pytest.mark.parametrize("stored, raw, message", [
-    (b"", 4, "shorter than the smallest zstd frame"),  # an empty zstd frame
-    (b"\x28\xb5\x2f\xfd\x00\x00\x00\x00\x00", 4, "does not say its decoded size"),
-    (b"\x00" * 12, 4, "does not start with zstd's magic number"),
-])
+@pytest.mark.parametrize(
+    "stored, raw, message",
+    [
+        (b"", 4, "shorter than the smallest zstd frame"),  # an empty zstd frame
+        (b"\x28\xb5\x2f\xfd\x00\x00\x00\x00\x00", 4, "does not say its decoded size"),
+        (b"\x00" * 12, 4, "does not start with zstd's magic number"),
+    ],
+)
 def test_chunks_that_are_not_sound_zstd_frames_never_reach_the_gpu(stored, raw, message) -> None:
     with pytest.raises(FrameFormatError, match=message):
         _one_frame(stored, "zstd", 1, raw)
@@ -251,9 +306,14 @@ def test_a_frame_of_no_raw_bytes_is_refused() -> None:
 
 
 def test_pack_keeps_a_segment_within_one_batch_of_decoded_bytes() -> None:
-    t = {"size": np.array([100, 100, 100, 100], dtype=np.int64), "raw": np.array([4 << 20] * 4, dtype=np.int64),
-         "file": np.array([8, 108, 208, 308], dtype=np.int64)}
-    segments = gpu_upload._pack(t, 16 << 20, raw_cap=8 << 20)  # 400 stored bytes would fit one slot; 16 MiB raw would not
+    t = {
+        "size": np.array([100, 100, 100, 100], dtype=np.int64),
+        "raw": np.array([4 << 20] * 4, dtype=np.int64),
+        "file": np.array([8, 108, 208, 308], dtype=np.int64),
+    }
+    segments = gpu_upload._pack(
+        t, 16 << 20, raw_cap=8 << 20
+    )  # 400 stored bytes would fit one slot; 16 MiB raw would not
     assert [(lo, hi) for lo, hi, _ in segments] == [(0, 2), (2, 4)]
 
 
@@ -268,15 +328,17 @@ def test_the_planner_refuses_wrong_sizes() -> None:
 def test_pack_fills_slots_with_whole_frames_in_order_and_reads_back_to_back_runs(stores, slot_frames) -> None:
     bundle_dir, store = stores["zstd-byteplane-16384"]
     slot = max(f.size for b in store.blobs for f in b.frames) * slot_frames
-    t = gpu_upload._frame_table(_Store(bundle_dir, store), list(range(len(store.blobs))), {i: 0 for i in range(len(store.blobs))})
+    t = gpu_upload._frame_table(
+        _Store(bundle_dir, store), list(range(len(store.blobs))), {i: 0 for i in range(len(store.blobs))}
+    )
     segments = gpu_upload._pack(t, slot)
     assert [k for lo, hi, _ in segments for k in range(lo, hi)] == list(range(len(t["size"])))
     for lo, hi, runs in segments:
-        assert t["slot_off"][lo] == 0 and (t["slot_off"][lo + 1:hi] == (t["slot_off"] + t["size"])[lo:hi - 1]).all()
+        assert t["slot_off"][lo] == 0 and (t["slot_off"][lo + 1 : hi] == (t["slot_off"] + t["size"])[lo : hi - 1]).all()
         assert t["slot_off"][hi - 1] + t["size"][hi - 1] <= slot
         assert runs[0][0] == lo and runs[-1][1] == hi and all(a[1] == b[0] for a, b in zip(runs, runs[1:]))
         for a, b in runs:  # one read each: back to back in the file, and at most READ_RUN unless a single frame
-            assert (t["file"][a + 1:b] == (t["file"] + t["size"])[a:b - 1]).all()
+            assert (t["file"][a + 1 : b] == (t["file"] + t["size"])[a : b - 1]).all()
             assert b - a == 1 or t["size"][a:b].sum() <= gpu_upload.READ_RUN
     if slot_frames > 1:
         assert len(segments) < len(t["size"])
@@ -302,11 +364,17 @@ def _ptxas() -> str | None:
 PTXAS = _ptxas()
 
 
-@pytest.mark.skipif(PTXAS is None, reason="ptxas not found (pip install nvidia-cuda-nvcc-cu12 puts it in site-packages)")
+@pytest.mark.skipif(
+    PTXAS is None, reason="ptxas not found (pip install nvidia-cuda-nvcc-cu12 puts it in site-packages)"
+)
 @pytest.mark.parametrize("arch", ["sm_75", "sm_80", "sm_86", "sm_89", "sm_120"])
 def test_the_plane_kernel_assembles_for_every_architecture_trt_rtx_supports(tmp_path, arch) -> None:
     (tmp_path / "k.ptx").write_text(gpu_decode.PTX)
-    run = subprocess.run([str(PTXAS), f"-arch={arch}", str(tmp_path / "k.ptx"), "-o", str(tmp_path / "k.cubin")], capture_output=True, text=True)
+    run = subprocess.run(
+        [str(PTXAS), f"-arch={arch}", str(tmp_path / "k.ptx"), "-o", str(tmp_path / "k.cubin")],
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode == 0, run.stderr
     assert (tmp_path / "k.cubin").stat().st_size > 0
 

@@ -4,6 +4,7 @@ reason, where cuda-python finds no device. The no-device error is tested on ever
 
     python3 -m pytest -q tests/test_gpu_upload.py
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -14,19 +15,20 @@ import pytest
 
 from bundler.onnx_model import load_model
 from bundler.weights_writer import Weight, write_weight_store
-from runtime_shim import gpu_decode, gpu_upload
 from runtime_shim.errors import IntegrityError, MachineError
-from runtime_shim.gpu_upload import Uploader, upload_weights
-from runtime_shim.weights import WeightReader
+from runtime_shim.gpu import decode as gpu_decode
+from runtime_shim.gpu import upload as gpu_upload
+from runtime_shim.gpu.upload import Uploader, upload_weights
+from runtime_shim.store.reader import WeightReader
 
 sys.path.insert(0, str(Path(__file__).parent))
-import models  # noqa: E402
+import models
 
 
 def _no_device_reason() -> str | None:
     """Why no CUDA device can be used here (None: one can)."""
     try:
-        rt = gpu_upload._cudart()
+        rt = gpu_upload.cudart()
     except MachineError as e:
         return str(e)
     err, count = rt.cudaGetDeviceCount()
@@ -37,7 +39,7 @@ def _no_device_reason() -> str | None:
 
 def _cuda_python_missing() -> bool:
     try:
-        gpu_upload._cudart()
+        gpu_upload.cudart()
     except MachineError:
         return True
     return False
@@ -47,19 +49,26 @@ NO_DEVICE = _no_device_reason()
 needs_cuda = pytest.mark.skipif(NO_DEVICE is not None, reason=f"needs a CUDA GPU, any model ({NO_DEVICE})")
 NO_NVCOMP = gpu_decode.available()
 # Both ways of decoding: on host threads into the pinned ring, and on the GPU (nvCOMP + the plane kernel).
-DECODES = ["host", pytest.param("device", marks=pytest.mark.skipif(NO_NVCOMP is not None, reason=f"GPU decoding needs nvCOMP ({NO_NVCOMP})"))]
+DECODES = [
+    "host",
+    pytest.param(
+        "device", marks=pytest.mark.skipif(NO_NVCOMP is not None, reason=f"GPU decoding needs nvCOMP ({NO_NVCOMP})")
+    ),
+]
 
 
 # ------------------------------------------------------------------------------------------- every machine
 @pytest.mark.skipif(_cuda_python_missing(), reason="cuda-python is not importable (tested below)")
 def test_without_a_cuda_device_the_uploader_raises_a_readable_machine_error() -> None:
-    rt = gpu_upload._cudart()
+    rt = gpu_upload.cudart()
     err, count = rt.cudaGetDeviceCount()
     device = count if int(err) == 0 else 0  # a device index that does not exist on this machine
     with pytest.raises(MachineError) as e:
         Uploader(device=device)
     message = str(e.value)
-    assert message.startswith(f"cannot upload weights to CUDA device {device}: cudaSetDevice({device}) failed: cudaError")
+    assert message.startswith(
+        f"cannot upload weights to CUDA device {device}: cudaSetDevice({device}) failed: cudaError"
+    )
     assert "nvidia-smi" in e.value.hint
 
 
@@ -108,8 +117,8 @@ class _CountingCudart:
 
 @pytest.fixture
 def cudart(monkeypatch) -> _CountingCudart:
-    counting = _CountingCudart(gpu_upload._cudart())
-    monkeypatch.setattr(gpu_upload, "_cudart", lambda: counting)
+    counting = _CountingCudart(gpu_upload.cudart())
+    monkeypatch.setattr(gpu_upload, "cudart", lambda: counting)
     return counting
 
 
@@ -127,7 +136,10 @@ def stores(tmp_path_factory) -> dict[str, tuple[Path, object]]:
         weights = list(load_model(factory(root / "models")).weights)
         for suffix, chunk in (("", None), (":small-frames", 1024)):
             d = root / f"{name}{suffix.replace(':', '-')}"
-            out[name + suffix] = (d, write_weight_store(weights, d, threads=2, **({"chunk_bytes": chunk} if chunk else {})))
+            out[name + suffix] = (
+                d,
+                write_weight_store(weights, d, threads=2, **({"chunk_bytes": chunk} if chunk else {})),
+            )
     return out
 
 
@@ -145,7 +157,9 @@ def _check_every_tensor(rt, reader: WeightReader, dw) -> None:
     for t in reader.store.tensors:
         d = dw.tensors[t.name]
         assert d.ptr % gpu_upload.DEVICE_ALIGNMENT == 0 and dw.base <= d.ptr and d.ptr + d.nbytes <= dw.base + dw.nbytes
-        assert _device_bytes(rt, d.ptr, d.nbytes) == reader.read_tensor(t.name).tobytes(), f"{t.name} differs on the device"
+        assert _device_bytes(rt, d.ptr, d.nbytes) == reader.read_tensor(t.name).tobytes(), (
+            f"{t.name} differs on the device"
+        )
 
 
 # (threads, slots, slot size in frames of the largest frame): one slot, two-slot ring, more slots than threads
@@ -155,8 +169,12 @@ RINGS = [(1, 2, 1), (4, None, 1), (2, 3, 2), (8, 2, 3)]
 @needs_cuda
 @pytest.mark.parametrize("decode", DECODES)
 @pytest.mark.parametrize("threads, slots, frames_a_slot", RINGS)
-@pytest.mark.parametrize("model", [n for n, _, _ in models.ALL_BUNDLABLE] + [f"{n}:small-frames" for n, _, _ in models.ALL_BUNDLABLE])
-def test_every_tensor_round_trips_bit_exact_within_the_pinned_ring(stores, cudart, model, threads, slots, frames_a_slot, decode) -> None:
+@pytest.mark.parametrize(
+    "model", [n for n, _, _ in models.ALL_BUNDLABLE] + [f"{n}:small-frames" for n, _, _ in models.ALL_BUNDLABLE]
+)
+def test_every_tensor_round_trips_bit_exact_within_the_pinned_ring(
+    stores, cudart, model, threads, slots, frames_a_slot, decode
+) -> None:
     bundle_dir, store = stores[model]
     slot_bytes = max(max(f.raw_size, f.size) for b in store.blobs for f in b.frames) * frames_a_slot
     raw = sum(b.nbytes for b in store.blobs)
@@ -166,7 +184,9 @@ def test_every_tensor_round_trips_bit_exact_within_the_pinned_ring(stores, cudar
         if raw > slot_bytes:
             assert len(segments) > 1  # one segment would hold every frame: the slot is smaller, so several copies
         # batch_bytes: small enough that the bigger stores take several GPU batches (both halves, reused)
-        with Uploader(threads=threads, slots=slots, slot_bytes=slot_bytes, decode=decode, batch_bytes=max(slot_bytes, 1 << 16)) as up:
+        with Uploader(
+            threads=threads, slots=slots, slot_bytes=slot_bytes, decode=decode, batch_bytes=max(slot_bytes, 1 << 16)
+        ) as up:
             ring = up.slots * up.slot_bytes
             for _ in range(2):  # the second upload reuses the slots and their events
                 dw = up.upload(reader)
@@ -181,7 +201,9 @@ def test_every_tensor_round_trips_bit_exact_within_the_pinned_ring(stores, cudar
     # kernel's jobs (96 bytes a frame): a bound by the frame count, a hundred thousandth of the model's bytes
     t = gpu_upload._frame_table(reader, order, gpu_upload._layout(reader, order)[0])
     decoder_arrays = 48 * max(64, int(t["chunks"].sum())) + 96 * max(64, len(t["size"]))
-    assert 0 < cudart.peak_pinned <= ring + (decoder_arrays if decode == "device" else 0)  # bounded by the ring, whatever the model's size
+    assert (
+        0 < cudart.peak_pinned <= ring + (decoder_arrays if decode == "device" else 0)
+    )  # bounded by the ring, whatever the model's size
     assert cudart.pinned == {} and cudart.device == {}  # close() and free() gave everything back
     if model.endswith(":small-frames"):
         assert sum(len(b.frames) for b in store.blobs) > len(store.blobs)  # multi-frame blobs really were exercised
@@ -202,11 +224,18 @@ def test_upload_weights_one_shot_and_identical_tensors_share_device_memory(store
 def test_a_subset_of_blobs_uploads_only_those(stores, cudart) -> None:
     bundle_dir, store = stores["mlp:small-frames"]
     wanted = [len(store.blobs) - 1, 0]
-    with WeightReader(bundle_dir, store) as reader, Uploader(threads=2, slot_bytes=1024) as up, up.upload(reader, wanted) as dw:
+    with (
+        WeightReader(bundle_dir, store) as reader,
+        Uploader(threads=2, slot_bytes=1024) as up,
+        up.upload(reader, wanted) as dw,
+    ):
         names = {t.name for t in store.tensors if t.blob in wanted}
         assert set(dw.tensors) == names and dw.nbytes < sum(b.nbytes for b in store.blobs)
         for name in names:
-            assert _device_bytes(cudart, dw.tensors[name].ptr, dw.tensors[name].nbytes) == reader.read_tensor(name).tobytes()
+            assert (
+                _device_bytes(cudart, dw.tensors[name].ptr, dw.tensors[name].nbytes)
+                == reader.read_tensor(name).tobytes()
+            )
 
 
 @needs_cuda
@@ -238,19 +267,26 @@ def test_a_corrupt_frame_fails_the_upload_and_frees_its_device_memory(stores, cu
 
 @needs_cuda
 @pytest.mark.parametrize("decode", DECODES)
-def test_an_unverified_frame_with_a_bad_plane_header_is_refused_before_decoding(stores, cudart, tmp_path, decode) -> None:
+def test_an_unverified_frame_with_a_bad_plane_header_is_refused_before_decoding(
+    stores, cudart, tmp_path, decode
+) -> None:
     """verify_frames=False (a file verified before): a damaged plane header still fails cleanly, on the host, before
     any decoder (nvCOMP's is undefined on bad input) sees it."""
     src_dir, store = stores["mlp"]
     i = next(k for k, b in enumerate(store.blobs) if b.encoding == "zstd-byteplane")
     frame = store.blobs[i].frames[0]
     data = bytearray((src_dir / store.file.path).read_bytes())
-    assert data[frame.offset:frame.offset + 4] == b"BP2\x00"
+    assert data[frame.offset : frame.offset + 4] == b"BP2\x00"
     data[frame.offset + 4] = 7  # plane 0's mode
     (tmp_path / "weights").mkdir()
     (tmp_path / store.file.path).write_bytes(bytes(data))
-    with WeightReader(tmp_path, store, threads=2, verify_frames=False) as reader, Uploader(threads=2, decode=decode) as up:
-        with pytest.raises(IntegrityError, match=rf"blob {i} .*frame 0 .*cannot decode as zstd-byteplane .*unknown mode 7"):
+    with (
+        WeightReader(tmp_path, store, threads=2, verify_frames=False) as reader,
+        Uploader(threads=2, decode=decode) as up,
+    ):
+        with pytest.raises(
+            IntegrityError, match=rf"blob {i} .*frame 0 .*cannot decode as zstd-byteplane .*unknown mode 7"
+        ):
             up.upload(reader)
 
 
@@ -282,8 +318,10 @@ def test_a_store_that_expands_a_thousandfold_uploads_within_the_gpu_batches(cuda
     import numpy as np
 
     rng = np.random.default_rng(3)
-    weights = [Weight("mask", "float32", (16 << 20,), np.zeros(16 << 20, dtype=np.float32).tobytes()),
-               Weight("w", "float32", (1 << 20,), (rng.standard_normal(1 << 20) * 0.02).astype(np.float32).tobytes())]
+    weights = [
+        Weight("mask", "float32", (16 << 20,), np.zeros(16 << 20, dtype=np.float32).tobytes()),
+        Weight("w", "float32", (1 << 20,), (rng.standard_normal(1 << 20) * 0.02).astype(np.float32).tobytes()),
+    ]
     store = write_weight_store(weights, tmp_path, threads=2)
     assert store.file.size < 8 << 20
     with WeightReader(tmp_path, store) as reader, Uploader(threads=2, decode=decode) as up, up.upload(reader) as dw:

@@ -3,6 +3,7 @@
 Weightless engines need a GPU, so a part's "weightless" engine here is a real single-SM engine built by the
 TRT-RTX builder on the CPU: merge only does bookkeeping with it (hashes, versions, references).
 """
+
 from __future__ import annotations
 
 import json
@@ -16,6 +17,7 @@ from types import SimpleNamespace
 
 import pytest
 from click.testing import CliRunner
+from models import make_mlp, make_mlp_fp16
 
 import bundler.merge as merge_mod
 from bundler.build import build_bundle
@@ -25,11 +27,10 @@ from bundler.config import make_options
 from bundler.coverage import coverage
 from bundler.merge import MergeError, merge_parts
 from bundler.part import Part, base_sha256, write_part
-from models import make_mlp, make_mlp_fp16
 from runtime_shim.errors import IntegrityError, ManifestError
 from runtime_shim.fsutil import sha256_bytes, sha256_file
 from runtime_shim.manifest import CacheKey, Engine, FileRef, RuntimeCache, read_manifest
-from runtime_shim.trt_session import BuildRequest, build_engine
+from runtime_shim.trt.build import BuildRequest, build_engine
 
 REPO = Path(__file__).resolve().parent.parent
 RTX4090 = ("NVIDIA GeForce RTX 4090", 0x2684, 89)
@@ -40,8 +41,9 @@ def make_bundle(tmp: Path, factory=make_mlp, name: str = "bundle") -> Path:
     """A real bundle with one weightful engine. The probe reports no GPU, so that on an RTX machine too the
     bundle has no weightless engine and the farm has one to make."""
     model = factory(tmp / f"{name}-model")
-    return build_bundle(model, tmp / name, options=make_options(shapes=["x=1x64:4x64:16x64"]),
-                        probe=lambda: SimpleNamespace(gpus=())).bundle_dir
+    return build_bundle(
+        model, tmp / name, options=make_options(shapes=["x=1x64:4x64:16x64"]), probe=lambda: SimpleNamespace(gpus=())
+    ).bundle_dir
 
 
 _ENGINES: dict[tuple[Path, int], bytes] = {}
@@ -56,30 +58,63 @@ def real_engine(bundle: Path, sm: int) -> bytes:
         manifest, _ = read_manifest(bundle)
         onnx_path, _tmp = materialize_model(manifest, bundle, UserCache("tests", bundle.parent / f"uc-{sm}"))
         profiles = [p.triples() for p in manifest.profiles]
-        _ENGINES[(bundle, sm)] = build_engine(BuildRequest(onnx_path=str(onnx_path), profiles=profiles, compute_capabilities=[sm]))
+        _ENGINES[(bundle, sm)] = build_engine(
+            BuildRequest(onnx_path=str(onnx_path), profiles=profiles, compute_capabilities=[sm])
+        )
     return _ENGINES[(bundle, sm)]
 
 
-def make_part(part_dir: Path, bundle: Path, *, gpu=RTX4090, os_name: str = "linux", driver: str = "580.95",
-              cache: bytes = b"opaque runtime cache 4090", created: int = 1_700_000_000, engine: bytes | None = None,
-              trt_version: str | None = None, for_manifest_sha: str | None = None) -> Path:
+def make_part(
+    part_dir: Path,
+    bundle: Path,
+    *,
+    gpu=RTX4090,
+    os_name: str = "linux",
+    driver: str = "580.95",
+    cache: bytes = b"opaque runtime cache 4090",
+    created: int = 1_700_000_000,
+    engine: bytes | None = None,
+    trt_version: str | None = None,
+    for_manifest_sha: str | None = None,
+) -> Path:
     """A part as farm-job writes it. ``engine``: bytes of a new engine, or None to use the bundle's first engine."""
     manifest, _ = read_manifest(bundle)
     version = trt_version or manifest.trt_rtx.version
     name, pci, sm = gpu
     new_engine = None
     if engine is not None:
-        new_engine = Engine(kind="weightless", platform="windows_amd64" if os_name == "windows" else "linux_x86_64",
-                            compute_capabilities=(sm,), trt_rtx_version=version,
-                            file=FileRef.for_content("engines", sha256_bytes(engine), len(engine)), built_by={"tool": "test"})
+        new_engine = Engine(
+            kind="weightless",
+            platform="windows_amd64" if os_name == "windows" else "linux_x86_64",
+            compute_capabilities=(sm,),
+            trt_rtx_version=version,
+            file=FileRef.for_content("engines", sha256_bytes(engine), len(engine)),
+            built_by={"tool": "test"},
+        )
     engine_sha = new_engine.file.sha256 if new_engine else manifest.engines[0].file.sha256
-    key = CacheKey(os=os_name, gpu_name=name, pci_device_id=pci, sm=sm, driver_version=driver,
-                   cuda_flavour=manifest.trt_rtx.cuda_flavour, trt_rtx_version=version)
-    part = Part(bundle_manifest_sha256=for_manifest_sha or sha256_file(bundle / "manifest.json")[0],
-                bundle_base_sha256=base_sha256(manifest), model=manifest.model.name, engine=new_engine,
-                runtime_cache=RuntimeCache(key=key, engines=(engine_sha,), created=created,
-                                           file=FileRef.for_content("caches", sha256_bytes(cache), len(cache))),
-                timings={"total_s": 1.0}, created=created)
+    key = CacheKey(
+        os=os_name,
+        gpu_name=name,
+        pci_device_id=pci,
+        sm=sm,
+        driver_version=driver,
+        cuda_flavour=manifest.trt_rtx.cuda_flavour,
+        trt_rtx_version=version,
+    )
+    part = Part(
+        bundle_manifest_sha256=for_manifest_sha or sha256_file(bundle / "manifest.json")[0],
+        bundle_base_sha256=base_sha256(manifest),
+        model=manifest.model.name,
+        engine=new_engine,
+        runtime_cache=RuntimeCache(
+            key=key,
+            engines=(engine_sha,),
+            created=created,
+            file=FileRef.for_content("caches", sha256_bytes(cache), len(cache)),
+        ),
+        timings={"total_s": 1.0},
+        created=created,
+    )
     write_part(part_dir, part, {"engines": engine or b"", "caches": cache})
     return part_dir
 
@@ -145,7 +180,10 @@ def test_merge_cli_json_and_coverage(tmp_path: Path, bundle: Path) -> None:
     report = json.loads(res.stdout)
     assert len(report["caches_added"]) == 1 and report["caches_added"][0]["key"]["pci_device_id"] == 0x2684
     cov = {(r.platform, r.sm): r for r in coverage(read_manifest(bundle)[0]).rows}
-    assert cov[("linux_x86_64", 89)].engine == "weightless" and cov[("linux_x86_64", 89)].caches[0].key.gpu_name == RTX4090[0]
+    assert (
+        cov[("linux_x86_64", 89)].engine == "weightless"
+        and cov[("linux_x86_64", 89)].caches[0].key.gpu_name == RTX4090[0]
+    )
     assert cov[("linux_x86_64", 86)].engine == "weightful" and cov[("linux_x86_64", 86)].caches == ()
     assert cov[("linux_x86_64", 75)].engine == "build"  # TRT-RTX's default targets leave Turing out
     res = CliRunner().invoke(main, ["inspect", str(bundle), "--json"])
@@ -229,7 +267,10 @@ def test_two_caches_for_one_key_keep_the_newest(tmp_path: Path, bundle: Path) ->
 
 @pytest.mark.parametrize("prefer, kept", [("oldest", "old"), ("old", "old"), ("new", "new")])
 def test_prefer_chooses_the_cache(tmp_path: Path, bundle: Path, prefer: str, kept: str) -> None:
-    parts = {n: make_part(tmp_path / n, bundle, cache=f"{n} cache".encode(), created=c) for n, c in (("new", 2_000), ("old", 1_000))}
+    parts = {
+        n: make_part(tmp_path / n, bundle, cache=f"{n} cache".encode(), created=c)
+        for n, c in (("new", 2_000), ("old", 1_000))
+    }
     arg = prefer if prefer == "oldest" else str(parts[prefer])
     res = CliRunner().invoke(main, ["merge", str(bundle), str(parts["new"]), str(parts["old"]), "--prefer", arg])
     assert res.exit_code == 0, res.output
@@ -239,8 +280,9 @@ def test_prefer_chooses_the_cache(tmp_path: Path, bundle: Path, prefer: str, kep
 
 
 @pytest.mark.parametrize("exchange", [True, False], ids=["atomic-exchange", "move-in"])
-def test_conflict_with_a_cache_already_in_the_bundle(tmp_path: Path, bundle: Path, monkeypatch: pytest.MonkeyPatch,
-                                                     exchange: bool) -> None:
+def test_conflict_with_a_cache_already_in_the_bundle(
+    tmp_path: Path, bundle: Path, monkeypatch: pytest.MonkeyPatch, exchange: bool
+) -> None:
     if not exchange:
         monkeypatch.setattr(merge_mod, "_exchange", lambda a, b: False)
     merge_parts(bundle, [make_part(tmp_path / "first", bundle, cache=b"first", created=1_000)])
@@ -264,8 +306,9 @@ def test_prefer_names_nothing_given(tmp_path: Path, bundle: Path) -> None:
 
 # --------------------------------------------------------------------------- crashes
 @pytest.mark.parametrize("exchange", [True, False], ids=["atomic-exchange", "move-in"])
-def test_failed_manifest_write_leaves_the_bundle_unchanged(tmp_path: Path, bundle: Path, monkeypatch: pytest.MonkeyPatch,
-                                                           exchange: bool) -> None:
+def test_failed_manifest_write_leaves_the_bundle_unchanged(
+    tmp_path: Path, bundle: Path, monkeypatch: pytest.MonkeyPatch, exchange: bool
+) -> None:
     part = make_part(tmp_path / "p", bundle, engine=real_engine(bundle, 89))
     before = snapshot(bundle)
     real_write = merge_mod.atomic_write
@@ -308,8 +351,11 @@ def test_killed_merge_leaves_the_bundle_unchanged(tmp_path: Path, bundle: Path, 
     before = snapshot(bundle)
     marker = tmp_path / "marker"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen([sys.executable, "-c", _KILL_SCRIPT.format(patched=patched), str(bundle), str(part), str(marker)],
-                            env=env, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _KILL_SCRIPT.format(patched=patched), str(bundle), str(part), str(marker)],
+        env=env,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.monotonic() + 60
     while not marker.exists():
         assert proc.poll() is None, f"merge exited early: {proc.stderr.read().decode()}"
@@ -325,7 +371,10 @@ def test_killed_merge_leaves_the_bundle_unchanged(tmp_path: Path, bundle: Path, 
     assert fatal(verify_bundle(bundle)) == []
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="renameat2(RENAME_EXCHANGE) is Linux-only; elsewhere merge moves files in")
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux"),
+    reason="renameat2(RENAME_EXCHANGE) is Linux-only; elsewhere merge moves files in",
+)
 def test_atomic_exchange_swaps_directories(tmp_path: Path) -> None:
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir(), b.mkdir()
@@ -347,8 +396,12 @@ def test_merge_through_a_link_updates_the_real_bundle(tmp_path: Path, bundle: Pa
 def test_weights_only_bundle_is_filled_by_the_farm(tmp_path: Path) -> None:
     """build --no-weightful: weights + skeleton only; the farm's engines fill it, other SMs build on the user's GPU."""
     model = make_mlp(tmp_path / "model")
-    bundle = build_bundle(model, tmp_path / "b", options=make_options(shapes=["x=1x64:4x64:16x64"], weightful=False),
-                          probe=lambda: SimpleNamespace(gpus=())).bundle_dir
+    bundle = build_bundle(
+        model,
+        tmp_path / "b",
+        options=make_options(shapes=["x=1x64:4x64:16x64"], weightful=False),
+        probe=lambda: SimpleNamespace(gpus=()),
+    ).bundle_dir
     assert read_manifest(bundle)[0].engines == ()
     assert {r.engine for r in coverage(read_manifest(bundle)[0]).rows} == {"build"}
     merge_parts(bundle, [make_part(tmp_path / "p", bundle, engine=real_engine(bundle, 89))])

@@ -1,20 +1,21 @@
 """ONNX handling: loading (external data, typed fields, errors), Constant hoisting, and skeletons that run like the original."""
+
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
 
+import models
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
-import models
 from bundler.onnx_model import load_model, make_skeleton, write_normalized_model
 from bundler.weights_writer import write_weight_store
 from runtime_shim.errors import ModelError
-from runtime_shim.weights import WeightReader
+from runtime_shim.store.reader import WeightReader
 
 
 def _run(path: Path, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -190,7 +191,9 @@ def test_external_data_outside_the_model_dir_is_refused(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- not a model
-@pytest.mark.parametrize("content", [b"", b"hello, I am a text file\n", bytes(range(256)) * 4], ids=["empty", "text", "binary"])
+@pytest.mark.parametrize(
+    "content", [b"", b"hello, I am a text file\n", bytes(range(256)) * 4], ids=["empty", "text", "binary"]
+)
 def test_not_an_onnx_file(tmp_path: Path, content: bytes) -> None:
     path = tmp_path / "model.onnx"
     path.write_bytes(content)
@@ -209,7 +212,9 @@ def test_constants_sharing_a_name_in_sibling_branches_stay_in_place(tmp_path: Pa
     def branch(tag: str, value: float) -> onnx.GraphProto:
         nodes = [
             helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(np.full((4,), value, np.float32))),
-            helper.make_node("Constant", [], [f"w_{tag}"], value=numpy_helper.from_array(np.arange(4, dtype=np.float32) * value)),
+            helper.make_node(
+                "Constant", [], [f"w_{tag}"], value=numpy_helper.from_array(np.arange(4, dtype=np.float32) * value)
+            ),
             helper.make_node("Add", ["x", "c"], ["t"]),
             helper.make_node("Mul", ["t", f"w_{tag}"], [f"y_{tag}"]),
         ]
@@ -218,7 +223,10 @@ def test_constants_sharing_a_name_in_sibling_branches_stay_in_place(tmp_path: Pa
     graph = helper.make_graph(
         [helper.make_node("If", ["flag"], ["y"], then_branch=branch("then", 2.0), else_branch=branch("else", 3.0))],
         "siblings",
-        [helper.make_tensor_value_info("flag", TensorProto.BOOL, []), helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+        [
+            helper.make_tensor_value_info("flag", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [4]),
+        ],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
     )
     src = tmp_path / "siblings.onnx"

@@ -1,4 +1,5 @@
 """The host decoder's byte-plane join (the optional C helper and its numpy fallback) and its chunked-plane reader."""
+
 from __future__ import annotations
 
 import os
@@ -11,15 +12,24 @@ import pytest
 import zstandard
 
 from bundler.weights_writer import encode_frame
-from runtime_shim import weights
-from runtime_shim.weights import PLANE_CHUNK, PLANE_RAW, PLANE_ZSTD_CHUNKS, PLANES_TAG, decode_frame_into, join_rotated
+from runtime_shim.store import reader as weights
+from runtime_shim.store.reader import (
+    PLANE_CHUNK,
+    PLANE_RAW,
+    PLANE_ZSTD_CHUNKS,
+    PLANES_TAG,
+    decode_frame_into,
+    join_rotated,
+)
 
 try:
-    from runtime_shim import _planes
+    from runtime_shim.store import _planes
 except ImportError:
     _planes = None
 
-needs_native = pytest.mark.skipif(_planes is None, reason="the C helper runtime_shim._planes was not built (no C compiler at install)")
+needs_native = pytest.mark.skipif(
+    _planes is None, reason="the C helper runtime_shim.store._planes was not built (no C compiler at install)"
+)
 
 
 def _reference(planes: list[np.ndarray]) -> bytes:
@@ -56,12 +66,15 @@ def test_a_chunked_frame_round_trips_with_either_join(impl, dtype) -> None:
 
 
 @needs_native
-@pytest.mark.parametrize("call, message", [
-    (lambda: _planes.join_rotated(bytearray(6), [b"ab", b"cd", b"ef"]), "3 planes: expected 2, 4 or 8"),
-    (lambda: _planes.join_rotated(bytearray(5), [b"ab", b"cd"]), "not a multiple of 2 planes"),
-    (lambda: _planes.join_rotated(bytearray(4), [b"ab", b"c"]), "plane 1 has 1 bytes, expected 2"),
-    (lambda: _planes.join_rotated(b"abcd", [b"ab", b"cd"]), "writable|read-only"),
-])
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: _planes.join_rotated(bytearray(6), [b"ab", b"cd", b"ef"]), "3 planes: expected 2, 4 or 8"),
+        (lambda: _planes.join_rotated(bytearray(5), [b"ab", b"cd"]), "not a multiple of 2 planes"),
+        (lambda: _planes.join_rotated(bytearray(4), [b"ab", b"c"]), "plane 1 has 1 bytes, expected 2"),
+        (lambda: _planes.join_rotated(b"abcd", [b"ab", b"cd"]), "writable|read-only"),
+    ],
+)
 def test_the_native_join_refuses_wrong_shapes(call, message) -> None:
     with pytest.raises((ValueError, TypeError, BufferError), match=message):
         call()
@@ -103,10 +116,13 @@ def test_chunks_are_read_where_the_table_puts_them_and_nowhere_else(impl, chunke
         _decode(stored, values)
 
 
-@pytest.mark.parametrize("where, byte, message", [
-    (0, 0x00, "does not start with zstd's magic number"),
-    (4, 0x61, "needs a dictionary"),  # frame header descriptor: dictionary id flag set
-])
+@pytest.mark.parametrize(
+    "where, byte, message",
+    [
+        (0, 0x00, "does not start with zstd's magic number"),
+        (4, 0x61, "needs a dictionary"),  # frame header descriptor: dictionary id flag set
+    ],
+)
 def test_a_damaged_chunk_header_is_refused_before_decoding(impl, chunked_frame, where, byte, message) -> None:
     values, stored, table = chunked_frame
     stored = bytearray(stored)
@@ -129,16 +145,19 @@ def test_a_chunk_that_promises_another_size_is_refused(impl, chunked_frame) -> N
 
 
 def test_the_environment_can_turn_the_native_join_off() -> None:
-    code = "from runtime_shim.weights import native_join; print(native_join())"
+    code = "from runtime_shim.store.reader import native_join; print(native_join())"
     env = dict(os.environ, TRTX_SHIM_NATIVE="0")
-    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.strip() == "False"
+    assert (
+        subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.strip()
+        == "False"
+    )
 
 
 def test_ci_builds_the_native_join() -> None:
     # .ci/run sets TRTX_REQUIRE_NATIVE: there a missing build must fail rather than leave the C helper untested.
     if os.environ.get("TRTX_REQUIRE_NATIVE") != "1":
         pytest.skip("TRTX_REQUIRE_NATIVE is not set (only .ci/run requires the C helper)")
-    assert _planes is not None, "runtime_shim._planes was not built; is a C compiler installed?"
+    assert _planes is not None, "runtime_shim.store._planes was not built; is a C compiler installed?"
     assert weights.native_join()
 
 
@@ -154,7 +173,7 @@ def test_random_damage_to_a_chunked_frame_is_refused_or_decodes_never_crashes(im
             at = int(rng.integers(0, len(bad))) if rng.random() < 0.5 else table + int(rng.integers(0, 40))
             bad[at] = int(rng.integers(0, 256))
         if rng.random() < 0.2:
-            bad = bad[:int(rng.integers(0, len(bad)))]
+            bad = bad[: int(rng.integers(0, len(bad)))]
         out = bytearray(values.nbytes)
         try:
             decode_frame_into(bytes(bad), "zstd-byteplane", 4, memoryview(out))
@@ -169,7 +188,9 @@ def _promising(size: int) -> bytes:
     frame = zstandard.ZstdCompressor(level=3, write_content_size=False).compress(b"a" * 1000)
     fhd = frame[4]
     assert fhd >> 6 == 0 and not (fhd >> 5) & 1, "expected a header with no content size and a window byte"
-    return frame[:4] + bytes([0xE0]) + struct.pack("<Q", size) + frame[6:]  # single segment, 8-byte size, no window byte
+    return (
+        frame[:4] + bytes([0xE0]) + struct.pack("<Q", size) + frame[6:]
+    )  # single segment, 8-byte size, no window byte
 
 
 def test_a_zstd_frame_promising_a_terabyte_is_refused_before_anything_is_allocated() -> None:
@@ -214,8 +235,12 @@ _F0, _F1 = _raw_frame(b"\x11" * PLANE_CHUNK), _raw_frame(b"\x22" * PLANE_CHUNK)
 _HIDDEN = _skippable(_rle_frame(0x77, PLANE_CHUNK))  # a frame the run skips over, where chunk 1 is said to start
 _NO_SIZE = zstandard.ZstdCompressor(write_content_size=False).compress(b"\x11" * PLANE_CHUNK)
 CRAFTED = {
-    "skippable frame after chunk 0's frame": _two_chunk_frame(_F0 + _skippable(b"junk") + _F1, [len(_F0) + 12, len(_F1)]),
-    "chunk 1 planned inside a skippable frame": _two_chunk_frame(_F0 + _HIDDEN + _F1, [len(_F0) + 8, len(_HIDDEN) - 8 + len(_F1)]),
+    "skippable frame after chunk 0's frame": _two_chunk_frame(
+        _F0 + _skippable(b"junk") + _F1, [len(_F0) + 12, len(_F1)]
+    ),
+    "chunk 1 planned inside a skippable frame": _two_chunk_frame(
+        _F0 + _HIDDEN + _F1, [len(_F0) + 8, len(_HIDDEN) - 8 + len(_F1)]
+    ),
     "chunks that do not say their size": _two_chunk_frame(_NO_SIZE * 2, [len(_NO_SIZE)] * 2),
 }
 
@@ -223,7 +248,7 @@ CRAFTED = {
 def _planned_for_the_gpu(stored: bytes, raw: int):
     """What the GPU decoder would be given for one byte-plane frame of element size 2: planned, then cut for the
     segment holding it (where every zstd chunk is checked)."""
-    from runtime_shim.gpu_decode import ENCODINGS, Cuts, plan_frames
+    from runtime_shim.gpu.decode import ENCODINGS, Cuts, plan_frames
 
     buf = np.frombuffer(stored, dtype=np.uint8)
     one = lambda v: np.array([v], dtype=np.int64)  # noqa: E731
@@ -233,7 +258,7 @@ def _planned_for_the_gpu(stored: bytes, raw: int):
 
 @pytest.mark.parametrize("case", list(CRAFTED))
 def test_crafted_chunk_runs_are_refused_by_both_host_paths_and_the_gpu_planner(impl, case) -> None:
-    from runtime_shim.gpu_decode import FrameFormatError
+    from runtime_shim.gpu.decode import FrameFormatError
 
     stored = CRAFTED[case]
     n = 2 * PLANE_CHUNK
@@ -261,11 +286,11 @@ def _blocks_frame(pieces: list[bytes]) -> bytes:
 
 @pytest.mark.parametrize("blocks, accepted", [(3, True), (64, True), (65, False)])
 def test_a_chunk_of_several_blocks_is_walked_to_its_end(impl, blocks, accepted) -> None:
-    from runtime_shim.gpu_decode import FrameFormatError
+    from runtime_shim.gpu.decode import FrameFormatError
 
     step = -(-PLANE_CHUNK // blocks)
     content = bytes(range(256)) * (PLANE_CHUNK // 256)
-    f0 = _blocks_frame([content[i:i + step] for i in range(0, PLANE_CHUNK, step)])
+    f0 = _blocks_frame([content[i : i + step] for i in range(0, PLANE_CHUNK, step)])
     stored = _two_chunk_frame(f0 + _F1, [len(f0), len(_F1)])
     n = 2 * PLANE_CHUNK
     out = bytearray(2 * n)

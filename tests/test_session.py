@@ -1,5 +1,6 @@
 """load() and Session end to end on this CPU machine: every test model and the silero-vad models are bundled, loaded,
 run, and compared with ONNX Runtime on the original model; plus input validation and bad bundles."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,17 +21,26 @@ from runtime_shim.machine import Gpu, Machine
 from runtime_shim.manifest import read_manifest
 
 sys.path.insert(0, str(Path(__file__).parent))
-import models  # noqa: E402
+import models
 
-from bundler.build import build_bundle  # noqa: E402
-from bundler.config import BuildOptions  # noqa: E402
+from bundler.build import build_bundle
+from bundler.config import BuildOptions
 
 H100 = Gpu(index=0, name="NVIDIA H100 80GB HBM3", pci_device_id=0x2330, uuid="GPU-h", sm=90, total_memory=80 << 30)
 
 
 def _machine(gpus=(H100,), **kw) -> Machine:
-    base = dict(os="linux", platform="linux_x86_64", cpu_arch="x86_64", python="3.11", trt_rtx_version=runtime_shim.probe().trt_rtx_version,
-                cuda_flavour="cu13", driver_version="580.95.05", driver_cuda_version=13000, gpus=gpus)
+    base = dict(
+        os="linux",
+        platform="linux_x86_64",
+        cpu_arch="x86_64",
+        python="3.11",
+        trt_rtx_version=runtime_shim.probe().trt_rtx_version,
+        cuda_flavour="cu13",
+        driver_version="580.95.05",
+        driver_cuda_version=13000,
+        gpus=gpus,
+    )
     base.update(kw)
     return Machine(**base)
 
@@ -67,8 +77,12 @@ def test_every_test_model_end_to_end(tmp_path, name, factory, prof) -> None:
         _check_against_ort(s, onnx_path, models.sample_inputs(name, prof, onnx_path))
         if prof:  # the edges of the profile run too
             for edge in (0, 2):
-                feeds = {k: np.random.default_rng(edge).standard_normal(v[edge]).astype(np.float32 if "fp16" not in name else np.float16)
-                         for k, v in prof.items()}
+                feeds = {
+                    k: np.random.default_rng(edge)
+                    .standard_normal(v[edge])
+                    .astype(np.float32 if "fp16" not in name else np.float16)
+                    for k, v in prof.items()
+                }
                 _check_against_ort(s, onnx_path, feeds)
         json.dumps(s.report.to_dict())
         assert any("TensorRT for RTX not used" in line or "backend: tensorrt_rtx" in line for line in s.report.lines())
@@ -85,7 +99,9 @@ def _silero_feeds(path: Path, batch: int) -> dict:
         if vi.name == "sr":
             feeds["sr"] = np.array(16000, dtype=np.int64)
         elif vi.name == "input":
-            feeds["input"] = (rng.standard_normal((batch if not dims or not dims[0] else dims[0], dims[-1] or 576)) * 0.1).astype(np.float32)
+            feeds["input"] = (
+                rng.standard_normal((batch if not dims or not dims[0] else dims[0], dims[-1] or 576)) * 0.1
+            ).astype(np.float32)
         else:
             feeds[vi.name] = (rng.standard_normal([d or batch for d in dims]) * 0.1).astype(np.float32)
     return feeds
@@ -97,9 +113,11 @@ def test_silero_models_end_to_end(silero_models, tmp_path) -> None:
         build_bundle(path, tmp_path / name, options=_options(prof, weightful=False))
         with runtime_shim.load(tmp_path / name, "T", cache_dir=tmp_path / "cache") as s:
             assert s.backend == "onnxruntime" and s.report.why_not_trt, name
-            for batch in ((1, 4) if prof else (1,)):
+            for batch in (1, 4) if prof else (1,):
                 feeds = _silero_feeds(path, batch)
-                _check_against_ort(s, path, {k: v for k, v in feeds.items() if k in {i.name for i in s.manifest.inputs}})
+                _check_against_ort(
+                    s, path, {k: v for k, v in feeds.items() if k in {i.name for i in s.manifest.inputs}}
+                )
 
 
 @pytest.fixture
@@ -118,16 +136,22 @@ class _NeverRun:
         pass
 
 
-@pytest.mark.parametrize("change, words", [
-    (lambda f: {"y": f["x"]}, "missing ['x']; unexpected ['y']"),
-    (lambda f: {**f, "extra": f["x"]}, "unexpected ['extra']"),
-    (lambda f: {"x": f["x"].astype(np.float64)}, "expected dtype float32, got float64"),
-    (lambda f: {"x": f["x"][None]}, "expected rank 2"),
-    (lambda f: {"x": np.zeros((4, 63), np.float32)}, "axis 1 must be 64, got 63"),
-    (lambda f: {"x": np.zeros((17, 64), np.float32)}, "outside the bundle's shape profile (x: shape [17, 64], min [1, 64], max [16, 64])"),
-    (lambda f: {"x": f["x"].tolist()}, "expected a numpy array, got list"),
-    (lambda f: [f["x"]], "run() takes a dict"),
-])
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        (lambda f: {"y": f["x"]}, "missing ['x']; unexpected ['y']"),
+        (lambda f: {**f, "extra": f["x"]}, "unexpected ['extra']"),
+        (lambda f: {"x": f["x"].astype(np.float64)}, "expected dtype float32, got float64"),
+        (lambda f: {"x": f["x"][None]}, "expected rank 2"),
+        (lambda f: {"x": np.zeros((4, 63), np.float32)}, "axis 1 must be 64, got 63"),
+        (
+            lambda f: {"x": np.zeros((17, 64), np.float32)},
+            "outside the bundle's shape profile (x: shape [17, 64], min [1, 64], max [16, 64])",
+        ),
+        (lambda f: {"x": f["x"].tolist()}, "expected a numpy array, got list"),
+        (lambda f: [f["x"]], "run() takes a dict"),
+    ],
+)
 def test_bad_inputs_fail_before_anything_runs(mlp, tmp_path, change, words) -> None:
     bundle, feeds = mlp
     with runtime_shim.load(bundle, "T", cache_dir=tmp_path / "cache") as s:
@@ -146,7 +170,10 @@ def _rewrite(bundle: Path, fn) -> None:
 def test_unknown_keys_warn_and_a_newer_major_is_refused(mlp, tmp_path, caplog) -> None:
     bundle, feeds = mlp
     _rewrite(bundle, lambda d: d.update(future_field=1))
-    with caplog.at_level(logging.WARNING, "runtime_shim"), runtime_shim.load(bundle, "T", cache_dir=tmp_path / "c") as s:
+    with (
+        caplog.at_level(logging.WARNING, "runtime_shim"),
+        runtime_shim.load(bundle, "T", cache_dir=tmp_path / "c") as s,
+    ):
         assert any("future_field: unknown key ignored" in w for w in s.report.warnings)
         s.run(feeds)
     assert "future_field" in caplog.text
@@ -163,6 +190,7 @@ def test_bundle_from_another_trt_rtx_version(mlp, tmp_path) -> None:
         d["trt_rtx"]["version"] = "1.6.0.0"
         for e in d["engines"]:
             e["trt_rtx_version"] = "1.6.0.0"
+
     _rewrite(bundle, older)
     # building here needs a real supported GPU: with none, the report carries both reasons and ONNX Runtime serves
     with runtime_shim.load(bundle, "T", cache_dir=tmp_path / "c", _machine=_machine((rtx,))) as s:

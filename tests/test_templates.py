@@ -3,11 +3,13 @@
 Each template is parsed as YAML; every shell string in it (GitHub `run:` steps, GitLab `script:` lines) is
 searched for `trtx-bundle ...` commands; each command's `--help` must work and each flag must be one of its options.
 """
+
 from __future__ import annotations
 
 import shlex
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import click
 import pytest
@@ -48,7 +50,7 @@ def commands(path: Path) -> list[list[str]]:
             for i, word in enumerate(words):
                 if word == "trtx-bundle" and (i == 0 or words[i - 1] in ("&&", "||", ";", "|")):
                     end = next((j for j in range(i + 1, len(words)) if words[j] in ("&&", "||", ";", "|")), len(words))
-                    out.append(words[i + 1:end])
+                    out.append(words[i + 1 : end])
     return out
 
 
@@ -57,7 +59,7 @@ def split(argv: list[str]) -> tuple[list[str], str, list[str]]:
     i = 0
     while i < len(argv) and argv[i].startswith("-"):
         i += 1
-    return argv[:i], argv[i], argv[i + 1:]
+    return argv[:i], argv[i], argv[i + 1 :]
 
 
 def option_names(command: click.Command) -> set[str]:
@@ -93,7 +95,9 @@ def test_every_command_and_flag_exists(template: str) -> None:
 def test_extraction_sees_flags_and_continuations(tmp_path: Path) -> None:
     """The extractor itself: a continued line and a chained command are read whole; names are not commands."""
     path = tmp_path / "ci.yml"
-    path.write_text("name: trtx-bundle\na:\n  run: |\n    trtx-bundle -v farm-job b -o p \\\n      --rounds 2 && trtx-bundle merge b p\n")
+    path.write_text(
+        "name: trtx-bundle\na:\n  run: |\n    trtx-bundle -v farm-job b -o p \\\n      --rounds 2 && trtx-bundle merge b p\n"
+    )
     cmds = commands(path)
     assert cmds == [["-v", "farm-job", "b", "-o", "p", "--rounds", "2"], ["merge", "b", "p"]]
 
@@ -105,8 +109,13 @@ def _github_targets() -> set[str]:
 
 def _gitlab_targets() -> set[str]:
     doc = yaml.safe_load((TEMPLATES / "gitlab-ci.yml").read_text())
-    return {t for job in doc.values() if isinstance(job, dict) and "parallel" in job
-            for entry in job["parallel"]["matrix"] for t in entry["TARGET"]}
+    return {
+        t
+        for job in doc.values()
+        if isinstance(job, dict) and "parallel" in job
+        for entry in job["parallel"]["matrix"]
+        for t in entry["TARGET"]
+    }
 
 
 def test_farm_targets_match_bundle_toml() -> None:

@@ -1,5 +1,6 @@
 """The TRT-RTX session: the load-sequence contract against a recording fake of the TRT-RTX runtime (no GPU here),
 plus tests on a real supported GPU that skip with the probe's reason elsewhere."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -13,31 +14,49 @@ import pytest
 import runtime_shim
 from runtime_shim.errors import BackendUnavailableError, IntegrityError, MachineError
 from runtime_shim.fsutil import atomic_write
-from runtime_shim.gpu_upload import DeviceTensor
+from runtime_shim.gpu.upload import DeviceTensor
 from runtime_shim.machine import Gpu, Machine, cache_key_for, probe, trt_rtx_supports
 from runtime_shim.manifest import Engine, FileRef, RuntimeCache, read_manifest
 from runtime_shim.session import _save_open_sessions, model_id
-from runtime_shim.trt_session import decode_diagnostics
+from runtime_shim.trt.runtime import decode_diagnostics
 from runtime_shim.user_cache import UserCache
 
 sys.path.insert(0, str(Path(__file__).parent))
-import models  # noqa: E402
+import models
 
-from bundler.build import build_bundle  # noqa: E402
-from bundler.config import BuildOptions  # noqa: E402
-from runtime_shim.manifest import Profile, ShapeRange  # noqa: E402
+from bundler.build import build_bundle
+from bundler.config import BuildOptions
+from runtime_shim.manifest import Profile, ShapeRange
 
 TRT_VERSION = probe().trt_rtx_version
 RTX4090 = Gpu(index=0, name="NVIDIA GeForce RTX 4090", pci_device_id=0x2684, uuid="GPU-x", sm=89, total_memory=24 << 30)
-MACHINE = Machine(os="linux", platform="linux_x86_64", cpu_arch="x86_64", python="3.11", trt_rtx_version=TRT_VERSION,
-                  cuda_flavour="cu13", driver_version="580.95.05", driver_cuda_version=13000, gpus=(RTX4090,))
+MACHINE = Machine(
+    os="linux",
+    platform="linux_x86_64",
+    cpu_arch="x86_64",
+    python="3.11",
+    trt_rtx_version=TRT_VERSION,
+    cuda_flavour="cu13",
+    driver_version="580.95.05",
+    driver_cuda_version=13000,
+    gpus=(RTX4090,),
+)
 
 
 class RecordingFakeTrtRuntime:
     """A FAKE of the TRT-RTX runtime (none can run here): records every call of the TrtRuntime seam, in order."""
 
-    def __init__(self, manifest, *, validity=("VALID", 0), accept_cache: int | None = None, names=None, proto=None,
-                 reject_weight: str | None = None, upload_error: Exception | None = None) -> None:
+    def __init__(
+        self,
+        manifest,
+        *,
+        validity=("VALID", 0),
+        accept_cache: int | None = None,
+        names=None,
+        proto=None,
+        reject_weight: str | None = None,
+        upload_error: Exception | None = None,
+    ) -> None:
         self.calls: list[tuple] = []
         self.store = manifest.weights
         self.outputs = [o.name for o in manifest.outputs]
@@ -94,7 +113,9 @@ class RecordingFakeTrtRuntime:
     def create_context(self, engine, *, specialization, cuda_graphs, caches):
         self.calls.append(("create_context", specialization, cuda_graphs, len(caches)))
         self.caches_offered = list(caches)
-        return "context", self.accept_cache if self.accept_cache is not None and self.accept_cache < len(caches) else None
+        return "context", self.accept_cache if self.accept_cache is not None and self.accept_cache < len(
+            caches
+        ) else None
 
     def execute(self, context, inputs, profile):
         self.calls.append(("execute", profile, tuple(sorted((k, v.shape) for k, v in inputs.items()))))
@@ -129,12 +150,14 @@ class FakeUploader:
         where = {}
         for i in indices:
             buf = np.empty(max(reader.store.blobs[i].nbytes, 1), np.uint8)
-            reader.decode_blob_into(i, memoryview(buf)[:reader.store.blobs[i].nbytes])
+            reader.decode_blob_into(i, memoryview(buf)[: reader.store.blobs[i].nbytes])
             where[i] = buf.ctypes.data
-            up.memory[buf.ctypes.data] = buf[:reader.store.blobs[i].nbytes]
+            up.memory[buf.ctypes.data] = buf[: reader.store.blobs[i].nbytes]
         for t in reader.store.tensors:
             if t.blob in where:
-                up.tensors[t.name] = DeviceTensor(t.name, t.dtype, tuple(t.shape), where[t.blob], reader.store.blobs[t.blob].nbytes)
+                up.tensors[t.name] = DeviceTensor(
+                    t.name, t.dtype, tuple(t.shape), where[t.blob], reader.store.blobs[t.blob].nbytes
+                )
         self.runtime.uploads.append(up)
         return up
 
@@ -175,10 +198,14 @@ def _bundle_with_stand_ins(tmp_path, model: str):
     plan = (bundle / m.engines[0].file.path).read_bytes() + b"weightless stand-in"
     ref = FileRef.for_content("engines", hashlib.sha256(plan).hexdigest(), len(plan))
     atomic_write(bundle / ref.path, plan)
-    wl = Engine(kind="weightless", platform="linux_x86_64", compute_capabilities=(89,), trt_rtx_version=TRT_VERSION, file=ref)
+    wl = Engine(
+        kind="weightless", platform="linux_x86_64", compute_capabilities=(89,), trt_rtx_version=TRT_VERSION, file=ref
+    )
     caches = []
     (bundle / "caches").mkdir(exist_ok=True)
-    for i, key in enumerate([cache_key_for(MACHINE, RTX4090), dataclasses.replace(cache_key_for(MACHINE, RTX4090), driver_version="580.65")]):
+    for i, key in enumerate(
+        [cache_key_for(MACHINE, RTX4090), dataclasses.replace(cache_key_for(MACHINE, RTX4090), driver_version="580.65")]
+    ):
         blob = f"bundled cache {i}".encode()
         cref = FileRef.for_content("caches", hashlib.sha256(blob).hexdigest(), len(blob))
         atomic_write(bundle / cref.path, blob)
@@ -202,18 +229,31 @@ def test_load_sequence_contract(mlp, tmp_path, on_device) -> None:
         s.run(feeds)
         s.run(feeds)
         assert s.serialize_cache() == b"serialized kernels"
-        assert s.report.engine["kind"] == "weightless" and "bundled runtime_caches[0] (exact key)" == s.report.runtime_cache
-        assert s.report.engine["weights_from"] == ("host" if on_device is False else "device") and s.report.warnings == []
-        assert s.report.engine.get("weights_decoded_on") == (None if on_device is False else "host (the fake decodes on the host)")
+        assert (
+            s.report.engine["kind"] == "weightless"
+            and "bundled runtime_caches[0] (exact key)" == s.report.runtime_cache
+        )
+        assert (
+            s.report.engine["weights_from"] == ("host" if on_device is False else "device") and s.report.warnings == []
+        )
+        assert s.report.engine.get("weights_decoded_on") == (
+            None if on_device is False else "host (the fake decodes on the host)"
+        )
     names = fake.names_called()
     n = len(m.weights.tensors)
     assert names[:3] == ["engine_validity", "deserialize", "refittable_weights"]
     # every name checked against its prototype before anything is uploaded or set
-    assert names[3:3 + n] == ["weight_prototype"] * n
+    assert names[3 : 3 + n] == ["weight_prototype"] * n
     upload = [] if on_device is False else ["open_uploader", "upload", "close_uploader"]
     freed = [] if on_device is False else ["free_upload"]
-    assert names[3 + n:] == upload + ["set_weights"] * n + ["refit"] + freed + [
-        "create_context", "execute", "execute", "serialize_cache", "serialize_cache", "release"]
+    assert names[3 + n :] == upload + ["set_weights"] * n + ["refit"] + freed + [
+        "create_context",
+        "execute",
+        "execute",
+        "serialize_cache",
+        "serialize_cache",
+        "release",
+    ]
     sets = [c for c in fake.calls if c[0] == "set_weights"]
     assert all(c[2] == ("host" if on_device is False else "device") for c in sets)
     assert fake.calls[0] == ("engine_validity", 64)
@@ -221,7 +261,7 @@ def test_load_sequence_contract(mlp, tmp_path, on_device) -> None:
     assert ("create_context", "eager", True, 2) in fake.calls
     assert fake.caches_offered == [b"bundled cache 0", b"bundled cache 1"]  # exact key first, then the compatible one
     # every weight set by us, with the weight store's bytes
-    with __import__("runtime_shim.weights", fromlist=["WeightReader"]).WeightReader(bundle, m.weights) as r:
+    with __import__("runtime_shim.store.reader", fromlist=["WeightReader"]).WeightReader(bundle, m.weights) as r:
         assert fake.set == {t.name: r.read_tensor(t.name).tobytes() for t in m.weights.tensors}
     # cache saved on close, under this machine's key
     saved = UserCache("T", tmp_path / "cache").read_runtime_cache(model_id(m), cache_key_for(MACHINE, RTX4090))
@@ -238,11 +278,14 @@ def test_device_refit_uploads_each_blob_once_and_identical_tensors_share_a_point
     assert len(blobs) == 2 and ("upload", tuple(blobs)) in fake.calls  # two distinct blobs, head.weight's not uploaded
     ptr = {c[1]: c[3] for c in fake.calls if c[0] == "set_weights"}
     assert list(ptr) == asked
-    assert ptr["layer1.weight"] == ptr["layer2.weight"] and ptr["layer1.bias"] == ptr["layer2.bias"] != ptr["layer1.weight"]
-    with __import__("runtime_shim.weights", fromlist=["WeightReader"]).WeightReader(bundle, m.weights) as r:
+    assert (
+        ptr["layer1.weight"] == ptr["layer2.weight"]
+        and ptr["layer1.bias"] == ptr["layer2.bias"] != ptr["layer1.weight"]
+    )
+    with __import__("runtime_shim.store.reader", fromlist=["WeightReader"]).WeightReader(bundle, m.weights) as r:
         assert fake.set == {n: r.read_tensor(n).tobytes() for n in asked}
     # slots hold one frame at least and no more than the whole upload: a tiny model pins little memory
-    (_, slot_bytes, threads), = [c for c in fake.calls if c[0] == "open_uploader"]
+    ((_, slot_bytes, threads),) = [c for c in fake.calls if c[0] == "open_uploader"]
     largest = max(f.raw_size for i in blobs for f in m.weights.blobs[i].frames)
     assert largest <= slot_bytes <= sum(m.weights.blobs[i].nbytes for i in blobs) and threads >= 1
 
@@ -335,10 +378,13 @@ def test_tampered_engine_or_cache_is_refused_before_trt_rtx_sees_it(mlp, tmp_pat
     assert "create_context" not in fake.names_called()
 
 
-@pytest.mark.parametrize("kw, error", [
-    ({"names": ["not-in-the-store"]}, "asks for weight 'not-in-the-store', which the bundle's weight store lacks"),
-    ({"proto": {"w1": ("float16", 1)}}, "the engine expects float16 x 1"),
-])
+@pytest.mark.parametrize(
+    "kw, error",
+    [
+        ({"names": ["not-in-the-store"]}, "asks for weight 'not-in-the-store', which the bundle's weight store lacks"),
+        ({"proto": {"w1": ("float16", 1)}}, "the engine expects float16 x 1"),
+    ],
+)
 def test_refit_mismatches_are_integrity_errors(mlp, tmp_path, kw, error) -> None:
     bundle, m, feeds = mlp
     kw = {k: ({m.weights.tensors[0].name: v["w1"]} if k == "proto" else v) for k, v in kw.items()}
@@ -358,14 +404,19 @@ def test_open_sessions_save_their_cache_at_exit(mlp, tmp_path) -> None:
     bundle, m, feeds = mlp
     s = _load(bundle, RecordingFakeTrtRuntime(m), tmp_path)
     _save_open_sessions()  # what atexit runs
-    assert UserCache("T", tmp_path / "cache").read_runtime_cache(model_id(m), cache_key_for(MACHINE, RTX4090)) == b"serialized kernels"
+    assert (
+        UserCache("T", tmp_path / "cache").read_runtime_cache(model_id(m), cache_key_for(MACHINE, RTX4090))
+        == b"serialized kernels"
+    )
     s.close()
 
 
 # ----------------------------------------------------------------------------------------- real GPU only
 _HERE = probe()
 _SUPPORTED = [g for g in _HERE.gpus if trt_rtx_supports(g.sm)]
-_WHY = _HERE.problem or ("no GPU TensorRT for RTX supports: " + "; ".join(f"{g.name} is SM {g.sm_text}" for g in _HERE.gpus))
+_WHY = _HERE.problem or (
+    "no GPU TensorRT for RTX supports: " + "; ".join(f"{g.name} is SM {g.sm_text}" for g in _HERE.gpus)
+)
 needs_rtx = pytest.mark.skipif(not _SUPPORTED, reason=f"needs a GPU that TRT-RTX supports ({_WHY})")
 
 
@@ -378,7 +429,11 @@ def test_real_gpu_matches_onnxruntime(tmp_path, weightless) -> None:
     name, factory, prof = next(m for m in models.ALL_BUNDLABLE if m[0] == "mlp")
     onnx_path = factory(tmp_path)
     bundle = tmp_path / "b"
-    build_bundle(onnx_path, bundle, options=BuildOptions(profiles=models.as_profiles(prof), weightful=not weightless, weightless=weightless))
+    build_bundle(
+        onnx_path,
+        bundle,
+        options=BuildOptions(profiles=models.as_profiles(prof), weightful=not weightless, weightless=weightless),
+    )
     feeds = models.sample_inputs(name, prof, onnx_path)
     ref = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"]).run(None, feeds)
     with runtime_shim.load(bundle, "T", cache_dir=tmp_path / "c", fallback="error") as s:
@@ -419,7 +474,9 @@ def test_build_here_uses_the_engine_kept_in_the_user_cache(mlp, tmp_path) -> Non
     assert "refit" in fake.names_called()  # built weightless: refit from the weight store
 
 
-@pytest.mark.skipif(any(trt_rtx_supports(g.sm) for g in probe().gpus), reason="a supported GPU is present: the build would succeed")
+@pytest.mark.skipif(
+    any(trt_rtx_supports(g.sm) for g in probe().gpus), reason="a supported GPU is present: the build would succeed"
+)
 def test_build_here_failing_falls_back_with_the_reason(mlp, tmp_path) -> None:
     bundle, m, feeds = mlp
     atomic_write(bundle / "manifest.json", dataclasses.replace(m, engines=(), runtime_caches=()).to_json())
@@ -454,5 +511,7 @@ def test_weights_are_hashed_on_the_first_load_then_trusted_until_the_file_change
 
 def test_verify_weights_takes_once_or_always(mlp, tmp_path) -> None:
     bundle, m, feeds = mlp
-    with pytest.raises(runtime_shim.errors.BundleError, match="verify_weights: expected 'once' or 'always', got 'never'"):
+    with pytest.raises(
+        runtime_shim.errors.BundleError, match="verify_weights: expected 'once' or 'always', got 'never'"
+    ):
         _load(bundle, RecordingFakeTrtRuntime(m), tmp_path, verify_weights="never")

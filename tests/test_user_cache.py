@@ -1,4 +1,5 @@
 """The user cache dir with real processes: concurrent saves, a save killed midway, a held lock, read-only and full disks."""
+
 from __future__ import annotations
 
 import contextlib
@@ -20,8 +21,15 @@ from runtime_shim.manifest import CacheKey
 from runtime_shim.user_cache import ENV_VAR, LAYOUT, UserCache, default_cache_dir
 
 ROOT = Path(__file__).resolve().parent.parent
-KEY = CacheKey(os="linux", gpu_name="NVIDIA GeForce RTX 4090", pci_device_id=0x2684, sm=89, driver_version="580.95.05",
-               cuda_flavour="cu13", trt_rtx_version="1.7.1.116")
+KEY = CacheKey(
+    os="linux",
+    gpu_name="NVIDIA GeForce RTX 4090",
+    pci_device_id=0x2684,
+    sm=89,
+    driver_version="580.95.05",
+    cuda_flavour="cu13",
+    trt_rtx_version="1.7.1.116",
+)
 MODEL = "m-0123456789abcdef"
 
 # A child process: same cache, same key; behaviour picked by argv.
@@ -68,8 +76,14 @@ CHILD = textwrap.dedent("""
 def _child(*args: str) -> subprocess.Popen:
     # Keep the caller's PYTHONPATH: where the dependencies come from a --target dir, the child needs it too.
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.Popen([sys.executable, "-c", CHILD, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env, cwd=ROOT)
+    return subprocess.Popen(
+        [sys.executable, "-c", CHILD, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
 
 
 def _wait_for(proc: subprocess.Popen, word: str) -> None:
@@ -85,7 +99,14 @@ def test_layout_tag_and_env_override(tmp_path, monkeypatch) -> None:
     cache = UserCache("MyApp", tmp_path / "c")
     assert cache.writable
     assert (tmp_path / "c" / "CACHEDIR.TAG").read_bytes().startswith(b"Signature: 8a477f597d28d172789f06886806bc55")
-    assert sorted(p.name for p in (tmp_path / "c" / LAYOUT).iterdir()) == ["corrupt", "engines", "locks", "models", "runtime-caches", "verified"]
+    assert sorted(p.name for p in (tmp_path / "c" / LAYOUT).iterdir()) == [
+        "corrupt",
+        "engines",
+        "locks",
+        "models",
+        "runtime-caches",
+        "verified",
+    ]
 
 
 def test_round_trip_and_a_corrupt_file_is_set_aside(tmp_path, caplog) -> None:
@@ -141,7 +162,10 @@ def test_a_held_lock_times_out_with_a_message(tmp_path, caplog) -> None:
         with caplog.at_level(logging.INFO, "runtime_shim"), pytest.raises(CacheError) as err:
             with cache.lock("busy"):
                 pass
-        assert "busy.lock: still locked by another process after" in str(err.value) and "delete the lock file" in err.value.hint
+        assert (
+            "busy.lock: still locked by another process after" in str(err.value)
+            and "delete the lock file" in err.value.hint
+        )
         assert "still waiting for" in caplog.text
         # A save under a held lock gives up quietly: logged, False, never raised.
         lock_name = f"rtcache-{MODEL}-"
@@ -166,7 +190,9 @@ def _tmpfs(path: Path, size: str) -> object:
     path.mkdir(parents=True, exist_ok=True)
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root")
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True, text=True)
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True, text=True
+    )
     if r.returncode != 0:
         pytest.skip(f"mount -t tmpfs not permitted here: {r.stderr.strip()}")
     try:
@@ -292,7 +318,9 @@ def test_a_stamp_covers_one_frame_table_and_is_not_written_for_a_file_that_chang
     before = os.stat(weights)
     assert cache.mark_verified(weights, "ab" * 32, index="table-1", before=before)
     assert cache.is_verified(weights, "ab" * 32, index="table-1", stat=os.stat(weights))
-    assert not cache.is_verified(weights, "ab" * 32, index="table-2")  # another manifest's frame table over the same file
+    assert not cache.is_verified(
+        weights, "ab" * 32, index="table-2"
+    )  # another manifest's frame table over the same file
     weights.write_bytes(b"y" * 1000)  # changed between the start of the hashing and the stamp
     assert cache.mark_verified(weights, "cd" * 32, index="table-1", before=before) is False
     assert not cache.is_verified(weights, "cd" * 32, index="table-1")

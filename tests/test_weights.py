@@ -1,10 +1,12 @@
 """The weight store: bit-exact round trips per encoding, dedup, framing, determinism, and integrity errors."""
+
 from __future__ import annotations
 
 import hashlib
 from pathlib import Path
 
 import ml_dtypes
+import models
 import numpy as np
 import pytest
 
@@ -13,9 +15,7 @@ from bundler.weights_writer import Weight, encode_frame, write_weight_store
 from runtime_shim.errors import IntegrityError, ModelError
 from runtime_shim.manifest import WEIGHT_ENCODINGS, WeightStore
 from runtime_shim.schema import Reader
-from runtime_shim.weights import MAGIC, WeightReader, decode_frame_into
-
-import models
+from runtime_shim.store.reader import MAGIC, WeightReader, decode_frame_into
 
 ENCODINGS = list(WEIGHT_ENCODINGS)
 
@@ -114,7 +114,9 @@ def test_frames_respect_chunk_size_and_layout_is_aligned(test_models: dict, tmp_
 
 def test_incompressible_and_tiny_blobs_are_stored_plain(tmp_path: Path) -> None:
     noise = np.random.default_rng(1).integers(0, 256, 4096, dtype=np.uint8).tobytes()
-    store = write_weight_store([Weight("noise", "uint8", (4096,), noise), Weight("tiny", "float32", (2,), b"\0" * 8)], tmp_path)
+    store = write_weight_store(
+        [Weight("noise", "uint8", (4096,), noise), Weight("tiny", "float32", (2,), b"\0" * 8)], tmp_path
+    )
     assert [b.encoding for b in store.blobs] == ["none", "none"]
     assert all(b.element_size == 1 for b in store.blobs)
 
@@ -148,7 +150,7 @@ def test_unpack_raw_matches_the_layout_written_from_the_model(test_models: dict,
     assert a == (tmp_path / "b.bin").read_bytes() and len(a) == store.raw_size
     for t in store.tensors:
         blob = store.blobs[t.blob]
-        assert a[blob.raw_offset:blob.raw_offset + blob.nbytes] == bytes(model.weight(t.name).data)
+        assert a[blob.raw_offset : blob.raw_offset + blob.nbytes] == bytes(model.weight(t.name).data)
 
 
 def test_iter_blobs_streams_in_the_order_asked(test_models: dict, tmp_path: Path) -> None:
@@ -263,8 +265,10 @@ def _many_blobs(tmp_path: Path) -> tuple[Path, WeightStore, dict[str, bytes]]:
 
 
 @pytest.mark.parametrize("threads", [1, 3])
-def test_iter_blobs_yields_whole_blobs_in_order_with_frames_grouped_into_tasks(tmp_path: Path, monkeypatch, threads) -> None:
-    from runtime_shim import weights as store_reader
+def test_iter_blobs_yields_whole_blobs_in_order_with_frames_grouped_into_tasks(
+    tmp_path: Path, monkeypatch, threads
+) -> None:
+    from runtime_shim.store import reader as store_reader
 
     monkeypatch.setattr(store_reader, "TASK_RAW", 100_000)  # a few small frames per task, big frames alone
     monkeypatch.setattr(store_reader, "TASK_RAW_MIN", 1)
@@ -295,7 +299,7 @@ def test_iter_blobs_yields_whole_blobs_in_order_with_frames_grouped_into_tasks(t
 
 
 def test_a_bad_frame_inside_a_task_of_several_is_named(tmp_path: Path, monkeypatch) -> None:
-    from runtime_shim import weights as store_reader
+    from runtime_shim.store import reader as store_reader
 
     monkeypatch.setattr(store_reader, "TASK_RAW", 1 << 30)  # everything in one task
     bundle, store, _ = _many_blobs(tmp_path)

@@ -5,6 +5,7 @@
 Everything the shim decides (engine, runtime cache, why TensorRT for RTX was or was not used) is in
 ``session.report``; log it once at start-up so support can read it from user logs.
 """
+
 from __future__ import annotations
 
 import logging

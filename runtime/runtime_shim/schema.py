@@ -1,10 +1,12 @@
 """Typed, key-path-aware reading of JSON objects: the machinery under manifest.json and farm part manifests."""
+
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping, TypeVar
+from typing import Any, TypeVar
 
 from .errors import ManifestError
 
@@ -23,7 +25,14 @@ class Reader:
     def _key(self, key: str) -> str:
         return f"{self.path}.{key}" if self.path else key
 
-    def get(self, key: str, kind: type | tuple[type, ...], *, default: Any = ..., check: Callable[[Any], str | None] | None = None) -> Any:
+    def get(
+        self,
+        key: str,
+        kind: type | tuple[type, ...],
+        *,
+        default: Any = ...,
+        check: Callable[[Any], str | None] | None = None,
+    ) -> Any:
         self.seen.add(key)
         if key not in self.data:
             if default is ...:
@@ -71,7 +80,14 @@ def kind_name(value: Any) -> str:
 
 def _type_names(kind: type | tuple[type, ...]) -> str:
     kinds = kind if isinstance(kind, tuple) else (kind,)
-    names = {int: "an integer", str: "a string", list: "a list", bool: "a boolean", Mapping: "an object", float: "a number"}
+    names = {
+        int: "an integer",
+        str: "a string",
+        list: "a list",
+        bool: "a boolean",
+        Mapping: "an object",
+        float: "a number",
+    }
     return " or ".join(names.get(k, k.__name__) for k in kinds)
 
 
@@ -93,7 +109,12 @@ def non_empty(v: str) -> str | None:
 
 def dims_check(v: list) -> str | None:
     for d in v:
-        if isinstance(d, bool) or not isinstance(d, (int, str)) or (isinstance(d, int) and d < -1) or (isinstance(d, str) and not d):
+        if (
+            isinstance(d, bool)
+            or not isinstance(d, (int, str))
+            or (isinstance(d, int) and d < -1)
+            or (isinstance(d, str) and not d)
+        ):
             return f"expected dims as integers >= 0 (or -1) or dimension names, got {v!r}"
     return None
 
@@ -106,7 +127,9 @@ def ints_check(v: list) -> str | None:
 
 def load_json_file(path: Path, *, expected: str, missing_hint: str, corrupt_hint: str) -> Any:
     """Read and parse a JSON file; every failure is a ManifestError naming the file and what was expected."""
-    return parse_json(read_json_bytes(path, expected=expected, missing_hint=missing_hint), source=str(path), corrupt_hint=corrupt_hint)
+    return parse_json(
+        read_json_bytes(path, expected=expected, missing_hint=missing_hint), source=str(path), corrupt_hint=corrupt_hint
+    )
 
 
 def read_json_bytes(path: Path, *, expected: str, missing_hint: str) -> bytes:

@@ -3,22 +3,23 @@
 The model is materialized once per weight store into the user cache dir (content-addressed: lock, check again,
 rename), so later loads cost only ONNX Runtime's own start. Needs the optional extra ``onnxruntime``.
 """
+
 from __future__ import annotations
 
 import logging
 import shutil
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import numpy as np
 
 from .errors import BackendUnavailableError, CacheError, IntegrityError
 from .fsutil import sha256_bytes, sha256_file
 from .manifest import FileRef, Manifest
+from .store.reader import WeightReader
 from .user_cache import UserCache
-from .weights import WeightReader
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +35,10 @@ def read_verified(bundle_dir: Path, ref: FileRef, where: str) -> bytes:
         raise IntegrityError(f"{path}: missing (pinned by {where})", hint="fetch the bundle again") from None
     actual, size = sha256_bytes(data), len(data)
     if size != ref.size or actual != ref.sha256:
-        raise IntegrityError(f"{path}: {where} pins sha256 {ref.sha256} ({ref.size} bytes), the file has {actual} ({size} bytes)",
-                             hint="the file was modified or damaged: fetch the bundle again ('trtx-bundle verify' lists every bad file)")
+        raise IntegrityError(
+            f"{path}: {where} pins sha256 {ref.sha256} ({ref.size} bytes), the file has {actual} ({size} bytes)",
+            hint="the file was modified or damaged: fetch the bundle again ('trtx-bundle verify' lists every bad file)",
+        )
     return data
 
 
@@ -73,7 +76,10 @@ def _intact(folder: Path, manifest: Manifest) -> bool:
     # The skeleton is small: re-hash it. The weights file was written from verified frames: its size suffices.
     try:
         sha, _ = sha256_file(folder / MODEL_NAME)
-        return sha == manifest.skeleton.file.sha256 and (folder / manifest.skeleton.external_data).stat().st_size == manifest.weights.raw_size
+        return (
+            sha == manifest.skeleton.file.sha256
+            and (folder / manifest.skeleton.external_data).stat().st_size == manifest.weights.raw_size
+        )
     except OSError:
         return False
 
@@ -81,12 +87,16 @@ def _intact(folder: Path, manifest: Manifest) -> bool:
 class OrtSession:
     """Runs the bundle's model with ONNX Runtime on the CPU; same run() contract as the TRT-RTX session."""
 
-    def __init__(self, manifest: Manifest, bundle_dir: Path, user_cache: UserCache, *, threads: int | None = None) -> None:
+    def __init__(
+        self, manifest: Manifest, bundle_dir: Path, user_cache: UserCache, *, threads: int | None = None
+    ) -> None:
         try:
             import onnxruntime as ort
         except ImportError as e:
-            raise BackendUnavailableError(f"ONNX Runtime is not installed ({e}), and it is needed to run this bundle here",
-                                          hint="pip install 'trtx-bundler[onnxruntime]' (or onnxruntime)") from None
+            raise BackendUnavailableError(
+                f"ONNX Runtime is not installed ({e}), and it is needed to run this bundle here",
+                hint="pip install 'trtx-bundler[onnxruntime]' (or onnxruntime)",
+            ) from None
         self.timings: dict[str, float] = {}
         t0 = time.perf_counter()
         self.model_path, self._tmp = materialize_model(manifest, bundle_dir, user_cache)
@@ -97,7 +107,7 @@ class OrtSession:
         t0 = time.perf_counter()
         try:
             self.session = ort.InferenceSession(str(self.model_path), options, providers=["CPUExecutionProvider"])
-        except Exception as e:  # noqa: BLE001 - ORT raises its own exception types; give the reader one message
+        except Exception as e:
             self.close()
             raise BackendUnavailableError(f"{self.model_path}: ONNX Runtime could not load the model: {e}") from None
         self.timings["ort_session_s"] = time.perf_counter() - t0
@@ -112,4 +122,3 @@ class OrtSession:
         if self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None
-

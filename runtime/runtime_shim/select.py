@@ -3,6 +3,7 @@
 Engines: weightless for this SM > weightful covering this SM > build here from the skeleton > ONNX Runtime.
 Caches: the user's own cache for this key > bundled exact key > bundled cache TRT-RTX may still accept > none.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -32,7 +33,13 @@ class Choice:
     reason: str  # why it was taken or passed over, in words
 
     def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"kind": self.kind, "index": self.index, "viable": self.viable, "taken": self.taken, "reason": self.reason}
+        d: dict[str, Any] = {
+            "kind": self.kind,
+            "index": self.index,
+            "viable": self.viable,
+            "taken": self.taken,
+            "reason": self.reason,
+        }
         if isinstance(self.candidate, Engine):
             d["file"] = self.candidate.file.path
             d["compute_capabilities"] = list(self.candidate.compute_capabilities)
@@ -63,22 +70,63 @@ def choose_engines(manifest: Manifest, machine: Machine, gpu: Gpu | None) -> lis
     rows: list[tuple[int, int, Choice]] = []
     for i, engine in enumerate(manifest.engines):
         why = blocker or _engine_mismatch(engine, machine, gpu)  # type: ignore[arg-type]
-        good = (f"weightless engine built for SM {sm_text(gpu.sm)}: refit from the weight store" if engine.kind == "weightless"
-                else f"weightful engine covering SM {sm_text(gpu.sm)}") if gpu and why is None else ""
-        rows.append((ENGINE_KINDS_RANK[engine.kind], i, Choice(kind=engine.kind, index=i, candidate=engine, viable=why is None,
-                                                               taken=False, reason=why or good)))
-    rows.append((2, 0, Choice(kind="build", index=None, candidate=None, viable=blocker is None, taken=False,
-                              reason=blocker or "build a weightless engine for this GPU from the skeleton (CURRENT), once; "
-                                                  "it is kept in the user cache dir")))
-    rows.append((3, 0, Choice(kind="fallback", index=None, candidate=None, viable=True, taken=False,
-                              reason="ONNX Runtime on the CPU, from the skeleton and the weight store")))
+        good = (
+            (
+                f"weightless engine built for SM {sm_text(gpu.sm)}: refit from the weight store"
+                if engine.kind == "weightless"
+                else f"weightful engine covering SM {sm_text(gpu.sm)}"
+            )
+            if gpu and why is None
+            else ""
+        )
+        rows.append(
+            (
+                ENGINE_KINDS_RANK[engine.kind],
+                i,
+                Choice(
+                    kind=engine.kind, index=i, candidate=engine, viable=why is None, taken=False, reason=why or good
+                ),
+            )
+        )
+    rows.append(
+        (
+            2,
+            0,
+            Choice(
+                kind="build",
+                index=None,
+                candidate=None,
+                viable=blocker is None,
+                taken=False,
+                reason=blocker
+                or "build a weightless engine for this GPU from the skeleton (CURRENT), once; "
+                "it is kept in the user cache dir",
+            ),
+        )
+    )
+    rows.append(
+        (
+            3,
+            0,
+            Choice(
+                kind="fallback",
+                index=None,
+                candidate=None,
+                viable=True,
+                taken=False,
+                reason="ONNX Runtime on the CPU, from the skeleton and the weight store",
+            ),
+        )
+    )
     return _take_first(rows)
 
 
 def _engine_mismatch(engine: Engine, machine: Machine, gpu: Gpu) -> str | None:
     if engine.trt_rtx_version != machine.trt_rtx_version:
-        return (f"built with TensorRT for RTX {engine.trt_rtx_version}, but {machine.trt_rtx_version} is installed "
-                f"(engines run only on the exact version that built them)")
+        return (
+            f"built with TensorRT for RTX {engine.trt_rtx_version}, but {machine.trt_rtx_version} is installed "
+            f"(engines run only on the exact version that built them)"
+        )
     if engine.platform != machine.platform:
         return f"built for {engine.platform}, this machine is {machine.platform}"
     if engine.kind == "weightless":
@@ -104,20 +152,66 @@ def choose_caches(manifest: Manifest, machine: Machine, gpu: Gpu | None, user_ca
     rows: list[tuple[int, int, Choice]] = []
     if blocker is not None:
         blocker = f"no TRT-RTX session on this machine ({blocker})"
-    rows.append((0, 0, Choice(kind="user_cache", index=None, candidate=None, viable=blocker is None and user_cache_available,
-                              taken=False, reason=blocker or ("your own cache for this GPU, driver and TRT-RTX, saved by an earlier run"
-                                                              if user_cache_available else "no cache saved yet for this GPU and driver"))))
+    rows.append(
+        (
+            0,
+            0,
+            Choice(
+                kind="user_cache",
+                index=None,
+                candidate=None,
+                viable=blocker is None and user_cache_available,
+                taken=False,
+                reason=blocker
+                or (
+                    "your own cache for this GPU, driver and TRT-RTX, saved by an earlier run"
+                    if user_cache_available
+                    else "no cache saved yet for this GPU and driver"
+                ),
+            ),
+        )
+    )
     for i, cache in enumerate(manifest.runtime_caches):
         if key is None:
-            rows.append((9, i, Choice(kind="bundled_mismatch", index=i, candidate=cache, viable=False, taken=False, reason=blocker or "")))
+            rows.append(
+                (
+                    9,
+                    i,
+                    Choice(
+                        kind="bundled_mismatch",
+                        index=i,
+                        candidate=cache,
+                        viable=False,
+                        taken=False,
+                        reason=blocker or "",
+                    ),
+                )
+            )
             continue
         kind, why = classify_cache(cache.key, key)
         rank = CACHE_KINDS_RANK.get(kind, 9)
         # Among equals, the newest cache holds the most kernels.
-        rows.append((rank, -(cache.created or 0) * 1000 + i, Choice(kind=kind, index=i, candidate=cache, viable=kind != "bundled_mismatch",
-                                                                   taken=False, reason=why)))
-    rows.append((3, 0, Choice(kind="none", index=None, candidate=None, viable=True, taken=False,
-                              reason="no runtime cache: kernels are compiled on first use (JIT) and saved to the user cache")))
+        rows.append(
+            (
+                rank,
+                -(cache.created or 0) * 1000 + i,
+                Choice(kind=kind, index=i, candidate=cache, viable=kind != "bundled_mismatch", taken=False, reason=why),
+            )
+        )
+    rows.append(
+        (
+            3,
+            0,
+            Choice(
+                kind="none",
+                index=None,
+                candidate=None,
+                viable=True,
+                taken=False,
+                reason="no runtime cache: kernels are compiled on first use (JIT) and saved to the user cache",
+            ),
+        )
+    )
     return _take_first(rows)
 
 
@@ -127,26 +221,39 @@ def classify_cache(made: CacheKey, here: CacheKey) -> tuple[str, str]:
     if made.os != here.os:
         problems.append(f"made on {made.os}, this machine runs {here.os}")
     if made.pci_device_id != here.pci_device_id or made.sm != here.sm:
-        problems.append(f"made on {made.gpu_name} (device 0x{made.pci_device_id:04x}, SM {sm_text(made.sm)}), this GPU is "
-                        f"{here.gpu_name} (device 0x{here.pci_device_id:04x}, SM {sm_text(here.sm)}); caches are tied to the GPU model")
+        problems.append(
+            f"made on {made.gpu_name} (device 0x{made.pci_device_id:04x}, SM {sm_text(made.sm)}), this GPU is "
+            f"{here.gpu_name} (device 0x{here.pci_device_id:04x}, SM {sm_text(here.sm)}); caches are tied to the GPU model"
+        )
     if made.trt_rtx_version != here.trt_rtx_version:
         problems.append(f"made with TensorRT for RTX {made.trt_rtx_version}, {here.trt_rtx_version} is installed")
     if made.cuda_flavour != here.cuda_flavour:
         problems.append(f"made with the {made.cuda_flavour} build of TRT-RTX, this one is {here.cuda_flavour}")
     if made.cig != here.cig:
-        problems.append(f"made with CUDA-in-Graphics {'on' if made.cig else 'off'}, here it is {'on' if here.cig else 'off'}")
+        problems.append(
+            f"made with CUDA-in-Graphics {'on' if made.cig else 'off'}, here it is {'on' if here.cig else 'off'}"
+        )
     dm, dh = _version(made.driver_version), _version(here.driver_version)
     if dm[:1] != dh[:1]:
-        problems.append(f"made with driver {made.driver_version}, this machine has {here.driver_version} (another major version)")
+        problems.append(
+            f"made with driver {made.driver_version}, this machine has {here.driver_version} (another major version)"
+        )
     elif dh < dm:
-        problems.append(f"made with driver {made.driver_version}, this machine has the older {here.driver_version} "
-                        f"(a cache needs the same or a newer driver)")
+        problems.append(
+            f"made with driver {made.driver_version}, this machine has the older {here.driver_version} "
+            f"(a cache needs the same or a newer driver)"
+        )
     if problems:
         return "bundled_mismatch", "; ".join(problems)
     if dm == dh:
-        return "bundled_exact", f"bundled cache made on this GPU model, driver {made.driver_version} and TRT-RTX {made.trt_rtx_version}"
-    return "bundled_compatible", (f"bundled cache made with driver {made.driver_version}; this machine has the newer "
-                                  f"{here.driver_version} of the same major, which TRT-RTX may still accept")
+        return (
+            "bundled_exact",
+            f"bundled cache made on this GPU model, driver {made.driver_version} and TRT-RTX {made.trt_rtx_version}",
+        )
+    return "bundled_compatible", (
+        f"bundled cache made with driver {made.driver_version}; this machine has the newer "
+        f"{here.driver_version} of the same major, which TRT-RTX may still accept"
+    )
 
 
 def _take_first(rows: list[tuple[int, int, Choice]]) -> list[Choice]:
@@ -155,10 +262,20 @@ def _take_first(rows: list[tuple[int, int, Choice]]) -> list[Choice]:
     for c in ordered:
         if c.viable and not taken:
             taken = True
-            out.append(Choice(kind=c.kind, index=c.index, candidate=c.candidate, viable=True, taken=True, reason=c.reason))
+            out.append(
+                Choice(kind=c.kind, index=c.index, candidate=c.candidate, viable=True, taken=True, reason=c.reason)
+            )
         elif c.viable:
-            out.append(Choice(kind=c.kind, index=c.index, candidate=c.candidate, viable=True, taken=False,
-                              reason=f"usable, ranked below the one taken: {c.reason}"))
+            out.append(
+                Choice(
+                    kind=c.kind,
+                    index=c.index,
+                    candidate=c.candidate,
+                    viable=True,
+                    taken=False,
+                    reason=f"usable, ranked below the one taken: {c.reason}",
+                )
+            )
         else:
             out.append(c)
     return out

@@ -3,6 +3,7 @@
 ``import runtime_shim`` stays light: ``load``, ``Session`` and ``probe`` are imported on first use, and
 tensorrt_rtx only when a TRT-RTX session is actually opened.
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any

@@ -4,6 +4,7 @@ Shim side: stdlib + numpy + zstandard only (ml_dtypes is used for bfloat16/float
 stored bytes are checked against the manifest's sha256 before they are decoded, and every decoded size is checked,
 so a tampered or truncated file fails with an IntegrityError naming the file, the blob, its tensors and the frame.
 """
+
 from __future__ import annotations
 
 import collections
@@ -12,15 +13,15 @@ import mmap
 import os
 import struct
 import threading
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import zstandard
 
-from .errors import IntegrityError
-from .fsutil import atomic_writer, sha256_bytes
-from .manifest import Blob, WeightStore
+from ..errors import IntegrityError
+from ..fsutil import atomic_writer, sha256_bytes
+from ..manifest import Blob, WeightStore
 
 try:  # the optional C helper (setup.py); TRTX_SHIM_NATIVE=0 turns it off to rule it out when debugging a decode
     from . import _planes as _native
@@ -34,8 +35,22 @@ HINT_CORRUPT = "the bundle's weight file is damaged or was modified; fetch the b
 
 # Bytes per element as stored; int4/uint4 pack two elements per byte (see nbytes_for).
 ITEMSIZE = {
-    "float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "int8": 1, "uint8": 1, "int16": 2, "uint16": 2,
-    "int32": 4, "uint32": 4, "int64": 8, "uint64": 8, "bool": 1, "float8e4m3fn": 1, "int4": 1, "uint4": 1,
+    "float32": 4,
+    "float16": 2,
+    "bfloat16": 2,
+    "float64": 8,
+    "int8": 1,
+    "uint8": 1,
+    "int16": 2,
+    "uint16": 2,
+    "int32": 4,
+    "uint32": 4,
+    "int64": 8,
+    "uint64": 8,
+    "bool": 1,
+    "float8e4m3fn": 1,
+    "int4": 1,
+    "uint4": 1,
 }
 FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")  # the ones a byte-plane split helps
 
@@ -197,8 +212,10 @@ def plane_chunks(data: bytes | memoryview, plane_bytes: int) -> list[tuple[int, 
     sub, count = struct.unpack_from("<II", data, 0)
     # chunks of at least PLANE_CHUNK: readers may size their chunk arrays by it (gpu_upload does)
     if sub < PLANE_CHUNK or count != -(-plane_bytes // sub):
-        raise ValueError(f"chunk table says {count} chunks of {sub} bytes for a plane of {plane_bytes} bytes "
-                         f"(expected chunks of at least {PLANE_CHUNK} bytes covering the plane)")
+        raise ValueError(
+            f"chunk table says {count} chunks of {sub} bytes for a plane of {plane_bytes} bytes "
+            f"(expected chunks of at least {PLANE_CHUNK} bytes covering the plane)"
+        )
     pos = 8 + 4 * count
     if pos > len(data):
         raise ValueError(f"chunk table of {count} entries does not fit the plane's {len(data)} bytes")
@@ -226,7 +243,7 @@ def _decode_chunks(data: memoryview, n: int, buf: memoryview) -> None:
     if _native is None:
         pos = 0
         for c, (at, csize, craw) in enumerate(plane_chunks(data, n)):
-            buf[pos:pos + craw] = _decompress_exact(data[at:at + csize], craw, chunk=True, what=f"chunk {c}")
+            buf[pos : pos + craw] = _decompress_exact(data[at : at + csize], craw, chunk=True, what=f"chunk {c}")
             pos += craw
         return
     first = _native.chunk_run(data, n, PLANE_CHUNK)
@@ -243,7 +260,7 @@ def _decode_planes(stored: memoryview, element_size: int, out: memoryview) -> No
     n = len(out) // es
     planes = []
     for k, (mode, pos, size) in enumerate(table):
-        data = stored[pos:pos + size]
+        data = stored[pos : pos + size]
         if mode == PLANE_RAW:
             plane = data
         elif mode == PLANE_ZSTD:
@@ -294,8 +311,15 @@ TASK_RAW_MIN = 256 << 10
 class WeightReader:
     """Reads the weight store of one bundle. Thread pools are per call; the reader holds one open file."""
 
-    def __init__(self, bundle_dir: str | os.PathLike[str], store: WeightStore, *, threads: int | None = None, verify_raw: bool = False,
-                 verify_frames: bool = True) -> None:
+    def __init__(
+        self,
+        bundle_dir: str | os.PathLike[str],
+        store: WeightStore,
+        *,
+        threads: int | None = None,
+        verify_raw: bool = False,
+        verify_frames: bool = True,
+    ) -> None:
         """``verify_raw`` also checks each decoded blob against its raw sha256 (frame hashes already cover the stored bytes).
 
         ``verify_frames=False`` skips the per-frame sha256 (sizes and decoding are still checked). SHA-256 is most of
@@ -314,14 +338,22 @@ class WeightReader:
         try:
             self._file = open(self.path, "rb")
         except FileNotFoundError:
-            raise IntegrityError(f"{self.path}: weight file missing (pinned by the manifest's weights.file)", hint=HINT_CORRUPT) from None
+            raise IntegrityError(
+                f"{self.path}: weight file missing (pinned by the manifest's weights.file)", hint=HINT_CORRUPT
+            ) from None
         try:
             size = os.fstat(self._file.fileno()).st_size
             if size != store.file.size:
-                raise IntegrityError(f"{self.path}: size {size} bytes, expected {store.file.size} (weights.file.size); truncated or replaced", hint=HINT_CORRUPT)
+                raise IntegrityError(
+                    f"{self.path}: size {size} bytes, expected {store.file.size} (weights.file.size); truncated or replaced",
+                    hint=HINT_CORRUPT,
+                )
             head = self._file.read(len(MAGIC))
             if head != MAGIC:
-                raise IntegrityError(f"{self.path}: does not start with the weight store magic {MAGIC!r} (got {head!r}); not a trtx weight file", hint=HINT_CORRUPT)
+                raise IntegrityError(
+                    f"{self.path}: does not start with the weight store magic {MAGIC!r} (got {head!r}); not a trtx weight file",
+                    hint=HINT_CORRUPT,
+                )
         except BaseException:
             self._file.close()
             raise
@@ -361,11 +393,15 @@ class WeightReader:
         (unless verify_frames is off) its pinned sha256."""
         frame = self.store.blobs[index].frames[j]
         if got < frame.size:
-            raise IntegrityError(f"{self._where(index, j)}: file ends after {max(0, got)} bytes of it; truncated", hint=HINT_CORRUPT)
+            raise IntegrityError(
+                f"{self._where(index, j)}: file ends after {max(0, got)} bytes of it; truncated", hint=HINT_CORRUPT
+            )
         if self.verify_frames:
             actual = sha256_bytes(stored)
             if actual != frame.sha256:
-                raise IntegrityError(f"{self._where(index, j)}: sha256 {actual}, expected {frame.sha256}", hint=HINT_CORRUPT)
+                raise IntegrityError(
+                    f"{self._where(index, j)}: sha256 {actual}, expected {frame.sha256}", hint=HINT_CORRUPT
+                )
 
     def _decode_frame(self, index: int, j: int, out: memoryview) -> None:
         blob = self.store.blobs[index]
@@ -380,7 +416,9 @@ class WeightReader:
         try:
             decode_frame_into(stored, blob.encoding, blob.element_size, out)
         except (ValueError, zstandard.ZstdError) as e:
-            raise IntegrityError(f"{self._where(index, j)}: cannot decode as {blob.encoding} ({e})", hint=HINT_CORRUPT) from None
+            raise IntegrityError(
+                f"{self._where(index, j)}: cannot decode as {blob.encoding} ({e})", hint=HINT_CORRUPT
+            ) from None
 
     def _frame_slices(self, index: int, out: memoryview) -> list[tuple[int, memoryview]]:
         blob = self.store.blobs[index]
@@ -388,7 +426,7 @@ class WeightReader:
             raise ValueError(f"buffer for {self._what(index)} has {len(out)} bytes, expected {blob.nbytes}")
         slices, pos = [], 0
         for j, f in enumerate(blob.frames):
-            slices.append((j, out[pos:pos + f.raw_size]))
+            slices.append((j, out[pos : pos + f.raw_size]))
             pos += f.raw_size
         return slices
 
@@ -397,7 +435,10 @@ class WeightReader:
             blob = self.store.blobs[index]
             actual = sha256_bytes(out)
             if actual != blob.sha256:
-                raise IntegrityError(f"{self.path}: {self._what(index)} decodes to sha256 {actual}, expected {blob.sha256}", hint=HINT_CORRUPT)
+                raise IntegrityError(
+                    f"{self.path}: {self._what(index)} decodes to sha256 {actual}, expected {blob.sha256}",
+                    hint=HINT_CORRUPT,
+                )
 
     # ----------------------------------------------------------------------- public
     def decode_frame(self, index: int, j: int, out: memoryview) -> None:
@@ -414,7 +455,10 @@ class WeightReader:
         process on access (SIGBUS), where a read would just come back short."""
         size = os.fstat(self._file.fileno()).st_size
         if size != self.store.file.size:
-            raise IntegrityError(f"{self.path}: size {size} bytes, expected {self.store.file.size} (weights.file.size); it changed while open", hint=HINT_CORRUPT)
+            raise IntegrityError(
+                f"{self.path}: size {size} bytes, expected {self.store.file.size} (weights.file.size); it changed while open",
+                hint=HINT_CORRUPT,
+            )
         return np.frombuffer(mmap.mmap(self._file.fileno(), size, access=mmap.ACCESS_READ), dtype=np.uint8)
 
     def identity(self) -> os.stat_result:
@@ -433,7 +477,7 @@ class WeightReader:
         got = self._read_into(metas[0].offset, out[:total]) if metas else 0
         pos = 0
         for (i, j), f in zip(frames, metas):
-            self._check_stored(i, j, out[pos:pos + f.size], got - pos)
+            self._check_stored(i, j, out[pos : pos + f.size], got - pos)
             pos += f.size
 
     def decode_blob_into(self, index: int, out: memoryview) -> None:
@@ -509,7 +553,9 @@ class WeightReader:
         try:
             t = self.store.tensor(name)
         except KeyError:
-            raise KeyError(f"{self.path}: no tensor named {name!r} in the weight store ({len(self.store.tensors)} tensors)") from None
+            raise KeyError(
+                f"{self.path}: no tensor named {name!r} in the weight store ({len(self.store.tensors)} tensors)"
+            ) from None
         blob = self.store.blobs[t.blob]
         arr = np.empty(blob.nbytes, dtype=np.uint8)
         self.decode_blob_into(t.blob, memoryview(arr))
@@ -537,7 +583,10 @@ class WeightReader:
             for index, buf in self.iter_blobs(order):
                 blob: Blob = self.store.blobs[index]
                 if blob.raw_offset < pos:
-                    raise IntegrityError(f"{self.path}: {self._what(index)} raw_offset {blob.raw_offset} overlaps the previous blob (ends at {pos})", hint=HINT_CORRUPT)
+                    raise IntegrityError(
+                        f"{self.path}: {self._what(index)} raw_offset {blob.raw_offset} overlaps the previous blob (ends at {pos})",
+                        hint=HINT_CORRUPT,
+                    )
                 f.write(bytes(blob.raw_offset - pos))
                 f.write(buf)
                 pos = blob.raw_offset + blob.nbytes

@@ -1,119 +1,23 @@
-"""The only module of the shim that calls TensorRT for RTX: engine builds, and (below) the GPU runtime session.
+"""The TRT-RTX GPU runtime: header validity, deserialize, refit, runtime config, runtime cache, execution.
 
-Written to NVIDIA's documented TRT-RTX 1.7 Python API (see ../shared/TRT_RTX_NOTES.md). `tensorrt_rtx` is
-imported lazily so that manifests, choice and the fallback work on machines without it.
+Written to NVIDIA's documented TRT-RTX 1.7 Python API (see ../shared/TRT_RTX_NOTES.md); runs only on a GPU that
+TRT-RTX supports. `tensorrt_rtx` and cuda-python are imported lazily.
 """
+
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Protocol
 
-from .errors import EngineBuildError
+import numpy as np
+
+from ..errors import BundleError, IntegrityError, MachineError
+from ..gpu.cuda import check, cudart
+from .build import Logger, trt
 
 log = logging.getLogger(__name__)
-
-# ============================================================================ builds (work without a GPU)
-# compute capability as an int (89) -> ComputeCapability member name
-_CC_NAMES = {75: "SM75", 80: "SM80", 86: "SM86", 89: "SM89", 120: "SM120", 121: "SM121"}
-SUPPORTED_SMS = tuple(sorted(_CC_NAMES))
-
-
-def trt():  # noqa: D103 - the import is lazy and its failure must read well
-    try:
-        import tensorrt_rtx
-    except ImportError as e:  # pragma: no cover - exercised only on broken installs
-        raise EngineBuildError(f"cannot import tensorrt_rtx ({e})", hint="pip install tensorrt-rtx==1.7.1.116") from None
-    return tensorrt_rtx
-
-
-class _Logger:
-    """A TRT-RTX ILogger that forwards to `logging` and keeps errors for the exception message."""
-
-    def __new__(cls):  # built lazily: the base class comes from tensorrt_rtx
-        t = trt()
-
-        class Forwarder(t.ILogger):
-            def __init__(self) -> None:
-                t.ILogger.__init__(self)
-                self.errors: list[str] = []
-
-            def log(self, severity: Any, msg: str) -> None:
-                if severity <= t.ILogger.Severity.ERROR:
-                    self.errors.append(msg)
-                    log.debug("TRT-RTX: %s", msg)
-                elif severity == t.ILogger.Severity.WARNING:
-                    log.debug("TRT-RTX warning: %s", msg)
-
-        return Forwarder()
-
-
-@dataclass(frozen=True)
-class BuildRequest:
-    onnx_path: str  # external data resolves relative to this file
-    profiles: Sequence[Mapping[str, tuple[Sequence[int], Sequence[int], Sequence[int]]]]  # name -> (min, opt, max)
-    compute_capabilities: Sequence[int] = ()  # () = TRT-RTX's default targets; weightless needs exactly [0] = CURRENT
-    weightless: bool = False  # STRIP_PLAN + REFIT_IDENTICAL: needs a supported GPU and CURRENT
-    windows_target: bool = False  # RuntimePlatform.WINDOWS_AMD64 (refused by TRT-RTX on a machine without a GPU)
-
-
-def build_engine(req: BuildRequest) -> bytes:
-    """Parse the ONNX file and build a serialized engine. Parser and builder errors become EngineBuildError."""
-    t = trt()
-    logger = _Logger()
-    builder = t.Builder(logger)
-    network = builder.create_network()
-    parser = t.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(req.onnx_path)):
-        errors = []
-        for i in range(parser.num_errors):
-            err = parser.get_error(i)
-            node = f"node {err.node()} ({err.node_name() or '?'}, op {err.node_operator() or '?'})" if err.node() >= 0 else "model"
-            errors.append(f"{node}: {err.desc()}")
-        raise EngineBuildError(
-            f"{req.onnx_path}: TensorRT for RTX could not parse the model:\n  " + "\n  ".join(errors or logger.errors or ["(no detail given)"]),
-            hint="the first failing node is named above; replace or decompose that op in the model",
-        )
-    config = builder.create_builder_config()
-    for shapes in req.profiles:
-        profile = builder.create_optimization_profile()
-        for name, (lo, opt, hi) in shapes.items():
-            profile.set_shape(name, tuple(lo), tuple(opt), tuple(hi))
-        config.add_optimization_profile(profile)
-    if req.weightless:
-        config.set_flag(t.BuilderFlag.STRIP_PLAN)
-        config.set_flag(t.BuilderFlag.REFIT_IDENTICAL)
-        config.num_compute_capabilities = 1  # the count must be set before the entries
-        config.set_compute_capability(t.ComputeCapability.CURRENT, 0)
-    elif req.compute_capabilities:
-        unknown = [sm for sm in req.compute_capabilities if sm not in _CC_NAMES]
-        if unknown:
-            raise EngineBuildError(
-                f"compute capabilities {unknown} are not targets of TensorRT for RTX",
-                hint=f"choose from {', '.join(str(s) for s in SUPPORTED_SMS)}",
-            )
-        config.num_compute_capabilities = len(req.compute_capabilities)
-        for i, sm in enumerate(req.compute_capabilities):
-            config.set_compute_capability(getattr(t.ComputeCapability, _CC_NAMES[sm]), i)
-    if req.windows_target:
-        config.runtime_platform = t.RuntimePlatform.WINDOWS_AMD64
-    plan = builder.build_serialized_network(network, config)
-    if plan is None:
-        raise EngineBuildError(
-            f"{req.onnx_path}: TensorRT for RTX could not build the engine:\n  " + "\n  ".join(logger.errors or ["(no detail given)"])
-        )
-    return bytes(memoryview(plan))
-
-
-# ============================================================================ GPU runtime session
-# (issue "runtime shim": header validity, deserialize, refit, runtime config, cache, execution)
-import time  # noqa: E402 - imports of the runtime half, kept below the build half
-from typing import Callable, Iterable, Protocol  # noqa: E402
-
-import numpy as np  # noqa: E402
-
-from .errors import BundleError, IntegrityError, MachineError  # noqa: E402
-from .gpu_upload import _check, _cudart  # noqa: E402 - one CUDA error check for the shim; cuda-python itself is imported lazily
 
 SPECIALIZATIONS = {"lazy": "LAZY", "eager": "EAGER", "none": "NONE"}
 # EngineInvalidityDiagnostics bits, in words a user can act on.
@@ -127,8 +31,18 @@ DIAGNOSTICS = {
     64: ("CUDA_ERROR", "a CUDA error occurred while checking"),
 }
 # our dtype names <-> TRT DataType member names
-_DTYPES = {"float32": "FLOAT", "float16": "HALF", "bfloat16": "BF16", "int8": "INT8", "int32": "INT32", "int64": "INT64",
-           "bool": "BOOL", "uint8": "UINT8", "float8e4m3fn": "FP8", "int4": "INT4"}
+_DTYPES = {
+    "float32": "FLOAT",
+    "float16": "HALF",
+    "bfloat16": "BF16",
+    "int8": "INT8",
+    "int32": "INT32",
+    "int64": "INT64",
+    "bool": "BOOL",
+    "uint8": "UINT8",
+    "float8e4m3fn": "FP8",
+    "int4": "INT4",
+}
 _MAX_SHAPE_SETS = 8  # device buffer sets kept per context (one per input-shape signature)
 
 
@@ -163,10 +77,16 @@ class TrtRuntime(Protocol):
     def refittable_weights(self, engine: Any) -> list[str]: ...
     def weight_prototype(self, engine: Any, name: str) -> tuple[str, int]: ...  # (our dtype name, element count)
     def set_weights(self, engine: Any, name: str, dtype: str, count: int, array: np.ndarray) -> bool: ...  # host memory
-    def set_device_weights(self, engine: Any, name: str, dtype: str, count: int, ptr: int) -> bool: ...  # TensorLocation.DEVICE
-    def open_uploader(self, *, slot_bytes: int, threads: int) -> WeightUploader: ...  # pinned ring on this runtime's GPU
+    def set_device_weights(
+        self, engine: Any, name: str, dtype: str, count: int, ptr: int
+    ) -> bool: ...  # TensorLocation.DEVICE
+    def open_uploader(
+        self, *, slot_bytes: int, threads: int
+    ) -> WeightUploader: ...  # pinned ring on this runtime's GPU
     def refit(self, engine: Any) -> bool: ...
-    def create_context(self, engine: Any, *, specialization: str, cuda_graphs: bool, caches: Sequence[bytes]) -> tuple[Any, int | None]: ...
+    def create_context(
+        self, engine: Any, *, specialization: str, cuda_graphs: bool, caches: Sequence[bytes]
+    ) -> tuple[Any, int | None]: ...
     def execute(self, context: Any, inputs: Mapping[str, np.ndarray], profile: int) -> dict[str, np.ndarray]: ...
     def serialize_cache(self, context: Any) -> bytes: ...
     def release(self, context: Any, engine: Any) -> None: ...
@@ -185,8 +105,18 @@ class WeightSource(Protocol):
 class TrtSession:
     """The load sequence: header validity, deserialize, refit every weight, runtime config + cache, execute."""
 
-    def __init__(self, runtime: TrtRuntime, plan: bytes, *, weights: WeightSource | None, specialization: str = "lazy",
-                 cuda_graphs: bool = True, caches: Sequence[bytes] = (), weights_on_device: bool | None = None, source: str = "engine") -> None:
+    def __init__(
+        self,
+        runtime: TrtRuntime,
+        plan: bytes,
+        *,
+        weights: WeightSource | None,
+        specialization: str = "lazy",
+        cuda_graphs: bool = True,
+        caches: Sequence[bytes] = (),
+        weights_on_device: bool | None = None,
+        source: str = "engine",
+    ) -> None:
         if specialization not in SPECIALIZATIONS:
             raise BundleError(f"specialization: expected one of {', '.join(SPECIALIZATIONS)}, got {specialization!r}")
         self.runtime, self.source, self.timings = runtime, source, {}
@@ -197,12 +127,18 @@ class TrtSession:
             words = decode_diagnostics(bits) or ["TRT-RTX gave no reason (is an NVIDIA driver present?)"]
             raise MachineError(f"{source}: TensorRT for RTX says this engine cannot run here: " + "; ".join(words))
         if self.validity == "SUBOPTIMAL":
-            log.warning("%s: TensorRT for RTX says this engine may run slower here: %s", source, "; ".join(decode_diagnostics(bits)))
+            log.warning(
+                "%s: TensorRT for RTX says this engine may run slower here: %s",
+                source,
+                "; ".join(decode_diagnostics(bits)),
+            )
         t0 = time.perf_counter()
         self.context: Any = None
         self.engine = runtime.deserialize(plan)
         if self.engine is None:
-            raise MachineError(f"{source}: TensorRT for RTX could not deserialize the engine", hint="run with -vv to see TRT-RTX's log")
+            raise MachineError(
+                f"{source}: TensorRT for RTX could not deserialize the engine", hint="run with -vv to see TRT-RTX's log"
+            )
         self.timings["deserialize_s"] = time.perf_counter() - t0
         try:
             if weights is not None:
@@ -210,8 +146,9 @@ class TrtSession:
                 self.refitted = self._refit(weights, weights_on_device)
                 self.timings["refit_s"] = time.perf_counter() - t0
             t0 = time.perf_counter()
-            self.context, self.cache_loaded = runtime.create_context(self.engine, specialization=specialization,
-                                                                     cuda_graphs=cuda_graphs, caches=list(caches))
+            self.context, self.cache_loaded = runtime.create_context(
+                self.engine, specialization=specialization, cuda_graphs=cuda_graphs, caches=list(caches)
+            )
             self.timings["context_s"] = time.perf_counter() - t0
         except BaseException:
             self.close()  # a half-loaded engine must not keep GPU memory while the caller tries the next one
@@ -228,11 +165,16 @@ class TrtSession:
             try:
                 dtype, count = weights.spec(name)
             except KeyError:
-                raise IntegrityError(f"{self.source}: the engine asks for weight {name!r}, which the bundle's weight store lacks",
-                                     hint="the engine and the weight store come from different models; rebuild the bundle") from None
+                raise IntegrityError(
+                    f"{self.source}: the engine asks for weight {name!r}, which the bundle's weight store lacks",
+                    hint="the engine and the weight store come from different models; rebuild the bundle",
+                ) from None
             if dtype != want_dtype or count != want_count:
-                raise IntegrityError(f"{self.source}: weight {name!r}: the engine expects {want_dtype} x {want_count}, the weight "
-                                     f"store has {dtype} x {count}", hint="rebuild the bundle from one model")
+                raise IntegrityError(
+                    f"{self.source}: weight {name!r}: the engine expects {want_dtype} x {want_count}, the weight "
+                    f"store has {dtype} x {count}",
+                    hint="rebuild the bundle from one model",
+                )
             specs[name] = (dtype, count)
         if not names:
             return []
@@ -248,16 +190,26 @@ class TrtSession:
                 log.warning("%s: %s", self.source, self.notes[-1])
             else:
                 try:
-                    done = self._set_all(names, specs, lambda n, d, c: self.runtime.set_device_weights(self.engine, n, d, c, upload.tensors[n].ptr))
+                    done = self._set_all(
+                        names,
+                        specs,
+                        lambda n, d, c: self.runtime.set_device_weights(self.engine, n, d, c, upload.tensors[n].ptr),
+                    )
                 finally:
                     upload.free()  # TRT-RTX may read the pointers until refit_cuda_engine() returns (its docstring), no longer
                 self.refit_from = "device"
                 return done
-        done = self._set_all(names, specs, lambda n, d, c: self.runtime.set_weights(self.engine, n, d, c, np.ascontiguousarray(weights.read(n))))
+        done = self._set_all(
+            names,
+            specs,
+            lambda n, d, c: self.runtime.set_weights(self.engine, n, d, c, np.ascontiguousarray(weights.read(n))),
+        )
         self.refit_from = "host"
         return done
 
-    def _set_all(self, names: list[str], specs: Mapping[str, tuple[str, int]], set_one: Callable[[str, str, int], bool]) -> list[str]:
+    def _set_all(
+        self, names: list[str], specs: Mapping[str, tuple[str, int]], set_one: Callable[[str, str, int], bool]
+    ) -> list[str]:
         done: list[str] = []
         for name in names:
             if not set_one(name, *specs[name]):
@@ -267,7 +219,9 @@ class TrtSession:
         if set(done) != set(names):
             raise MachineError(f"{self.source}: weights left unset: {sorted(set(names) - set(done))}")
         if not self.runtime.refit(self.engine):
-            raise MachineError(f"{self.source}: TensorRT for RTX refused the refit", hint="run with -vv to see TRT-RTX's log")
+            raise MachineError(
+                f"{self.source}: TensorRT for RTX refused the refit", hint="run with -vv to see TRT-RTX's log"
+            )
         return done
 
     def run(self, inputs: Mapping[str, np.ndarray], profile: int = 0) -> dict[str, np.ndarray]:
@@ -293,10 +247,12 @@ class TrtRtxRuntime:
     """The real TrtRuntime: tensorrt_rtx for the engine, cuda.bindings.runtime for device memory and streams."""
 
     def __init__(self, device: int = 0) -> None:
-        self.t, self.cu, self.device = trt(), _cudart(), device
-        _check(self.cu, self.cu.cudaSetDevice(device), "cudaSetDevice")
-        _check(self.cu, self.cu.cudaFree(0), "cudaFree(0)")  # makes the primary context current: cache (de)serialize needs one
-        self.logger = _Logger()
+        self.t, self.cu, self.device = trt(), cudart(), device
+        check(self.cu, self.cu.cudaSetDevice(device), "cudaSetDevice")
+        check(
+            self.cu, self.cu.cudaFree(0), "cudaFree(0)"
+        )  # makes the primary context current: cache (de)serialize needs one
+        self.logger = Logger()
         self.rt = self.t.Runtime(self.logger)
         self._refitters: dict[int, Any] = {}
         self._keep: list[np.ndarray] = []  # host arrays that must outlive refit_cuda_engine()
@@ -334,7 +290,7 @@ class TrtRtxRuntime:
         return bool(self._refitter(engine).set_named_weights(name, w, self.t.TensorLocation.DEVICE))
 
     def open_uploader(self, *, slot_bytes: int, threads: int) -> WeightUploader:
-        from .gpu_upload import Uploader
+        from ..gpu.upload import Uploader
 
         return Uploader(device=self.device, slot_bytes=slot_bytes, threads=threads)
 
@@ -349,11 +305,14 @@ class TrtRtxRuntime:
         finally:
             self._keep.clear()
 
-    def create_context(self, engine: Any, *, specialization: str, cuda_graphs: bool, caches: Sequence[bytes]) -> tuple[Any, int | None]:
+    def create_context(
+        self, engine: Any, *, specialization: str, cuda_graphs: bool, caches: Sequence[bytes]
+    ) -> tuple[Any, int | None]:
         t = self.t
         config = engine.create_runtime_config()
-        config.dynamic_shapes_kernel_specialization_strategy = getattr(t.DynamicShapesKernelSpecializationStrategy,
-                                                                       SPECIALIZATIONS[specialization])
+        config.dynamic_shapes_kernel_specialization_strategy = getattr(
+            t.DynamicShapesKernelSpecializationStrategy, SPECIALIZATIONS[specialization]
+        )
         if cuda_graphs:
             config.cuda_graph_strategy = t.CudaGraphStrategy.WHOLE_GRAPH_CAPTURE
         cache = config.create_runtime_cache()
@@ -362,13 +321,21 @@ class TrtRtxRuntime:
             if cache.deserialize(blob):
                 loaded = i
                 break
-            log.info("runtime cache %d of %d rejected by TRT-RTX (another GPU, driver or version): trying the next", i + 1, len(caches))
+            log.info(
+                "runtime cache %d of %d rejected by TRT-RTX (another GPU, driver or version): trying the next",
+                i + 1,
+                len(caches),
+            )
         config.set_runtime_cache(cache)
         ctx = engine.create_execution_context(config)
         if ctx is None:
-            raise MachineError("TensorRT for RTX could not create an execution context: " + "; ".join(self.logger.errors[-3:]))
+            raise MachineError(
+                "TensorRT for RTX could not create an execution context: " + "; ".join(self.logger.errors[-3:])
+            )
         # Graph capture cannot use the legacy default stream.
-        stream = _check(self.cu, self.cu.cudaStreamCreateWithFlags(self.cu.cudaStreamNonBlocking), "cudaStreamCreateWithFlags")
+        stream = check(
+            self.cu, self.cu.cudaStreamCreateWithFlags(self.cu.cudaStreamNonBlocking), "cudaStreamCreateWithFlags"
+        )
         return _Context(ctx, config, cache, stream), loaded
 
     def execute(self, context: Any, inputs: Mapping[str, np.ndarray], profile: int = 0) -> dict[str, np.ndarray]:
@@ -391,8 +358,10 @@ class TrtRtxRuntime:
             if len(c.buffers) >= _MAX_SHAPE_SETS:
                 self._free(c.buffers.pop(next(iter(c.buffers))))
             sizes = {n: a.nbytes for n, a in inputs.items()}
-            sizes.update({n: int(np.prod(s)) * _np_dtype(engine.get_tensor_dtype(n).name).itemsize for n, s in shapes.items()})
-            c.buffers[signature] = {n: (_check(cu, cu.cudaMalloc(max(b, 1)), "cudaMalloc"), b) for n, b in sizes.items()}
+            sizes.update(
+                {n: int(np.prod(s)) * _np_dtype(engine.get_tensor_dtype(n).name).itemsize for n, s in shapes.items()}
+            )
+            c.buffers[signature] = {n: (check(cu, cu.cudaMalloc(max(b, 1)), "cudaMalloc"), b) for n, b in sizes.items()}
         bufs = c.buffers[signature]
         results = {n: np.empty(shapes[n], dtype=_np_dtype(engine.get_tensor_dtype(n).name)) for n in outs}
         for name, (ptr, _) in bufs.items():
@@ -400,12 +369,14 @@ class TrtRtxRuntime:
         h2d, d2h = cu.cudaMemcpyKind.cudaMemcpyHostToDevice, cu.cudaMemcpyKind.cudaMemcpyDeviceToHost
         held = {n: np.ascontiguousarray(a) for n, a in inputs.items()}
         for name, array in held.items():
-            _check(cu, cu.cudaMemcpyAsync(bufs[name][0], array.ctypes.data, array.nbytes, h2d, c.stream), "cudaMemcpyAsync")
+            check(
+                cu, cu.cudaMemcpyAsync(bufs[name][0], array.ctypes.data, array.nbytes, h2d, c.stream), "cudaMemcpyAsync"
+            )
         if not c.ctx.execute_async_v3(int(c.stream)):
             raise MachineError("TensorRT for RTX failed to execute: " + "; ".join(self.logger.errors[-3:]))
         for name, out in results.items():
-            _check(cu, cu.cudaMemcpyAsync(out.ctypes.data, bufs[name][0], out.nbytes, d2h, c.stream), "cudaMemcpyAsync")
-        _check(cu, cu.cudaStreamSynchronize(c.stream), "cudaStreamSynchronize")
+            check(cu, cu.cudaMemcpyAsync(out.ctypes.data, bufs[name][0], out.nbytes, d2h, c.stream), "cudaMemcpyAsync")
+        check(cu, cu.cudaStreamSynchronize(c.stream), "cudaStreamSynchronize")
         return results
 
     def serialize_cache(self, context: Any) -> bytes:

@@ -11,53 +11,24 @@ pointers (``TensorLocation.DEVICE``). Pinned host memory is bounded by the ring 
 the model; an event per slot says when the slot may be refilled. cuda-python is imported lazily; every CUDA error
 raises MachineError naming the call.
 """
+
 from __future__ import annotations
 
 import collections
 import concurrent.futures as cf
 import ctypes
-import importlib
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable, NamedTuple
+from typing import Any, NamedTuple
 
-from .errors import IntegrityError, MachineError
-from .weights import HINT_CORRUPT, PLANE_CHUNK, WeightReader
+from ..errors import IntegrityError, MachineError
+from ..store.reader import HINT_CORRUPT, PLANE_CHUNK, WeightReader
+from .cuda import check, cudart
 
 DEVICE_ALIGNMENT = 256  # cudaMalloc's own alignment: what TensorRT expects of weight pointers
 SLOT_BYTES = 4 << 20  # the writer's default frame size (bundler DEFAULT_CHUNK): one frame a slot at least
-
-
-def _cuda(module: str) -> Any:
-    """cuda-python's ``runtime`` or ``driver`` bindings (``cuda.bindings.<module>``; before 12.6 ``cuda.cudart`` /
-    ``cuda.cuda``), imported only when the GPU is used; MachineError saying what to install when absent."""
-    try:
-        importlib.import_module("cuda.bindings")  # the package first: a cached submodule must not hide its absence
-        return importlib.import_module(f"cuda.bindings.{module}")
-    except ImportError:
-        try:
-            importlib.import_module("cuda")
-            return importlib.import_module({"runtime": "cuda.cudart", "driver": "cuda.cuda"}[module])
-        except ImportError as e:
-            raise MachineError(f"cuda-python is not importable ({e})", hint="pip install 'cuda-python>=12.6'") from None
-
-
-def _cudart() -> Any:
-    return _cuda("runtime")
-
-
-def _check(rt: Any, result: Any, what: str) -> Any:
-    """cuda-python returns (err, value...): raise on err, return the value(s)."""
-    err, *values = result if isinstance(result, tuple) else (result,)
-    if int(err) != 0:
-        _, name = rt.cudaGetErrorName(err)
-        _, text = rt.cudaGetErrorString(err)
-        raise MachineError(f"{what} failed: {name.decode(errors='replace')} ({text.decode(errors='replace')})",
-                           hint="check that an NVIDIA GPU and driver are present (nvidia-smi) and that GPU memory is free")
-    if not values:
-        return None
-    return values[0] if len(values) == 1 else tuple(values)
 
 
 class DeviceTensor(NamedTuple):
@@ -85,8 +56,8 @@ class DeviceWeights:
 
     def free(self) -> None:
         if self.base:
-            _check(self._rt, self._rt.cudaSetDevice(self.device), "cudaSetDevice")
-            _check(self._rt, self._rt.cudaFree(self.base), "cudaFree")
+            check(self._rt, self._rt.cudaSetDevice(self.device), "cudaSetDevice")
+            check(self._rt, self._rt.cudaFree(self.base), "cudaFree")
             self.base = 0
 
     def __enter__(self) -> DeviceWeights:
@@ -134,8 +105,16 @@ def _segments(reader: WeightReader, indices: list[int], offsets: dict[int, int],
 class Uploader:
     """A CUDA stream, a ring of pinned slots and their events, reusable across uploads; close() frees them."""
 
-    def __init__(self, *, device: int = 0, slots: int | None = None, slot_bytes: int = SLOT_BYTES, threads: int | None = None,
-                 decode: str = "auto", batch_bytes: int | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        device: int = 0,
+        slots: int | None = None,
+        slot_bytes: int = SLOT_BYTES,
+        threads: int | None = None,
+        decode: str = "auto",
+        batch_bytes: int | None = None,
+    ) -> None:
         """``decode``: ``auto`` (on the GPU when nvCOMP is installed, else on the host), ``device`` or ``host``.
         ``batch_bytes``: stored bytes per GPU decode batch (default: gpu_decode.DeviceDecoder.batch_for); the GPU
         decoder takes 6x that in device memory."""
@@ -147,7 +126,7 @@ class Uploader:
         self.spent: collections.Counter[str] = collections.Counter()
         self.decoded_on: str | None = None
         self._device_decoder: Any = None
-        self.rt = rt = _cudart()
+        self.rt = rt = cudart()
         self.device = device
         self.threads = max(1, threads if threads is not None else min(8, os.cpu_count() or 1))
         # threads slots decoding, plus two for copies in flight: enough to keep both sides busy (bench_upload.py)
@@ -158,15 +137,21 @@ class Uploader:
         self._events: list[Any] = []
         self._stream = None
         try:
-            _check(rt, rt.cudaSetDevice(device), f"cudaSetDevice({device})")
+            check(rt, rt.cudaSetDevice(device), f"cudaSetDevice({device})")
         except MachineError as e:  # the common "no GPU / no driver" case: say what could not be done first
             raise MachineError(f"cannot upload weights to CUDA device {device}: {e}", hint=e.hint) from None
         try:
-            self._stream = _check(rt, rt.cudaStreamCreateWithFlags(rt.cudaStreamNonBlocking), "cudaStreamCreateWithFlags")
-            self._host = _check(rt, rt.cudaMallocHost(self.slots * slot_bytes), f"cudaMallocHost({self.slots * slot_bytes})")
+            self._stream = check(
+                rt, rt.cudaStreamCreateWithFlags(rt.cudaStreamNonBlocking), "cudaStreamCreateWithFlags"
+            )
+            self._host = check(
+                rt, rt.cudaMallocHost(self.slots * slot_bytes), f"cudaMallocHost({self.slots * slot_bytes})"
+            )
             self.pinned_bytes = self.slots * slot_bytes
             for _ in range(self.slots):
-                self._events.append(_check(rt, rt.cudaEventCreateWithFlags(rt.cudaEventDisableTiming), "cudaEventCreateWithFlags"))
+                self._events.append(
+                    check(rt, rt.cudaEventCreateWithFlags(rt.cudaEventDisableTiming), "cudaEventCreateWithFlags")
+                )
         except BaseException:
             self.close()
             raise
@@ -198,7 +183,7 @@ class Uploader:
             self.decode_why = "decode='host'" if self.decode == "host" else "the store is uncompressed"
             return None
         if self._device_decoder is None:
-            from . import gpu_decode
+            from . import decode as gpu_decode
 
             why = gpu_decode.available()
             if why is None:
@@ -223,14 +208,16 @@ class Uploader:
         order = list(range(len(reader.store.blobs)) if indices is None else indices)
         too_big = max((max(f.raw_size, f.size) for i in order for f in reader.store.blobs[i].frames), default=0)
         if too_big > self.slot_bytes:
-            raise ValueError(f"a frame of {too_big} bytes does not fit a {self.slot_bytes}-byte pinned slot; pass slot_bytes >= {too_big}")
+            raise ValueError(
+                f"a frame of {too_big} bytes does not fit a {self.slot_bytes}-byte pinned slot; pass slot_bytes >= {too_big}"
+            )
         offsets, total = _layout(reader, order)
-        _check(rt, rt.cudaSetDevice(self.device), f"cudaSetDevice({self.device})")
+        check(rt, rt.cudaSetDevice(self.device), f"cudaSetDevice({self.device})")
         decoder = self._decoder(reader)
         self.decoded_on = "host" if decoder is None else "gpu"
         self.spent["layout, decoder check"] += time.perf_counter() - t0
         t0 = time.perf_counter()
-        base = _check(rt, rt.cudaMalloc(total), f"cudaMalloc({total})")
+        base = check(rt, rt.cudaMalloc(total), f"cudaMalloc({total})")
         self.spent["cudaMalloc"] += time.perf_counter() - t0
         tensors: dict[str, DeviceTensor] = {}
 
@@ -239,7 +226,9 @@ class Uploader:
             t0 = time.perf_counter()
             for t in reader.store.tensors:
                 if t.blob in offsets:
-                    tensors[t.name] = DeviceTensor(t.name, t.dtype, tuple(t.shape), base + offsets[t.blob], reader.store.blobs[t.blob].nbytes)
+                    tensors[t.name] = DeviceTensor(
+                        t.name, t.dtype, tuple(t.shape), base + offsets[t.blob], reader.store.blobs[t.blob].nbytes
+                    )
             self.spent["tensor table"] += time.perf_counter() - t0
 
         try:
@@ -255,7 +244,9 @@ class Uploader:
             raise
         return DeviceWeights(tensors=tensors, base=base, nbytes=total, device=self.device, _rt=rt)
 
-    def _ring(self, segments: list[Any], slot_bytes: int, nslots: int, submit: Any, enqueue: Any, first: Any = None) -> None:
+    def _ring(
+        self, segments: list[Any], slot_bytes: int, nslots: int, submit: Any, enqueue: Any, first: Any = None
+    ) -> None:
         """For each segment, in order: ``submit(pool, segment, slot_view)`` starts its work on threads (futures),
         ``enqueue(segment, slot)`` runs here once they are done (it enqueues the copies out of the slot), and a slot
         is refilled only once the copies out of it are done. The ring is the pinned block cut in ``nslots``.
@@ -271,7 +262,7 @@ class Uploader:
             t1 = clock()
             slot = k % nslots
             enqueue(segments[k], slot)
-            _check(rt, rt.cudaEventRecord(self._events[slot], self._stream), "cudaEventRecord")
+            check(rt, rt.cudaEventRecord(self._events[slot], self._stream), "cudaEventRecord")
             used[slot] = True
             spent["wait for threads"] += t1 - t0
             spent["enqueue"] += clock() - t1
@@ -287,9 +278,11 @@ class Uploader:
                     slot = k % nslots
                     if used[slot]:  # its previous segment's copy must be done before it is overwritten
                         t0 = clock()
-                        _check(rt, rt.cudaEventSynchronize(self._events[slot]), "cudaEventSynchronize")
+                        check(rt, rt.cudaEventSynchronize(self._events[slot]), "cudaEventSynchronize")
                         spent["wait for a free slot"] += clock() - t0
-                    view = memoryview((ctypes.c_ubyte * slot_bytes).from_address(self._host + slot * slot_bytes)).cast("B")
+                    view = memoryview((ctypes.c_ubyte * slot_bytes).from_address(self._host + slot * slot_bytes)).cast(
+                        "B"
+                    )
                     pending.append((k, submit(pool, seg, view)))
                 if first is not None:
                     first()
@@ -305,35 +298,56 @@ class Uploader:
 
         def decode(seg: _Segment, buf: memoryview) -> None:
             for i, j, off in seg.frames:
-                reader.decode_frame(i, j, buf[off:off + reader.store.blobs[i].frames[j].raw_size])
+                reader.decode_frame(i, j, buf[off : off + reader.store.blobs[i].frames[j].raw_size])
 
         def enqueue(seg: _Segment, slot: int) -> None:
-            _check(rt, rt.cudaMemcpyAsync(base + seg.dev_offset, self._host + slot * self.slot_bytes, seg.size, h2d, self._stream), "cudaMemcpyAsync")
+            check(
+                rt,
+                rt.cudaMemcpyAsync(
+                    base + seg.dev_offset, self._host + slot * self.slot_bytes, seg.size, h2d, self._stream
+                ),
+                "cudaMemcpyAsync",
+            )
 
-        self._ring(segments, self.slot_bytes, self.slots, lambda pool, seg, view: [pool.submit(decode, seg, view)], enqueue)
+        self._ring(
+            segments, self.slot_bytes, self.slots, lambda pool, seg, view: [pool.submit(decode, seg, view)], enqueue
+        )
         while_waiting()
-        _check(rt, rt.cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
+        check(rt, rt.cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
 
-    def _run_device(self, reader: WeightReader, decoder: Any, order: list[int], offsets: dict[int, int], base: int,
-                    while_waiting: Any) -> None:
+    def _run_device(
+        self,
+        reader: WeightReader,
+        decoder: Any,
+        order: list[int],
+        offsets: dict[int, int],
+        base: int,
+        while_waiting: Any,
+    ) -> None:
         import numpy as np
 
-        from .gpu_decode import Cuts, FrameFormatError, plan_frames
+        from .decode import Cuts, FrameFormatError, plan_frames
 
         t0 = time.perf_counter()
         t = _frame_table(reader, order, offsets)
         self.spent["frame table"] += time.perf_counter() - t0
         largest = int(t["size"].max()) if len(t["size"]) else 1
-        batch = self.batch_bytes or decoder.batch_for(int(t["size"].sum()), _check(self.rt, self.rt.cudaMemGetInfo(), "cudaMemGetInfo")[0])
+        batch = self.batch_bytes or decoder.batch_for(
+            int(t["size"].sum()), check(self.rt, self.rt.cudaMemGetInfo(), "cudaMemGetInfo")[0]
+        )
         widest = int(t["raw"].max()) if len(t["raw"]) else 1
         if largest > batch or widest > 2 * batch:
-            raise ValueError(f"a frame of {largest} stored / {widest} raw bytes does not fit a GPU decode batch of {batch} bytes; "
-                             f"pass batch_bytes >= {max(largest, -(-widest // 2))}")
+            raise ValueError(
+                f"a frame of {largest} stored / {widest} raw bytes does not fit a GPU decode batch of {batch} bytes; "
+                f"pass batch_bytes >= {max(largest, -(-widest // 2))}"
+            )
         frames = list(zip(t["blob"].tolist(), t["frame"].tolist()))
 
         def integrity(k: int, e: Exception) -> IntegrityError:
             i, j = frames[k]
-            return IntegrityError(f"{reader._where(i, j)}: cannot decode as {reader.store.blobs[i].encoding} ({e})", hint=HINT_CORRUPT)
+            return IntegrityError(
+                f"{reader._where(i, j)}: cannot decode as {reader.store.blobs[i].encoding} ({e})", hint=HINT_CORRUPT
+            )
 
         ring = self.slots * self.slot_bytes
         slot_bytes = max(largest, min(ring // 4, batch, DEVICE_SEGMENT))
@@ -354,11 +368,13 @@ class Uploader:
             except FrameFormatError as e:
                 raise integrity(e.frame, e) from None
             planned[:] = [Cuts(plan, [(lo, hi) for lo, hi, _ in segments], delta)]
-            decoder.begin(batch, len(plan.chunk_in), len(plan.job_out), int(plan.chunk_raw.max()) if len(plan.chunk_raw) else 1)
+            decoder.begin(
+                batch, len(plan.chunk_in), len(plan.job_out), int(plan.chunk_raw.max()) if len(plan.chunk_raw) else 1
+            )
             self.spent["plan every frame (numpy), size the decoder"] += time.perf_counter() - t0
 
         def submit(pool: cf.ThreadPoolExecutor, seg: tuple[int, int, Any], view: memoryview) -> list[cf.Future[None]]:
-            return [pool.submit(reader.read_frames, frames[a:b], view[int(t["slot_off"][a]):]) for a, b in seg[2]]
+            return [pool.submit(reader.read_frames, frames[a:b], view[int(t["slot_off"][a]) :]) for a, b in seg[2]]
 
         def enqueue(seg: tuple[int, int, Any], slot: int) -> None:
             lo, hi, _ = seg
@@ -375,14 +391,19 @@ class Uploader:
         self._ring(segments, slot_bytes, nslots, submit, enqueue, first=plan_all)
         t0, table = time.perf_counter(), self.spent["tensor table"]
         failed = decoder.finish(while_waiting)
-        self.spent["wait for the GPU at the end"] += time.perf_counter() - t0 - (self.spent["tensor table"] - table)  # not the table's time
+        self.spent["wait for the GPU at the end"] += (
+            time.perf_counter() - t0 - (self.spent["tensor table"] - table)
+        )  # not the table's time
         self.spent.update(decoder.spent)
         decoder.spent.clear()
-        _check(self.rt, self.rt.cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
+        check(self.rt, self.rt.cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
         if failed:
             (i, j), status, got, want = failed[0]
-            raise IntegrityError(f"{reader._where(i, j)}: the GPU decoder (nvCOMP) returned status {status} and {got} of {want} bytes"
-                                 + (f"; {len(failed) - 1} more chunks failed" if len(failed) > 1 else ""), hint=HINT_CORRUPT)
+            raise IntegrityError(
+                f"{reader._where(i, j)}: the GPU decoder (nvCOMP) returned status {status} and {got} of {want} bytes"
+                + (f"; {len(failed) - 1} more chunks failed" if len(failed) > 1 else ""),
+                hint=HINT_CORRUPT,
+            )
 
 
 DEVICE_SEGMENT = 16 << 20  # stored bytes per segment on the GPU decode path (fewer, bigger numpy passes)
@@ -395,7 +416,7 @@ def _frame_table(reader: WeightReader, order: list[int], offsets: dict[int, int]
     PLANE_CHUNK or more)."""
     import numpy as np
 
-    from .gpu_decode import ENCODINGS
+    from .decode import ENCODINGS
 
     cols: dict[str, list[int]] = {k: [] for k in ("blob", "frame", "size", "raw", "es", "enc", "dst", "file", "chunks")}
     for i in order:
@@ -403,14 +424,27 @@ def _frame_table(reader: WeightReader, order: list[int], offsets: dict[int, int]
         dst, enc = offsets[i], ENCODINGS[b.encoding]
         planes = b.element_size if b.encoding == "zstd-byteplane" and b.element_size > 1 else 1
         for j, f in enumerate(b.frames):
-            for k, v in (("blob", i), ("frame", j), ("size", f.size), ("raw", f.raw_size), ("es", b.element_size), ("enc", enc), ("dst", dst), ("file", f.offset)):
+            for k, v in (
+                ("blob", i),
+                ("frame", j),
+                ("size", f.size),
+                ("raw", f.raw_size),
+                ("es", b.element_size),
+                ("enc", enc),
+                ("dst", dst),
+                ("file", f.offset),
+            ):
                 cols[k].append(v)
-            cols["chunks"].append(0 if b.encoding == "none" else planes * max(1, -(-f.raw_size // planes // PLANE_CHUNK)))
+            cols["chunks"].append(
+                0 if b.encoding == "none" else planes * max(1, -(-f.raw_size // planes // PLANE_CHUNK))
+            )
             dst += f.raw_size
     return {k: np.array(v, dtype=np.int64) for k, v in cols.items()}
 
 
-def _pack(t: dict[str, Any], slot_bytes: int, raw_cap: int | None = None) -> list[tuple[int, int, list[tuple[int, int]]]]:
+def _pack(
+    t: dict[str, Any], slot_bytes: int, raw_cap: int | None = None
+) -> list[tuple[int, int, list[tuple[int, int]]]]:
     """Cut the frames into segments of at most ``slot_bytes`` stored bytes, back to back in the slot (sets
     t["slot_off"]), and of at most ``raw_cap`` raw bytes (a GPU batch decodes at most that much: a few kB of stored
     zeros can stand for megabytes): per segment (first frame, end, read runs: ranges of frames back to back in the
@@ -441,9 +475,16 @@ def _pack(t: dict[str, Any], slot_bytes: int, raw_cap: int | None = None) -> lis
     return segments
 
 
-def upload_weights(reader: WeightReader, *, device: int = 0, threads: int | None = None, slots: int | None = None,
-                   decode: str = "auto") -> DeviceWeights:
+def upload_weights(
+    reader: WeightReader, *, device: int = 0, threads: int | None = None, slots: int | None = None, decode: str = "auto"
+) -> DeviceWeights:
     """One-shot: stream the whole weight store to the GPU; returns device pointers per tensor (see DeviceWeights)."""
     slot_bytes = max((max(f.raw_size, f.size) for b in reader.store.blobs for f in b.frames), default=1)
-    with Uploader(device=device, slots=slots, slot_bytes=max(slot_bytes, 1 << 20), threads=threads or reader.threads, decode=decode) as up:
+    with Uploader(
+        device=device,
+        slots=slots,
+        slot_bytes=max(slot_bytes, 1 << 20),
+        threads=threads or reader.threads,
+        decode=decode,
+    ) as up:
         return up.upload(reader)

@@ -1,4 +1,5 @@
 """The one family of errors the shim and the bundler raise; messages say what, where, expected vs actual, what to do."""
+
 from __future__ import annotations
 
 

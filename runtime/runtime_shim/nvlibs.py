@@ -6,6 +6,7 @@ makes cost ~1 ms through ctypes. Each method returns what cuda-python's does (an
 machine._probe_driver and _nvml_facts take either, and tests replay answers with fakes of the same shape.
 The libraries are found by the system's loader, as cuda-python finds them (driver libraries ship with the driver).
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -25,7 +26,9 @@ class CudaDriver:
     """The driver API calls the probe makes: cuInit, cuDriverGetVersion, cuDeviceGet*, cuGetErrorName."""
 
     CUresult = SimpleNamespace(CUDA_SUCCESS=0)
-    CUdevice_attribute = SimpleNamespace(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR=75, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR=76)
+    CUdevice_attribute = SimpleNamespace(
+        CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR=75, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR=76
+    )
 
     def __init__(self) -> None:
         self.lib = _load("libcuda.so.1", "nvcuda.dll")  # OSError: no driver
@@ -97,8 +100,15 @@ class CudaDriver:
 
 class _PciInfo(ctypes.Structure):
     # nvmlPciInfo_t (nvml.h, v3): the busIdLegacy field, then the numbers, then the bus id
-    _fields_ = [("busIdLegacy", ctypes.c_char * 16), ("domain", ctypes.c_uint), ("bus", ctypes.c_uint), ("device", ctypes.c_uint),
-                ("pciDeviceId", ctypes.c_uint), ("pciSubSystemId", ctypes.c_uint), ("busId", ctypes.c_char * 32)]
+    _fields_ = [
+        ("busIdLegacy", ctypes.c_char * 16),
+        ("domain", ctypes.c_uint),
+        ("bus", ctypes.c_uint),
+        ("device", ctypes.c_uint),
+        ("pciDeviceId", ctypes.c_uint),
+        ("pciSubSystemId", ctypes.c_uint),
+        ("busId", ctypes.c_char * 32),
+    ]
 
 
 class Nvml:

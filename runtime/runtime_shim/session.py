@@ -3,6 +3,7 @@
 The report says what was chosen and why (engine, runtime cache, machine, timings), and above all why
 TRT-RTX was not used when it was not. Runtime caches are saved on close(), at interpreter exit and on request.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -10,23 +11,24 @@ import logging
 import re
 import time
 import weakref
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
-from .choose import Choice, choose_caches, choose_engines, pick_gpu, trt_blocker
 from .errors import BackendUnavailableError, BundleError, InputError, MachineError
 from .fallback import OrtSession, materialize_model, read_verified
 from .machine import Machine, cache_key_for, probe
 from .manifest import CacheKey, Engine, Manifest, read_manifest_sha256
+from .select import Choice, choose_caches, choose_engines, pick_gpu, trt_blocker
 from .user_cache import UserCache
 
 log = logging.getLogger(__name__)
 
 FALLBACKS = ("onnxruntime", "error")
-_OPEN: "weakref.WeakSet[Session]" = weakref.WeakSet()
+_OPEN: weakref.WeakSet[Session] = weakref.WeakSet()
 
 
 @dataclass(kw_only=True)
@@ -53,7 +55,9 @@ class Report:
     def lines(self) -> list[str]:
         out = [f"bundle {self.bundle} (model {self.model})", f"backend: {self.backend or 'none'}"]
         if self.gpu:
-            out.append(f"GPU {self.gpu['index']}: {self.gpu['name']} (SM {self.gpu['sm_text']}, device 0x{self.gpu['pci_device_id']:04x})")
+            out.append(
+                f"GPU {self.gpu['index']}: {self.gpu['name']} (SM {self.gpu['sm_text']}, device 0x{self.gpu['pci_device_id']:04x})"
+            )
         if self.why_not_trt:
             out.append(f"TensorRT for RTX not used: {self.why_not_trt}")
         if self.engine:
@@ -85,7 +89,9 @@ class Plan:
     manifest_sha256: str = ""  # of the manifest bytes parsed
 
 
-def plan(bundle_path: str | Path, user_cache: UserCache, *, machine: Machine | None = None, device: int | None = None) -> Plan:
+def plan(
+    bundle_path: str | Path, user_cache: UserCache, *, machine: Machine | None = None, device: int | None = None
+) -> Plan:
     manifest, warnings, manifest_sha256 = read_manifest_sha256(bundle_path)
     machine = machine or probe()
     gpu = pick_gpu(machine, device)
@@ -97,13 +103,33 @@ def plan(bundle_path: str | Path, user_cache: UserCache, *, machine: Machine | N
         except MachineError as e:
             blocker = str(e)
     have_user = key is not None and user_cache.has_runtime_cache(model_id(manifest), key)
-    return Plan(manifest, warnings, machine, gpu, key, blocker, choose_engines(manifest, machine, gpu),
-                choose_caches(manifest, machine, gpu, have_user), manifest_sha256=manifest_sha256)
+    return Plan(
+        manifest,
+        warnings,
+        machine,
+        gpu,
+        key,
+        blocker,
+        choose_engines(manifest, machine, gpu),
+        choose_caches(manifest, machine, gpu, have_user),
+        manifest_sha256=manifest_sha256,
+    )
 
 
-def load(bundle_path: str | Path, app: str = "MyApp", *, cache_dir: str | Path | None = None, specialization: str = "lazy",
-         cuda_graphs: bool = True, fallback: str = "onnxruntime", device: int | None = None, weights_on_device: bool | None = None,
-         verify_weights: str = "once", _machine: Machine | None = None, _trt_runtime: Any = None) -> Session:
+def load(
+    bundle_path: str | Path,
+    app: str = "MyApp",
+    *,
+    cache_dir: str | Path | None = None,
+    specialization: str = "lazy",
+    cuda_graphs: bool = True,
+    fallback: str = "onnxruntime",
+    device: int | None = None,
+    weights_on_device: bool | None = None,
+    verify_weights: str = "once",
+    _machine: Machine | None = None,
+    _trt_runtime: Any = None,
+) -> Session:
     """Open a bundle for inference on this machine. ``_machine``/``_trt_runtime`` replace the probe and TRT-RTX (tests).
 
     ``weights_on_device`` (engines refit from the weight store): None (default) streams the weights to the GPU through
@@ -115,7 +141,7 @@ def load(bundle_path: str | Path, app: str = "MyApp", *, cache_dir: str | Path |
     very file, then trusts it while its identity (size, times, inode) is unchanged (UserCache.is_verified says why
     that is sound); "always" hashes every frame on every load. Engines and caches are always hashed.
     """
-    from .trt_session import SPECIALIZATIONS
+    from .trt.runtime import SPECIALIZATIONS
 
     if fallback not in FALLBACKS:
         raise BundleError(f"fallback: expected one of {', '.join(FALLBACKS)}, got {fallback!r}")
@@ -126,19 +152,30 @@ def load(bundle_path: str | Path, app: str = "MyApp", *, cache_dir: str | Path |
     t_start = time.perf_counter()
     bundle_dir = Path(bundle_path)
     if bundle_dir.is_file():
-        raise BundleError(f"{bundle_dir}: a file, expected a bundle directory", hint="unpack the archive first: trtx-bundle unpack FILE -o DIR")
+        raise BundleError(
+            f"{bundle_dir}: a file, expected a bundle directory",
+            hint="unpack the archive first: trtx-bundle unpack FILE -o DIR",
+        )
     user_cache = UserCache(app, cache_dir)
     p = plan(bundle_dir, user_cache, machine=_machine, device=device)
     for w in p.warnings:
         log.warning("%s", w)
     machine = p.machine.to_dict()
-    report = Report(bundle=str(bundle_dir), model=p.manifest.model.name, machine=machine, warnings=list(p.warnings),
-                    gpu=next((g for g in machine["gpus"] if p.gpu and g["index"] == p.gpu.index), None),
-                    engine_choices=[c.to_dict() for c in p.engines], cache_choices=[c.to_dict() for c in p.caches],
-                    cache_dir=str(user_cache.dir))
+    report = Report(
+        bundle=str(bundle_dir),
+        model=p.manifest.model.name,
+        machine=machine,
+        warnings=list(p.warnings),
+        gpu=next((g for g in machine["gpus"] if p.gpu and g["index"] == p.gpu.index), None),
+        engine_choices=[c.to_dict() for c in p.engines],
+        cache_choices=[c.to_dict() for c in p.caches],
+        cache_dir=str(user_cache.dir),
+    )
     if p.manifest.trt_rtx.version != p.machine.trt_rtx_version and p.machine.trt_rtx_version:
-        report.warnings.append(f"the bundle was made for TensorRT for RTX {p.manifest.trt_rtx.version}, "
-                               f"{p.machine.trt_rtx_version} is installed: its engines and caches cannot be used here")
+        report.warnings.append(
+            f"the bundle was made for TensorRT for RTX {p.manifest.trt_rtx.version}, "
+            f"{p.machine.trt_rtx_version} is installed: its engines and caches cannot be used here"
+        )
     failures: list[str] = []
     impl: Any = None
     engine_used: Engine | None = None
@@ -146,21 +183,37 @@ def load(bundle_path: str | Path, app: str = "MyApp", *, cache_dir: str | Path |
         if not choice.viable or choice.kind == "fallback":
             continue
         try:
-            impl = _open_trt(p, choice, bundle_dir, user_cache, report, specialization=specialization, cuda_graphs=cuda_graphs,
-                             weights_on_device=weights_on_device, verify_weights=verify_weights, runtime=_trt_runtime)
+            impl = _open_trt(
+                p,
+                choice,
+                bundle_dir,
+                user_cache,
+                report,
+                specialization=specialization,
+                cuda_graphs=cuda_graphs,
+                weights_on_device=weights_on_device,
+                verify_weights=verify_weights,
+                runtime=_trt_runtime,
+            )
             engine_used = choice.candidate if isinstance(choice.candidate, Engine) else None
             report.backend = "tensorrt_rtx"
             break
         except MachineError as e:
-            failures.append(f"{choice.kind} engine {choice.candidate.file.path if choice.candidate else ''}: {e}".replace("  ", " "))
+            failures.append(
+                f"{choice.kind} engine {choice.candidate.file.path if choice.candidate else ''}: {e}".replace("  ", " ")
+            )
             report.warnings.append(f"TensorRT for RTX could not use the {choice.kind} engine: {e}")
             log.warning("%s", report.warnings[-1])
     if impl is None:
         passed = [f"{c.kind} engine [{c.index}]: {c.reason}" for c in p.engines if c.index is not None and not c.viable]
-        report.why_not_trt = p.blocker or "; ".join(passed + failures) or "the bundle has no engine and none could be built here"
+        report.why_not_trt = (
+            p.blocker or "; ".join(passed + failures) or "the bundle has no engine and none could be built here"
+        )
         if fallback == "error":
-            raise BackendUnavailableError(f"{bundle_dir}: TensorRT for RTX cannot run this bundle here: {report.why_not_trt}",
-                                          hint="run 'trtx-bundle doctor BUNDLE' for details, or load with fallback='onnxruntime'")
+            raise BackendUnavailableError(
+                f"{bundle_dir}: TensorRT for RTX cannot run this bundle here: {report.why_not_trt}",
+                hint="run 'trtx-bundle doctor BUNDLE' for details, or load with fallback='onnxruntime'",
+            )
         impl = OrtSession(p.manifest, bundle_dir, user_cache)
         report.backend = "onnxruntime"
         report.timings.update(impl.timings)
@@ -171,8 +224,10 @@ def load(bundle_path: str | Path, app: str = "MyApp", *, cache_dir: str | Path |
 class _StoreWeights:
     """The weight store as a TRT-RTX refit source: names and sizes from the manifest, bytes from the reader."""
 
-    def __init__(self, manifest: Manifest, bundle_dir: Path, user_cache: UserCache, verify: str, manifest_sha256: str) -> None:
-        from .weights import WeightReader
+    def __init__(
+        self, manifest: Manifest, bundle_dir: Path, user_cache: UserCache, verify: str, manifest_sha256: str
+    ) -> None:
+        from .store.reader import WeightReader
 
         self.store, self.user_cache = manifest.weights, user_cache
         self.path = bundle_dir / manifest.weights.file.path
@@ -181,7 +236,9 @@ class _StoreWeights:
         # names the manifest's own sha256 (any change to the manifest means hashing the weights again).
         self.index = manifest_sha256
         self.opened = self.reader.identity()
-        self.trusted = verify == "once" and user_cache.is_verified(self.path, self.store.file.sha256, index=self.index, stat=self.opened)
+        self.trusted = verify == "once" and user_cache.is_verified(
+            self.path, self.store.file.sha256, index=self.index, stat=self.opened
+        )
         self.stamp = verify == "once" and not self.trusted  # stamp the file once a whole upload has hashed every frame
         self.reader.verify_frames = not self.trusted
         self.decoded_on: str | None = None
@@ -190,8 +247,11 @@ class _StoreWeights:
     @property
     def check(self) -> str:
         """How the weights were checked, for the load report."""
-        return ("every frame's sha256 checked before (this same file, unchanged since): not hashed again" if self.trusted
-                else "every frame's sha256 checked as it was read")
+        return (
+            "every frame's sha256 checked before (this same file, unchanged since): not hashed again"
+            if self.trusted
+            else "every frame's sha256 checked as it was read"
+        )
 
     def spec(self, name: str) -> tuple[str, int]:
         t = self.store.tensor(name)  # KeyError when absent
@@ -201,7 +261,7 @@ class _StoreWeights:
         return self.reader.read_tensor(name)
 
     def upload(self, names: Sequence[str], open_uploader: Callable[..., Any]) -> Any:
-        from .gpu_upload import SLOT_BYTES
+        from .gpu.upload import SLOT_BYTES
 
         indices = sorted({self.store.tensor(n).blob for n in names})  # a blob shared by identical tensors goes up once
         # A slot holds one frame at least (stores written with bigger frames get bigger slots) and no more than the
@@ -214,13 +274,26 @@ class _StoreWeights:
             self.decoded_on = getattr(up, "decoded_on", None)
             self.decode_why = getattr(up, "decode_why", None)
         if self.stamp and len(indices) == len(self.store.blobs):  # every frame of the file was just hashed
-            self.user_cache.mark_verified(self.path, self.store.file.sha256, index=self.index, stat=self.reader.identity(), before=self.opened)
+            self.user_cache.mark_verified(
+                self.path, self.store.file.sha256, index=self.index, stat=self.reader.identity(), before=self.opened
+            )
         return uploaded
 
 
-def _open_trt(p: Plan, choice: Choice, bundle_dir: Path, user_cache: UserCache, report: Report, *, specialization: str,
-              cuda_graphs: bool, weights_on_device: bool | None, verify_weights: str, runtime: Any) -> Any:
-    from .trt_session import TrtRtxRuntime, TrtSession
+def _open_trt(
+    p: Plan,
+    choice: Choice,
+    bundle_dir: Path,
+    user_cache: UserCache,
+    report: Report,
+    *,
+    specialization: str,
+    cuda_graphs: bool,
+    weights_on_device: bool | None,
+    verify_weights: str,
+    runtime: Any,
+) -> Any:
+    from .trt.runtime import TrtRtxRuntime, TrtSession
 
     t0 = time.perf_counter()
     if isinstance(choice.candidate, Engine):
@@ -244,10 +317,22 @@ def _open_trt(p: Plan, choice: Choice, bundle_dir: Path, user_cache: UserCache, 
         elif c.candidate is not None:
             blobs.append(read_verified(bundle_dir, c.candidate.file, f"runtime_caches[{c.index}].file"))
             names.append(f"bundled runtime_caches[{c.index}] ({c.kind.replace('bundled_', '')} key)")
-    weights = _StoreWeights(p.manifest, bundle_dir, user_cache, verify_weights, p.manifest_sha256) if choice.kind in ("weightless", "build") else None
+    weights = (
+        _StoreWeights(p.manifest, bundle_dir, user_cache, verify_weights, p.manifest_sha256)
+        if choice.kind in ("weightless", "build")
+        else None
+    )
     try:
-        session = TrtSession(runtime or TrtRtxRuntime(p.gpu.index), plan_bytes, weights=weights, specialization=specialization,
-                             cuda_graphs=cuda_graphs, caches=blobs, weights_on_device=weights_on_device, source=where)
+        session = TrtSession(
+            runtime or TrtRtxRuntime(p.gpu.index),
+            plan_bytes,
+            weights=weights,
+            specialization=specialization,
+            cuda_graphs=cuda_graphs,
+            caches=blobs,
+            weights_on_device=weights_on_device,
+            source=where,
+        )
     finally:
         if weights is not None:
             weights.reader.close()
@@ -256,7 +341,9 @@ def _open_trt(p: Plan, choice: Choice, bundle_dir: Path, user_cache: UserCache, 
         report.engine["weights_from"] = session.refit_from  # "device" (gpu_upload pipeline) or "host"
         report.engine["weights_check"] = weights.check if weights is not None else None
         if weights is not None and weights.decoded_on:
-            report.engine["weights_decoded_on"] = weights.decoded_on + (f" ({weights.decode_why})" if weights.decode_why else "")
+            report.engine["weights_decoded_on"] = weights.decoded_on + (
+                f" ({weights.decode_why})" if weights.decode_why else ""
+            )
     report.warnings.extend(session.notes)
     if session.cache_loaded is not None:
         report.runtime_cache = names[session.cache_loaded]
@@ -268,7 +355,7 @@ def _open_trt(p: Plan, choice: Choice, bundle_dir: Path, user_cache: UserCache, 
 
 def _built_here(p: Plan, bundle_dir: Path, user_cache: UserCache) -> tuple[str, bytes]:
     """A weightless engine for this GPU, built from the skeleton once and kept in the user cache."""
-    from .trt_session import BuildRequest, build_engine
+    from .trt.build import BuildRequest, build_engine
 
     name = f"{model_id(p.manifest)}-sm{p.gpu.sm}-{p.machine.trt_rtx_version}"
     path = user_cache.engine_path(name)
@@ -302,45 +389,74 @@ def validate_inputs(manifest: Manifest, inputs: Mapping[str, Any], profile: int 
     expected = [t.name for t in manifest.inputs]
     missing, extra = [n for n in expected if n not in inputs], sorted(set(inputs) - set(expected))
     if missing or extra:
-        raise InputError(f"inputs: expected {expected}" + (f"; missing {missing}" if missing else "") + (f"; unexpected {extra}" if extra else ""))
+        raise InputError(
+            f"inputs: expected {expected}"
+            + (f"; missing {missing}" if missing else "")
+            + (f"; unexpected {extra}" if extra else "")
+        )
     named: dict[str, tuple[str, int]] = {}
     for spec in manifest.inputs:
         a = inputs[spec.name]
         if not isinstance(a, np.ndarray):
-            raise InputError(f"input {spec.name!r}: expected a numpy array, got {type(a).__name__}", hint="wrap it with numpy.asarray(...)")
+            raise InputError(
+                f"input {spec.name!r}: expected a numpy array, got {type(a).__name__}",
+                hint="wrap it with numpy.asarray(...)",
+            )
         if a.dtype.name != spec.dtype:
-            raise InputError(f"input {spec.name!r}: expected dtype {spec.dtype}, got {a.dtype.name}", hint=f"convert with .astype('{spec.dtype}')")
+            raise InputError(
+                f"input {spec.name!r}: expected dtype {spec.dtype}, got {a.dtype.name}",
+                hint=f"convert with .astype('{spec.dtype}')",
+            )
         if a.ndim != len(spec.shape):
-            raise InputError(f"input {spec.name!r}: expected rank {len(spec.shape)} (shape {list(spec.shape)}), got rank {a.ndim} {a.shape}")
+            raise InputError(
+                f"input {spec.name!r}: expected rank {len(spec.shape)} (shape {list(spec.shape)}), got rank {a.ndim} {a.shape}"
+            )
         for axis, (want, got) in enumerate(zip(spec.shape, a.shape)):
             if isinstance(want, int) and want >= 0 and want != got:
                 raise InputError(f"input {spec.name!r}: axis {axis} must be {want}, got {got} (shape {a.shape})")
             if isinstance(want, str):
                 if want in named and named[want][1] != got:
-                    raise InputError(f"input {spec.name!r}: axis {axis} ({want!r}) is {got}, but {named[want][0]!r} has {want!r} = {named[want][1]}")
+                    raise InputError(
+                        f"input {spec.name!r}: axis {axis} ({want!r}) is {got}, but {named[want][0]!r} has {want!r} = {named[want][1]}"
+                    )
                 named.setdefault(want, (spec.name, got))
     if not manifest.profiles:
         if profile not in (None, 0):
             raise InputError(f"profile {profile}: this bundle has no optimization profiles")
         return 0
     if profile is not None and not 0 <= profile < len(manifest.profiles):
-        raise InputError(f"profile {profile}: this bundle has {len(manifest.profiles)} optimization profile(s), 0..{len(manifest.profiles) - 1}")
+        raise InputError(
+            f"profile {profile}: this bundle has {len(manifest.profiles)} optimization profile(s), 0..{len(manifest.profiles) - 1}"
+        )
     candidates = [profile] if profile is not None else range(len(manifest.profiles))
     for i in candidates:
         if all(r.contains(tuple(inputs[n].shape)) for n, r in manifest.profiles[i].shapes.items()):
             return i
     i = candidates[0]
-    detail = "; ".join(f"{n}: shape {list(inputs[n].shape)}, min {list(r.min)}, max {list(r.max)}"
-                       for n, r in manifest.profiles[i].shapes.items() if not r.contains(tuple(inputs[n].shape)))
-    raise InputError(f"inputs outside the bundle's shape profile{'' if len(manifest.profiles) == 1 else f' {i}'} ({detail})",
-                     hint="split or pad the input, or rebuild the bundle with a wider profile (--shape NAME=MIN:OPT:MAX)")
+    detail = "; ".join(
+        f"{n}: shape {list(inputs[n].shape)}, min {list(r.min)}, max {list(r.max)}"
+        for n, r in manifest.profiles[i].shapes.items()
+        if not r.contains(tuple(inputs[n].shape))
+    )
+    raise InputError(
+        f"inputs outside the bundle's shape profile{'' if len(manifest.profiles) == 1 else f' {i}'} ({detail})",
+        hint="split or pad the input, or rebuild the bundle with a wider profile (--shape NAME=MIN:OPT:MAX)",
+    )
 
 
 class Session:
     """A loaded bundle: ``run(dict) -> dict``; saves its runtime cache on close(), at exit and on request."""
 
-    def __init__(self, *, manifest: Manifest, impl: Any, report: Report, user_cache: UserCache, key: CacheKey | None,
-                 engine: Engine | None) -> None:
+    def __init__(
+        self,
+        *,
+        manifest: Manifest,
+        impl: Any,
+        report: Report,
+        user_cache: UserCache,
+        key: CacheKey | None,
+        engine: Engine | None,
+    ) -> None:
         self.manifest, self.report, self.user_cache, self._impl, self._key = manifest, report, user_cache, impl, key
         self.engine = engine  # the bundle's Engine that runs (None: built here, or ONNX Runtime)
         self.closed = False
@@ -368,7 +484,7 @@ class Session:
             return False
         try:
             data = self.serialize_cache()
-        except Exception as e:  # noqa: BLE001 - a cache is an optimization; the app goes on
+        except Exception as e:
             log.warning("runtime cache not saved: serializing it failed (%s)", e)
             return False
         return bool(data) and self.user_cache.save_runtime_cache(model_id(self.manifest), self._key, data)

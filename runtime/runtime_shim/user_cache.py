@@ -15,6 +15,7 @@ Layout (the ``v1`` folder is the layout version; a later layout gets a new folde
     <cache dir>/trtx-v1/locks/<name>.lock
     <cache dir>/trtx-v1/corrupt/
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -24,8 +25,8 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 from .errors import CacheError
 from .fsutil import atomic_write, sha256_bytes
@@ -36,9 +37,11 @@ log = logging.getLogger(__name__)
 ENV_VAR = "TRTX_CACHE_DIR"
 LAYOUT = "trtx-v1"
 _MAGIC = b"TRTX-CACHED 1\n"  # then one JSON header line (sha256, size, key), then the payload
-_TAG = (b"Signature: 8a477f597d28d172789f06886806bc55\n"
-        b"# This directory holds caches made by an app embedding trtx-bundler's runtime shim.\n"
-        b"# It can be deleted at any time; it is rebuilt on the next run.\n")
+_TAG = (
+    b"Signature: 8a477f597d28d172789f06886806bc55\n"
+    b"# This directory holds caches made by an app embedding trtx-bundler's runtime shim.\n"
+    b"# It can be deleted at any time; it is rebuilt on the next run.\n"
+)
 
 
 def default_cache_dir(app: str) -> Path:
@@ -57,8 +60,14 @@ def key_id(key: CacheKey) -> str:
 
 
 class UserCache:
-    def __init__(self, app: str, cache_dir: str | os.PathLike[str] | None = None, *, lock_timeout: float = 60.0,
-                 wait_log_every: float = 5.0) -> None:
+    def __init__(
+        self,
+        app: str,
+        cache_dir: str | os.PathLike[str] | None = None,
+        *,
+        lock_timeout: float = 60.0,
+        wait_log_every: float = 5.0,
+    ) -> None:
         self.dir = Path(cache_dir) if cache_dir is not None else default_cache_dir(app)
         self.root = self.dir / LAYOUT
         self.lock_timeout = lock_timeout
@@ -80,12 +89,16 @@ class UserCache:
             tag = self.dir / "CACHEDIR.TAG"
             if not tag.exists():
                 atomic_write(tag, _TAG)
-            probe_fd, probe_path = tempfile.mkstemp(prefix=".write-test.", dir=self.root)  # mkdir succeeds on a read-only existing tree
+            probe_fd, probe_path = tempfile.mkstemp(
+                prefix=".write-test.", dir=self.root
+            )  # mkdir succeeds on a read-only existing tree
             os.close(probe_fd)
             os.unlink(probe_path)
             self._ready = True
         except OSError as e:
-            self.problem = f"{self.dir}: cannot write the cache dir ({e.strerror or e}); the app runs on without saving caches"
+            self.problem = (
+                f"{self.dir}: cannot write the cache dir ({e.strerror or e}); the app runs on without saving caches"
+            )
             log.warning("%s (set %s or pass cache_dir= to use another place)", self.problem, ENV_VAR)
         return self._ready
 
@@ -147,8 +160,15 @@ class UserCache:
         except (OSError, ValueError):
             return False
 
-    def mark_verified(self, path: Path, sha256: str, *, index: str = "", stat: os.stat_result | None = None,
-                      before: os.stat_result | None = None) -> bool:
+    def mark_verified(
+        self,
+        path: Path,
+        sha256: str,
+        *,
+        index: str = "",
+        stat: os.stat_result | None = None,
+        before: os.stat_result | None = None,
+    ) -> bool:
         """Record that every frame of ``path`` was just hashed and matched; best effort. ``before``: the file's fstat
         when the hashing began; if the file changed since (``stat``, now), nothing is recorded."""
         if os.name == "nt" or not self._ensure():
@@ -158,10 +178,17 @@ class UserCache:
             if before is not None and _stat_key(before) != _stat_key(now):
                 log.warning("%s changed while its frames were hashed; it is checked again next time", path)
                 return False
-            atomic_write(self._stamp_path(path, sha256, index), json.dumps(self._identity(path, now, sha256, index), sort_keys=True).encode())
+            atomic_write(
+                self._stamp_path(path, sha256, index),
+                json.dumps(self._identity(path, now, sha256, index), sort_keys=True).encode(),
+            )
             return True
         except OSError as e:
-            log.warning("%s: cannot record that the weights were verified (%s); they are checked again next time", path, e.strerror or e)
+            log.warning(
+                "%s: cannot record that the weights were verified (%s); they are checked again next time",
+                path,
+                e.strerror or e,
+            )
             return False
 
     # ----------------------------------------------------------------------------------- runtime caches
@@ -202,7 +229,7 @@ class UserCache:
             log.warning("runtime cache not saved: %s", e)
         except OSError as e:
             log.warning("runtime cache not saved to %s: %s", path, e.strerror or e)
-        except Exception as e:  # noqa: BLE001 - saving a cache must never take the app down
+        except Exception as e:
             log.warning("runtime cache not saved to %s: %r", path, e)
         return False
 
@@ -280,8 +307,7 @@ def _stat_key(st: os.stat_result) -> list[int]:
 
 
 def _frame(payload: bytes, key: dict) -> bytes:
-    header = json.dumps({"sha256": sha256_bytes(payload), "size": len(payload), "key": key},
-                        sort_keys=True).encode()
+    header = json.dumps({"sha256": sha256_bytes(payload), "size": len(payload), "key": key}, sort_keys=True).encode()
     return _MAGIC + header + b"\n" + bytes(payload)
 
 
@@ -291,8 +317,8 @@ def _unframe(data: bytes, key: dict) -> tuple[bytes | None, str | None]:
         return None, "not a runtime cache saved by this shim (bad magic)"
     end = data.find(b"\n", len(_MAGIC))
     try:
-        header = json.loads(data[len(_MAGIC):end])
-        payload = data[end + 1:]
+        header = json.loads(data[len(_MAGIC) : end])
+        payload = data[end + 1 :]
         if end < 0 or len(payload) != header["size"]:
             return None, f"truncated: {len(payload)} bytes, header says {header.get('size')}"
         actual = sha256_bytes(payload)

@@ -3,18 +3,30 @@
 Compatibility rule (documented in docs/BUNDLE_FORMAT.md): ``schema_version`` is the major version. A newer
 major is refused; unknown keys are what a newer minor adds, so they are reported as warnings and dropped.
 """
+
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from .errors import ManifestError, SchemaVersionError
 from .fsutil import sha256_bytes
 from .schema import (
-    SHA_RE, Reader, dims_check, ints_check, kind_name, non_empty, non_negative, one_of, parse_json, read_json_bytes, sha256_hex,
+    SHA_RE,
+    Reader,
+    dims_check,
+    ints_check,
+    kind_name,
+    non_empty,
+    non_negative,
+    one_of,
+    parse_json,
+    read_json_bytes,
+    sha256_hex,
 )
 
 SCHEMA_VERSION = 1
@@ -25,8 +37,22 @@ PLATFORMS = ("linux_x86_64", "windows_amd64")
 CUDA_FLAVOURS = ("cu12", "cu13")
 WEIGHT_ENCODINGS = ("none", "zstd", "zstd-byteplane")
 DTYPES = (
-    "float32", "float16", "bfloat16", "float64", "int8", "uint8", "int16", "uint16",
-    "int32", "uint32", "int64", "uint64", "bool", "float8e4m3fn", "int4", "uint4",
+    "float32",
+    "float16",
+    "bfloat16",
+    "float64",
+    "int8",
+    "uint8",
+    "int16",
+    "uint16",
+    "int32",
+    "uint32",
+    "int64",
+    "uint64",
+    "bool",
+    "float8e4m3fn",
+    "int4",
+    "uint4",
 )
 # Every file but manifest.json lives at <folder>/<sha256>.<ext>: the name is the content.
 FILE_FOLDERS = {"engines": ".engine", "caches": ".cache", "weights": ".trtxw", "skeleton": ".onnx"}
@@ -51,7 +77,11 @@ class FileRef:
 
     @staticmethod
     def _parse(r: Reader) -> FileRef:
-        ref = FileRef(path=r.get("path", str), sha256=r.get("sha256", str, check=sha256_hex), size=r.get("size", int, check=non_negative))
+        ref = FileRef(
+            path=r.get("path", str),
+            sha256=r.get("sha256", str, check=sha256_hex),
+            size=r.get("size", int, check=non_negative),
+        )
         m = _FILE_RE.match(ref.path)
         if not m or FILE_FOLDERS[m.group(1)] != "." + m.group(3):
             raise ManifestError(
@@ -168,7 +198,10 @@ class TrtRtx:
 
     @staticmethod
     def _parse(r: Reader) -> TrtRtx:
-        return TrtRtx(version=r.get("version", str, check=non_empty), cuda_flavour=r.get("cuda_flavour", str, check=one_of(CUDA_FLAVOURS)))
+        return TrtRtx(
+            version=r.get("version", str, check=non_empty),
+            cuda_flavour=r.get("cuda_flavour", str, check=one_of(CUDA_FLAVOURS)),
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {"version": self.version, "cuda_flavour": self.cuda_flavour}
@@ -214,17 +247,25 @@ class Blob:
             nbytes=r.get("nbytes", int, check=non_negative),
             raw_offset=r.get("raw_offset", int, check=non_negative),
             encoding=r.get("encoding", str, check=one_of(WEIGHT_ENCODINGS)),
-            element_size=r.get("element_size", int, check=lambda v: None if v in (1, 2, 4, 8) else f"expected 1, 2, 4 or 8, got {v}"),
+            element_size=r.get(
+                "element_size", int, check=lambda v: None if v in (1, 2, 4, 8) else f"expected 1, 2, 4 or 8, got {v}"
+            ),
             frames=r.objs("frames", Frame._parse),
         )
         if sum(f.raw_size for f in blob.frames) != blob.nbytes:
-            raise ManifestError(f"{r.path}.frames: raw sizes add up to {sum(f.raw_size for f in blob.frames)}, expected nbytes {blob.nbytes}")
+            raise ManifestError(
+                f"{r.path}.frames: raw sizes add up to {sum(f.raw_size for f in blob.frames)}, expected nbytes {blob.nbytes}"
+            )
         return blob
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "sha256": self.sha256, "nbytes": self.nbytes, "raw_offset": self.raw_offset, "encoding": self.encoding,
-            "element_size": self.element_size, "frames": [f.to_dict() for f in self.frames],
+            "sha256": self.sha256,
+            "nbytes": self.nbytes,
+            "raw_offset": self.raw_offset,
+            "encoding": self.encoding,
+            "element_size": self.element_size,
+            "frames": [f.to_dict() for f in self.frames],
         }
 
 
@@ -283,16 +324,23 @@ class WeightStore:
                 raise ManifestError(f"{where}.blob: index {t.blob} out of range ({len(store.blobs)} blobs)")
         for i, b in enumerate(store.blobs):
             if b.raw_offset + b.nbytes > store.raw_size:
-                raise ManifestError(f"{r.path}.blobs[{i}]: raw bytes end at {b.raw_offset + b.nbytes}, past raw_size {store.raw_size}")
+                raise ManifestError(
+                    f"{r.path}.blobs[{i}]: raw bytes end at {b.raw_offset + b.nbytes}, past raw_size {store.raw_size}"
+                )
             for j, f in enumerate(b.frames):
                 if f.offset + f.size > store.file.size:
-                    raise ManifestError(f"{r.path}.blobs[{i}].frames[{j}]: ends at {f.offset + f.size}, past the file size {store.file.size}")
+                    raise ManifestError(
+                        f"{r.path}.blobs[{i}].frames[{j}]: ends at {f.offset + f.size}, past the file size {store.file.size}"
+                    )
         return store
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "file": self.file.to_dict(), "raw_size": self.raw_size, "alignment": self.alignment,
-            "blobs": [b.to_dict() for b in self.blobs], "tensors": [t.to_dict() for t in self.tensors],
+            "file": self.file.to_dict(),
+            "raw_size": self.raw_size,
+            "alignment": self.alignment,
+            "blobs": [b.to_dict() for b in self.blobs],
+            "tensors": [t.to_dict() for t in self.tensors],
         }
 
 
@@ -318,8 +366,12 @@ class Engine:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "kind": self.kind, "platform": self.platform, "compute_capabilities": list(self.compute_capabilities),
-            "trt_rtx_version": self.trt_rtx_version, "file": self.file.to_dict(), "built_by": dict(sorted(self.built_by.items())),
+            "kind": self.kind,
+            "platform": self.platform,
+            "compute_capabilities": list(self.compute_capabilities),
+            "trt_rtx_version": self.trt_rtx_version,
+            "file": self.file.to_dict(),
+            "built_by": dict(sorted(self.built_by.items())),
         }
 
 
@@ -343,7 +395,13 @@ class CacheKey:
             gpu_name=r.get("gpu_name", str, check=non_empty),
             pci_device_id=r.get("pci_device_id", int, check=non_negative),
             sm=r.get("sm", int, check=non_negative),
-            driver_version=r.get("driver_version", str, check=lambda v: None if re.match(r"^\d+(\.\d+)*$", v) else f"expected a version like '580.95', got {v!r}"),
+            driver_version=r.get(
+                "driver_version",
+                str,
+                check=lambda v: (
+                    None if re.match(r"^\d+(\.\d+)*$", v) else f"expected a version like '580.95', got {v!r}"
+                ),
+            ),
             cuda_flavour=r.get("cuda_flavour", str, check=one_of(CUDA_FLAVOURS)),
             trt_rtx_version=r.get("trt_rtx_version", str, check=non_empty),
             cig=r.get("cig", bool, default=False),
@@ -352,9 +410,14 @@ class CacheKey:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "os": self.os, "gpu_name": self.gpu_name, "pci_device_id": self.pci_device_id, "sm": self.sm,
-            "driver_version": self.driver_version, "cuda_flavour": self.cuda_flavour,
-            "trt_rtx_version": self.trt_rtx_version, "cig": self.cig,
+            "os": self.os,
+            "gpu_name": self.gpu_name,
+            "pci_device_id": self.pci_device_id,
+            "sm": self.sm,
+            "driver_version": self.driver_version,
+            "cuda_flavour": self.cuda_flavour,
+            "trt_rtx_version": self.trt_rtx_version,
+            "cig": self.cig,
         }
 
 
@@ -369,13 +432,28 @@ class RuntimeCache:
     def _parse(r: Reader) -> RuntimeCache:
         return RuntimeCache(
             key=r.obj("key", CacheKey._parse),
-            engines=tuple(r.get("engines", list, check=lambda v: None if all(isinstance(s, str) and SHA_RE.match(s) for s in v) else "expected a list of sha256 hex strings")),
+            engines=tuple(
+                r.get(
+                    "engines",
+                    list,
+                    check=lambda v: (
+                        None
+                        if all(isinstance(s, str) and SHA_RE.match(s) for s in v)
+                        else "expected a list of sha256 hex strings"
+                    ),
+                )
+            ),
             file=r.obj("file", FileRef._parse),
             created=r.get("created", int, default=None),
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return {"key": self.key.to_dict(), "engines": list(self.engines), "file": self.file.to_dict(), "created": self.created}
+        return {
+            "key": self.key.to_dict(),
+            "engines": list(self.engines),
+            "file": self.file.to_dict(),
+            "created": self.created,
+        }
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -389,7 +467,15 @@ class Skeleton:
     def _parse(r: Reader) -> Skeleton:
         return Skeleton(
             file=r.obj("file", FileRef._parse),
-            external_data=r.get("external_data", str, check=lambda v: None if re.match(r"^[A-Za-z0-9._-]+$", v) and v not in (".", "..") else f"expected a plain file name, got {v!r}"),
+            external_data=r.get(
+                "external_data",
+                str,
+                check=lambda v: (
+                    None
+                    if re.match(r"^[A-Za-z0-9._-]+$", v) and v not in (".", "..")
+                    else f"expected a plain file name, got {v!r}"
+                ),
+            ),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -404,7 +490,9 @@ class Creator:
 
     @staticmethod
     def _parse(r: Reader) -> Creator:
-        return Creator(tool=r.get("tool", str), version=r.get("version", str), created=r.get("created", int, default=None))
+        return Creator(
+            tool=r.get("tool", str), version=r.get("version", str), created=r.get("created", int, default=None)
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {"tool": self.tool, "version": self.version, "created": self.created}
@@ -486,10 +574,14 @@ class Manifest:
         for i, p in enumerate(self.profiles):
             for name, rng in p.shapes.items():
                 if name not in names:
-                    raise ManifestError(f"profiles[{i}].shapes.{name}: no input of that name (inputs: {', '.join(sorted(names))})")
+                    raise ManifestError(
+                        f"profiles[{i}].shapes.{name}: no input of that name (inputs: {', '.join(sorted(names))})"
+                    )
                 spec = self.input(name)
                 if len(rng.min) != len(spec.shape):
-                    raise ManifestError(f"profiles[{i}].shapes.{name}: rank {len(rng.min)}, but the input has rank {len(spec.shape)}")
+                    raise ManifestError(
+                        f"profiles[{i}].shapes.{name}: rank {len(rng.min)}, but the input has rank {len(spec.shape)}"
+                    )
         for i, w in enumerate(self.warmup_shapes):
             for name, shape in w.items():
                 if name not in names:
@@ -498,7 +590,9 @@ class Manifest:
         for i, c in enumerate(self.runtime_caches):
             for s in c.engines:
                 if s not in engine_shas:
-                    raise ManifestError(f"runtime_caches[{i}].engines: {s} is not the sha256 of any engine in this bundle")
+                    raise ManifestError(
+                        f"runtime_caches[{i}].engines: {s} is not the sha256 of any engine in this bundle"
+                    )
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -557,7 +651,10 @@ def read_manifest_sha256(bundle_dir: str | Path) -> tuple[Manifest, list[str], s
 
 def _read_manifest_bytes(bundle_dir: str | Path) -> tuple[Manifest, list[str], bytes]:
     path = Path(bundle_dir) / MANIFEST_NAME
-    raw = read_json_bytes(path, expected="a bundle directory with manifest.json at its root",
-                          missing_hint="pass the directory made by 'trtx-bundle build' (or 'unpack' an archive first)")
+    raw = read_json_bytes(
+        path,
+        expected="a bundle directory with manifest.json at its root",
+        missing_hint="pass the directory made by 'trtx-bundle build' (or 'unpack' an archive first)",
+    )
     manifest, warnings = Manifest.from_json(raw, source=str(path))
     return manifest, warnings, raw

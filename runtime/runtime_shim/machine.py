@@ -3,6 +3,7 @@
 No driver, no GPU, or no cuda-python are normal outcomes: ``probe()`` never raises, it describes the
 problem in ``Machine.problem`` so that choice, ``doctor`` and the report can say it in words.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -15,15 +16,19 @@ from typing import Any
 
 from .errors import MachineError
 from .manifest import CacheKey
+from .targets import SUPPORT_TEXT, family_text, sm_text, trt_rtx_supports
 
-# TRT-RTX 1.7 targets (ComputeCapability has SM75..SM121); Hopper (90) and SM 10.x are not among them.
-_SUPPORTED_BELOW_120 = frozenset({75, 80, 86, 89})
 # The driver a CUDA flavour needs, as cuDriverGetVersion reports it (1000 * major + 10 * minor).
 _MIN_DRIVER_CUDA = {"cu12": 12000, "cu13": 13000}
 # Distribution names that carry the `tensorrt_rtx` import package, with the CUDA flavour each implies.
 # (the bindings wheels are what a --target or vendored install keeps; the metapackages may be absent)
-_TRT_DISTS = (("tensorrt-rtx-cu13", "cu13"), ("tensorrt-rtx-cu13-bindings", "cu13"), ("tensorrt-rtx-cu12", "cu12"),
-              ("tensorrt-rtx-cu12-bindings", "cu12"), ("tensorrt-rtx", None))
+_TRT_DISTS = (
+    ("tensorrt-rtx-cu13", "cu13"),
+    ("tensorrt-rtx-cu13-bindings", "cu13"),
+    ("tensorrt-rtx-cu12", "cu12"),
+    ("tensorrt-rtx-cu12-bindings", "cu12"),
+    ("tensorrt-rtx", None),
+)
 _PROC_DRIVER_VERSION = "/proc/driver/nvidia/version"
 _SYSFS_PCI = "/sys/bus/pci/devices"
 
@@ -68,8 +73,10 @@ class Machine:
         need = _MIN_DRIVER_CUDA.get(self.cuda_flavour or "")
         if need is None or self.driver_cuda_version is None or self.driver_cuda_version >= need:
             return None
-        return (f"the NVIDIA driver {self.driver_version or '?'} supports CUDA {self.driver_cuda_text}, but TensorRT for RTX "
-                f"({self.cuda_flavour}) needs a driver for CUDA {need // 1000}.0 or newer: update the NVIDIA driver")
+        return (
+            f"the NVIDIA driver {self.driver_version or '?'} supports CUDA {self.driver_cuda_text}, but TensorRT for RTX "
+            f"({self.cuda_flavour}) needs a driver for CUDA {need // 1000}.0 or newer: update the NVIDIA driver"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -78,38 +85,43 @@ class Machine:
         return d
 
 
-def sm_text(sm: int) -> str:
-    """A compute capability as people write it: 89 -> "8.9", 120 -> "12.0"."""
-    return f"{sm // 10}.{sm % 10}"
-
-
-def trt_rtx_supports(sm: int) -> bool:
-    """Whether TensorRT for RTX 1.7 can run engines on a GPU of this compute capability (89 = SM 8.9)."""
-    return sm in _SUPPORTED_BELOW_120 or sm >= 120
-
-
 def unsupported_reason(gpu: Gpu) -> str | None:
     if trt_rtx_supports(gpu.sm):
         return None
-    family = {90: " (Hopper, a data-center GPU)", 100: " (Blackwell data-center)", 103: " (Blackwell data-center)",
-              110: " (Thor)", 87: " (Jetson Orin)", 70: " (Volta)", 72: " (Xavier)"}.get(gpu.sm, "")
-    return (f"GPU {gpu.index} {gpu.name} has compute capability {gpu.sm_text}{family}, which TensorRT for RTX does not "
-            f"support (it targets SM 7.5, 8.0, 8.6, 8.9 and 12.x: RTX and workstation GPUs)")
+    family = family_text(gpu.sm)
+    return (
+        f"GPU {gpu.index} {gpu.name} has compute capability {gpu.sm_text}{family}, which TensorRT for RTX does not "
+        f"support ({SUPPORT_TEXT})"
+    )
 
 
 def cache_key_for(machine: Machine, gpu: Gpu) -> CacheKey:
     """The runtime-cache key of this machine and GPU: what TRT-RTX compares before it accepts a cache."""
-    missing = [name for name, v in (("driver version", machine.driver_version), ("CUDA flavour", machine.cuda_flavour),
-                                     ("TRT-RTX version", machine.trt_rtx_version)) if not v]
+    missing = [
+        name
+        for name, v in (
+            ("driver version", machine.driver_version),
+            ("CUDA flavour", machine.cuda_flavour),
+            ("TRT-RTX version", machine.trt_rtx_version),
+        )
+        if not v
+    ]
     if missing or machine.os not in ("linux", "windows"):
         raise MachineError(
             f"cannot form a runtime-cache key for GPU {gpu.index} ({gpu.name}): "
             + (f"unknown {', '.join(missing)}" if missing else f"OS {machine.os!r} is not one TRT-RTX runs on"),
             hint="run 'trtx-bundle doctor' to see what was probed",
         )
-    return CacheKey(os=machine.os, gpu_name=gpu.name, pci_device_id=gpu.pci_device_id, sm=gpu.sm,
-                    driver_version=_short_driver(machine.driver_version), cuda_flavour=machine.cuda_flavour,
-                    trt_rtx_version=machine.trt_rtx_version, cig=machine.cig)
+    return CacheKey(
+        os=machine.os,
+        gpu_name=gpu.name,
+        pci_device_id=gpu.pci_device_id,
+        sm=gpu.sm,
+        driver_version=_short_driver(machine.driver_version),
+        cuda_flavour=machine.cuda_flavour,
+        trt_rtx_version=machine.trt_rtx_version,
+        cig=machine.cig,
+    )
 
 
 def _short_driver(version: str | None) -> str:
@@ -119,12 +131,20 @@ def _short_driver(version: str | None) -> str:
 
 
 # ------------------------------------------------------------------------------------------- probing
-def probe(*, driver: Any = None, nvml: Any = None, proc_version_path: str = _PROC_DRIVER_VERSION, sysfs_pci: str = _SYSFS_PCI) -> Machine:
+def probe(
+    *, driver: Any = None, nvml: Any = None, proc_version_path: str = _PROC_DRIVER_VERSION, sysfs_pci: str = _SYSFS_PCI
+) -> Machine:
     """Describe this machine. ``driver``/``nvml`` replace cuda.bindings modules (tests); never raises."""
-    os_name = {"win32": "windows", "cygwin": "windows"}.get(sys.platform, sys.platform.rstrip("0123456789") or sys.platform)
+    os_name = {"win32": "windows", "cygwin": "windows"}.get(
+        sys.platform, sys.platform.rstrip("0123456789") or sys.platform
+    )
     arch = _platform.machine().lower()
-    plat = {("linux", "x86_64"): "linux_x86_64", ("linux", "amd64"): "linux_x86_64",
-            ("windows", "amd64"): "windows_amd64", ("windows", "x86_64"): "windows_amd64"}.get((os_name, arch), f"{os_name}_{arch}")
+    plat = {
+        ("linux", "x86_64"): "linux_x86_64",
+        ("linux", "amd64"): "linux_x86_64",
+        ("windows", "amd64"): "windows_amd64",
+        ("windows", "x86_64"): "windows_amd64",
+    }.get((os_name, arch), f"{os_name}_{arch}")
     trt_version, flavour = trt_rtx_install()
     notes: list[str] = []
     gpus: tuple[Gpu, ...] = ()
@@ -144,9 +164,19 @@ def probe(*, driver: Any = None, nvml: Any = None, proc_version_path: str = _PRO
             notes.append("PCI device id (SKU) unknown for some GPU: runtime caches cannot be matched to it exactly")
     if trt_version is None:
         notes.append("tensorrt_rtx is not installed: only the ONNX Runtime fallback can run bundles here")
-    return Machine(os=os_name, platform=plat, cpu_arch=arch, python=_platform.python_version(), trt_rtx_version=trt_version,
-                   cuda_flavour=flavour, driver_version=driver_version, driver_cuda_version=driver_cuda, gpus=gpus,
-                   problem=problem, notes=tuple(notes))
+    return Machine(
+        os=os_name,
+        platform=plat,
+        cpu_arch=arch,
+        python=_platform.python_version(),
+        trt_rtx_version=trt_version,
+        cuda_flavour=flavour,
+        driver_version=driver_version,
+        driver_cuda_version=driver_cuda,
+        gpus=gpus,
+        problem=problem,
+        notes=tuple(notes),
+    )
 
 
 def _dist_versions(names: list[str]) -> dict[str, str]:
@@ -160,7 +190,7 @@ def _dist_versions(names: list[str]) -> dict[str, str]:
             with os.scandir(entry or ".") as it:
                 for d in it:
                     if d.name.endswith(".dist-info"):
-                        dist, _, version = d.name[:-len(".dist-info")].partition("-")
+                        dist, _, version = d.name[: -len(".dist-info")].partition("-")
                         name = wanted.get(re.sub(r"[-_.]+", "_", dist).lower())
                         if name and version and name not in found:
                             found[name] = version
@@ -238,8 +268,17 @@ def _probe_driver(driver: Any) -> tuple[int | None, tuple[Gpu, ...]]:
         bus = bus.split(b"\0", 1)[0].decode("ascii", "replace") if isinstance(bus, (bytes, bytearray)) else str(bus)
         uuid = _checked(driver, driver.cuDeviceGetUuid(dev), None)
         memory = _checked(driver, driver.cuDeviceTotalMem(dev), 0)
-        gpus.append(Gpu(index=index, name=name, pci_device_id=0, uuid=_uuid_text(uuid), sm=10 * int(major) + int(minor),
-                        total_memory=int(memory), pci_bus_id=_norm_bus(bus)))
+        gpus.append(
+            Gpu(
+                index=index,
+                name=name,
+                pci_device_id=0,
+                uuid=_uuid_text(uuid),
+                sm=10 * int(major) + int(minor),
+                total_memory=int(memory),
+                pci_bus_id=_norm_bus(bus),
+            )
+        )
     return cuda_version, tuple(gpus)
 
 
@@ -254,7 +293,7 @@ def _err_name(driver: Any, err: Any) -> str:
         e2, name = driver.cuGetErrorName(err)
         if e2 == driver.CUresult.CUDA_SUCCESS and name:
             return name.decode() if isinstance(name, bytes) else str(name)
-    except Exception:  # noqa: BLE001 - a name is only decoration
+    except Exception:
         pass
     return getattr(err, "name", str(err))
 
@@ -275,7 +314,9 @@ def _norm_bus(bus: str) -> str:
     return f"{int(m.group(1), 16):04x}:{int(m.group(2), 16):02x}:{int(m.group(3), 16):02x}.{m.group(4)}"
 
 
-def _nvml_facts(nvml: Any, proc_path: str, bus_ids: list[str], sysfs: str) -> tuple[str | None, dict[str, int], str | None]:
+def _nvml_facts(
+    nvml: Any, proc_path: str, bus_ids: list[str], sysfs: str
+) -> tuple[str | None, dict[str, int], str | None]:
     """(display-driver version like "580.95.05", {bus id: SKU}, note): NVML where cuda.bindings has it, else
     /proc/driver/nvidia/version and /sys/bus/pci (Linux)."""
     if nvml is None:  # ctypes, not cuda.bindings.nvml, whose import costs ~100 ms (it imports numpy)
@@ -296,11 +337,11 @@ def _nvml_facts(nvml: Any, proc_path: str, bus_ids: list[str], sysfs: str) -> tu
                     try:
                         info = nvml.device_get_pci_info_v3(nvml.device_get_handle_by_pci_bus_id_v2(bus))
                         skus[bus] = int(info.pci_device_id) >> 16  # low 16 bits: the vendor (0x10de)
-                    except Exception:  # noqa: BLE001 - one GPU NVML cannot see (MIG, vGPU) is not fatal
+                    except Exception:
                         pass
             finally:
                 nvml.shutdown()
-        except Exception as e:  # noqa: BLE001 - NVML missing or refusing is common (containers, WSL)
+        except Exception as e:
             nvml_problem = _first_line(e)
     for bus in bus_ids:
         if bus not in skus:

@@ -11,23 +11,27 @@ Pieces, each usable alone:
   input is undefined behaviour, which is why the uploader hashes every frame on the host first.
 - ``PlaneKernel``: the PTX kernel below, JIT-compiled by the driver (no NVRTC or toolkit on the user's machine).
 """
+
 from __future__ import annotations
 
 import collections
 import ctypes
 import importlib.util
-import time
 import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from .errors import MachineError
-from . import weights
-from .weights import PLANE_CHUNK, PLANES_TAG, ZSTD_MAX_BLOCKS
+from ..errors import MachineError
+from ..store import reader as weights
+from ..store.reader import PLANE_CHUNK, PLANES_TAG, ZSTD_MAX_BLOCKS
+from .cuda import check, check_driver, cuda
 
-NVCOMP_HINT = "pip install nvidia-libnvcomp-cu13 (or -cu12 to match the driver), or set TRTX_NVCOMP_LIBRARY to libnvcomp's path"
+NVCOMP_HINT = (
+    "pip install nvidia-libnvcomp-cu13 (or -cu12 to match the driver), or set TRTX_NVCOMP_LIBRARY to libnvcomp's path"
+)
 
 
 # --------------------------------------------------------------------------- planning (pure)
@@ -116,8 +120,11 @@ class Cuts:
         self.chunk_in = plan.chunk_in + delta[cf]
         self.chunk_out = np.where(plan.chunk_to_dst, plan.chunk_out, plan.chunk_out - s0[cf])
         kind = plan.job_kind
-        self.job_ptr = np.where(kind == PTR_STAGE, plan.job_ptr + delta[jf][:, None],
-                                np.where(kind == PTR_SCRATCH, plan.job_ptr - s0[jf][:, None], 0))
+        self.job_ptr = np.where(
+            kind == PTR_STAGE,
+            plan.job_ptr + delta[jf][:, None],
+            np.where(kind == PTR_SCRATCH, plan.job_ptr - s0[jf][:, None], 0),
+        )
         self.dep_pos = plan.dep_pos + delta[plan.dep_frame]
 
     def cut(self, lo: int, hi: int, buf: Any) -> Cut:
@@ -132,13 +139,21 @@ class Cuts:
         if d1 > d0:
             differs = buf[self.dep_pos[d0:d1]] != p.dep_val[d0:d1]
             if differs.any():
-                raise FrameFormatError(int(p.dep_frame[d0:d1][np.argmax(differs)]) - lo,
-                                       "its header differs from the one read when the upload was planned: the file changed while being read")
+                raise FrameFormatError(
+                    int(p.dep_frame[d0:d1][np.argmax(differs)]) - lo,
+                    "its header differs from the one read when the upload was planned: the file changed while being read",
+                )
         c0, c1, j0, j1 = self.chunk_start[lo], self.chunk_start[hi], self.job_start[lo], self.job_start[hi]
         # Every chunk is checked in the very bytes that go to the GPU, here rather than when planning: the planner
         # then touches only frame headers and chunk tables of the mapped file (half its time went to the pages
         # holding chunk headers), and what nvCOMP gets cannot have changed since it was checked.
-        frame, start, size, raw, walk = p.chunk_frame[c0:c1] - lo, self.chunk_in[c0:c1], p.chunk_size[c0:c1], p.chunk_raw[c0:c1], p.chunk_walk[c0:c1]
+        frame, start, size, raw, walk = (
+            p.chunk_frame[c0:c1] - lo,
+            self.chunk_in[c0:c1],
+            p.chunk_size[c0:c1],
+            p.chunk_raw[c0:c1],
+            p.chunk_walk[c0:c1],
+        )
         native = weights._native
         if native is not None:  # the same checks in one C call (numpy's ~40 calls took ~0.4 ms a segment)
             bad = native.check_chunks(buf, start, size, raw, walk)
@@ -146,10 +161,21 @@ class Cuts:
                 raise FrameFormatError(int(frame[bad[0]]), bad[1])
         else:
             _check_zstd_heads(buf, frame, start, size, raw, walk)
-        return Cut(chunk_in=self.chunk_in[c0:c1], chunk_size=p.chunk_size[c0:c1], chunk_raw=p.chunk_raw[c0:c1],
-                   chunk_out=self.chunk_out[c0:c1], chunk_to_dst=p.chunk_to_dst[c0:c1], chunk_frame=p.chunk_frame[c0:c1] - lo,
-                   job_out=p.job_out[j0:j1], job_ptr=self.job_ptr[j0:j1], job_kind=p.job_kind[j0:j1], job_n=p.job_n[j0:j1],
-                   job_es=p.job_es[j0:j1], job_rot=p.job_rot[j0:j1], scratch_bytes=int(p.frame_scratch[hi] - p.frame_scratch[lo]))
+        return Cut(
+            chunk_in=self.chunk_in[c0:c1],
+            chunk_size=p.chunk_size[c0:c1],
+            chunk_raw=p.chunk_raw[c0:c1],
+            chunk_out=self.chunk_out[c0:c1],
+            chunk_to_dst=p.chunk_to_dst[c0:c1],
+            chunk_frame=p.chunk_frame[c0:c1] - lo,
+            job_out=p.job_out[j0:j1],
+            job_ptr=self.job_ptr[j0:j1],
+            job_kind=p.job_kind[j0:j1],
+            job_n=p.job_n[j0:j1],
+            job_es=p.job_es[j0:j1],
+            job_rot=p.job_rot[j0:j1],
+            scratch_bytes=int(p.frame_scratch[hi] - p.frame_scratch[lo]),
+        )
 
 
 def plan_starts(plan: FramesPlan) -> tuple[Any, Any, Any]:
@@ -241,22 +267,36 @@ def _check_zstd_heads(buf: Any, frame: Any, start: Any, size: Any, raw: Any, wal
     def read(pos: Any, n: int) -> Any:  # (len(pos), n) int64: bytes pos .. pos+n-1 of each range, inside it
         return buf[pos[:, None] + np.arange(n)].astype(np.int64)
 
-    _fail(size < 9, frame, lambda i: f"a zstd chunk of {size[i]} bytes is shorter than the smallest zstd frame (9 bytes)")
+    _fail(
+        size < 9, frame, lambda i: f"a zstd chunk of {size[i]} bytes is shorter than the smallest zstd frame (9 bytes)"
+    )
     head = read(start, 5)
-    _fail(_le(head[:, :4]) != _ZSTD_MAGIC, frame, lambda i: f"a zstd chunk at stored offset {start[i]} does not start with zstd's magic number")
+    _fail(
+        _le(head[:, :4]) != _ZSTD_MAGIC,
+        frame,
+        lambda i: f"a zstd chunk at stored offset {start[i]} does not start with zstd's magic number",
+    )
     fhd = head[:, 4]
     single, did, fcs_flag = (fhd >> 5) & 1, fhd & 3, fhd >> 6
     _fail(did != 0, frame, lambda i: f"a zstd chunk at stored offset {start[i]} needs a dictionary")
     fcs_size = np.where(fcs_flag == 0, single, 1 << fcs_flag)  # 0 (absent), 1, 2, 4 or 8 bytes
     _fail(fcs_size == 0, frame, lambda i: f"a zstd chunk at stored offset {start[i]} does not say its decoded size")
     at = start + 5 + (1 - single)
-    _fail(at + fcs_size + 3 > start + size, frame, lambda i: f"a zstd chunk of {size[i]} bytes is shorter than its own header")
+    _fail(
+        at + fcs_size + 3 > start + size,
+        frame,
+        lambda i: f"a zstd chunk of {size[i]} bytes is shorter than its own header",
+    )
     value = np.zeros(len(frame), dtype=np.int64)
     for width in (1, 2, 4, 8):
         sel = fcs_size == width
         if sel.any():
             value[sel] = _le(read(at[sel], width)) + (256 if width == 2 else 0)
-    _fail(value != raw, frame, lambda i: f"a zstd chunk at stored offset {start[i]} decodes to {value[i]} bytes, {raw[i]} planned")
+    _fail(
+        value != raw,
+        frame,
+        lambda i: f"a zstd chunk at stored offset {start[i]} decodes to {value[i]} bytes, {raw[i]} planned",
+    )
     # The frame must end exactly where its chunk does (nvCOMP gets the chunk's bytes; the host decoder runs frame after
     # frame): walk the block headers, all chunks at once, at most ZSTD_MAX_BLOCKS steps.
     end = start + size
@@ -276,8 +316,14 @@ def _check_zstd_heads(buf: Any, frame: Any, start: Any, size: Any, raw: Any, wal
         pos[idx] += 3 + np.where(kind == 1, 1, bh >> 3)
         open_[idx[(bh & 1) == 1]] = False
     pos += 4 * ((fhd >> 2) & 1)  # content checksum
-    _fail(walk & (bad | open_ | (pos != end)), frame, lambda i: f"a zstd chunk at stored offset {start[i]} is not one zstd frame of at most "
-                                                       f"{ZSTD_MAX_BLOCKS} blocks that ends with the chunk's {size[i]} bytes")
+    _fail(
+        walk & (bad | open_ | (pos != end)),
+        frame,
+        lambda i: (
+            f"a zstd chunk at stored offset {start[i]} is not one zstd frame of at most "
+            f"{ZSTD_MAX_BLOCKS} blocks that ends with the chunk's {size[i]} bytes"
+        ),
+    )
 
 
 def plan_frames(buf: Any, off: Any, size: Any, raw: Any, es: Any, enc: Any, dst: Any) -> FramesPlan:
@@ -303,7 +349,9 @@ def plan_frames(buf: Any, off: Any, size: Any, raw: Any, es: Any, enc: Any, dst:
         jobs.append((idx, dst[idx], ptr, kind, n, e, np.full(len(idx), rot, dtype=i64)))
 
     _fail(raw <= 0, frames, lambda i: f"a frame of {raw[i]} raw bytes (frames hold at least one byte)")
-    _fail(off + size > len(buf), frames, lambda i: f"the frame ends at {off[i] + size[i]}, past the {len(buf)} bytes read")
+    _fail(
+        off + size > len(buf), frames, lambda i: f"the frame ends at {off[i] + size[i]}, past the {len(buf)} bytes read"
+    )
 
     # stored as is: the kernel copies them from staging (es 1), so they cost no copy call of their own
     idx = frames[enc == ENC_NONE]
@@ -314,10 +362,14 @@ def plan_frames(buf: Any, off: Any, size: Any, raw: Any, es: Any, enc: Any, dst:
 
     # one zstd frame straight into place
     idx = frames[(enc == ENC_ZSTD) | ((enc == ENC_BYTEPLANE) & (es == 1))]
-    chunks.append((idx, off[idx], size[idx], raw[idx], dst[idx], np.ones(len(idx), dtype=bool), np.zeros(len(idx), dtype=bool)))
+    chunks.append(
+        (idx, off[idx], size[idx], raw[idx], dst[idx], np.ones(len(idx), dtype=bool), np.zeros(len(idx), dtype=bool))
+    )
 
     bp = frames[(enc == ENC_BYTEPLANE) & (es > 1)]
-    _fail(raw[bp] % es[bp] != 0, bp, lambda i: f"raw size {raw[bp][i]} is not a multiple of the element size {es[bp][i]}")
+    _fail(
+        raw[bp] % es[bp] != 0, bp, lambda i: f"raw size {raw[bp][i]} is not a multiple of the element size {es[bp][i]}"
+    )
     tag = np.zeros(len(bp), dtype=i64)
     long_enough = size[bp] >= 4
     tag[long_enough] = reads.u32(bp[long_enough], off[bp][long_enough])
@@ -327,7 +379,11 @@ def plan_frames(buf: Any, off: Any, size: Any, raw: Any, es: Any, enc: Any, dst:
     # layout 2: header, planes raw / one zstd frame / chunked, joined and rotated back
     e = es[f2]
     head = 4 + 5 * e
-    _fail(size[f2] < head, f2, lambda i: f"frame of {size[f2][i]} bytes is shorter than its plane header ({head[i]} bytes)")
+    _fail(
+        size[f2] < head,
+        f2,
+        lambda i: f"frame of {size[f2][i]} bytes is shorter than its plane header ({head[i]} bytes)",
+    )
     pf = np.repeat(f2, e)  # frame of each plane
     pk = np.arange(len(pf)) - np.repeat(np.cumsum(e) - e, e)  # plane number in its frame
     hpos = off[pf] + 4 + 5 * pk
@@ -338,7 +394,11 @@ def plan_frames(buf: Any, off: Any, size: Any, raw: Any, es: Any, enc: Any, dst:
     pstart = np.repeat(off[f2] + head, e) + _within(psize, e)
     fend = off[pf] + size[pf]
     _fail((mode < 0) | (mode > 2), pf, lambda i: f"plane {pk[i]}: unknown mode {mode[i]}")
-    _fail(pstart + psize > fend, pf, lambda i: f"plane {pk[i]}: {psize[i]} bytes announced, {max(0, fend[i] - pstart[i])} left in the frame")
+    _fail(
+        pstart + psize > fend,
+        pf,
+        lambda i: f"plane {pk[i]}: {psize[i]} bytes announced, {max(0, fend[i] - pstart[i])} left in the frame",
+    )
     spare = size[f2] - head - _group_sums(psize, e)
     _fail(spare != 0, f2, lambda i: f"{spare[i]} bytes after the last plane")
     _fail((mode == 0) & (psize != pn), pf, lambda i: f"plane {pk[i]} decodes to {psize[i]} bytes, expected {pn[i]}")
@@ -358,15 +418,39 @@ def plan_frames(buf: Any, off: Any, size: Any, raw: Any, es: Any, enc: Any, dst:
     job_block(l1, ptr, kind, n, es[l1], 0)
 
     one = mode == 1
-    chunks.append((pf[one], pstart[one], psize[one], pn[one], pscratch[one], np.zeros(int(one.sum()), dtype=bool), np.zeros(int(one.sum()), dtype=bool)))
+    chunks.append(
+        (
+            pf[one],
+            pstart[one],
+            psize[one],
+            pn[one],
+            pscratch[one],
+            np.zeros(int(one.sum()), dtype=bool),
+            np.zeros(int(one.sum()), dtype=bool),
+        )
+    )
     m2 = np.nonzero(mode == 2)[0]
-    _fail(psize[m2] < 8, pf[m2], lambda i: f"chunked plane of {psize[m2][i]} bytes is shorter than its 8-byte table header")
+    _fail(
+        psize[m2] < 8,
+        pf[m2],
+        lambda i: f"chunked plane of {psize[m2][i]} bytes is shorter than its 8-byte table header",
+    )
     sub, count = reads.u32(pf[m2], pstart[m2]), reads.u32(pf[m2], pstart[m2] + 4)
     want = -(-pn[m2] // np.maximum(sub, 1))
-    _fail((sub < PLANE_CHUNK) | (count != want), pf[m2], lambda i: f"chunk table says {count[i]} chunks of {sub[i]} bytes for a plane of "
-          f"{pn[m2][i]} bytes (expected chunks of at least {PLANE_CHUNK} bytes covering the plane)")
+    _fail(
+        (sub < PLANE_CHUNK) | (count != want),
+        pf[m2],
+        lambda i: (
+            f"chunk table says {count[i]} chunks of {sub[i]} bytes for a plane of "
+            f"{pn[m2][i]} bytes (expected chunks of at least {PLANE_CHUNK} bytes covering the plane)"
+        ),
+    )
     table_end = 8 + 4 * count
-    _fail(table_end > psize[m2], pf[m2], lambda i: f"chunk table of {count[i]} entries does not fit the plane's {psize[m2][i]} bytes")
+    _fail(
+        table_end > psize[m2],
+        pf[m2],
+        lambda i: f"chunk table of {count[i]} entries does not fit the plane's {psize[m2][i]} bytes",
+    )
     cp = np.repeat(m2, count)  # plane of each chunk
     ci = np.arange(len(cp)) - np.repeat(np.cumsum(count) - count, count)
     csize = reads.u32(pf[cp], pstart[cp] + 8 + 4 * ci)
@@ -374,8 +458,17 @@ def plan_frames(buf: Any, off: Any, size: Any, raw: Any, es: Any, enc: Any, dst:
     used = table_end + _group_sums(csize, count)
     _fail(used != psize[m2], pf[m2], lambda i: f"chunks add up to {used[i]} bytes, the plane has {psize[m2][i]}")
     csub = np.repeat(sub, count)
-    chunks.append((pf[cp], cin, csize, np.minimum(csub, pn[cp] - ci * csub), pscratch[cp] + ci * csub, np.zeros(len(cp), dtype=bool),
-                   np.ones(len(cp), dtype=bool)))
+    chunks.append(
+        (
+            pf[cp],
+            cin,
+            csize,
+            np.minimum(csub, pn[cp] - ci * csub),
+            pscratch[cp] + ci * csub,
+            np.zeros(len(cp), dtype=bool),
+            np.ones(len(cp), dtype=bool),
+        )
+    )
     ptr, kind = zeros8(len(f2)), zeros8(len(f2))
     row = np.repeat(np.arange(len(f2)), e)
     ptr[row, pk] = np.where(zp, pscratch, pstart)
@@ -389,10 +482,26 @@ def plan_frames(buf: Any, off: Any, size: Any, raw: Any, es: Any, enc: Any, dst:
     do = np.argsort(dep_frame, kind="stable")
     dep_pos = (np.concatenate(reads.pos) if reads.pos else np.zeros(0, dtype=i64))[do]
     dep_val = (np.concatenate(reads.val) if reads.val else np.zeros(0, dtype=np.uint8))[do]
-    return FramesPlan(chunk_frame=c[0][co], chunk_in=c[1][co], chunk_size=c[2][co], chunk_raw=c[3][co], chunk_out=c[4][co], chunk_to_dst=c[5][co],
-                      chunk_walk=c[6][co],
-                      job_frame=j[0][jo], job_out=j[1][jo], job_ptr=j[2][jo], job_kind=j[3][jo], job_n=j[4][jo], job_es=j[5][jo], job_rot=j[6][jo],
-                      frame_scratch=frame_scratch, dep_frame=dep_frame[do], dep_pos=dep_pos, dep_val=dep_val)
+    return FramesPlan(
+        chunk_frame=c[0][co],
+        chunk_in=c[1][co],
+        chunk_size=c[2][co],
+        chunk_raw=c[3][co],
+        chunk_out=c[4][co],
+        chunk_to_dst=c[5][co],
+        chunk_walk=c[6][co],
+        job_frame=j[0][jo],
+        job_out=j[1][jo],
+        job_ptr=j[2][jo],
+        job_kind=j[3][jo],
+        job_n=j[4][jo],
+        job_es=j[5][jo],
+        job_rot=j[6][jo],
+        frame_scratch=frame_scratch,
+        dep_frame=dep_frame[do],
+        dep_pos=dep_pos,
+        dep_val=dep_val,
+    )
 
 
 # --------------------------------------------------------------------------- nvCOMP
@@ -440,7 +549,9 @@ class Nvcomp:
             self._temp = lib.nvcompBatchedZstdDecompressGetTempSize
             self._run = lib.nvcompBatchedZstdDecompressAsync
         except AttributeError as e:
-            raise MachineError(f"{path} lacks a function this shim needs ({e}); nvCOMP 5 or newer is required", hint=NVCOMP_HINT) from None
+            raise MachineError(
+                f"{path} lacks a function this shim needs ({e}); nvCOMP 5 or newer is required", hint=NVCOMP_HINT
+            ) from None
         self._align.argtypes = [_ZstdOpts, ctypes.POINTER(_Alignments)]
         self._temp.argtypes = [size_t, size_t, _ZstdOpts, pp, size_t, vp]
         self._run.argtypes = [vp, vp, vp, vp, size_t, vp, size_t, vp, _ZstdOpts, vp, vp]
@@ -459,14 +570,32 @@ class Nvcomp:
 
     def temp_bytes(self, chunks: int, max_chunk: int, total: int, stream: int) -> int:
         out = ctypes.c_size_t()
-        self._check(self._temp(chunks, max_chunk, self.opts, ctypes.byref(out), total, stream), "nvcompBatchedZstdDecompressGetTempSize")
+        self._check(
+            self._temp(chunks, max_chunk, self.opts, ctypes.byref(out), total, stream),
+            "nvcompBatchedZstdDecompressGetTempSize",
+        )
         return out.value
 
-    def decompress(self, in_ptrs: int, in_sizes: int, out_sizes: int, actual: int, count: int, temp: int, temp_bytes: int,
-                   out_ptrs: int, statuses: int, stream: int) -> None:
+    def decompress(
+        self,
+        in_ptrs: int,
+        in_sizes: int,
+        out_sizes: int,
+        actual: int,
+        count: int,
+        temp: int,
+        temp_bytes: int,
+        out_ptrs: int,
+        statuses: int,
+        stream: int,
+    ) -> None:
         """Enqueue the decode of ``count`` chunks; every array argument is a device address (see nvcomp/zstd.h)."""
-        self._check(self._run(in_ptrs, in_sizes, out_sizes, actual, count, temp, temp_bytes, out_ptrs, self.opts, statuses, stream),
-                    "nvcompBatchedZstdDecompressAsync")
+        self._check(
+            self._run(
+                in_ptrs, in_sizes, out_sizes, actual, count, temp, temp_bytes, out_ptrs, self.opts, statuses, stream
+            ),
+            "nvcompBatchedZstdDecompressAsync",
+        )
 
 
 # --------------------------------------------------------------------------- the plane kernel
@@ -579,27 +708,18 @@ def _join_ptx() -> str:
     for k in range(1, 8):
         if k in (1, 2, 4):  # the element ends before plane k when es <= k
             lines += [f"    setp.lt.u32 %q1, %r0, {2 * k};", "    @%q1 bra $Ljoined;"]
-        lines += [f"    add.u64 %d13, %d{k + 1}, %d10;", "    ld.global.u8 %r7, [%d13];", "    cvt.u64.u32 %d15, %r7;",
-                  f"    shl.b64 %d15, %d15, {8 * k};", "    or.b64 %d14, %d14, %d15;"]
+        lines += [
+            f"    add.u64 %d13, %d{k + 1}, %d10;",
+            "    ld.global.u8 %r7, [%d13];",
+            "    cvt.u64.u32 %d15, %r7;",
+            f"    shl.b64 %d15, %d15, {8 * k};",
+            "    or.b64 %d14, %d14, %d15;",
+        ]
     return "\n".join(lines) + "\n"
 
 
 PTX = PTX.replace("@JOIN@", _join_ptx())
 KERNEL_NAME = b"trtx_join_planes"
-
-
-def _driver() -> Any:
-    from .gpu_upload import _cuda
-
-    return _cuda("driver")
-
-
-def _dcheck(drv: Any, result: Any, what: str) -> Any:
-    err, *values = result if isinstance(result, tuple) else (result,)
-    if int(err) != 0:
-        _, text = drv.cuGetErrorString(err)
-        raise MachineError(f"{what} failed: {err!r} ({(text or b'').decode(errors='replace')})")
-    return values[0] if len(values) == 1 else (tuple(values) or None)
 
 
 class PlaneKernel:
@@ -609,9 +729,11 @@ class PlaneKernel:
     MAX_GRID_Y = 65535  # CUDA's limit on gridDim.y: more jobs than this go in several launches
 
     def __init__(self) -> None:
-        self.drv = drv = _driver()
-        self.module = _dcheck(drv, drv.cuModuleLoadData(PTX.encode() + b"\0"), "cuModuleLoadData (JIT of the plane kernel)")
-        self.function = _dcheck(drv, drv.cuModuleGetFunction(self.module, KERNEL_NAME), "cuModuleGetFunction")
+        self.drv = drv = cuda("driver")
+        self.module = check_driver(
+            drv, drv.cuModuleLoadData(PTX.encode() + b"\0"), "cuModuleLoadData (JIT of the plane kernel)"
+        )
+        self.function = check_driver(drv, drv.cuModuleGetFunction(self.module, KERNEL_NAME), "cuModuleGetFunction")
 
     def launch(self, jobs: int, count: int, max_n: int, stream: int) -> None:
         """Enqueue ``count`` jobs from the device table at ``jobs`` (JOB_WORDS u64 each); ``max_n``: the largest n."""
@@ -622,7 +744,11 @@ class PlaneKernel:
         for first in range(0, count, self.MAX_GRID_Y):
             rows = min(self.MAX_GRID_Y, count - first)
             args = ((jobs + 8 * JOB_WORDS * first,), (ctypes.c_uint64,))
-            _dcheck(drv, drv.cuLaunchKernel(self.function, blocks, rows, 1, self.BLOCK, 1, 1, 0, drv.CUstream(stream), args, 0), "cuLaunchKernel")
+            check_driver(
+                drv,
+                drv.cuLaunchKernel(self.function, blocks, rows, 1, self.BLOCK, 1, 1, 0, drv.CUstream(stream), args, 0),
+                "cuLaunchKernel",
+            )
 
     def close(self) -> None:
         if self.module is not None:
@@ -647,16 +773,17 @@ class DeviceDecoder:
     """
 
     def __init__(self, rt: Any, copy_stream: Any) -> None:
-        from .gpu_upload import _check
-
-        self.rt, self._check = rt, _check
+        self.rt, self._check = rt, check
         self.copy_stream = copy_stream
         self.batch_bytes = 0  # set by begin(): the halves are (re)made for each upload's batch size
         self.nvcomp = Nvcomp()
         a = self.nvcomp
         if a.input_alignment != 1 or a.output_alignment != 1 or a.temp_alignment > _ALIGN:
-            raise MachineError(f"nvCOMP at {a.path} asks for input alignment {a.input_alignment} and output alignment {a.output_alignment}; "
-                               f"this shim decodes chunks where they lie, so it needs 1 for both", hint=NVCOMP_HINT)
+            raise MachineError(
+                f"nvCOMP at {a.path} asks for input alignment {a.input_alignment} and output alignment {a.output_alignment}; "
+                f"this shim decodes chunks where they lie, so it needs 1 for both",
+                hint=NVCOMP_HINT,
+            )
         self._temp, self._temp_bytes = 0, 0
         self._tables, self._mirror_addr, self._cap, self._jobcap = 0, 0, 0, 0
         self.spent: collections.Counter[str] = collections.Counter()  # host seconds in nvCOMP and launch calls
@@ -666,10 +793,12 @@ class DeviceDecoder:
         self.stream = None
         self.kernel: PlaneKernel | None = None
         try:
-            self.stream = _check(rt, rt.cudaStreamCreateWithFlags(rt.cudaStreamNonBlocking), "cudaStreamCreateWithFlags")
+            self.stream = check(rt, rt.cudaStreamCreateWithFlags(rt.cudaStreamNonBlocking), "cudaStreamCreateWithFlags")
             self.kernel = PlaneKernel()
             for _ in range(2):
-                self.halves.append({"stage": 0, "scratch": 0, "copied": self._event(), "decoded": self._event(), "used": False})
+                self.halves.append(
+                    {"stage": 0, "scratch": 0, "copied": self._event(), "decoded": self._event(), "used": False}
+                )
         except BaseException:
             self.close()
             raise
@@ -701,7 +830,9 @@ class DeviceDecoder:
         return ptr
 
     def _event(self) -> Any:
-        ev = self._check(self.rt, self.rt.cudaEventCreateWithFlags(self.rt.cudaEventDisableTiming), "cudaEventCreateWithFlags")
+        ev = self._check(
+            self.rt, self.rt.cudaEventCreateWithFlags(self.rt.cudaEventDisableTiming), "cudaEventCreateWithFlags"
+        )
         self._events.append(ev)
         return ev
 
@@ -740,8 +871,8 @@ class DeviceDecoder:
             self._tables = self._malloc(nbytes)
             self._mirror_addr = self._check(rt, rt.cudaMallocHost(nbytes), f"cudaMallocHost({nbytes})")
             whole = np.frombuffer((ctypes.c_uint64 * (nbytes // 8)).from_address(self._mirror_addr), dtype=np.uint64)
-            self._mirror = whole[:6 * chunks].reshape(6, chunks)
-            self._jobs = whole[6 * chunks:].reshape(jobs, JOB_WORDS)
+            self._mirror = whole[: 6 * chunks].reshape(6, chunks)
+            self._jobs = whole[6 * chunks :].reshape(jobs, JOB_WORDS)
         need = self.nvcomp.temp_bytes(self._cap, max(max_chunk_raw, 1), 2 * self.batch_bytes, int(self.stream))
         if need > self._temp_bytes:
             if self._temp:
@@ -749,7 +880,9 @@ class DeviceDecoder:
                 rt.cudaFree(self._temp)
             self._temp, self._temp_bytes = self._malloc(need), need
         self._nchunks = self._njobs = 0
-        self._labels: list[tuple[int, Any, Any]] = []  # (first chunk, chunk -> frame in segment, segment's frame labels)
+        self._labels: list[
+            tuple[int, Any, Any]
+        ] = []  # (first chunk, chunk -> frame in segment, segment's frame labels)
         self._batch_chunk = self._batch_job = 0
         self._half = 0
         self._stage_pos = self._scratch_pos = self._batch_raw = self._max_n = 0
@@ -773,28 +906,46 @@ class DeviceDecoder:
         import numpy as np
 
         rt = self.rt
-        stage_need, scratch_need, decoded = _up(nbytes, _ALIGN), _up(seg.scratch_bytes, _ALIGN), int(seg.chunk_raw.sum())
+        stage_need, scratch_need, decoded = (
+            _up(nbytes, _ALIGN),
+            _up(seg.scratch_bytes, _ALIGN),
+            int(seg.chunk_raw.sum()),
+        )
         cap = 2 * self.batch_bytes
         if stage_need > self.batch_bytes or scratch_need > cap or decoded > cap:
-            raise ValueError(f"a segment of {nbytes} stored bytes needs {scratch_need} scratch bytes; batch_bytes={self.batch_bytes} is too small")
+            raise ValueError(
+                f"a segment of {nbytes} stored bytes needs {scratch_need} scratch bytes; batch_bytes={self.batch_bytes} is too small"
+            )
         c0, nc, j0, nj = self._nchunks, len(seg.chunk_in), self._njobs, len(seg.job_out)
         if c0 + nc > self._cap or j0 + nj > self._jobcap:
             raise ValueError(f"more chunks or jobs than the {self._cap} / {self._jobcap} announced to begin()")
-        if self._stage_pos + stage_need > self.batch_bytes or self._scratch_pos + scratch_need > cap or self._batch_raw + decoded > cap:
+        if (
+            self._stage_pos + stage_need > self.batch_bytes
+            or self._scratch_pos + scratch_need > cap
+            or self._batch_raw + decoded > cap
+        ):
             self.flush()
         half = self.halves[self._half]
         stage, scratch = half["stage"] + self._stage_pos, half["scratch"] + self._scratch_pos
         # nvCOMP reads input at any byte (input alignment 1, checked at start): the whole segment goes up in one copy
         # and every chunk and raw plane is used where it lands.
-        self._check(rt, rt.cudaMemcpyAsync(stage, src, nbytes, rt.cudaMemcpyKind.cudaMemcpyHostToDevice, self.copy_stream), "cudaMemcpyAsync")
+        self._check(
+            rt,
+            rt.cudaMemcpyAsync(stage, src, nbytes, rt.cudaMemcpyKind.cudaMemcpyHostToDevice, self.copy_stream),
+            "cudaMemcpyAsync",
+        )
         m = self._mirror
-        m[0, c0:c0 + nc] = stage + seg.chunk_in
-        m[1, c0:c0 + nc] = seg.chunk_size
-        m[2, c0:c0 + nc] = seg.chunk_raw
-        m[3, c0:c0 + nc] = np.where(seg.chunk_to_dst, base, scratch) + seg.chunk_out
-        jt = self._jobs[j0:j0 + nj]
+        m[0, c0 : c0 + nc] = stage + seg.chunk_in
+        m[1, c0 : c0 + nc] = seg.chunk_size
+        m[2, c0 : c0 + nc] = seg.chunk_raw
+        m[3, c0 : c0 + nc] = np.where(seg.chunk_to_dst, base, scratch) + seg.chunk_out
+        jt = self._jobs[j0 : j0 + nj]
         jt[:, 0] = base + seg.job_out
-        jt[:, 1:9] = np.where(seg.job_kind == PTR_STAGE, stage + seg.job_ptr, np.where(seg.job_kind == PTR_SCRATCH, scratch + seg.job_ptr, 0))
+        jt[:, 1:9] = np.where(
+            seg.job_kind == PTR_STAGE,
+            stage + seg.job_ptr,
+            np.where(seg.job_kind == PTR_SCRATCH, scratch + seg.job_ptr, 0),
+        )
         jt[:, 9], jt[:, 10], jt[:, 11] = seg.job_n, seg.job_es, seg.job_rot
         self._labels.append((c0, seg.chunk_frame, labels))
         self._nchunks, self._njobs = c0 + nc, j0 + nj
@@ -815,11 +966,30 @@ class DeviceDecoder:
         first, last = self._batch_chunk, self._nchunks
         if last > first:
             for r in range(4):
-                c(rt, rt.cudaMemcpyAsync(a + r * row + 8 * first, self._mirror_addr + r * row + 8 * first, 8 * (last - first), h2d, self.stream),
-                  "cudaMemcpyAsync")
+                c(
+                    rt,
+                    rt.cudaMemcpyAsync(
+                        a + r * row + 8 * first,
+                        self._mirror_addr + r * row + 8 * first,
+                        8 * (last - first),
+                        h2d,
+                        self.stream,
+                    ),
+                    "cudaMemcpyAsync",
+                )
             t0 = time.perf_counter()
-            self.nvcomp.decompress(a + 8 * first, a + row + 8 * first, a + 2 * row + 8 * first, a + 4 * row + 8 * first, last - first,
-                                   self._temp, self._temp_bytes, a + 3 * row + 8 * first, a + 5 * row + 4 * first, int(self.stream))
+            self.nvcomp.decompress(
+                a + 8 * first,
+                a + row + 8 * first,
+                a + 2 * row + 8 * first,
+                a + 4 * row + 8 * first,
+                last - first,
+                self._temp,
+                self._temp_bytes,
+                a + 3 * row + 8 * first,
+                a + 5 * row + 4 * first,
+                int(self.stream),
+            )
             self.spent["enqueue: of which the nvCOMP call"] += time.perf_counter() - t0
         j0, j1 = self._batch_job, self._njobs
         if j1 > j0:
@@ -849,8 +1019,17 @@ class DeviceDecoder:
         n = self._nchunks
         if n:
             row = 8 * self._cap
-            c(rt, rt.cudaMemcpyAsync(self._mirror_addr + 4 * row, self._tables + 4 * row, 2 * row, rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, self.stream),
-              "cudaMemcpyAsync")
+            c(
+                rt,
+                rt.cudaMemcpyAsync(
+                    self._mirror_addr + 4 * row,
+                    self._tables + 4 * row,
+                    2 * row,
+                    rt.cudaMemcpyKind.cudaMemcpyDeviceToHost,
+                    self.stream,
+                ),
+                "cudaMemcpyAsync",
+            )
         if while_waiting is not None:
             while_waiting()
         c(rt, rt.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")

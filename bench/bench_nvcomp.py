@@ -33,7 +33,7 @@ def main() -> None:
     rt = _data.cuda_runtime("bench_nvcomp")
     if rt is None:
         return
-    from runtime_shim.gpu import decode as gpu_decode
+    from runtime_shim.gpu import nvcomp as gpu_decode
     from runtime_shim.gpu.cuda import check as _check
 
     try:

@@ -100,7 +100,7 @@ def main() -> None:
     rt = _data.cuda_runtime("bench_upload")
     if rt is None:
         return
-    from runtime_shim.gpu import decode as gpu_decode
+    from runtime_shim.gpu import nvcomp as gpu_decode
     from runtime_shim.gpu.upload import Uploader
 
     decodes = args.decode.split(",")

@@ -146,7 +146,7 @@ def test_config_file(tmp_path: Path) -> None:
 def test_progress_shows_only_slow_steps(capsys: pytest.CaptureFixture[str]) -> None:
     import time
 
-    from bundler.cli import _StderrProgress
+    from bundler.cli.bundle import _StderrProgress
 
     progress = _StderrProgress()
     progress.DELAY = 0.05

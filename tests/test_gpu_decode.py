@@ -19,9 +19,9 @@ import pytest
 import zstandard
 
 from bundler.weights_writer import Weight, write_weight_store
-from runtime_shim.gpu import decode as gpu_decode
+from runtime_shim.gpu import nvcomp as gpu_decode
 from runtime_shim.gpu import upload as gpu_upload
-from runtime_shim.gpu.decode import ENCODINGS, PTR_SCRATCH, PTR_STAGE, Cut, Cuts, FrameFormatError, plan_frames
+from runtime_shim.gpu.planner import ENCODINGS, PTR_SCRATCH, PTR_STAGE, Cut, Cuts, FrameFormatError, plan_frames
 from runtime_shim.store.reader import (
     PLANE_CHUNK,
     PLANE_RAW,

@@ -16,7 +16,7 @@ import pytest
 from bundler.onnx_model import load_model
 from bundler.weights_writer import Weight, write_weight_store
 from runtime_shim.errors import IntegrityError, MachineError
-from runtime_shim.gpu import decode as gpu_decode
+from runtime_shim.gpu import nvcomp as gpu_decode
 from runtime_shim.gpu import upload as gpu_upload
 from runtime_shim.gpu.upload import Uploader, upload_weights
 from runtime_shim.store.reader import WeightReader

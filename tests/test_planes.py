@@ -248,7 +248,7 @@ CRAFTED = {
 def _planned_for_the_gpu(stored: bytes, raw: int):
     """What the GPU decoder would be given for one byte-plane frame of element size 2: planned, then cut for the
     segment holding it (where every zstd chunk is checked)."""
-    from runtime_shim.gpu.decode import ENCODINGS, Cuts, plan_frames
+    from runtime_shim.gpu.planner import ENCODINGS, Cuts, plan_frames
 
     buf = np.frombuffer(stored, dtype=np.uint8)
     one = lambda v: np.array([v], dtype=np.int64)  # noqa: E731
@@ -258,7 +258,7 @@ def _planned_for_the_gpu(stored: bytes, raw: int):
 
 @pytest.mark.parametrize("case", list(CRAFTED))
 def test_crafted_chunk_runs_are_refused_by_both_host_paths_and_the_gpu_planner(impl, case) -> None:
-    from runtime_shim.gpu.decode import FrameFormatError
+    from runtime_shim.gpu.planner import FrameFormatError
 
     stored = CRAFTED[case]
     n = 2 * PLANE_CHUNK
@@ -286,7 +286,7 @@ def _blocks_frame(pieces: list[bytes]) -> bytes:
 
 @pytest.mark.parametrize("blocks, accepted", [(3, True), (64, True), (65, False)])
 def test_a_chunk_of_several_blocks_is_walked_to_its_end(impl, blocks, accepted) -> None:
-    from runtime_shim.gpu.decode import FrameFormatError
+    from runtime_shim.gpu.planner import FrameFormatError
 
     step = -(-PLANE_CHUNK // blocks)
     content = bytes(range(256)) * (PLANE_CHUNK // 256)

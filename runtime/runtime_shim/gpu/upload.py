@@ -183,7 +183,7 @@ class Uploader:
             self.decode_why = "decode='host'" if self.decode == "host" else "the store is uncompressed"
             return None
         if self._device_decoder is None:
-            from . import decode as gpu_decode
+            from . import nvcomp as gpu_decode
 
             why = gpu_decode.available()
             if why is None:
@@ -326,7 +326,7 @@ class Uploader:
     ) -> None:
         import numpy as np
 
-        from .decode import Cuts, FrameFormatError, plan_frames
+        from .planner import Cuts, FrameFormatError, plan_frames
 
         t0 = time.perf_counter()
         t = _frame_table(reader, order, offsets)
@@ -416,7 +416,7 @@ def _frame_table(reader: WeightReader, order: list[int], offsets: dict[int, int]
     PLANE_CHUNK or more)."""
     import numpy as np
 
-    from .decode import ENCODINGS
+    from .planner import ENCODINGS
 
     cols: dict[str, list[int]] = {k: [] for k in ("blob", "frame", "size", "raw", "es", "enc", "dst", "file", "chunks")}
     for i in order:

@@ -8,9 +8,9 @@ import click
 
 from runtime_shim.machine import sm_text
 
-from .cli import emit_json, info, main, render_errors
-from .farm import DEFAULT_ROUNDS, EXIT_UNSERVABLE, FarmSettings, farm_settings, parse_warmup_arg, run_farm_job
-from .merge import merge_parts
+from ..farm import DEFAULT_ROUNDS, EXIT_UNSERVABLE, FarmSettings, farm_settings, parse_warmup_arg, run_farm_job
+from ..merge import merge_parts
+from .app import emit_json, info, main, render_errors
 
 
 @main.command(
@@ -66,7 +66,7 @@ def farm_job(
     """
     settings = FarmSettings()
     if config_path is not None:
-        from .config import load_config
+        from ..config import load_config
 
         settings = farm_settings(load_config(config_path).farm, source=str(config_path))
     extra = [*settings.warmup, *(parse_warmup_arg(w) for w in warmups)]

@@ -17,7 +17,7 @@ from runtime_shim.select import Choice
 from runtime_shim.session import load, plan
 from runtime_shim.user_cache import UserCache
 
-from .cli import emit_json, info, main, render_errors
+from .app import emit_json, info, main, render_errors
 
 _MARK = {(True, True): "*", (True, False): "+", (False, False): "-"}
 
@@ -92,7 +92,7 @@ def doctor(bundle: Path | None, app: str, cache_dir: Path | None, device: int | 
         blocker = trt_blocker(None, machine, pick_gpu(machine, device))
         can_run, why = blocker is None, blocker
     report["trt_rtx_can_run"], report["why_not"] = can_run, why
-    from runtime_shim.gpu import decode as gpu_decode
+    from runtime_shim.gpu import nvcomp as gpu_decode
 
     no_gpu_decode = gpu_decode.available()
     report["weights_decoded_on_gpu"] = {

@@ -1,92 +1,23 @@
-"""The `trtx-bundle` command line: click commands only (parse, call the library, render).
-
-Human output and progress go to stderr; `--json` output goes to stdout. Library errors (BundleError) become
-`ERROR <message>` plus a hint and exit code 1 (2 for usage errors, as click does). Commands live in three
-modules registered on one group: build-side here, run-side in cli_run.py, farm-side in cli_farm.py.
-"""
+"""Build-side commands of `trtx-bundle`: build, inspect, verify, pack, unpack, demo (parse, call the library, render)."""
 
 from __future__ import annotations
 
 import contextlib
-import functools
-import json
-import logging
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import click
 
 from runtime_shim.errors import BundleError
-from runtime_shim.machine import sm_text
 from runtime_shim.manifest import WEIGHT_ENCODINGS
+from runtime_shim.targets import sm_text
 
-from . import __version__
-
-EXIT_ERROR = 1
-
-
-def render_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn library errors into `ERROR ...` + hint on stderr and a non-zero exit, never a traceback."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except BundleError as e:
-            click.secho(f"ERROR {e}", fg="red", err=True)
-            if e.hint:
-                click.echo(f"hint: {e.hint}", err=True)
-            sys.exit(getattr(e, "exit_code", EXIT_ERROR))
-
-    return wrapper
+from .app import EXIT_ERROR, emit_json, info, main, render_errors
 
 
-def emit_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2, sort_keys=True))
-
-
-def info(message: str) -> None:
-    click.echo(message, err=True)
-
-
-class _StderrHandler(logging.Handler):
-    def emit(self, record: logging.LogRecord) -> None:
-        prefix = {logging.WARNING: "warning: ", logging.ERROR: "error: "}.get(record.levelno, "")
-        click.echo(prefix + record.getMessage(), err=True)
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.version_option(__version__, prog_name="trtx-bundle")
-@click.option("-v", "--verbose", count=True, help="More detail on stderr (-vv: TRT-RTX's own log too).")
-def main(verbose: int) -> None:
-    """Package ONNX models for NVIDIA TensorRT for RTX.
-
-    \b
-    A bundle holds weightless engines per GPU architecture, one compressed weight store,
-    pregenerated runtime caches and a manifest that pins every file by sha256.
-
-    \b
-    Typical flow:
-      trtx-bundle build model.onnx -o bundle/ --shape input=1x3x224x224:4x3x224x224:16x3x224x224
-      trtx-bundle verify bundle/
-      trtx-bundle pack bundle/ -o model.trtx
-      trtx-bundle doctor bundle/        # on the user's machine: what would run here, and why
-    """
-    handler = _StderrHandler()
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(logging.WARNING)
-    for name in ("bundler", "runtime_shim"):
-        logging.getLogger(name).setLevel(
-            logging.DEBUG if verbose >= 2 else logging.INFO if verbose else logging.WARNING
-        )
-
-
-# =========================================================================== build side: build, inspect, verify, pack, unpack
 class _StderrProgress:
     """Progress for the build: a step that runs past a second is announced on stderr, then closed with its time."""
 
@@ -204,8 +135,8 @@ def build(
     as_json: bool,
 ) -> None:
     """Turn MODEL.onnx into a bundle: weight store, skeleton, engines, manifest."""
-    from .build import build_bundle
-    from .config import load_config, make_options
+    from ..build import build_bundle
+    from ..config import load_config, make_options
 
     config = load_config(config_path) if config_path else None
     options = make_options(
@@ -258,7 +189,7 @@ def build(
 @render_errors
 def inspect(bundle: Path, as_json: bool) -> None:
     """Show what a bundle holds: model, I/O, profiles, weights, engines, runtime caches."""
-    from .bundle_io import describe_bundle
+    from ..bundle_io import describe_bundle
 
     d = describe_bundle(bundle)
     if as_json:
@@ -302,7 +233,7 @@ def inspect(bundle: Path, as_json: bool) -> None:
         out.append(
             f"  {k['gpu_name']} (SM {k['sm']}, {k['os']}, driver >= {k['driver_version']}, {k['cuda_flavour']}): {c['file']['size']:,} bytes"
         )
-    from .coverage import render as render_coverage
+    from ..coverage import render as render_coverage
 
     out += render_coverage(d["coverage"])
     created = d["creator"]["created"]
@@ -323,8 +254,8 @@ def _dims(shape: list) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print the problems as JSON on stdout.")
 def verify(bundle: Path, as_json: bool) -> None:
     """Check the schema and every file's size and sha256; name what is missing, changed, truncated or extra."""
-    from .bundle_io import verify_bundle
-    from .engines import local_header_check
+    from ..bundle_io import verify_bundle
+    from ..engines import local_header_check
 
     header_check, why_not = local_header_check()
     if why_not and not as_json:
@@ -365,7 +296,7 @@ def verify(bundle: Path, as_json: bool) -> None:
 @render_errors
 def pack(bundle: Path, output: Path) -> None:
     """Pack a verified bundle into one file (a deterministic, uncompressed tar)."""
-    from .bundle_io import pack_bundle
+    from ..bundle_io import pack_bundle
 
     r = pack_bundle(bundle, output)
     info(f"packed {r.files} files into {r.path} ({_mib(r.size)})")
@@ -386,7 +317,7 @@ def pack(bundle: Path, output: Path) -> None:
 @render_errors
 def unpack(archive: Path, output: Path) -> None:
     """Unpack a bundle archive safely (no links, devices, absolute paths or '..') and verify it."""
-    from .bundle_io import unpack_bundle
+    from ..bundle_io import unpack_bundle
 
     m = unpack_bundle(archive, output)
     info(f"unpacked {archive} into {output}: {m.model.name} {m.model.version}, {len(m.files())} files verified")
@@ -413,7 +344,7 @@ def demo(workdir: Path, as_json: bool) -> None:
     ONNX Runtime fallback, with the reason) and the logits are compared with ONNX Runtime
     on the original model.
     """
-    from .demo import run_demo
+    from ..demo import run_demo
 
     result = run_demo(workdir, progress=_StderrProgress(), cache_dir=workdir / "user-cache", note=info)
     if as_json:
@@ -429,9 +360,3 @@ def demo(workdir: Path, as_json: bool) -> None:
                 hint="please report this with the output of 'trtx-bundle doctor'",
             )
     info(f"demo OK: try 'trtx-bundle inspect {result.bundle_dir}' and 'trtx-bundle doctor {result.bundle_dir}'")
-
-
-from . import (
-    cli_farm,  # noqa: F401
-    cli_run,  # noqa: F401
-)

@@ -18,9 +18,10 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ContextManager, Protocol
+from typing import Any, Protocol
 
 from runtime_shim.errors import BundleError, ManifestError, ModelError
 from runtime_shim.fsutil import atomic_write, sha256_bytes
@@ -54,7 +55,7 @@ class OutputDirError(BundleError):
 class Progress(Protocol):
     """What the build reports: timed steps (the CLI shows slow ones) and one-line notes."""
 
-    def step(self, label: str) -> ContextManager[Any]: ...
+    def step(self, label: str) -> AbstractContextManager[Any]: ...
 
     def note(self, message: str) -> None: ...
 
@@ -113,17 +114,23 @@ def build_bundle(
     seconds: dict[str, float] = {}
     notes: list[str] = []
 
-    def timed(label: str) -> ContextManager[Any]:
+    def timed(label: str) -> AbstractContextManager[Any]:
         return _Timed(progress.step(label), seconds, label)
 
     with timed("load model"):
         model = load_model(src)
     profiles = resolve_profiles(model.inputs, options.profiles, source=str(src))
     check_warmups(model.inputs, profiles, options.warmup_shapes, source=str(src))
-    plans = plan_engines(options, probe=probe, note=lambda m: (notes.append(m), progress.note(m)))
+
+    def note(message: str) -> None:
+        notes.append(message)
+        progress.note(message)
+
+    plans = plan_engines(options, probe=probe, note=note)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_sibling(out, "building")
+    placed = False
     try:
         writer_kwargs = {k: v for k, v in (("level", options.level), ("threads", options.threads)) if v is not None}
         with timed("write weight store"):
@@ -179,9 +186,9 @@ def build_bundle(
         with timed("verify"):
             raise_for_problems(verify_bundle(tmp), what=f"{out} (as built)")
         left_alone = _move_into_place(tmp, out, manifest)
-        tmp = None
+        placed = True
     finally:
-        if tmp is not None:
+        if not placed:
             shutil.rmtree(tmp, ignore_errors=True)
     if left_alone:
         progress.note(
@@ -196,7 +203,7 @@ def build_bundle(
 class _Timed:
     """Wraps a progress step and records how long it took."""
 
-    def __init__(self, inner: ContextManager[Any], seconds: dict[str, float], label: str) -> None:
+    def __init__(self, inner: AbstractContextManager[Any], seconds: dict[str, float], label: str) -> None:
         self.inner, self.seconds, self.label = inner, seconds, label
 
     def __enter__(self) -> Any:

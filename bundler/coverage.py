@@ -74,7 +74,8 @@ def coverage(manifest: Manifest) -> Coverage:
         p for p, os_name in _OS_OF.items() for c in manifest.runtime_caches if c.key.os == os_name
     }
     platforms = [p for p in PLATFORMS if p in used_platforms] or list(PLATFORMS)
-    rows, shown = [], set()
+    rows: list[CoverageRow] = []
+    shown: set[int] = set()
     for platform in platforms:
         for sm in SUPPORTED_SMS:
             gpu = Gpu(index=0, name=f"any SM {sm_text(sm)} GPU", pci_device_id=0, uuid="", sm=sm, total_memory=0)
@@ -99,7 +100,7 @@ def coverage(manifest: Manifest) -> Coverage:
                 and c.key.cuda_flavour == flavour
             )
             shown.update(id(c) for c in caches)
-            sha = taken.candidate.file.sha256 if taken.candidate is not None else None  # type: ignore[union-attr]
+            sha = taken.candidate.file.sha256 if taken.candidate is not None else None
             rows.append(CoverageRow(platform=platform, sm=sm, engine=taken.kind, engine_sha256=sha, caches=caches))
     others = tuple(c for c in manifest.runtime_caches if id(c) not in shown)
     return Coverage(trt_rtx_version=version, cuda_flavour=flavour, rows=tuple(rows), other_caches=others)

@@ -74,9 +74,10 @@ def local_weightless_target(probe: Callable[[], Any] | None = None) -> tuple[Any
     """
     if probe is None:
         try:
-            from runtime_shim.machine import probe as probe
+            from runtime_shim.machine import probe as machine_probe
         except ImportError:
             return None, NO_GPU_NOTE
+        probe = machine_probe
     try:
         machine = probe()
     except Exception as e:

@@ -73,7 +73,7 @@ def warmup_plan(manifest: Manifest, extra: Sequence[Mapping[str, Shape]] = ()) -
     specs = {t.name: t for t in manifest.inputs}
     warmups = list(manifest.warmup_shapes) + list(extra)
     profiles: Sequence[Profile] = manifest.profiles or (Profile(shapes={}),)
-    for i, w in enumerate(warmups):
+    for w in warmups:
         for name, shape in w.items():
             if name not in specs:
                 raise BundleError(
@@ -361,7 +361,10 @@ def _overlay_bundle(
     from dataclasses import replace
 
     dest.mkdir(parents=True)
-    engines = [e for e in manifest.engines if e.file.sha256 == engine_sha] or [new_engine]
+    # A farm that built no engine loads one the bundle already has, so one of the two lists is never empty.
+    engines = [e for e in manifest.engines if e.file.sha256 == engine_sha] or [
+        e for e in (new_engine,) if e is not None
+    ]
     overlay = replace(manifest, engines=tuple(engines), runtime_caches=())
     for _where, ref in overlay.files():
         target = dest / ref.path

@@ -1,14 +1,30 @@
-"""File helpers shared by both sides: the one atomic write, and streaming sha256."""
+"""File helpers shared by both sides: the one atomic write, streaming sha256, bounded reads, owned temp dirs."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
+import logging
 import os
+import re
+import shutil
+import stat
 import tempfile
+import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
+
+from .errors import BundleError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; owned temp dirs are then never swept (see sweep_stale_temp_dirs)
+    fcntl = None  # type: ignore[assignment]
+
+log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
 
@@ -54,3 +70,174 @@ def sha256_file(path: str | os.PathLike[str]) -> tuple[str, int]:
 
 def sha256_bytes(data: bytes | bytearray | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+# --------------------------------------------------------------------------- bounded reads of small files
+def file_kind(mode: int) -> str:
+    """What a stat mode says a path is, in words (for errors about non-regular files)."""
+    for test, name in (
+        (stat.S_ISDIR, "directory"),
+        (stat.S_ISFIFO, "FIFO (named pipe)"),
+        (stat.S_ISCHR, "character device"),
+        (stat.S_ISBLK, "block device"),
+        (stat.S_ISSOCK, "socket"),
+        (stat.S_ISLNK, "symbolic link"),
+    ):
+        if test(mode):
+            return name
+    return "regular file" if stat.S_ISREG(mode) else "special file"
+
+
+def open_regular_file(
+    path: str | os.PathLike[str], what: str, *, error: type[BundleError] = BundleError
+) -> tuple[BinaryIO, int]:
+    """Open ``path`` for reading only if it is a regular file; returns (file, size).
+
+    The open itself never blocks: O_NONBLOCK makes a FIFO open at once (to be refused), where a plain open
+    would wait forever for a writer. Links are followed (a bundle may be reached through one); what they
+    point to must be a regular file, so a link to /dev/zero is refused too. FileNotFoundError is left to the
+    caller (which knows what to hint); every other failure is ``error`` naming the path and ``what`` was expected.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise
+    except IsADirectoryError:
+        raise error(f"{path}: is a directory, not a regular file (expected {what})") from None
+    except OSError as e:
+        if os.path.isdir(path):  # Windows refuses to open a directory with EACCES
+            raise error(f"{path}: is a directory, not a regular file (expected {what})") from None
+        raise error(f"{path}: cannot open ({e.strerror or e})", hint=os_error_hint(e)) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise error(f"{path}: is a {file_kind(st.st_mode)}, not a regular file (expected {what})")
+        if fcntl is not None and flags & getattr(os, "O_NONBLOCK", 0):
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+        return os.fdopen(fd, "rb"), st.st_size
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_regular_file(
+    path: str | os.PathLike[str], max_bytes: int, what: str, *, error: type[BundleError] = BundleError
+) -> bytes:
+    """The bytes of a small regular file, refused (``error``) before reading if it is not one or exceeds ``max_bytes``.
+
+    Guards readers of manifests against a FIFO (would hang), a directory, a device or a huge or sparse file
+    (would exhaust memory). The cap also holds for a file that grows while it is read.
+    """
+    f, size = open_regular_file(path, what, error=error)
+    with f:
+        if size > max_bytes:
+            raise error(
+                f"{path}: {size} bytes, more than the {max_bytes} allowed (expected {what})",
+                hint="the file is not what it should be (damaged, or replaced); fetch or rebuild it",
+            )
+        chunks, total = [], 0
+        try:
+            while chunk := f.read(min(CHUNK, max_bytes + 1 - total)):
+                chunks.append(chunk)
+                total += len(chunk)
+                if total > max_bytes:
+                    raise error(f"{path}: grew past {max_bytes} bytes while being read (expected {what})")
+        except OSError as e:
+            raise error(f"{path}: cannot read ({e.strerror or e})", hint=os_error_hint(e)) from None
+    return b"".join(chunks)
+
+
+def os_error_hint(e: OSError) -> str | None:
+    """What a user can do about a failed file operation, by its errno; None where there is nothing useful to say."""
+    where = f" ({e.filename})" if e.filename else ""
+    return {
+        errno.ENOSPC: f"the disk is full{where}: free some space or choose a place on another disk, then run it again",
+        errno.EDQUOT: f"the disk quota is used up{where}: free some space or choose another place, then run it again",
+        errno.EACCES: f"permission denied{where}: choose a place you may write to, or fix its permissions",
+        errno.EPERM: f"operation not permitted{where}: choose a place you may write to, or fix its permissions",
+        errno.EROFS: f"the file system is read-only{where}: choose a writable place",
+        errno.EFBIG: f"the file is too large for this file system or limit{where}",
+        errno.EIO: f"the disk reported an I/O error{where}: check the disk, then run it again",
+    }.get(e.errno or 0)
+
+
+# --------------------------------------------------------------------------- temp dirs that a later run can sweep
+# A crashed writer (kill -9, power loss) leaves its temp dir behind. Each owned temp dir is flock-ed by its owner
+# for as long as it lives, so a later run can tell a dead owner's dir (lock free) from a live one (lock held).
+# A dir is also left alone while younger than the sweep's min_age_s: that covers the instant between the owner's
+# mkdir and its flock. Where flock does not exist (Windows) nothing is swept.
+_OWNED_SUFFIX = re.compile(r"^[0-9a-f]{12}$")
+
+
+@contextlib.contextmanager
+def owned_temp_dir(parent: str | os.PathLike[str], prefix: str) -> Iterator[Path]:
+    """A new directory ``parent/<prefix><12 hex>``, locked while the block runs, then removed if still there.
+
+    Made with plain mkdir (the user's umask), not mkdtemp's 0700, since callers rename it into place. The caller
+    may rename or exchange it away; whatever is at the path when the block ends is removed.
+    """
+    parent = Path(parent)
+    for _ in range(100):
+        path = parent / f"{prefix}{uuid.uuid4().hex[:12]}"
+        try:
+            path.mkdir()
+            break
+        except FileExistsError:  # pragma: no cover - 48 random bits
+            continue
+    else:  # pragma: no cover
+        raise FileExistsError(errno.EEXIST, "cannot create a unique temp directory", str(parent))
+    fd = None
+    try:
+        if fcntl is not None:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        yield path
+    finally:
+        try:
+            shutil.rmtree(path, ignore_errors=True)
+        finally:
+            if fd is not None:
+                os.close(fd)  # releases the lock
+
+
+def sweep_stale_temp_dirs(parent: str | os.PathLike[str], prefix: str, *, min_age_s: float = 30.0) -> list[Path]:
+    """Remove the ``parent/<prefix><12 hex>`` dirs of :func:`owned_temp_dir` whose owner is gone; returns them.
+
+    Never raises: a dir that cannot be examined or removed is logged and left.
+    """
+    if fcntl is None:
+        return []
+    parent = Path(parent)
+    removed: list[Path] = []
+    try:
+        entries = [e for e in os.scandir(parent) if e.name.startswith(prefix)]
+    except OSError as e:
+        log.debug("cannot list %s for stale temp dirs: %s", parent, e)
+        return []
+    for entry in entries:
+        if not _OWNED_SUFFIX.match(entry.name[len(prefix) :]):
+            continue  # not a name owned_temp_dir makes: never ours to remove
+        path = Path(entry.path)
+        try:
+            st = entry.stat(follow_symlinks=False)
+            if not stat.S_ISDIR(st.st_mode) or time.time() - st.st_mtime < min_age_s:
+                continue
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0))
+        except OSError:
+            continue
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # its owner is alive
+            if os.fstat(fd).st_ino != st.st_ino:
+                continue  # replaced since it was listed
+            shutil.rmtree(path)
+            removed.append(path)
+            log.info("removed %s, left behind by a run that did not finish", path)
+        except OSError as e:
+            log.warning("cannot remove the stale temp dir %s: %s", path, e.strerror or e)
+        finally:
+            os.close(fd)
+    return removed

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .errors import ManifestError
+from .fsutil import read_regular_file
 
 SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 T = TypeVar("T")
@@ -132,18 +133,26 @@ def load_json_file(path: Path, *, expected: str, missing_hint: str, corrupt_hint
     )
 
 
-def read_json_bytes(path: Path, *, expected: str, missing_hint: str) -> bytes:
-    """The bytes of a JSON file, unparsed (for callers that also hash them); a ManifestError names what failed."""
+# No manifest or part comes near this; the cap keeps a huge or sparse file from exhausting memory.
+MAX_JSON_BYTES = 64 << 20
+
+
+def read_json_bytes(path: Path, *, expected: str, missing_hint: str, max_bytes: int = MAX_JSON_BYTES) -> bytes:
+    """The bytes of a JSON file, unparsed (for callers that also hash them); a ManifestError names what failed.
+
+    Type and size are checked before a byte is read: a FIFO, directory or device, or a file over ``max_bytes``,
+    is refused (see fsutil.read_regular_file).
+    """
     try:
-        return path.read_bytes()
+        return read_regular_file(path, max_bytes, expected, error=ManifestError)
     except FileNotFoundError:
         raise ManifestError(f"{path}: not found; expected {expected}", hint=missing_hint) from None
-    except OSError as e:
-        raise ManifestError(f"{path}: cannot read ({e.strerror})") from None
 
 
 def parse_json(raw: bytes | str, *, source: str, corrupt_hint: str) -> Any:
     try:
         return json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except RecursionError:
+        raise ManifestError(f"{source}: nested too deeply to be a manifest", hint=corrupt_hint) from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, and an integer of more than 4300 digits
         raise ManifestError(f"{source}: not valid JSON ({e})", hint=corrupt_hint) from None

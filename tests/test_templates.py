@@ -1,12 +1,16 @@
-"""The CI templates cannot rot: every `trtx-bundle` command they run exists, with every flag they pass.
+"""The CI templates cannot rot: every `trtx-bundle` command they run exists, with every flag they pass, and linters pass.
 
 Each template is parsed as YAML; every shell string in it (GitHub `run:` steps, GitLab `script:` lines) is
 searched for `trtx-bundle ...` commands; each command's `--help` must work and each flag must be one of its options.
+actionlint checks the GitHub workflow (with the farm's runner labels from templates/actionlint.yaml) and
+check-jsonschema the GitLab pipeline against GitLab's own schema; both run offline and any finding fails.
 """
 
 from __future__ import annotations
 
 import shlex
+import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -124,3 +128,48 @@ def test_farm_targets_match_bundle_toml() -> None:
     assert settings.targets, "templates/bundle.toml: [farm].targets is empty"
     assert _github_targets() == set(settings.targets) == _gitlab_targets()
     assert all(w.keys() <= {"input"} for w in settings.warmup)  # the inputs the example's [[profiles]] name
+
+
+def _linter(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        pytest.skip(f"{name} is not installed (it comes with the test extra: pip install -e '.[test]')")
+    return path
+
+
+def test_github_template_passes_actionlint() -> None:
+    """Deprecated action runtimes, unknown runner labels, bad expressions: any finding fails."""
+    # shellcheck and pyflakes are off: actionlint runs them only where they are installed, and a test must
+    # give the same verdict on every machine.
+    result = subprocess.run(
+        [
+            _linter("actionlint"),
+            "-no-color",
+            "-shellcheck=",
+            "-pyflakes=",
+            "-config-file",
+            "actionlint.yaml",
+            "github-actions.yml",
+        ],
+        cwd=TEMPLATES,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, f"actionlint findings:\n{result.stdout}{result.stderr}"
+
+
+def test_gitlab_template_passes_the_gitlab_schema() -> None:
+    result = subprocess.run(
+        [_linter("check-jsonschema"), "--builtin-schema", "vendor.gitlab-ci", "gitlab-ci.yml"],
+        cwd=TEMPLATES,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, f"check-jsonschema findings:\n{result.stdout}{result.stderr}"
+
+
+def test_actionlint_knows_the_farm_runner_labels() -> None:
+    labels = yaml.safe_load((TEMPLATES / "actionlint.yaml").read_text())["self-hosted-runner"]["labels"]
+    assert set(labels) == _github_targets()

@@ -49,6 +49,7 @@ def main() -> None:
         return
     from bench_upload import pinned_memcpy_seconds
 
+    from runtime_shim.errors import MachineError
     from runtime_shim.gpu.cuda import check as _check
 
     size = args.mib << 20
@@ -109,12 +110,14 @@ def main() -> None:
         ]  # read-only: ctypes.from_buffer refuses it
         flags = rt.cudaHostRegisterReadOnly if hasattr(rt, "cudaHostRegisterReadOnly") else 8
         t0 = time.perf_counter()
-        err = rt.cudaHostRegister(addr, size, int(flags))
+        try:
+            _check(rt, rt.cudaHostRegister(addr, size, int(flags)), "cudaHostRegister(ReadOnly) of the mmap'd file")
+            registered = True
+        except MachineError as e:
+            print(f"\n{e}")
+            registered = False
         t_reg = time.perf_counter() - t0
-        err = err[0] if isinstance(err, tuple) else err
-        if int(err) != 0:
-            print(f"\ncudaHostRegister(ReadOnly) of the mmap'd file failed: {rt.cudaGetErrorName(err)[1].decode()}")
-        else:
+        if registered:
             rt.cudaHostUnregister(addr)
             # the same, cut in 16 MiB ranges registered by T threads at once (does the pinning scale?)
             piece = 16 << 20

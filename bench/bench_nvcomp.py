@@ -2,7 +2,7 @@
 
 Why the store's planes are 64 KiB chunks and why the GPU path's last batch cannot be hidden: the exponent plane of
 MiniLM (bf16, --copies replicas) is compressed the way the store does it (literals-only zstd) in chunks of each
-size, copied to the GPU once, and decoded by runtime_shim.gpu.decode.Nvcomp with 100, a quarter of, and all the
+size, copied to the GPU once, and decoded by runtime_shim.gpu.nvcomp.Nvcomp with 100, a quarter of, and all the
 chunks in one call (CUDA-event time, best of 3). Also printed: the plane's stored size per chunk size.
 
     python bench/bench_nvcomp.py [--copies 8] [--chunks-kib 64,32,16,2048]
@@ -21,7 +21,7 @@ import _data
 import numpy as np
 import zstandard
 
-from bundler import weights_writer
+from bundler import store_writer
 from runtime_shim.errors import MachineError
 
 
@@ -49,7 +49,7 @@ def main() -> None:
     print(f"exponent plane of minilm-bf16 x{args.copies}: {len(plane) / 1e6:.1f} MB; nvCOMP at {nv.path}")
     stream = _check(rt, rt.cudaStreamCreateWithFlags(rt.cudaStreamNonBlocking), "cudaStreamCreateWithFlags")
     ev0, ev1 = _check(rt, rt.cudaEventCreate(), "cudaEventCreate"), _check(rt, rt.cudaEventCreate(), "cudaEventCreate")
-    cctx = zstandard.ZstdCompressor(compression_params=weights_writer._LITERALS)
+    cctx = zstandard.ZstdCompressor(compression_params=store_writer.LITERALS)
     h2d = rt.cudaMemcpyKind.cudaMemcpyHostToDevice
     print(f"{'chunk':>8s} {'stored':>8s} {'chunks':>7s} {'ms':>7s} {'GB/s of plane':>14s}")
     for kib in [int(x) for x in args.chunks_kib.split(",")]:

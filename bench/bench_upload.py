@@ -27,14 +27,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import _data
 
-from bundler.weights_writer import write_weight_store
+from bundler.store_writer import write_weight_store
 from runtime_shim.fsutil import sha256_bytes
 from runtime_shim.store.reader import WeightReader
 
 
 def gpu_name(rt) -> str:
-    err, props = rt.cudaGetDeviceProperties(0)
-    return props.name.decode(errors="replace") if int(err) == 0 else "?"
+    from runtime_shim.errors import MachineError
+    from runtime_shim.gpu.cuda import check
+
+    try:
+        return check(rt, rt.cudaGetDeviceProperties(0), "cudaGetDeviceProperties").name.decode(errors="replace")
+    except MachineError:
+        return "?"
 
 
 def pinned_memcpy_seconds(rt, nbytes: int, repeat: int) -> float:
@@ -101,6 +106,7 @@ def main() -> None:
     if rt is None:
         return
     from runtime_shim.gpu import nvcomp as gpu_decode
+    from runtime_shim.gpu.stats import Stats
     from runtime_shim.gpu.upload import Uploader
 
     decodes = args.decode.split(",")
@@ -149,20 +155,21 @@ def main() -> None:
 
                     t_dec = _data.median_time(decode_only, args.repeat)
                 slot = max(max(f.raw_size, f.size) for b in store.blobs for f in b.frames)
+                stats = Stats()  # seconds by step on the calling thread, printed under each row
                 with Uploader(
-                    threads=T, slot_bytes=slot, decode=decode, batch_bytes=(args.batch_mib << 20) or None
+                    threads=T, slot_bytes=slot, decode=decode, batch_bytes=(args.batch_mib << 20) or None, stats=stats
                 ) as up:
                     dw = up.upload(reader)  # warm-up, and the correctness check
                     assert up.decoded_on == ("gpu" if decode == "device" else "host"), up.decode_why
                     check_on_device(rt, reader, dw)
                     dw.free()
-                    up.spent.clear()
+                    stats.clear()
                     calls = []  # freed after the timing: cudaFree is not part of loading (the weights stay on the GPU)
-                    t_up = _data.median_time(lambda: calls.append(up.upload(reader)), args.repeat)
+                    t_up = _data.median_time(lambda calls=calls: calls.append(up.upload(reader)), args.repeat)
                     for dw in calls:
                         dw.free()
                     pinned = up.pinned_bytes
-                    spent = ", ".join(f"{k} {v / len(calls) * 1e3:.1f} ms" for k, v in sorted(up.spent.items()))
+                    spent = ", ".join(f"{k} {v / len(calls) * 1e3:.1f} ms" for k, v in stats.items())
             host_col = f"{raw / t_dec / 1e9:16.2f}" if t_dec else f"{'-':>16s}"
             print(
                 f"{enc:16s} {decode:7s} {'yes' if verify else 'no':6s} {T:3d} {host_col} {raw / t_up / 1e9:14.2f} {t_copy / t_up:9.2f}x {pinned / 2**20:11.0f}"

@@ -18,20 +18,13 @@ import numpy as np
 import pytest
 import zstandard
 
-from bundler.weights_writer import Weight, write_weight_store
+from bundler.store_writer import Weight, write_weight_store
+from runtime_shim.gpu import kernel, packing
 from runtime_shim.gpu import nvcomp as gpu_decode
-from runtime_shim.gpu import upload as gpu_upload
 from runtime_shim.gpu.planner import ENCODINGS, PTR_SCRATCH, PTR_STAGE, Cut, Cuts, FrameFormatError, plan_frames
-from runtime_shim.store.reader import (
-    PLANE_CHUNK,
-    PLANE_RAW,
-    PLANE_ZSTD,
-    PLANE_ZSTD_CHUNKS,
-    PLANES_TAG,
-    WeightReader,
-    decode_frame_into,
-    plane_chunks,
-)
+from runtime_shim.store.decode import decode_frame_into
+from runtime_shim.store.format import PLANE_CHUNK, PLANE_RAW, PLANE_ZSTD, PLANE_ZSTD_CHUNKS, PLANES_TAG, plane_chunks
+from runtime_shim.store.reader import WeightReader
 
 _UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
@@ -94,13 +87,13 @@ def _segments(bundle_dir: Path, store, slot_bytes: int) -> tuple[dict, list, np.
     device image, and the whole upload's plan, made from the mapped file."""
     with WeightReader(bundle_dir, store) as reader:
         order = list(range(len(store.blobs)))
-        offsets, total = gpu_upload._layout(reader, order)
-        t = gpu_upload._frame_table(reader, order, offsets)
+        offsets, total = packing.device_layout(reader, order)
+        t = packing.frame_table(reader, order, offsets)
         plan = plan_frames(reader.mapped(), t["file"], t["size"], t["raw"], t["es"], t["enc"], t["dst"])
-        segments = gpu_upload._pack(t, slot_bytes)
+        segments = packing.pack_stored(t, slot_bytes)
         frames = list(zip(t["blob"].tolist(), t["frame"].tolist()))
         bufs = []
-        for lo, hi, runs in segments:
+        for _lo, _hi, runs in segments:
             buf = np.zeros(slot_bytes, dtype=np.uint8)
             for a, b in runs:
                 reader.read_frames(frames[a:b], memoryview(buf)[int(t["slot_off"][a]) :])
@@ -135,7 +128,7 @@ def test_every_segment_planned_and_run_as_the_gpu_would_matches_the_host_decoder
         t["size"]
     )  # the decoder's tables are sized by these
     most_chunks = 0
-    for (lo, hi, runs), buf in segs:
+    for (lo, hi, _runs), buf in segs:
         part = cuts.cut(lo, hi, buf)
         assert set(part.chunk_frame.tolist()) <= set(range(hi - lo))
         most_chunks = max(most_chunks, len(part.chunk_in))
@@ -311,7 +304,7 @@ def test_pack_keeps_a_segment_within_one_batch_of_decoded_bytes() -> None:
         "raw": np.array([4 << 20] * 4, dtype=np.int64),
         "file": np.array([8, 108, 208, 308], dtype=np.int64),
     }
-    segments = gpu_upload._pack(
+    segments = packing.pack_stored(
         t, 16 << 20, raw_cap=8 << 20
     )  # 400 stored bytes would fit one slot; 16 MiB raw would not
     assert [(lo, hi) for lo, hi, _ in segments] == [(0, 2), (2, 4)]
@@ -328,10 +321,10 @@ def test_the_planner_refuses_wrong_sizes() -> None:
 def test_pack_fills_slots_with_whole_frames_in_order_and_reads_back_to_back_runs(stores, slot_frames) -> None:
     bundle_dir, store = stores["zstd-byteplane-16384"]
     slot = max(f.size for b in store.blobs for f in b.frames) * slot_frames
-    t = gpu_upload._frame_table(
+    t = packing.frame_table(
         _Store(bundle_dir, store), list(range(len(store.blobs))), {i: 0 for i in range(len(store.blobs))}
     )
-    segments = gpu_upload._pack(t, slot)
+    segments = packing.pack_stored(t, slot)
     assert [k for lo, hi, _ in segments for k in range(lo, hi)] == list(range(len(t["size"])))
     for lo, hi, runs in segments:
         assert t["slot_off"][lo] == 0 and (t["slot_off"][lo + 1 : hi] == (t["slot_off"] + t["size"])[lo : hi - 1]).all()
@@ -339,7 +332,7 @@ def test_pack_fills_slots_with_whole_frames_in_order_and_reads_back_to_back_runs
         assert runs[0][0] == lo and runs[-1][1] == hi and all(a[1] == b[0] for a, b in zip(runs, runs[1:]))
         for a, b in runs:  # one read each: back to back in the file, and at most READ_RUN unless a single frame
             assert (t["file"][a + 1 : b] == (t["file"] + t["size"])[a : b - 1]).all()
-            assert b - a == 1 or t["size"][a:b].sum() <= gpu_upload.READ_RUN
+            assert b - a == 1 or t["size"][a:b].sum() <= packing.READ_RUN
     if slot_frames > 1:
         assert len(segments) < len(t["size"])
 
@@ -369,7 +362,7 @@ PTXAS = _ptxas()
 )
 @pytest.mark.parametrize("arch", ["sm_75", "sm_80", "sm_86", "sm_89", "sm_120"])
 def test_the_plane_kernel_assembles_for_every_architecture_trt_rtx_supports(tmp_path, arch) -> None:
-    (tmp_path / "k.ptx").write_text(gpu_decode.PTX)
+    (tmp_path / "k.ptx").write_text(kernel.PTX)
     run = subprocess.run(
         [str(PTXAS), f"-arch={arch}", str(tmp_path / "k.ptx"), "-o", str(tmp_path / "k.cubin")],
         capture_output=True,

@@ -1,6 +1,7 @@
-"""gpu_upload on a real CUDA GPU (any GPU: TRT-RTX support is not needed): every tensor of real bundles goes through
-the pinned ring to device memory and comes back bit-exact; pinned memory stays within the ring. These skip, with the
-reason, where cuda-python finds no device. The no-device error is tested on every machine.
+"""runtime_shim.gpu.upload on a real CUDA GPU (any GPU: TRT-RTX support is not needed): every tensor of real bundles
+goes through the pinned ring to device memory and comes back bit-exact; pinned memory stays within the ring. These skip,
+with the reason, where cuda-python finds no device. On every machine: the no-device error, and the ring's host path
+run against a FAKE of the CUDA runtime (host memory standing in for device memory), with and without a Stats.
 
     python3 -m pytest -q tests/test_gpu_upload.py
 """
@@ -14,10 +15,14 @@ from pathlib import Path
 import pytest
 
 from bundler.onnx_model import load_model
-from bundler.weights_writer import Weight, write_weight_store
+from bundler.store_writer import Weight, write_weight_store
 from runtime_shim.errors import IntegrityError, MachineError
-from runtime_shim.gpu import nvcomp as gpu_decode
+from runtime_shim.gpu import nvcomp, packing
+from runtime_shim.gpu import stats as gpu_stats
 from runtime_shim.gpu import upload as gpu_upload
+from runtime_shim.gpu.cuda import check
+from runtime_shim.gpu.cuda import cudart as real_cudart
+from runtime_shim.gpu.stats import Stats
 from runtime_shim.gpu.upload import Uploader, upload_weights
 from runtime_shim.store.reader import WeightReader
 
@@ -28,18 +33,16 @@ import models
 def _no_device_reason() -> str | None:
     """Why no CUDA device can be used here (None: one can)."""
     try:
-        rt = gpu_upload.cudart()
+        rt = real_cudart()
+        count = check(rt, rt.cudaGetDeviceCount(), "cudaGetDeviceCount")
     except MachineError as e:
-        return str(e)
-    err, count = rt.cudaGetDeviceCount()
-    if int(err) != 0:
-        return f"cuda-python finds no CUDA device: cudaGetDeviceCount says {rt.cudaGetErrorName(err)[1].decode()}"
+        return f"cuda-python finds no CUDA device: {e}"
     return None if count else "cuda-python finds no CUDA device (count 0)"
 
 
 def _cuda_python_missing() -> bool:
     try:
-        gpu_upload.cudart()
+        real_cudart()
     except MachineError:
         return True
     return False
@@ -47,7 +50,7 @@ def _cuda_python_missing() -> bool:
 
 NO_DEVICE = _no_device_reason()
 needs_cuda = pytest.mark.skipif(NO_DEVICE is not None, reason=f"needs a CUDA GPU, any model ({NO_DEVICE})")
-NO_NVCOMP = gpu_decode.available()
+NO_NVCOMP = nvcomp.available()
 # Both ways of decoding: on host threads into the pinned ring, and on the GPU (nvCOMP + the plane kernel).
 DECODES = [
     "host",
@@ -60,7 +63,7 @@ DECODES = [
 # ------------------------------------------------------------------------------------------- every machine
 @pytest.mark.skipif(_cuda_python_missing(), reason="cuda-python is not importable (tested below)")
 def test_without_a_cuda_device_the_uploader_raises_a_readable_machine_error() -> None:
-    rt = gpu_upload.cudart()
+    rt = real_cudart()
     err, count = rt.cudaGetDeviceCount()
     device = count if int(err) == 0 else 0  # a device index that does not exist on this machine
     with pytest.raises(MachineError) as e:
@@ -117,7 +120,7 @@ class _CountingCudart:
 
 @pytest.fixture
 def cudart(monkeypatch) -> _CountingCudart:
-    counting = _CountingCudart(gpu_upload.cudart())
+    counting = _CountingCudart(real_cudart())
     monkeypatch.setattr(gpu_upload, "cudart", lambda: counting)
     return counting
 
@@ -146,9 +149,8 @@ def stores(tmp_path_factory) -> dict[str, tuple[Path, object]]:
 def _device_bytes(rt, ptr: int, nbytes: int) -> bytes:
     back = (ctypes.c_ubyte * max(nbytes, 1))()
     if nbytes:
-        result = rt.cudaMemcpy(ctypes.addressof(back), ptr, nbytes, rt.cudaMemcpyKind.cudaMemcpyDeviceToHost)
-        err = result[0] if isinstance(result, tuple) else result
-        assert int(err) == 0, f"cudaMemcpy D2H: {err}"
+        d2h = rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        check(rt, rt.cudaMemcpy(ctypes.addressof(back), ptr, nbytes, d2h), "cudaMemcpy D2H")
     return bytes(back)[:nbytes]
 
 
@@ -156,7 +158,7 @@ def _check_every_tensor(rt, reader: WeightReader, dw) -> None:
     assert set(dw.tensors) == {t.name for t in reader.store.tensors}
     for t in reader.store.tensors:
         d = dw.tensors[t.name]
-        assert d.ptr % gpu_upload.DEVICE_ALIGNMENT == 0 and dw.base <= d.ptr and d.ptr + d.nbytes <= dw.base + dw.nbytes
+        assert d.ptr % packing.DEVICE_ALIGNMENT == 0 and dw.base <= d.ptr and d.ptr + d.nbytes <= dw.base + dw.nbytes
         assert _device_bytes(rt, d.ptr, d.nbytes) == reader.read_tensor(t.name).tobytes(), (
             f"{t.name} differs on the device"
         )
@@ -180,7 +182,7 @@ def test_every_tensor_round_trips_bit_exact_within_the_pinned_ring(
     raw = sum(b.nbytes for b in store.blobs)
     with WeightReader(bundle_dir, store, threads=threads) as reader:
         order = list(range(len(store.blobs)))
-        segments = gpu_upload._segments(reader, order, gpu_upload._layout(reader, order)[0], slot_bytes)
+        segments = packing.host_segments(reader, order, packing.device_layout(reader, order)[0], slot_bytes)
         if raw > slot_bytes:
             assert len(segments) > 1  # one segment would hold every frame: the slot is smaller, so several copies
         # batch_bytes: small enough that the bigger stores take several GPU batches (both halves, reused)
@@ -199,7 +201,7 @@ def test_every_tensor_round_trips_bit_exact_within_the_pinned_ring(
                 assert dw.base == 0
     # plus, on the GPU path, the pinned tables: nvCOMP's pointers, sizes and statuses (48 bytes a zstd chunk) and the
     # kernel's jobs (96 bytes a frame): a bound by the frame count, a hundred thousandth of the model's bytes
-    t = gpu_upload._frame_table(reader, order, gpu_upload._layout(reader, order)[0])
+    t = packing.frame_table(reader, order, packing.device_layout(reader, order)[0])
     decoder_arrays = 48 * max(64, int(t["chunks"].sum())) + 96 * max(64, len(t["size"]))
     assert (
         0 < cudart.peak_pinned <= ring + (decoder_arrays if decode == "device" else 0)
@@ -260,7 +262,7 @@ def test_a_corrupt_frame_fails_the_upload_and_frees_its_device_memory(stores, cu
     with WeightReader(tmp_path, store, threads=2) as reader, Uploader(threads=2, slot_bytes=1024, decode=decode) as up:
         with pytest.raises(IntegrityError, match=r"frame \d+ .*sha256"):  # caught on the host: nvCOMP never sees it
             up.upload(reader)
-        kept = set(up._device_decoder._allocs) if up._device_decoder is not None else set()
+        kept = set(up.device_decoder.held) if up.device_decoder is not None else set()
         assert set(cudart.device) == kept  # the upload's own allocation was given back (the decoder's stay for reuse)
     assert cudart.pinned == {}
 
@@ -292,7 +294,7 @@ def test_an_unverified_frame_with_a_bad_plane_header_is_refused_before_decoding(
 
 @needs_cuda
 def test_without_nvcomp_auto_decodes_on_the_host_and_says_why_and_device_refuses(stores, cudart, monkeypatch) -> None:
-    monkeypatch.setattr(gpu_decode, "find_nvcomp", lambda: None)
+    monkeypatch.setattr(nvcomp, "find_nvcomp", lambda: None)
     monkeypatch.delenv("TRTX_NVCOMP_LIBRARY", raising=False)
     bundle_dir, store = stores["mlp"]
     with WeightReader(bundle_dir, store) as reader:
@@ -326,3 +328,104 @@ def test_a_store_that_expands_a_thousandfold_uploads_within_the_gpu_batches(cuda
     assert store.file.size < 8 << 20
     with WeightReader(tmp_path, store) as reader, Uploader(threads=2, decode=decode) as up, up.upload(reader) as dw:
         _check_every_tensor(cudart, reader, dw)
+
+
+# ------------------------------------------------------------------------------------------- every machine, FAKE CUDA
+class _FakeCudartOnHost:
+    """A FAKE of cuda.bindings.runtime for the uploader's host path: "device" and pinned memory are ctypes buffers,
+    copies are memmoves done at once, streams and events are numbers. It stands in for the GPU this machine lacks."""
+
+    cudaStreamNonBlocking = cudaEventDisableTiming = 1
+
+    class cudaMemcpyKind:
+        cudaMemcpyHostToDevice = 1
+
+    def __init__(self) -> None:
+        self.buffers: dict[int, ctypes.Array] = {}  # live allocations, pinned and "device" alike
+        self.copies = 0
+
+    def _alloc(self, n: int) -> tuple[int, int]:
+        buf = (ctypes.c_ubyte * max(n, 1))()
+        self.buffers[ctypes.addressof(buf)] = buf
+        return 0, ctypes.addressof(buf)
+
+    cudaMalloc = cudaMallocHost = _alloc
+
+    def _free(self, ptr: int) -> tuple[int]:
+        del self.buffers[int(ptr)]
+        return (0,)
+
+    cudaFree = cudaFreeHost = _free
+
+    def cudaMemcpyAsync(self, dst: int, src: int, n: int, kind: int, stream: int) -> tuple[int]:
+        ctypes.memmove(dst, src, n)
+        self.copies += 1
+        return (0,)
+
+    def cudaStreamCreateWithFlags(self, flags: int) -> tuple[int, int]:
+        return 0, 7
+
+    def cudaEventCreateWithFlags(self, flags: int) -> tuple[int, int]:
+        return 0, 9
+
+    def __getattr__(self, name: str):  # cudaSetDevice, cudaEventRecord, cudaStreamSynchronize, ...: nothing to do
+        return lambda *args: (0,)
+
+
+def _counting_clock(monkeypatch) -> list[int]:
+    """Count the clock reads of runtime_shim.gpu.stats (the only clock the upload path has)."""
+    reads = [0]
+    real = gpu_stats.time.perf_counter
+
+    class _Time:
+        @staticmethod
+        def perf_counter() -> float:
+            reads[0] += 1
+            return real()
+
+    monkeypatch.setattr(gpu_stats, "time", _Time)
+    return reads
+
+
+@pytest.mark.parametrize("encoding", ["zstd-byteplane", "none"])
+def test_the_ring_host_path_on_a_fake_cuda_runtime_round_trips_and_times_only_with_a_stats(
+    monkeypatch, tmp_path, encoding
+) -> None:
+    import numpy as np
+
+    fake = _FakeCudartOnHost()
+    monkeypatch.setattr(gpu_upload, "cudart", lambda: fake)
+    reads = _counting_clock(monkeypatch)
+    rng = np.random.default_rng(5)
+    weights = [
+        Weight(f"w{k}", "float32", (n,), (rng.standard_normal(n) * 0.02).astype(np.float32).tobytes())
+        for k, n in enumerate((3000, 17, 1024, 5000))
+    ]
+    store = write_weight_store(weights, tmp_path, encoding=encoding, chunk_bytes=4096, threads=2)
+    slot = 2 * max(max(f.raw_size, f.size) for b in store.blobs for f in b.frames)
+    with WeightReader(tmp_path, store, threads=2) as reader:
+        order = list(range(len(store.blobs)))
+        assert len(packing.host_segments(reader, order, packing.device_layout(reader, order)[0], slot)) > 3  # wraps
+        stats = Stats()
+        for timing in (None, stats):
+            with Uploader(threads=2, slots=3, slot_bytes=slot, decode="host", stats=timing) as up:
+                before = reads[0]
+                with up.upload(reader) as dw:
+                    assert up.decoded_on == "host"
+                    for t in store.tensors:
+                        d = dw.tensors[t.name]
+                        assert ctypes.string_at(d.ptr, d.nbytes) == reader.read_tensor(t.name).tobytes(), t.name
+                if timing is None:
+                    assert reads[0] == before  # no Stats: the upload read no clock at all
+                else:
+                    assert reads[0] > before
+        steps = {name for name, _ in stats.items()}
+        assert steps == {
+            "layout, decoder check",
+            "cudaMalloc",
+            "tensor table",
+            "wait for threads",
+            "enqueue",
+            "wait for a free slot",
+        }
+    assert fake.buffers == {}  # close() and free() gave back every buffer

@@ -7,6 +7,7 @@ MachineError that says what to install.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import Any
 
 from ..errors import MachineError
@@ -27,7 +28,17 @@ def cuda(module: str) -> Any:
 
 
 def cudart() -> Any:
+    """cuda-python's runtime bindings (see cuda())."""
     return cuda("runtime")
+
+
+def cuda_python_missing() -> str | None:
+    """Why cuda-python cannot be used here, or None; cheap: it finds the package, it does not import it."""
+    try:
+        found = importlib.util.find_spec("cuda") is not None
+    except (ImportError, ValueError):  # a "cuda" in sys.modules set to None (tests) or without a spec
+        found = False
+    return None if found else "cuda-python is not installed"
 
 
 def check(rt: Any, result: Any, what: str) -> Any:

@@ -1,15 +1,15 @@
 """Host-to-GPU weight upload: a small ring of pinned buffers filled on threads while earlier ones copy.
 
 Two ways to fill a slot, same ring:
-- decode on the GPU (when nvCOMP is installed; runtime_shim.gpu_decode): threads read and sha256-verify the *stored*
+- decode on the GPU (when nvCOMP is installed; device_decode.py): threads read and sha256-verify the *stored*
   frames into the slot, the slot goes to device staging memory, and nvCOMP plus one kernel decode there. The host's
   work per byte is a read and a hash, of fewer bytes than the raw model.
 - decode on the host: threads read, verify and decode each frame into the slot, and the slot goes to its final place.
 
 Device memory gets one allocation holding every blob (each 256-byte aligned), so TRT-RTX refit can take device
 pointers (``TensorLocation.DEVICE``). Pinned host memory is bounded by the ring (``slots * slot_bytes``), never by
-the model; an event per slot says when the slot may be refilled. cuda-python is imported lazily; every CUDA error
-raises MachineError naming the call.
+the model; an event per slot says when the slot may be refilled. Where the bytes go is packing.py's arithmetic.
+cuda-python is imported lazily; every CUDA error raises MachineError naming the call.
 """
 
 from __future__ import annotations
@@ -18,16 +18,28 @@ import collections
 import concurrent.futures as cf
 import ctypes
 import os
-import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ..errors import IntegrityError, MachineError
-from ..store.reader import HINT_CORRUPT, PLANE_CHUNK, WeightReader
+from ..store.format import HINT_CORRUPT
+from ..store.reader import WeightReader
 from .cuda import check, cudart
+from .packing import (
+    DEVICE_SEGMENT,
+    HostSegment,
+    StoredSegment,
+    device_layout,
+    frame_table,
+    host_segments,
+    pack_stored,
+)
+from .stats import Stats, timed
 
-DEVICE_ALIGNMENT = 256  # cudaMalloc's own alignment: what TensorRT expects of weight pointers
+if TYPE_CHECKING:  # imported when the GPU decodes (nvCOMP installed), not with the uploader
+    from .device_decode import DeviceDecoder
+
 SLOT_BYTES = 4 << 20  # the writer's default frame size (bundler DEFAULT_CHUNK): one frame a slot at least
 
 
@@ -67,41 +79,6 @@ class DeviceWeights:
         self.free()
 
 
-@dataclass(frozen=True)
-class _Segment:
-    dev_offset: int  # start of the device range (the first frame's)
-    size: int  # bytes copied, alignment gaps included
-    frames: tuple[tuple[int, int, int], ...]  # (blob, frame, offset in the segment)
-
-
-def _layout(reader: WeightReader, indices: list[int]) -> tuple[dict[int, int], int]:
-    offsets, pos = {}, 0
-    for i in indices:
-        pos = -(-pos // DEVICE_ALIGNMENT) * DEVICE_ALIGNMENT
-        offsets[i] = pos
-        pos += reader.store.blobs[i].nbytes
-    return offsets, max(pos, 1)
-
-
-def _segments(reader: WeightReader, indices: list[int], offsets: dict[int, int], slot_bytes: int) -> list[_Segment]:
-    out: list[_Segment] = []
-    start, end, frames = -1, -1, []
-    for i in indices:
-        pos = offsets[i]
-        for j, f in enumerate(reader.store.blobs[i].frames):
-            if frames and pos + f.raw_size - start > slot_bytes:
-                out.append(_Segment(start, end - start, tuple(frames)))
-                frames = []
-            if not frames:
-                start = pos
-            frames.append((i, j, pos - start))
-            pos += f.raw_size
-            end = pos
-    if frames:
-        out.append(_Segment(start, end - start, tuple(frames)))
-    return out
-
-
 class Uploader:
     """A CUDA stream, a ring of pinned slots and their events, reusable across uploads; close() frees them."""
 
@@ -114,18 +91,19 @@ class Uploader:
         threads: int | None = None,
         decode: str = "auto",
         batch_bytes: int | None = None,
+        stats: Stats | None = None,
     ) -> None:
         """``decode``: ``auto`` (on the GPU when nvCOMP is installed, else on the host), ``device`` or ``host``.
-        ``batch_bytes``: stored bytes per GPU decode batch (default: gpu_decode.DeviceDecoder.batch_for); the GPU
-        decoder takes 6x that in device memory."""
+        ``batch_bytes``: stored bytes per GPU decode batch (default: DeviceDecoder.batch_for); the GPU decoder takes
+        6x that in device memory. ``stats``: seconds by step of every upload on the calling thread, for benchmarks
+        (bench_upload.py prints them); None, the default, times nothing."""
         if decode not in ("auto", "device", "host"):
             raise ValueError(f"decode={decode!r}: expected 'auto', 'device' or 'host'")
         self.decode, self.batch_bytes = decode, batch_bytes
         self.decode_why: str | None = None
-        # seconds this uploader's calls spent, by step, on the calling thread (bench_upload.py prints them)
-        self.spent: collections.Counter[str] = collections.Counter()
+        self.stats = stats
         self.decoded_on: str | None = None
-        self._device_decoder: Any = None
+        self.device_decoder: DeviceDecoder | None = None  # made by the first upload it decodes, kept for reuse
         self.rt = rt = cudart()
         self.device = device
         self.threads = max(1, threads if threads is not None else min(8, os.cpu_count() or 1))
@@ -158,9 +136,9 @@ class Uploader:
 
     def close(self) -> None:
         rt = self.rt
-        if self._device_decoder is not None:
-            self._device_decoder.close()
-            self._device_decoder = None
+        if self.device_decoder is not None:
+            self.device_decoder.close()
+            self.device_decoder = None
         for ev in self._events:
             rt.cudaEventDestroy(ev)
         self._events = []
@@ -177,63 +155,65 @@ class Uploader:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _decoder(self, reader: WeightReader) -> Any:
+    def _decoder(self, reader: WeightReader) -> DeviceDecoder | None:
         """The GPU decoder to use for this store, or None to decode on the host (``self.decode_why`` says why)."""
         if self.decode == "host" or all(b.encoding == "none" for b in reader.store.blobs):
             self.decode_why = "decode='host'" if self.decode == "host" else "the store is uncompressed"
             return None
-        if self._device_decoder is None:
-            from . import nvcomp as gpu_decode
+        decoder = self.device_decoder
+        if decoder is None:
+            from . import nvcomp
 
-            why = gpu_decode.available()
+            why = nvcomp.available()
             if why is None:
+                from .device_decode import DeviceDecoder
+
                 try:
-                    self._device_decoder = gpu_decode.DeviceDecoder(self.rt, self._stream)
+                    decoder = self.device_decoder = DeviceDecoder(self.rt, self._stream, self.stats)
                 except MachineError as e:
                     why = str(e)
-            if why is not None:
+            if decoder is None:
                 if self.decode == "device":
-                    raise MachineError(f"cannot decode weights on the GPU: {why}", hint=gpu_decode.NVCOMP_HINT)
+                    raise MachineError(f"cannot decode weights on the GPU: {why}", hint=nvcomp.NVCOMP_HINT)
                 self.decode_why = why
                 return None
         self.decode_why = None
-        return self._device_decoder
+        decoder.stats = self.stats  # whatever this uploader's stats are now
+        return decoder
 
     def upload(self, reader: WeightReader, indices: Iterable[int] | None = None) -> DeviceWeights:
         """Verify, decode and copy the given blobs (default: all) into one new device allocation.
 
         Frames are decoded on the GPU when nvCOMP is available (``decode``), else on host threads into the pinned ring.
         """
-        rt, t0 = self.rt, time.perf_counter()
-        order = list(range(len(reader.store.blobs)) if indices is None else indices)
-        too_big = max((max(f.raw_size, f.size) for i in order for f in reader.store.blobs[i].frames), default=0)
-        if too_big > self.slot_bytes:
-            raise ValueError(
-                f"a frame of {too_big} bytes does not fit a {self.slot_bytes}-byte pinned slot; pass slot_bytes >= {too_big}"
-            )
-        offsets, total = _layout(reader, order)
-        check(rt, rt.cudaSetDevice(self.device), f"cudaSetDevice({self.device})")
-        decoder = self._decoder(reader)
-        self.decoded_on = "host" if decoder is None else "gpu"
-        self.spent["layout, decoder check"] += time.perf_counter() - t0
-        t0 = time.perf_counter()
-        base = check(rt, rt.cudaMalloc(total), f"cudaMalloc({total})")
-        self.spent["cudaMalloc"] += time.perf_counter() - t0
+        rt, stats = self.rt, self.stats
+        with timed(stats, "layout, decoder check"):
+            order = list(range(len(reader.store.blobs)) if indices is None else indices)
+            too_big = max((max(f.raw_size, f.size) for i in order for f in reader.store.blobs[i].frames), default=0)
+            if too_big > self.slot_bytes:
+                raise ValueError(
+                    f"a frame of {too_big} bytes does not fit a {self.slot_bytes}-byte pinned slot; pass slot_bytes >= {too_big}"
+                )
+            offsets, total = device_layout(reader, order)
+            check(rt, rt.cudaSetDevice(self.device), f"cudaSetDevice({self.device})")
+            decoder = self._decoder(reader)
+            self.decoded_on = "host" if decoder is None else "gpu"
+        with timed(stats, "cudaMalloc"):
+            base = check(rt, rt.cudaMalloc(total), f"cudaMalloc({total})")
         tensors: dict[str, DeviceTensor] = {}
 
         def tensor_table() -> None:
             # run while the GPU finishes the last batch: ~1 us a tensor, 1-2 ms for a model of 1664 tensors
-            t0 = time.perf_counter()
-            for t in reader.store.tensors:
-                if t.blob in offsets:
-                    tensors[t.name] = DeviceTensor(
-                        t.name, t.dtype, tuple(t.shape), base + offsets[t.blob], reader.store.blobs[t.blob].nbytes
-                    )
-            self.spent["tensor table"] += time.perf_counter() - t0
+            with timed(stats, "tensor table"):
+                for t in reader.store.tensors:
+                    if t.blob in offsets:
+                        tensors[t.name] = DeviceTensor(
+                            t.name, t.dtype, tuple(t.shape), base + offsets[t.blob], reader.store.blobs[t.blob].nbytes
+                        )
 
         try:
             if decoder is None:
-                self._run_host(reader, _segments(reader, order, offsets, self.slot_bytes), base, tensor_table)
+                self._run_host(reader, host_segments(reader, order, offsets, self.slot_bytes), base, tensor_table)
             else:
                 self._run_device(reader, decoder, order, offsets, base, tensor_table)
         except BaseException:
@@ -245,44 +225,46 @@ class Uploader:
         return DeviceWeights(tensors=tensors, base=base, nbytes=total, device=self.device, _rt=rt)
 
     def _ring(
-        self, segments: list[Any], slot_bytes: int, nslots: int, submit: Any, enqueue: Any, first: Any = None
+        self,
+        segments: list[Any],
+        slot_bytes: int,
+        nslots: int,
+        submit: Callable[[cf.ThreadPoolExecutor, Any, memoryview], list[cf.Future[None]]],
+        enqueue: Callable[[Any, int], None],
+        first: Callable[[], None] | None = None,
     ) -> None:
         """For each segment, in order: ``submit(pool, segment, slot_view)`` starts its work on threads (futures),
         ``enqueue(segment, slot)`` runs here once they are done (it enqueues the copies out of the slot), and a slot
         is refilled only once the copies out of it are done. The ring is the pinned block cut in ``nslots``.
         ``first()``, if given, runs here once the first slots' work is under way (work that can overlap it)."""
-        rt = self.rt
+        rt, stats = self.rt, self.stats
         used = [False] * nslots
-        clock, spent = time.perf_counter, self.spent
 
         def issue(k: int, futs: list[cf.Future[None]]) -> None:
-            t0 = clock()
-            for fut in futs:
-                fut.result()  # read and verified (and decoded, on the host path)
-            t1 = clock()
-            slot = k % nslots
-            enqueue(segments[k], slot)
-            check(rt, rt.cudaEventRecord(self._events[slot], self._stream), "cudaEventRecord")
-            used[slot] = True
-            spent["wait for threads"] += t1 - t0
-            spent["enqueue"] += clock() - t1
+            with timed(stats, "wait for threads"):
+                for fut in futs:
+                    fut.result()  # read and verified (and decoded, on the host path)
+            with timed(stats, "enqueue"):
+                slot = k % nslots
+                enqueue(segments[k], slot)
+                check(rt, rt.cudaEventRecord(self._events[slot], self._stream), "cudaEventRecord")
+                used[slot] = True
 
         pending: collections.deque[tuple[int, list[cf.Future[None]]]] = collections.deque()
         with cf.ThreadPoolExecutor(self.threads) as pool:
             try:
                 for k, seg in enumerate(segments):
                     if len(pending) >= nslots - 1 and first is not None:
-                        first, _ = None, first()
+                        start, first = first, None
+                        start()
                     while len(pending) >= nslots - 1:  # keep one slot for the copy in flight
                         issue(*pending.popleft())
                     slot = k % nslots
                     if used[slot]:  # its previous segment's copy must be done before it is overwritten
-                        t0 = clock()
-                        check(rt, rt.cudaEventSynchronize(self._events[slot]), "cudaEventSynchronize")
-                        spent["wait for a free slot"] += clock() - t0
-                    view = memoryview((ctypes.c_ubyte * slot_bytes).from_address(self._host + slot * slot_bytes)).cast(
-                        "B"
-                    )
+                        with timed(stats, "wait for a free slot"):
+                            check(rt, rt.cudaEventSynchronize(self._events[slot]), "cudaEventSynchronize")
+                    at = self._host + slot * slot_bytes
+                    view = memoryview((ctypes.c_ubyte * slot_bytes).from_address(at)).cast("B")
                     pending.append((k, submit(pool, seg, view)))
                 if first is not None:
                     first()
@@ -293,21 +275,18 @@ class Uploader:
                     for fut in futs:
                         fut.cancel()
 
-    def _run_host(self, reader: WeightReader, segments: list[_Segment], base: int, while_waiting: Any) -> None:
+    def _run_host(
+        self, reader: WeightReader, segments: list[HostSegment], base: int, while_waiting: Callable[[], None]
+    ) -> None:
         rt, h2d = self.rt, self.rt.cudaMemcpyKind.cudaMemcpyHostToDevice
 
-        def decode(seg: _Segment, buf: memoryview) -> None:
+        def decode(seg: HostSegment, buf: memoryview) -> None:
             for i, j, off in seg.frames:
                 reader.decode_frame(i, j, buf[off : off + reader.store.blobs[i].frames[j].raw_size])
 
-        def enqueue(seg: _Segment, slot: int) -> None:
-            check(
-                rt,
-                rt.cudaMemcpyAsync(
-                    base + seg.dev_offset, self._host + slot * self.slot_bytes, seg.size, h2d, self._stream
-                ),
-                "cudaMemcpyAsync",
-            )
+        def enqueue(seg: HostSegment, slot: int) -> None:
+            src = self._host + slot * self.slot_bytes
+            check(rt, rt.cudaMemcpyAsync(base + seg.dev_offset, src, seg.size, h2d, self._stream), "cudaMemcpyAsync")
 
         self._ring(
             segments, self.slot_bytes, self.slots, lambda pool, seg, view: [pool.submit(decode, seg, view)], enqueue
@@ -318,19 +297,19 @@ class Uploader:
     def _run_device(
         self,
         reader: WeightReader,
-        decoder: Any,
+        decoder: DeviceDecoder,
         order: list[int],
         offsets: dict[int, int],
         base: int,
-        while_waiting: Any,
+        while_waiting: Callable[[], None],
     ) -> None:
         import numpy as np
 
         from .planner import Cuts, FrameFormatError, plan_frames
 
-        t0 = time.perf_counter()
-        t = _frame_table(reader, order, offsets)
-        self.spent["frame table"] += time.perf_counter() - t0
+        stats = self.stats
+        with timed(stats, "frame table"):
+            t = frame_table(reader, order, offsets)
         largest = int(t["size"].max()) if len(t["size"]) else 1
         batch = self.batch_bytes or decoder.batch_for(
             int(t["size"].sum()), check(self.rt, self.rt.cudaMemGetInfo(), "cudaMemGetInfo")[0]
@@ -346,13 +325,13 @@ class Uploader:
         def integrity(k: int, e: Exception) -> IntegrityError:
             i, j = frames[k]
             return IntegrityError(
-                f"{reader._where(i, j)}: cannot decode as {reader.store.blobs[i].encoding} ({e})", hint=HINT_CORRUPT
+                f"{reader.where(i, j)}: cannot decode as {reader.store.blobs[i].encoding} ({e})", hint=HINT_CORRUPT
             )
 
         ring = self.slots * self.slot_bytes
         slot_bytes = max(largest, min(ring // 4, batch, DEVICE_SEGMENT))
         nslots = max(2, min(self.slots, ring // slot_bytes))  # one event per slot: self.slots of them
-        segments = _pack(t, slot_bytes, raw_cap=2 * batch)  # a segment must decode within one batch's scratch
+        segments = pack_stored(t, slot_bytes, raw_cap=2 * batch)  # a segment must decode within one batch's scratch
         delta = t["slot_off"] - t["file"]
         planned: list[Any] = []
 
@@ -361,118 +340,42 @@ class Uploader:
             # pass, where planning segment by segment cost ~1 ms each in the copy loop; it runs while the first
             # segments are read. What the plan was derived from is checked again in each segment as read (cut), so
             # the GPU only ever gets the plan of the bytes it receives.
-            t0 = time.perf_counter()
-            try:
-                # (a file cut short while mapped would kill the process with SIGBUS: mapped() checks its size first)
-                plan = plan_frames(reader.mapped(), t["file"], t["size"], t["raw"], t["es"], t["enc"], t["dst"])
-            except FrameFormatError as e:
-                raise integrity(e.frame, e) from None
-            planned[:] = [Cuts(plan, [(lo, hi) for lo, hi, _ in segments], delta)]
-            decoder.begin(
-                batch, len(plan.chunk_in), len(plan.job_out), int(plan.chunk_raw.max()) if len(plan.chunk_raw) else 1
-            )
-            self.spent["plan every frame (numpy), size the decoder"] += time.perf_counter() - t0
+            with timed(stats, "plan every frame (numpy), size the decoder"):
+                try:
+                    # (a file cut short while mapped would kill the process with SIGBUS: mapped() checks its size first)
+                    plan = plan_frames(reader.mapped(), t["file"], t["size"], t["raw"], t["es"], t["enc"], t["dst"])
+                except FrameFormatError as e:
+                    raise integrity(e.frame, e) from None
+                planned[:] = [Cuts(plan, [(seg.lo, seg.hi) for seg in segments], delta)]
+                chunk_raw = int(plan.chunk_raw.max()) if len(plan.chunk_raw) else 1
+                decoder.begin(batch, len(plan.chunk_in), len(plan.job_out), chunk_raw)
 
-        def submit(pool: cf.ThreadPoolExecutor, seg: tuple[int, int, Any], view: memoryview) -> list[cf.Future[None]]:
-            return [pool.submit(reader.read_frames, frames[a:b], view[int(t["slot_off"][a]) :]) for a, b in seg[2]]
+        def submit(pool: cf.ThreadPoolExecutor, seg: StoredSegment, view: memoryview) -> list[cf.Future[None]]:
+            return [pool.submit(reader.read_frames, frames[a:b], view[int(t["slot_off"][a]) :]) for a, b in seg.runs]
 
-        def enqueue(seg: tuple[int, int, Any], slot: int) -> None:
-            lo, hi, _ = seg
+        def enqueue(seg: StoredSegment, slot: int) -> None:
+            lo, hi = seg.lo, seg.hi
             host = self._host + slot * slot_bytes
             end = int(t["slot_off"][hi - 1] + t["size"][hi - 1])
-            t0 = time.perf_counter()
-            try:
-                part = planned[0].cut(lo, hi, np.frombuffer((ctypes.c_ubyte * end).from_address(host), dtype=np.uint8))
-            except FrameFormatError as e:
-                raise integrity(lo + e.frame, e) from None
-            self.spent["enqueue: of which cutting the plan"] += time.perf_counter() - t0
+            with timed(stats, "enqueue: of which cutting the plan"):
+                try:
+                    stored = np.frombuffer(memoryview((ctypes.c_ubyte * end).from_address(host)), dtype=np.uint8)
+                    part = planned[0].cut(lo, hi, stored)
+                except FrameFormatError as e:
+                    raise integrity(lo + e.frame, e) from None
             decoder.add_segment(part, host, end, base, frames[lo:hi])
 
         self._ring(segments, slot_bytes, nslots, submit, enqueue, first=plan_all)
-        t0, table = time.perf_counter(), self.spent["tensor table"]
-        failed = decoder.finish(while_waiting)
-        self.spent["wait for the GPU at the end"] += (
-            time.perf_counter() - t0 - (self.spent["tensor table"] - table)
-        )  # not the table's time
-        self.spent.update(decoder.spent)
-        decoder.spent.clear()
+        with timed(stats, "wait for the GPU at the end", less="tensor table"):  # the table has its own line
+            failed = decoder.finish(while_waiting)
         check(self.rt, self.rt.cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
         if failed:
             (i, j), status, got, want = failed[0]
             raise IntegrityError(
-                f"{reader._where(i, j)}: the GPU decoder (nvCOMP) returned status {status} and {got} of {want} bytes"
+                f"{reader.where(i, j)}: the GPU decoder (nvCOMP) returned status {status} and {got} of {want} bytes"
                 + (f"; {len(failed) - 1} more chunks failed" if len(failed) > 1 else ""),
                 hint=HINT_CORRUPT,
             )
-
-
-DEVICE_SEGMENT = 16 << 20  # stored bytes per segment on the GPU decode path (fewer, bigger numpy passes)
-READ_RUN = 4 << 20  # one read call (one thread) per this many bytes of back-to-back frames
-
-
-def _frame_table(reader: WeightReader, order: list[int], offsets: dict[int, int]) -> dict[str, Any]:
-    """Per frame of the upload, in order, as numpy int64 arrays: blob, frame, stored size, raw size, element size,
-    ENC_*, device offset of its raw bytes, file offset, and the most zstd chunks it can hold (planes in chunks of
-    PLANE_CHUNK or more)."""
-    import numpy as np
-
-    from .planner import ENCODINGS
-
-    cols: dict[str, list[int]] = {k: [] for k in ("blob", "frame", "size", "raw", "es", "enc", "dst", "file", "chunks")}
-    for i in order:
-        b = reader.store.blobs[i]
-        dst, enc = offsets[i], ENCODINGS[b.encoding]
-        planes = b.element_size if b.encoding == "zstd-byteplane" and b.element_size > 1 else 1
-        for j, f in enumerate(b.frames):
-            for k, v in (
-                ("blob", i),
-                ("frame", j),
-                ("size", f.size),
-                ("raw", f.raw_size),
-                ("es", b.element_size),
-                ("enc", enc),
-                ("dst", dst),
-                ("file", f.offset),
-            ):
-                cols[k].append(v)
-            cols["chunks"].append(
-                0 if b.encoding == "none" else planes * max(1, -(-f.raw_size // planes // PLANE_CHUNK))
-            )
-            dst += f.raw_size
-    return {k: np.array(v, dtype=np.int64) for k, v in cols.items()}
-
-
-def _pack(
-    t: dict[str, Any], slot_bytes: int, raw_cap: int | None = None
-) -> list[tuple[int, int, list[tuple[int, int]]]]:
-    """Cut the frames into segments of at most ``slot_bytes`` stored bytes, back to back in the slot (sets
-    t["slot_off"]), and of at most ``raw_cap`` raw bytes (a GPU batch decodes at most that much: a few kB of stored
-    zeros can stand for megabytes): per segment (first frame, end, read runs: ranges of frames back to back in the
-    file, of at most READ_RUN bytes unless one frame is bigger)."""
-    import numpy as np
-
-    size, file, raw = t["size"].tolist(), t["file"].tolist(), t["raw"].tolist()
-    raw_cap = raw_cap or sum(raw) + 1
-    slot_off = np.zeros(len(size), dtype=np.int64)
-    segments: list[tuple[int, int, list[tuple[int, int]]]] = []
-    lo, used, decoded, runs, run_lo, run_bytes = 0, 0, 0, [], 0, 0
-    for k, n in enumerate(size):
-        if k > lo and (used + n > slot_bytes or decoded + raw[k] > raw_cap):
-            runs.append((run_lo, k))
-            segments.append((lo, k, runs))
-            lo, used, decoded, runs, run_lo, run_bytes = k, 0, 0, [], k, 0
-        elif k > run_lo and (file[k] != file[k - 1] + size[k - 1] or run_bytes + n > READ_RUN):
-            runs.append((run_lo, k))
-            run_lo, run_bytes = k, 0
-        slot_off[k] = used
-        used += n
-        decoded += raw[k]
-        run_bytes += n
-    if size:
-        runs.append((run_lo, len(size)))
-        segments.append((lo, len(size), runs))
-    t["slot_off"] = slot_off
-    return segments
 
 
 def upload_weights(

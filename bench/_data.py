@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bundler.weights_writer import Weight
+from bundler.store_writer import Weight
 from runtime_shim.store.reader import ITEMSIZE
 
 SILERO = ("silero-vad==6.2.3", "silero_vad/data/silero_vad.onnx", "silero_vad.onnx")

@@ -21,8 +21,9 @@ import _data
 import numpy as np
 import zstandard
 
-from bundler.weights_writer import DEFAULT_CHUNK, MIN_SAVING, encode_frame
-from runtime_shim.store.reader import FLOAT_DTYPES, ITEMSIZE, decode_frame_into
+from bundler.store_writer import DEFAULT_CHUNK, MIN_SAVING, encode_frame
+from runtime_shim.store.decode import decode_frame_into
+from runtime_shim.store.format import FLOAT_DTYPES, ITEMSIZE
 
 ZIPNN_DTYPE = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
 

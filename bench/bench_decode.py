@@ -1,9 +1,12 @@
 """Decode speed (issue 5, target 2): the store's frames vs plain zstd-3 frames of the same tensors, 1 to N threads.
 
 Frames are in memory (no file, no hash: bench_load.py covers those). Single thread: store decode speed / zstd-3
-decode speed (target >= 0.8x). Threads: speed(T) / speed(1) against 0.7 x T (target up to the core count).
+decode speed (target >= 0.8x). Threads: speed(T) / speed(1) against 0.7 x T (target up to the core count). Then the
+decoder without its C helper (what an install with no C compiler gets), whose numpy join runs on at most
+NUMPY_JOIN_THREADS threads at once: its scaling against one thread, next to the same decoder with the join on every
+thread (the limit off), so that the knee can be read off a machine (target: more threads never slower).
 
-    python bench/bench_decode.py [--model minilm] [--dtype fp32,fp16,bf16] [--copies 1] [--threads 1,2,...] [--repeat 5]
+    python bench/bench_decode.py [--model minilm] [--dtype fp32,fp16,bf16] [--copies 1] [--threads 1,2,4,8,16] [--repeat 5]
 """
 
 from __future__ import annotations
@@ -20,9 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import _data
 import zstandard
 
-from bundler.weights_writer import DEFAULT_CHUNK, encode_frame
-from runtime_shim.store import reader as store_reader
-from runtime_shim.store.reader import FLOAT_DTYPES, ITEMSIZE, decode_frame_into
+from bundler.store_writer import DEFAULT_CHUNK, encode_frame
+from runtime_shim.store import decode
+from runtime_shim.store.format import FLOAT_DTYPES, ITEMSIZE
 
 _local = threading.local()
 
@@ -37,7 +40,20 @@ def _zstd_job(job) -> None:
 
 def _store_job(job) -> None:
     stored, es, out = job
-    decode_frame_into(stored, "zstd-byteplane", es, out)
+    decode.decode_frame_into(stored, "zstd-byteplane", es, out)
+
+
+def _timed(pool: cf.Executor, fn, jobs: list, repeat: int, *, native: bool, join_limit: int | None = None) -> float:
+    """Median time of one pass over ``jobs``, with or without the C helper (and another numpy join limit)."""
+    was = decode.use_native(native)
+    limit = decode.limit_numpy_join(join_limit) if join_limit else None
+    try:
+        list(pool.map(fn, jobs))  # warm the per-thread buffers
+        return _data.median_time(lambda: list(pool.map(fn, jobs)), repeat)
+    finally:
+        decode.use_native(was)
+        if limit is not None:
+            decode.limit_numpy_join(limit)
 
 
 def main() -> None:
@@ -51,9 +67,11 @@ def main() -> None:
     args = ap.parse_args()
     threads = [int(t) for t in args.threads.split(",")]
     sets = _data.models(args.model)
+    built = decode.native_built()
     print(
-        f"{cores} CPUs; {DEFAULT_CHUNK >> 20} MiB frames; medians of {args.repeat}; "
-        f"C helper {'built' if store_reader.native_join() else 'NOT built: store and numpy columns are the same decoder'}"
+        f"{cores} CPUs; {DEFAULT_CHUNK >> 20} MiB frames; medians of {args.repeat}; numpy join on at most "
+        f"{decode.NUMPY_JOIN_THREADS} threads; "
+        f"C helper {'built' if built else 'NOT built: store and numpy columns are the same decoder'}"
     )
     for short in args.dtype.split(","):
         weights = _data.scaled(sets[f"{args.model}-{short}"], args.copies)
@@ -72,25 +90,31 @@ def main() -> None:
         print(f"\n== {args.model}-{short} x{args.copies}: {raw / 1e6:.1f} MB raw in {len(sjobs)} frames")
         print(
             f"{'T':>3s} {'zstd-3 GB/s':>12s} {'store GB/s':>11s} {'store/zstd-3':>13s} {'store scaling':>14s} {'0.7*T':>6s}"
-            f" {'numpy GB/s':>11s} {'numpy scaling':>14s}"
+            f" {'numpy GB/s':>11s} {'numpy scaling':>14s} {'unlimited join':>15s}"
         )
-        one = one_np = None
-        native = store_reader._native
+        one = one_np = one_free = None
+        fallback = []
         for T in threads:
             with cf.ThreadPoolExecutor(T) as pool:
-                t_z = _data.median_time(lambda: list(pool.map(_zstd_job, zjobs)), args.repeat)
-                t_s = _data.median_time(lambda: list(pool.map(_store_job, sjobs)), args.repeat)
-                # the same decoder without its C helper (runtime_shim.store._planes): what an install with no compiler gets
-                store_reader._native = None
-                try:
-                    t_n = _data.median_time(lambda: list(pool.map(_store_job, sjobs)), args.repeat) if native else t_s
-                finally:
-                    store_reader._native = native
-            one, one_np = one or t_s, one_np or t_n
+                t_z = _timed(pool, _zstd_job, zjobs, args.repeat, native=True)
+                t_s = _timed(pool, _store_job, sjobs, args.repeat, native=True)
+                # the same decoder without its C helper: as shipped (join limited), and with the join on every thread
+                t_n = _timed(pool, _store_job, sjobs, args.repeat, native=False) if built else t_s
+                t_f = _timed(pool, _store_job, sjobs, args.repeat, native=False, join_limit=max(T, 1))
+            one, one_np, one_free = one or t_s, one_np or t_n, one_free or t_f
+            fallback.append((T, one_np / t_n, one_free / t_f))
             print(
                 f"{T:3d} {raw / t_z / 1e9:12.2f} {raw / t_s / 1e9:11.2f} {t_z / t_s:12.2f}x {one / t_s:13.2f}x {0.7 * T:6.1f}"
-                f" {raw / t_n / 1e9:11.2f} {one_np / t_n:13.2f}x"
+                f" {raw / t_n / 1e9:11.2f} {one_np / t_n:13.2f}x {one_free / t_f:14.2f}x"
             )
+        steady = all(b[1] >= 0.95 * a[1] for a, b in zip(fallback, fallback[1:]))
+        print(
+            "without the C helper, scaling vs 1 thread: "
+            + ", ".join(f"T={T} {r:.2f}x" for T, r, _ in fallback)
+            + "; join unlimited: "
+            + ", ".join(f"T={T} {r:.2f}x" for T, _, r in fallback)
+            + f"; more threads never slower (5% noise): {'yes' if steady else 'NO'}"
+        )
 
 
 if __name__ == "__main__":

@@ -24,16 +24,10 @@ import _data
 import numpy as np
 import zstandard
 
-from bundler.weights_writer import DEFAULT_CHUNK, encode_frame
-from runtime_shim.store import reader as store_reader
-from runtime_shim.store.reader import (
-    FLOAT_DTYPES,
-    ITEMSIZE,
-    PLANE_ZSTD_CHUNKS,
-    decode_frame_into,
-    plane_chunks,
-    plane_table,
-)
+from bundler.store_writer import DEFAULT_CHUNK, encode_frame
+from runtime_shim.store import decode
+from runtime_shim.store.decode import decode_chunks, decode_frame_into, join_rotated, scratch, thread_dctx
+from runtime_shim.store.format import FLOAT_DTYPES, ITEMSIZE, PLANE_ZSTD_CHUNKS, PLANES_TAG, plane_chunks, plane_table
 
 
 def main() -> None:
@@ -45,7 +39,7 @@ def main() -> None:
     ap.add_argument("--threads", default=_data.thread_counts())
     ap.add_argument("--repeat", type=int, default=5)
     args = ap.parse_args()
-    if not store_reader.native_join():
+    if not decode.native_join():
         sys.exit("the C helper runtime_shim.store._planes is not built: this benchmark measures its parts")
     weights = _data.model(args.model, args.dtype, args.copies)
     frames = []  # (stored, element size, out, [(mode, plane bytes)])
@@ -59,7 +53,7 @@ def main() -> None:
             stored = memoryview(encode_frame(piece, "zstd-byteplane", es, 3))
             planes = (
                 [(mode, stored[at : at + size]) for mode, at, size in plane_table(stored, es, len(piece))]
-                if bytes(stored[:4]) == store_reader.PLANES_TAG
+                if bytes(stored[:4]) == PLANES_TAG
                 else []
             )
             frames.append((stored, es, memoryview(bytearray(len(piece))), planes))
@@ -72,25 +66,23 @@ def main() -> None:
         n = len(f[2]) // f[1]
         for mode, data in f[3]:
             if mode == PLANE_ZSTD_CHUNKS:
-                store_reader._decode_chunks(data, n, store_reader._scratch("bench", n))
+                decode_chunks(data, n, scratch("bench", n))
 
     def join(f) -> None:
         n = len(f[2]) // f[1]
         if f[3]:
-            store_reader.join_rotated(
-                f[2], [np.frombuffer(store_reader._scratch(f"bench{k}", n), np.uint8) for k in range(f[1])]
-            )
+            join_rotated(f[2], [np.frombuffer(scratch(f"bench{k}", n), np.uint8) for k in range(f[1])])
 
     def copy(f) -> None:
         out = np.frombuffer(f[2], np.uint8)
-        np.copyto(out, np.frombuffer(store_reader._scratch("bench-copy", len(out)), np.uint8))
+        np.copyto(out, np.frombuffer(scratch("bench-copy", len(out)), np.uint8))
 
     def multi(f) -> None:
         n = len(f[2]) // f[1]
         for mode, data in f[3]:
             if mode == PLANE_ZSTD_CHUNKS:
                 ch = np.array(plane_chunks(data, n), dtype=np.uint64)
-                store_reader._dctx().multi_decompress_to_buffer(
+                thread_dctx().multi_decompress_to_buffer(
                     zstandard.BufferWithSegments(data, ch[:, :2].tobytes()),
                     decompressed_sizes=ch[:, 2].tobytes(),
                     threads=1,
@@ -114,7 +106,7 @@ def main() -> None:
         with cf.ThreadPoolExecutor(T) as pool:
             for name, fn in parts:
                 list(pool.map(fn, frames))  # warm the per-thread buffers
-                rate = total / _data.median_time(lambda: list(pool.map(fn, frames)), args.repeat) / 1e9
+                rate = total / _data.median_time(lambda fn=fn: list(pool.map(fn, frames)), args.repeat) / 1e9
                 first.setdefault(name, rate)
                 cells.append(f"{rate:8.2f} ({rate / first[name]:5.2f}x)")
         print(f"{T:3d} " + " ".join(f"{c:>20s}" for c in cells), flush=True)

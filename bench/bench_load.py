@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import _data
 import zstandard
 
-from bundler.weights_writer import DEFAULT_CHUNK, write_weight_store
+from bundler.store_writer import DEFAULT_CHUNK, write_weight_store
 from runtime_shim.store.reader import WeightReader
 
 _local = threading.local()

@@ -51,7 +51,7 @@ def make_manifest(version: str) -> bytes:
     """A manifest of 10 engines (8 weightless: 4 SMs x 2 platforms; 2 weightful) and 50 caches, as JSON bytes."""
     import _data
 
-    from bundler.weights_writer import write_weight_store
+    from bundler.store_writer import write_weight_store
     from runtime_shim.manifest import Manifest
 
     with tempfile.TemporaryDirectory() as tmp:

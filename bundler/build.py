@@ -41,7 +41,7 @@ from .bundle_io import raise_for_problems, temp_sibling, unlisted_files, verify_
 from .config import BuildOptions, check_warmups, resolve_profiles
 from .engines import BuiltEngine, build_engines, plan_engines, trt_rtx_identity
 from .onnx_model import load_model, make_skeleton, write_normalized_model
-from .weights_writer import write_weight_store
+from .store_writer import write_weight_store
 
 __all__ = ["BuildOptions", "BuildResult", "Progress", "build_bundle", "OutputDirError"]
 

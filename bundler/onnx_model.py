@@ -24,7 +24,7 @@ from runtime_shim.fsutil import atomic_write, atomic_writer, sha256_file
 from runtime_shim.manifest import TensorSpec, WeightStore
 from runtime_shim.store.reader import nbytes_for
 
-from .weights_writer import Weight
+from .store_writer import Weight
 
 log = logging.getLogger(__name__)
 

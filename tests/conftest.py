@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -73,8 +74,8 @@ def chunked_frame() -> tuple[np.ndarray, bytes, int]:
     ``(values, stored frame, offset of the chunked plane's table in it)``, for tests that damage chunks."""
     import struct
 
-    from bundler.weights_writer import encode_frame
-    from runtime_shim.store.reader import PLANE_ZSTD_CHUNKS
+    from bundler.store_writer import encode_frame
+    from runtime_shim.store.format import PLANE_ZSTD_CHUNKS
 
     values = (np.random.default_rng(9).standard_normal(100_000) * 0.02).astype(np.float32)
     stored = encode_frame(values.tobytes(), "zstd-byteplane", 4, 3)
@@ -86,17 +87,15 @@ def chunked_frame() -> tuple[np.ndarray, bytes, int]:
 
 
 @pytest.fixture(params=["native", "numpy"])
-def impl(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+def impl(request: pytest.FixtureRequest) -> Iterator[str]:
     """Run a test once with the shim's C helper (runtime_shim.store._planes) and once with its numpy fallback: the
-    weight reader's decoding and the GPU planner's slot checks both follow runtime_shim.store.reader._native."""
-    from runtime_shim.store import reader as weights
+    weight reader's decoding and the GPU planner's slot checks both follow runtime_shim.store.decode.use_native."""
+    from runtime_shim.store.decode import native_built, use_native
 
-    if request.param == "native":
-        try:
-            from runtime_shim.store import _planes
-        except ImportError:
-            pytest.skip("the C helper runtime_shim.store._planes was not built (no C compiler at install)")
-        monkeypatch.setattr(weights, "_native", _planes)
-    else:
-        monkeypatch.setattr(weights, "_native", None)
-    return request.param
+    if request.param == "native" and not native_built():
+        pytest.skip("the C helper runtime_shim.store._planes was not built (no C compiler at install)")
+    before = use_native(request.param == "native")
+    try:
+        yield request.param
+    finally:
+        use_native(before)

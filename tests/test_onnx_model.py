@@ -13,7 +13,7 @@ import pytest
 from onnx import numpy_helper
 
 from bundler.onnx_model import load_model, make_skeleton, write_normalized_model
-from bundler.weights_writer import write_weight_store
+from bundler.store_writer import write_weight_store
 from runtime_shim.errors import ModelError
 from runtime_shim.store.reader import WeightReader
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from bundler.onnx_model import load_model, write_raw_layout
-from bundler.weights_writer import Weight, encode_frame, write_weight_store
+from bundler.store_writer import Weight, encode_frame, write_weight_store
 from runtime_shim.errors import IntegrityError, ModelError
 from runtime_shim.manifest import WEIGHT_ENCODINGS, WeightStore
 from runtime_shim.schema import Reader

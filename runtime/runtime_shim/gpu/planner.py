@@ -2,7 +2,9 @@
 
 Says which byte ranges of the stored frames go to the GPU and how each decodes there: nvCOMP zstd chunks, then
 jobs of the byte-plane kernel (nvcomp.py). Every frame is checked against the store's format rules before any byte
-reaches nvCOMP, whose documentation calls corrupt input undefined behaviour.
+reaches nvCOMP, whose documentation calls corrupt input undefined behaviour: the rules, table layouts and error
+texts of runtime_shim/store/format.py, applied to every frame of an upload at once (tests/store_vectors.py checks
+that this planner accepts and refuses what format.py does).
 """
 
 from __future__ import annotations
@@ -10,17 +12,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from ..store import reader as weights
-from ..store.reader import PLANE_CHUNK, PLANES_TAG, ZSTD_MAX_BLOCKS
+from ..store import format as fmt
+from ..store.decode import native_helper
+from ..store.format import ENC_BYTEPLANE, ENC_NONE, ENC_ZSTD, PLANE_CHUNK, PLANES_TAG, ZSTD_MAX_BLOCKS, FormatError
 
 # --------------------------------------------------------------------------- planning (pure)
-ENC_NONE, ENC_ZSTD, ENC_BYTEPLANE = 0, 1, 2
-ENCODINGS = {"none": ENC_NONE, "zstd": ENC_ZSTD, "zstd-byteplane": ENC_BYTEPLANE}
+ENCODINGS = fmt.ENCODING_CODES  # encoding name -> the ENC_* code of the frame arrays
 PTR_NONE, PTR_STAGE, PTR_SCRATCH = 0, 1, 2  # what a job's plane pointer is an offset into
 _TAG = int.from_bytes(PLANES_TAG, "little")
+__all__ = ["ENCODINGS", "ENC_BYTEPLANE", "ENC_NONE", "ENC_ZSTD", "Cut", "Cuts", "FrameFormatError", "plan_frames"]
 
 
-class FrameFormatError(ValueError):
+class FrameFormatError(FormatError):
     """A stored frame that does not parse; ``frame`` is its index in the segment."""
 
     def __init__(self, frame: int, message: str) -> None:
@@ -133,9 +136,9 @@ class Cuts:
             p.chunk_raw[c0:c1],
             p.chunk_walk[c0:c1],
         )
-        native = weights._native
+        native = native_helper()
         if native is not None:  # the same checks in one C call (numpy's ~40 calls took ~0.4 ms a segment)
-            bad = native.check_chunks(buf, start, size, raw, walk)
+            bad = native.check_chunks(buf, start, size, raw, walk, ZSTD_MAX_BLOCKS)
             if bad is not None:
                 raise FrameFormatError(int(frame[bad[0]]), bad[1])
         else:
@@ -227,82 +230,73 @@ def _le(b: Any) -> Any:
     v = np.zeros(len(b), dtype=np.uint64)
     for k in range(b.shape[1]):
         v |= b[:, k].astype(np.uint64) << np.uint64(8 * k)
-    return np.minimum(v, np.uint64(1 << 62)).astype(np.int64)
-
-
-_ZSTD_MAGIC = 0xFD2FB528
+    return np.minimum(v, np.uint64(fmt.ZSTD_SIZE_CAP)).astype(np.int64)
 
 
 def _check_zstd_heads(buf: Any, frame: Any, start: Any, size: Any, raw: Any, walk: Any) -> None:
-    """Every zstd range must start with a standard zstd frame header that promises its planned size: the magic, no
-    dictionary, a content size equal to the planned one, room for a block. nvCOMP is undefined on anything else, so
-    this is checked on the host for every range (a damaged or misplaced chunk table fails). The chunks of chunked
-    planes (``walk``) must moreover be one frame of at most ZSTD_MAX_BLOCKS blocks whose headers lead exactly to the
-    chunk's end: the host decodes them as one run of frames, and only then does it read what the GPU reads (the host
-    decoder's C helper checks the same, runtime_shim/_planes.c). Other zstd ranges are whole frames of up to a
-    frame's size, whose many blocks this vectorized walk would take long to follow."""
+    """Every zstd range must start with a standard zstd frame header that promises its planned size: format.check_zstd
+    for all ranges at once. nvCOMP is undefined on anything else, so this is checked on the host for every range (a
+    damaged or misplaced chunk table fails). Unlike the host decoder, which lets a whole frame leave out its content
+    size, every range here must say it (nvCOMP sizes its output by it). The chunks of chunked planes (``walk``) are
+    walked block by block (at most ZSTD_MAX_BLOCKS vectorized steps); other zstd ranges are whole frames of up to a
+    frame's size, whose many blocks this walk would take long to follow. The first range that breaks a rule is named,
+    with the first rule it breaks: what a range-by-range check (format.py, the C helper) names."""
     import numpy as np
 
-    def read(pos: Any, n: int) -> Any:  # (len(pos), n) int64: bytes pos .. pos+n-1 of each range, inside it
-        return buf[pos[:, None] + np.arange(n)].astype(np.int64)
+    last = len(buf) - 1
 
-    _fail(
-        size < 9, frame, lambda i: f"a zstd chunk of {size[i]} bytes is shorter than the smallest zstd frame (9 bytes)"
-    )
+    def read(pos: Any, n: int) -> Any:  # (len(pos), n) int64: bytes pos .. pos+n-1 (clipped: failed ranges read junk)
+        return buf[np.minimum(pos[:, None] + np.arange(n), last)].astype(np.int64)
+
+    failed = np.zeros(len(frame), dtype=bool)
+    rule_of = np.zeros(len(frame), dtype=np.int64)
+    messages: list[Any] = []
+
+    def rule(broken: Any, message: Any) -> None:
+        new = broken & ~failed
+        rule_of[new] = len(messages)
+        messages.append(message)
+        failed[new] = True
+
+    rule(size < fmt.ZSTD_MIN_FRAME, lambda i: fmt.msg_zstd_short(size[i]))
     head = read(start, 5)
-    _fail(
-        _le(head[:, :4]) != _ZSTD_MAGIC,
-        frame,
-        lambda i: f"a zstd chunk at stored offset {start[i]} does not start with zstd's magic number",
-    )
+    rule(_le(head[:, :4]) != fmt.ZSTD_MAGIC, lambda i: fmt.msg_zstd_magic(start[i]))
     fhd = head[:, 4]
     single, did, fcs_flag = (fhd >> 5) & 1, fhd & 3, fhd >> 6
-    _fail(did != 0, frame, lambda i: f"a zstd chunk at stored offset {start[i]} needs a dictionary")
-    fcs_size = np.where(fcs_flag == 0, single, 1 << fcs_flag)  # 0 (absent), 1, 2, 4 or 8 bytes
-    _fail(fcs_size == 0, frame, lambda i: f"a zstd chunk at stored offset {start[i]} does not say its decoded size")
+    rule(did != 0, lambda i: fmt.msg_zstd_dictionary(start[i]))
+    fcs_size = np.where(fcs_flag == 0, single, 1 << fcs_flag)  # 0 (absent), 1, 2, 4 or 8 bytes: fmt.zstd_fcs_width
+    rule(fcs_size == 0, lambda i: fmt.msg_zstd_no_size(start[i]))
     at = start + 5 + (1 - single)
-    _fail(
-        at + fcs_size + 3 > start + size,
-        frame,
-        lambda i: f"a zstd chunk of {size[i]} bytes is shorter than its own header",
-    )
+    rule(at + fcs_size + fmt.ZSTD_BLOCK_HEADER > start + size, lambda i: fmt.msg_zstd_header_short(size[i]))
     value = np.zeros(len(frame), dtype=np.int64)
     for width in (1, 2, 4, 8):
         sel = fcs_size == width
         if sel.any():
-            value[sel] = _le(read(at[sel], width)) + (256 if width == 2 else 0)
-    _fail(
-        value != raw,
-        frame,
-        lambda i: f"a zstd chunk at stored offset {start[i]} decodes to {value[i]} bytes, {raw[i]} planned",
-    )
+            value[sel] = _le(read(at[sel], width)) + (fmt.ZSTD_FCS2_BIAS if width == 2 else 0)
+    rule(value != raw, lambda i: fmt.msg_zstd_size(start[i], value[i], raw[i]))
     # The frame must end exactly where its chunk does (nvCOMP gets the chunk's bytes; the host decoder runs frame after
     # frame): walk the block headers, all chunks at once, at most ZSTD_MAX_BLOCKS steps.
     end = start + size
     pos = at + fcs_size  # the first block header
     open_ = walk.astype(bool)  # chunks whose last block is not reached yet
-    bad = np.zeros(len(frame), dtype=bool)
+    bad = failed.copy()
     for _ in range(ZSTD_MAX_BLOCKS):
         idx = np.nonzero(open_ & ~bad)[0]
         if not len(idx):
             break
-        fits = pos[idx] + 3 <= end[idx]
+        fits = pos[idx] + fmt.ZSTD_BLOCK_HEADER <= end[idx]
         bad[idx[~fits]] = True
         idx = idx[fits]
-        bh = _le(read(pos[idx], 3))
+        bh = _le(read(pos[idx], fmt.ZSTD_BLOCK_HEADER))
         kind = (bh >> 1) & 3
-        bad[idx[kind == 3]] = True
-        pos[idx] += 3 + np.where(kind == 1, 1, bh >> 3)
+        bad[idx[kind == 3]] = True  # reserved block type
+        pos[idx] += fmt.ZSTD_BLOCK_HEADER + np.where(kind == 1, 1, bh >> 3)  # an RLE block stores one byte
         open_[idx[(bh & 1) == 1]] = False
-    pos += 4 * ((fhd >> 2) & 1)  # content checksum
-    _fail(
-        walk & (bad | open_ | (pos != end)),
-        frame,
-        lambda i: (
-            f"a zstd chunk at stored offset {start[i]} is not one zstd frame of at most "
-            f"{ZSTD_MAX_BLOCKS} blocks that ends with the chunk's {size[i]} bytes"
-        ),
-    )
+    pos += fmt.ZSTD_CHECKSUM * ((fhd >> 2) & 1)
+    rule(walk & (bad | open_ | (pos != end)), lambda i: fmt.msg_zstd_not_one_frame(start[i], size[i]))
+    if failed.any():
+        i = int(np.argmax(failed))
+        raise FrameFormatError(int(frame[i]), messages[int(rule_of[i])](i))
 
 
 def plan_frames(buf: Any, off: Any, size: Any, raw: Any, es: Any, enc: Any, dst: Any) -> FramesPlan:
@@ -310,7 +304,7 @@ def plan_frames(buf: Any, off: Any, size: Any, raw: Any, es: Any, enc: Any, dst:
 
     ``buf``: uint8 array holding the stored frames (the mapped weight file, or a segment); per frame, int64
     arrays: offset in ``buf``, stored size, raw size, element size, ENC_* and destination offset. Same format
-    rules as weights.decode_frame_into, every range is checked to lie inside its frame before anything is read
+    rules as store.decode.decode_frame_into (store/format.py), every range is checked to lie inside its frame before anything is read
     from it; every zstd range's header is checked when the plan is cut for a segment (Cuts.cut), in the bytes that
     go to the GPU: nvCOMP must only ever see sound input. Raises FrameFormatError.
     """
@@ -327,14 +321,14 @@ def plan_frames(buf: Any, off: Any, size: Any, raw: Any, es: Any, enc: Any, dst:
     def job_block(idx: Any, ptr: Any, kind: Any, n: Any, e: Any, rot: int) -> None:
         jobs.append((idx, dst[idx], ptr, kind, n, e, np.full(len(idx), rot, dtype=i64)))
 
-    _fail(raw <= 0, frames, lambda i: f"a frame of {raw[i]} raw bytes (frames hold at least one byte)")
+    _fail(raw <= 0, frames, lambda i: fmt.msg_empty_frame(raw[i]))
     _fail(
         off + size > len(buf), frames, lambda i: f"the frame ends at {off[i] + size[i]}, past the {len(buf)} bytes read"
     )
 
     # stored as is: the kernel copies them from staging (es 1), so they cost no copy call of their own
     idx = frames[enc == ENC_NONE]
-    _fail(size[idx] != raw[idx], idx, lambda i: f"stored {size[idx][i]} bytes, expected {raw[idx][i]}")
+    _fail(size[idx] != raw[idx], idx, lambda i: fmt.msg_stored_size(size[idx][i], raw[idx][i]))
     ptr, kind = zeros8(len(idx)), zeros8(len(idx))
     ptr[:, 0], kind[:, 0] = off[idx], PTR_STAGE
     job_block(idx, ptr, kind, raw[idx], np.ones(len(idx), dtype=i64), 0)
@@ -346,9 +340,7 @@ def plan_frames(buf: Any, off: Any, size: Any, raw: Any, es: Any, enc: Any, dst:
     )
 
     bp = frames[(enc == ENC_BYTEPLANE) & (es > 1)]
-    _fail(
-        raw[bp] % es[bp] != 0, bp, lambda i: f"raw size {raw[bp][i]} is not a multiple of the element size {es[bp][i]}"
-    )
+    _fail(raw[bp] % es[bp] != 0, bp, lambda i: fmt.msg_not_whole_elements(raw[bp][i], es[bp][i]))
     tag = np.zeros(len(bp), dtype=i64)
     long_enough = size[bp] >= 4
     tag[long_enough] = reads.u32(bp[long_enough], off[bp][long_enough])
@@ -356,32 +348,33 @@ def plan_frames(buf: Any, off: Any, size: Any, raw: Any, es: Any, enc: Any, dst:
     need[l1] = raw[l1]
 
     # layout 2: header, planes raw / one zstd frame / chunked, joined and rotated back
+    _fail(~np.isin(es[f2], fmt.PLANE_WIDTHS), f2, lambda i: fmt.msg_element_size(es[f2][i]))
     e = es[f2]
-    head = 4 + 5 * e
+    head = len(PLANES_TAG) + fmt.PLANE_ENTRY.size * e  # fmt.plane_header_size, per frame
     _fail(
         size[f2] < head,
         f2,
-        lambda i: f"frame of {size[f2][i]} bytes is shorter than its plane header ({head[i]} bytes)",
+        lambda i: fmt.msg_plane_header_short(size[f2][i], head[i]),
     )
     pf = np.repeat(f2, e)  # frame of each plane
     pk = np.arange(len(pf)) - np.repeat(np.cumsum(e) - e, e)  # plane number in its frame
-    hpos = off[pf] + 4 + 5 * pk
-    fields = reads.bytes(pf, hpos, 5)
+    hpos = off[pf] + len(PLANES_TAG) + fmt.PLANE_ENTRY.size * pk
+    fields = reads.bytes(pf, hpos, fmt.PLANE_ENTRY.size)
     mode = fields[:, 0]
     psize = _le(fields[:, 1:])
     pn = raw[pf] // es[pf]
     pstart = np.repeat(off[f2] + head, e) + _within(psize, e)
     fend = off[pf] + size[pf]
-    _fail((mode < 0) | (mode > 2), pf, lambda i: f"plane {pk[i]}: unknown mode {mode[i]}")
+    _fail(~np.isin(mode, fmt.PLANE_MODES), pf, lambda i: fmt.msg_unknown_mode(pk[i], mode[i]))
     _fail(
         pstart + psize > fend,
         pf,
-        lambda i: f"plane {pk[i]}: {psize[i]} bytes announced, {max(0, fend[i] - pstart[i])} left in the frame",
+        lambda i: fmt.msg_plane_overruns(pk[i], psize[i], max(0, fend[i] - pstart[i])),
     )
     spare = size[f2] - head - _group_sums(psize, e)
-    _fail(spare != 0, f2, lambda i: f"{spare[i]} bytes after the last plane")
-    _fail((mode == 0) & (psize != pn), pf, lambda i: f"plane {pk[i]} decodes to {psize[i]} bytes, expected {pn[i]}")
-    zp = mode != 0
+    _fail(spare != 0, f2, lambda i: fmt.msg_after_planes(spare[i]))
+    _fail((mode == fmt.PLANE_RAW) & (psize != pn), pf, lambda i: fmt.msg_plane_size(pk[i], psize[i], pn[i]))
+    zp = mode != fmt.PLANE_RAW
     zbytes = np.where(zp, pn, 0)
     np.add.at(need, pf, zbytes)
     frame_scratch = np.concatenate(([0], np.cumsum(need))).astype(i64)
@@ -396,7 +389,7 @@ def plan_frames(buf: Any, off: Any, size: Any, raw: Any, es: Any, enc: Any, dst:
         ptr[has, k], kind[has, k] = at[has] + k * n[has], PTR_SCRATCH
     job_block(l1, ptr, kind, n, es[l1], 0)
 
-    one = mode == 1
+    one = mode == fmt.PLANE_ZSTD
     chunks.append(
         (
             pf[one],
@@ -408,34 +401,31 @@ def plan_frames(buf: Any, off: Any, size: Any, raw: Any, es: Any, enc: Any, dst:
             np.zeros(int(one.sum()), dtype=bool),
         )
     )
-    m2 = np.nonzero(mode == 2)[0]
+    m2 = np.nonzero(mode == fmt.PLANE_ZSTD_CHUNKS)[0]
     _fail(
-        psize[m2] < 8,
+        psize[m2] < fmt.CHUNK_TABLE_HEAD.size,
         pf[m2],
-        lambda i: f"chunked plane of {psize[m2][i]} bytes is shorter than its 8-byte table header",
+        lambda i: fmt.msg_chunk_table_short(psize[m2][i]),
     )
     sub, count = reads.u32(pf[m2], pstart[m2]), reads.u32(pf[m2], pstart[m2] + 4)
     want = -(-pn[m2] // np.maximum(sub, 1))
     _fail(
         (sub < PLANE_CHUNK) | (count != want),
         pf[m2],
-        lambda i: (
-            f"chunk table says {count[i]} chunks of {sub[i]} bytes for a plane of "
-            f"{pn[m2][i]} bytes (expected chunks of at least {PLANE_CHUNK} bytes covering the plane)"
-        ),
+        lambda i: fmt.msg_chunk_table(count[i], sub[i], pn[m2][i]),
     )
-    table_end = 8 + 4 * count
+    table_end = fmt.CHUNK_TABLE_HEAD.size + fmt.CHUNK_ENTRY * count
     _fail(
         table_end > psize[m2],
         pf[m2],
-        lambda i: f"chunk table of {count[i]} entries does not fit the plane's {psize[m2][i]} bytes",
+        lambda i: fmt.msg_chunk_table_overflows(count[i], psize[m2][i]),
     )
     cp = np.repeat(m2, count)  # plane of each chunk
     ci = np.arange(len(cp)) - np.repeat(np.cumsum(count) - count, count)
-    csize = reads.u32(pf[cp], pstart[cp] + 8 + 4 * ci)
+    csize = reads.u32(pf[cp], pstart[cp] + fmt.CHUNK_TABLE_HEAD.size + fmt.CHUNK_ENTRY * ci)
     cin = np.repeat(pstart[m2] + table_end, count) + _within(csize, count)
     used = table_end + _group_sums(csize, count)
-    _fail(used != psize[m2], pf[m2], lambda i: f"chunks add up to {used[i]} bytes, the plane has {psize[m2][i]}")
+    _fail(used != psize[m2], pf[m2], lambda i: fmt.msg_chunk_sizes(used[i], psize[m2][i]))
     csub = np.repeat(sub, count)
     chunks.append(
         (

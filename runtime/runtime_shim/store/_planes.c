@@ -1,5 +1,7 @@
-/* The weight store host decoder's hot loops (runtime_shim.weights): the byte-plane join, in one pass with the GIL
- * released, and the check of a chunked plane's table and zstd headers.
+/* The weight store host decoder's hot loops (runtime_shim/store/decode.py): the byte-plane join, in one pass with the
+ * GIL released, and the check of a chunked plane's table and zstd headers. The rules are format.py's, in its words;
+ * its limits (smallest chunk, most blocks per chunk) come in as arguments, and tests/store_vectors.py checks that
+ * this file accepts and refuses what format.py and the GPU planner do.
  *
  * Optional: the shim falls back to numpy when this module was not built (no C compiler at install time), with the
  * same results. numpy needs five passes and temporaries for the same work and holds the GIL between them, which is
@@ -15,9 +17,6 @@
 #include <stdint.h>
 
 #define MAX_PLANES 8
-/* Blocks per zstd chunk, at most: the writer's 64 KiB chunks are one block each; the bound keeps the GPU planner's
- * vectorized walk over block headers short whatever a file holds. weights.ZSTD_MAX_BLOCKS says the same. */
-#define ZSTD_MAX_BLOCKS 64
 
 #if defined(_MSC_VER) && !defined(__clang__)
 #define restrict __restrict /* MSVC's C compiler knows C99's restrict only under its own name */
@@ -119,10 +118,10 @@ static uint64_t le(const uint8_t *p, int n)
 
 /* Check one zstd range of ``size`` bytes at ``h`` that must decode to ``raw`` bytes: a standard frame header with no
  * dictionary that says so and leaves room for a block, and, with ``walk`` (the chunks of chunked planes), a frame of
- * at most ZSTD_MAX_BLOCKS blocks whose headers lead exactly to the range's end: the host decodes those chunks as one
+ * at most ``max_blocks`` blocks whose headers lead exactly to the range's end: the host decodes those chunks as one
  * run of frames, the GPU chunk by chunk, and only then do both read the same bytes. Returns 0, or -1 with a
- * ValueError in the GPU planner's words (gpu_decode._check_zstd_heads). ``at`` names the range in the message. */
-static int check_chunk(const uint8_t *h, uint64_t size, uint64_t raw, int walk, unsigned long long at)
+ * ValueError in format.py's words (format.check_zstd). ``at`` names the range in the message. */
+static int check_chunk(const uint8_t *h, uint64_t size, uint64_t raw, int walk, unsigned long long at, int max_blocks)
 {
     if (size < 9) {
         PyErr_Format(PyExc_ValueError, "a zstd chunk of %llu bytes is shorter than the smallest zstd frame (9 bytes)",
@@ -161,40 +160,39 @@ static int check_chunk(const uint8_t *h, uint64_t size, uint64_t raw, int walk, 
     uint64_t b = field + fcs_size;
     int last = 0, blocks = 0;
     while (!last) {
-        if (b + 3 > size || ++blocks > ZSTD_MAX_BLOCKS)
+        if (b + 3 > size || ++blocks > max_blocks)
             break;
         const uint64_t bh = le(h + b, 3);
         const int type = (int)((bh >> 1) & 3);
-        last = (int)(bh & 1);
-        if (type == 3)
+        if (type == 3) /* reserved: never a frame's end, whatever its last-block bit says */
             break;
+        last = (int)(bh & 1);
         b += 3 + (type == 1 ? 1 : (bh >> 3));
     }
     if (last)
         b += (fhd >> 2) & 1 ? 4 : 0; /* content checksum */
     if (!last || b != size) {
         PyErr_Format(PyExc_ValueError, "a zstd chunk at stored offset %llu is not one zstd frame of at most %d blocks "
-                     "that ends with the chunk's %llu bytes", at, ZSTD_MAX_BLOCKS, (unsigned long long)size);
+                     "that ends with the chunk's %llu bytes", at, max_blocks, (unsigned long long)size);
         return -1;
     }
     return 0;
 }
 
 PyDoc_STRVAR(chunk_run_doc,
-"chunk_run(data, plane_bytes, min_chunk) -> int\n\n"
+"chunk_run(data, plane_bytes, min_chunk, max_blocks) -> int\n\n"
 "Check a chunked plane (docs/WEIGHT_STORE.md, plane mode 2) before it is decoded as one run of zstd frames: its\n"
 "chunk table, and at every chunk's planned offset a zstd frame header with no dictionary that promises the\n"
-"chunk's planned size, in a frame of at most 64 blocks that ends where the chunk ends. Returns the offset of the\n"
-"first chunk in data. Raises ValueError in the words of weights.plane_chunks and of the GPU planner's header\n"
-"check (gpu_decode).");
+"chunk's planned size, in a frame of at most max_blocks blocks that ends where the chunk ends. Returns the offset\n"
+"of the first chunk in data. Raises ValueError in the words of format.check_chunked_plane.");
 
-/* The same checks as the GPU planner's (numpy, over a whole upload at once); per plane, numpy calls would hold the
- * GIL longer than the decode they guard. */
+/* The same checks as format.check_chunked_plane, without Python objects per chunk. */
 static PyObject *py_chunk_run(PyObject *self, PyObject *args)
 {
     Py_buffer view;
     Py_ssize_t plane_bytes, min_chunk;
-    if (!PyArg_ParseTuple(args, "y*nn:chunk_run", &view, &plane_bytes, &min_chunk))
+    int max_blocks;
+    if (!PyArg_ParseTuple(args, "y*nni:chunk_run", &view, &plane_bytes, &min_chunk, &max_blocks))
         return NULL;
     const uint8_t *d = (const uint8_t *)view.buf;
     const Py_ssize_t len = view.len;
@@ -233,7 +231,7 @@ static PyObject *py_chunk_run(PyObject *self, PyObject *args)
         const uint8_t *h = d + pos;
         const unsigned long long at = (unsigned long long)pos;
         pos += size;
-        if (check_chunk(h, size, raw, 1, at) < 0)
+        if (check_chunk(h, size, raw, 1, at, max_blocks) < 0)
             goto done;
     }
     result = PyLong_FromUnsignedLongLong(first);
@@ -243,8 +241,8 @@ done:
 }
 
 PyDoc_STRVAR(check_chunks_doc,
-"check_chunks(buf, start, size, raw, walk) -> None | (int, str)\n\n"
-"The GPU planner's check of every zstd range of a segment (gpu_decode.Cuts.cut) in one call: start, size, raw:\n"
+"check_chunks(buf, start, size, raw, walk, max_blocks) -> None | (int, str)\n\n"
+"The GPU planner's check of every zstd range of a segment (gpu.planner.Cuts.cut) in one call: start, size, raw:\n"
 "int64 arrays; walk: a bool array (chunks of chunked planes, whose blocks are walked). None when every range is\n"
 "sound, else (index of the first that is not, what is wrong with it). A range outside buf is not sound.");
 
@@ -253,7 +251,8 @@ static PyObject *py_check_chunks(PyObject *self, PyObject *args)
     Py_buffer v[5];
     int held = 0;
     PyObject *objs[5], *result = NULL;
-    if (!PyArg_ParseTuple(args, "OOOOO:check_chunks", &objs[0], &objs[1], &objs[2], &objs[3], &objs[4]))
+    int max_blocks;
+    if (!PyArg_ParseTuple(args, "OOOOOi:check_chunks", &objs[0], &objs[1], &objs[2], &objs[3], &objs[4], &max_blocks))
         return NULL;
     for (; held < 5; held++)
         if (PyObject_GetBuffer(objs[held], &v[held], PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0)
@@ -275,7 +274,7 @@ static PyObject *py_check_chunks(PyObject *self, PyObject *args)
             result = Py_BuildValue("(ns)", i, "a zstd range lies outside the bytes read");
             goto done;
         }
-        if (check_chunk(buf + start[i], (uint64_t)size[i], (uint64_t)raw[i], walk[i] != 0, (unsigned long long)start[i]) < 0) {
+        if (check_chunk(buf + start[i], (uint64_t)size[i], (uint64_t)raw[i], walk[i] != 0, (unsigned long long)start[i], max_blocks) < 0) {
             PyObject *type, *value, *tb;
             PyErr_Fetch(&type, &value, &tb);
             PyObject *text = value ? PyObject_Str(value) : NULL;
@@ -305,7 +304,7 @@ static PyMethodDef methods[] = {
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "runtime_shim._planes",
+    PyModuleDef_HEAD_INIT, "runtime_shim.store._planes",
     "The weight store host decoder's hot loops: byte-plane join and chunk checks (optional; numpy is the fallback).",
     -1, methods,
 };

@@ -18,7 +18,6 @@ import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 import zstandard
@@ -26,15 +25,18 @@ import zstandard
 from runtime_shim.errors import ModelError
 from runtime_shim.fsutil import atomic_writer, sha256_bytes
 from runtime_shim.manifest import DTYPES, WEIGHT_ENCODINGS, Blob, FileRef, Frame, WeightStore, WeightTensor
-from runtime_shim.store.reader import (
-    _UINT,
+from runtime_shim.store.format import (
+    CHUNK_TABLE_HEAD,
     FLOAT_DTYPES,
     ITEMSIZE,
     MAGIC,
     PLANE_CHUNK,
+    PLANE_ENTRY,
     PLANE_RAW,
+    PLANE_WIDTHS,
     PLANE_ZSTD_CHUNKS,
     PLANES_TAG,
+    UINT_DTYPES,
     nbytes_for,
 )
 
@@ -47,7 +49,7 @@ MIN_SAVING = (
     0.02  # a blob whose frames save less than this fraction is stored as "none": decoding it would cost for nothing
 )
 
-Buffer = Union[bytes, bytearray, memoryview, np.ndarray]
+Buffer = bytes | bytearray | memoryview | np.ndarray
 Progress = Callable[[int, int], None]  # (raw bytes done, raw bytes in all)
 
 
@@ -66,7 +68,7 @@ PLANE_RAW_ABOVE = 0.98  # a plane that zstd shrinks by less than 2% is stored ra
 # For the exponent plane: zstd with (almost) no match finding, i.e. Huffman-coded literals. Short matches in a
 # low-entropy byte stream cost more than they save (MiniLM fp32 exponents: 33.0% of raw vs 41.1% at level 3),
 # and this encodes at several hundred MB/s. Each plane gets the smaller of this and the level's output.
-_LITERALS = zstandard.ZstdCompressionParameters(
+LITERALS = zstandard.ZstdCompressionParameters(
     strategy=zstandard.STRATEGY_FAST,
     window_log=17,
     hash_log=6,
@@ -85,7 +87,7 @@ def _cctx(level: int | None) -> zstandard.ZstdCompressor:
     cache = _local.__dict__.setdefault("cctx", {})
     if level not in cache:
         cache[level] = (
-            zstandard.ZstdCompressor(compression_params=_LITERALS)
+            zstandard.ZstdCompressor(compression_params=LITERALS)
             if level is None
             else zstandard.ZstdCompressor(level=level, write_content_size=True, write_checksum=False)
         )
@@ -93,19 +95,19 @@ def _cctx(level: int | None) -> zstandard.ZstdCompressor:
 
 
 def encode_frame(raw: bytes | memoryview, encoding: str, element_size: int, level: int) -> bytes:
-    """Encode one frame's raw bytes; the inverse is runtime_shim.store.reader.decode_frame_into."""
+    """Encode one frame's raw bytes; the inverse is runtime_shim.store.decode.decode_frame_into."""
     if encoding == "none":
         return bytes(raw)
     if encoding not in ("zstd", "zstd-byteplane"):
         raise ValueError(f"unknown encoding {encoding!r}")
     if encoding == "zstd" or element_size == 1:
         return _cctx(level).compress(raw)
-    if element_size not in _UINT or len(raw) % element_size:
+    if element_size not in PLANE_WIDTHS or len(raw) % element_size:
         raise ValueError(f"zstd-byteplane: {len(raw)} bytes is not a whole number of {element_size}-byte elements")
     # Layout 2 (docs/WEIGHT_STORE.md): rotate each element left by one bit, so the sign moves to bit 0 and the top
     # byte of a float32/bfloat16 is its exponent alone; then byte k of every element forms plane k, stored raw
     # or as its own zstd frame, whichever is smaller (raw unless zstd saves 2%: mantissa planes are noise).
-    u = _UINT[element_size]
+    u = np.dtype(UINT_DTYPES[element_size])
     x = np.frombuffer(raw, dtype=u)
     rotated = (x << u.type(1)) | (x >> u.type(8 * element_size - 1))
     elements = rotated.view(np.uint8).reshape(-1, element_size)
@@ -114,10 +116,10 @@ def encode_frame(raw: bytes | memoryview, encoding: str, element_size: int, leve
         plane = np.ascontiguousarray(elements[:, k]).data
         best = min((_chunked(plane, None), _chunked(plane, level)), key=len)
         if len(best) > PLANE_RAW_ABOVE * len(plane):
-            header.append(struct.pack("<BI", PLANE_RAW, len(plane)))
+            header.append(PLANE_ENTRY.pack(PLANE_RAW, len(plane)))
             parts.append(plane)
         else:
-            header.append(struct.pack("<BI", PLANE_ZSTD_CHUNKS, len(best)))
+            header.append(PLANE_ENTRY.pack(PLANE_ZSTD_CHUNKS, len(best)))
             parts.append(best)
     return b"".join(header + parts)
 
@@ -130,7 +132,8 @@ def _chunked(plane: memoryview, level: int | None) -> bytes:
     """
     cctx = _cctx(level)
     frames = [cctx.compress(plane[i : i + PLANE_CHUNK]) for i in range(0, len(plane), PLANE_CHUNK)]
-    return b"".join([struct.pack(f"<II{len(frames)}I", PLANE_CHUNK, len(frames), *map(len, frames)), *frames])
+    table = CHUNK_TABLE_HEAD.pack(PLANE_CHUNK, len(frames)) + struct.pack(f"<{len(frames)}I", *map(len, frames))
+    return b"".join([table, *frames])
 
 
 def _encode_and_hash(raw: memoryview, encoding: str, element_size: int, level: int) -> tuple[bytes, str]:

@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # What the lent Hopper GPU (H100/H200, SM 9.0) can show: the real probe, doctor, load() falling back with the
 # reason, farm-job refusing with exit 3, and the test suite on a machine with a real NVIDIA driver.
-# Run through the device tool as call 2 of ../shared/tools/device-wheels.sh (it installs the wheels first).
+# Run through the device tool as call 2 of ../shared/tools/device-wheels.sh (it installs the wheels first), then
+# tools/device_install.sh installs this checkout's two distributions (trtx-runtime from ./runtime, trtx-bundler).
 set -u
 test -d /root/stash || exit 3
 cat /root/stash/libs.part0 .devwheels/b/libs.part1 > "/tmp/$(cat .devwheels/b/libs.name)" &&
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site /tmp/*.whl .devwheels/b/*.whl &&
   cp -r .devwheels/b/tensorrt_rtx /tmp/site/ || exit 4
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TRTX_CACHE_DIR=/tmp/trtx-cache
+. tools/device_install.sh
+export PYTHONUNBUFFERED=1 TRTX_CACHE_DIR=/tmp/trtx-cache
 tb() { python3 -c 'import sys; sys.argv[0] = "trtx-bundle"; from bundler.cli import main; main()' "$@"; }
 out=${OUT:-/tmp/out}; mkdir -p "$out"
 {

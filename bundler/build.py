@@ -38,7 +38,8 @@ from runtime_shim.manifest import (
 
 from . import __version__
 from .bundle_io import raise_for_problems, temp_sibling, unlisted_files, verify_bundle
-from .config import BuildOptions, check_warmups, resolve_profiles
+from .config import BuildOptions, check_warmups
+from .dims import fit_profiles
 from .engines import BuiltEngine, build_engines, plan_engines, trt_rtx_identity
 from .onnx_model import load_model, make_skeleton, write_normalized_model
 from .store_writer import write_weight_store
@@ -119,13 +120,14 @@ def build_bundle(
 
     with timed("load model"):
         model = load_model(src)
-    profiles = resolve_profiles(model.inputs, options.profiles, source=str(src))
-    check_warmups(model.inputs, profiles, options.warmup_shapes, source=str(src))
 
     def note(message: str) -> None:
         notes.append(message)
         progress.note(message)
 
+    # Before any file is written or engine built: a profile TRT-RTX would refuse costs nothing here.
+    profiles = fit_profiles(model, options.profiles, options.dims, source=str(src), note=note)
+    check_warmups(model.inputs, profiles, options.warmup_shapes, source=str(src))
     plans = plan_engines(options, probe=probe, note=note)
 
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,9 +1,11 @@
-"""Build settings: bundle.toml and --shape parsing, merged into BuildOptions and checked against the model's inputs.
+"""Build settings: bundle.toml, --shape and --dim parsing, merged into BuildOptions (bundler/dims.py fits them to the model).
 
 Shape syntax: dims joined by ``x`` (``1x3x224x224``); a range is ``MIN:OPT:MAX``; a single shape means
-min = opt = max. Several profiles: the k-th ``--shape`` given for an input belongs to profile k, and an
-input given once applies to every profile (so ``--shape x=1x3:4x3:8x3 --shape x=8x3:16x3:64x3 --shape
-mask=1x1`` makes two profiles, both with ``mask`` fixed). Command-line values replace the file's.
+min = opt = max. ``--dim NAME=MIN:OPT:MAX`` gives one named dynamic dim a range, shared by every input that
+uses it; ``--shape`` sets a whole input. Several profiles: the k-th ``--shape`` given for an input (or
+``--dim`` for a dim) belongs to profile k, and one given once applies to every profile (so ``--shape
+x=1x3:4x3:8x3 --shape x=8x3:16x3:64x3 --shape mask=1x1`` makes two profiles, both with ``mask`` fixed).
+Command-line values replace the file's: any --shape or --dim replaces its [[profiles]], [dims] and [[warmup]].
 """
 
 from __future__ import annotations
@@ -38,6 +40,27 @@ class ConfigError(BundleError):
 
 
 SHAPE_FLAG_HELP = "--shape NAME=MIN:OPT:MAX (dims joined by x, e.g. --shape input=1x3x224x224:4x3x224x224:16x3x224x224)"
+DIM_FLAG_HELP = "--dim NAME=MIN:OPT:MAX (one named dynamic dim, e.g. --dim seq_len=1:128:512; one number = fixed)"
+
+
+@dataclass(frozen=True)
+class DimRange:
+    """The range of one named dynamic dim in one optimization profile."""
+
+    min: int
+    opt: int
+    max: int
+
+    def text(self) -> str:
+        """``MIN:OPT:MAX`` as --dim takes it."""
+        return f"{self.min}:{self.opt}:{self.max}"
+
+    def disjoint(self, other: DimRange) -> bool:
+        """No single size fits both ranges (so one dim cannot have both)."""
+        return self.max < other.min or other.max < self.min
+
+
+DimRanges = Mapping[str, tuple[DimRange, ...]]  # dim name -> one range (every profile) or one per profile
 
 
 def host_platform() -> str:
@@ -50,7 +73,8 @@ class BuildOptions:
 
     name: str | None = None  # default: the ONNX file's stem
     version: str = "0"
-    profiles: tuple[Profile, ...] = ()  # checked against the model's inputs by resolve_profiles
+    profiles: tuple[Profile, ...] = ()  # per-input ranges; fitted to the model by dims.resolve_profiles
+    dims: DimRanges = field(default_factory=dict)  # per-dim ranges, shared by every input using the dim
     warmup_shapes: tuple[Mapping[str, Shape], ...] = ()
     sms: tuple[int, ...] | None = None  # None: TRT-RTX's default targets
     weightful: bool = True
@@ -75,6 +99,7 @@ class BundleConfig:
     level: int | None = None
     platforms: tuple[str, ...] | None = None
     profiles: tuple[Profile, ...] = ()
+    dims: DimRanges = field(default_factory=dict)
     warmup_shapes: tuple[Mapping[str, Shape], ...] = ()
     farm: Mapping[str, Any] = field(default_factory=dict)  # the farm's own table, read by bundler/farm.py
 
@@ -120,6 +145,30 @@ def parse_shape_args(values: Sequence[str]) -> tuple[Profile, ...]:
     return _profiles_from_lists(per_input, where="--shape")
 
 
+def parse_dim_range(text: str, *, where: str) -> DimRange:
+    """``MIN:OPT:MAX`` or one size (fixed); every size >= 1 and min <= opt <= max."""
+    parts = [p.strip() for p in text.split(":")]
+    if len(parts) == 1:
+        parts = parts * 3
+    if len(parts) != 3 or not all(p.isdigit() for p in parts):
+        raise ConfigError(f"{where}: expected MIN:OPT:MAX (or one size), got {text!r}", hint=f"use {DIM_FLAG_HELP}")
+    rng = DimRange(*(int(p) for p in parts))
+    if not 1 <= rng.min <= rng.opt <= rng.max:
+        raise ConfigError(f"{where}: expected 1 <= min <= opt <= max, got {rng.min} / {rng.opt} / {rng.max}")
+    return rng
+
+
+def parse_dim_args(values: Sequence[str]) -> dict[str, tuple[DimRange, ...]]:
+    """Turn repeated ``--dim NAME=RANGE`` values into dim name -> ranges (one per profile, or one for all)."""
+    per_dim: dict[str, list[DimRange]] = {}
+    for value in values:
+        name, sep, rest = value.partition("=")
+        if not sep or not name.strip():
+            raise ConfigError(f"--dim {value!r}: expected NAME=MIN:OPT:MAX", hint=f"use {DIM_FLAG_HELP}")
+        per_dim.setdefault(name.strip(), []).append(parse_dim_range(rest, where=f"--dim {value}"))
+    return {n: tuple(r) for n, r in sorted(per_dim.items())}
+
+
 def _profiles_from_lists(per_input: Mapping[str, list[ShapeRange]], *, where: str) -> tuple[Profile, ...]:
     if not per_input:
         return ()
@@ -138,51 +187,6 @@ def _profiles_from_lists(per_input: Mapping[str, list[ShapeRange]], *, where: st
     )
 
 
-def resolve_profiles(inputs: Sequence[TensorSpec], profiles: Sequence[Profile], *, source: str) -> tuple[Profile, ...]:
-    """Check the profiles against the model's inputs; every dynamic input needs a range in every profile.
-
-    Fixed inputs may be left out (TRT-RTX knows their shape) but, when given, must match the model.
-    """
-    specs = {t.name: t for t in inputs}
-    dynamic = [t for t in inputs if t.dynamic_axes]
-    if not profiles:
-        if dynamic:
-            t = dynamic[0]
-            raise ConfigError(
-                f"{source}: input {t.name!r} has dynamic dims {_fmt_shape(t.shape)} and no optimization profile gives its range",
-                hint=f"pass --shape {t.name}={_example_range(t.shape)} (dims joined by x; MIN:OPT:MAX), or add it under [[profiles]] in bundle.toml"
-                + (f"; inputs still to cover: {', '.join(d.name for d in dynamic)}" if len(dynamic) > 1 else ""),
-            )
-        return ()
-    for i, profile in enumerate(profiles):
-        where = f"{source}: profile {i}" if len(profiles) > 1 else source
-        for name, rng in profile.shapes.items():
-            spec = specs.get(name)
-            if spec is None:
-                raise ConfigError(
-                    f"{where}: no model input named {name!r}",
-                    hint=f"the model's inputs are: {', '.join(specs) or '(none)'}",
-                )
-            if len(rng.min) != len(spec.shape):
-                raise ConfigError(
-                    f"{where}: {name!r} has rank {len(spec.shape)} {_fmt_shape(spec.shape)}, but the range given has rank {len(rng.min)} ({'x'.join(map(str, rng.min))})",
-                    hint=f"give {len(spec.shape)} dims, e.g. --shape {name}={_example_range(spec.shape)}",
-                )
-            for axis, dim in enumerate(spec.shape):
-                if isinstance(dim, int) and dim >= 0 and not (rng.min[axis] == rng.opt[axis] == rng.max[axis] == dim):
-                    raise ConfigError(
-                        f"{where}: {name!r} axis {axis} is fixed at {dim} in the model, but the range gives {rng.min[axis]}/{rng.opt[axis]}/{rng.max[axis]}",
-                        hint=f"keep fixed dims as they are: e.g. --shape {name}={_example_range(spec.shape)}",
-                    )
-        for t in dynamic:
-            if t.name not in profile.shapes:
-                raise ConfigError(
-                    f"{where}: input {t.name!r} has dynamic dims {_fmt_shape(t.shape)} and no range in this profile",
-                    hint=f"add --shape {t.name}={_example_range(t.shape)}",
-                )
-    return tuple(profiles)
-
-
 def check_warmups(
     inputs: Sequence[TensorSpec], profiles: Sequence[Profile], warmups: Sequence[Mapping[str, Shape]], *, source: str
 ) -> None:
@@ -198,28 +202,19 @@ def check_warmups(
                 )
             if len(shape) != len(spec.shape):
                 raise ConfigError(
-                    f"{where}: rank {len(shape)}, but the input has rank {len(spec.shape)} {_fmt_shape(spec.shape)}"
+                    f"{where}: rank {len(shape)}, but the input has rank {len(spec.shape)} {fmt_shape(spec.shape)}"
                 )
             ranges = [p.shapes[name] for p in profiles if name in p.shapes]
             if ranges and not any(r.contains(shape) for r in ranges):
                 raise ConfigError(f"{where}: {'x'.join(map(str, shape))} is outside every profile's range for {name!r}")
 
 
-def _fmt_shape(shape: Sequence[Any]) -> str:
+def fmt_shape(shape: Sequence[Any]) -> str:
     return "[" + ", ".join(str(d) for d in shape) + "]"
 
 
-def _example_range(shape: Sequence[Any]) -> str:
-    """A placeholder range in the model's own dims: fixed dims kept, dynamic ones 1:8:64 for batch-like dims."""
-
-    def dims(v: int) -> str:
-        return "x".join(str(d) if isinstance(d, int) and d >= 0 else str(v) for d in shape)
-
-    return f"{dims(1)}:{dims(8)}:{dims(64)}"
-
-
 # --------------------------------------------------------------------------- bundle.toml
-_TOP_KEYS = {"model", "build", "profiles", "warmup", "farm"}
+_TOP_KEYS = {"model", "build", "profiles", "dims", "warmup", "farm"}
 
 
 def load_config(path: str | os.PathLike[str]) -> BundleConfig:
@@ -258,6 +253,7 @@ def load_config(path: str | os.PathLike[str]) -> BundleConfig:
         )
 
     profiles = _read_profiles(data.get("profiles", []), src)
+    dims = _read_dims(_table(data, "dims", src), src)
     warmups = _read_warmups(data.get("warmup", []), src)
     return BundleConfig(
         source=src,
@@ -269,6 +265,7 @@ def load_config(path: str | os.PathLike[str]) -> BundleConfig:
         level=_opt(build, "level", int, src, "build."),
         platforms=tuple(platforms) if platforms is not None else None,
         profiles=profiles,
+        dims=dims,
         warmup_shapes=warmups,
         farm=_table(data, "farm", src),
     )
@@ -296,6 +293,19 @@ def _read_profiles(raw: Any, src: str) -> tuple[Profile, ...]:
             ranges[name] = parse_range(text, where=f"{src}: {where}.shapes.{name}")
         out.append(Profile(shapes=ranges))
     return tuple(out)
+
+
+def _read_dims(table: Mapping[str, Any], src: str) -> dict[str, tuple[DimRange, ...]]:
+    out = {}
+    for name, value in sorted(table.items()):
+        texts = value if isinstance(value, list) else [value]
+        if not texts or not all(isinstance(t, (str, int)) and not isinstance(t, bool) for t in texts):
+            raise ConfigError(
+                f'{src}: dims.{name}: expected "MIN:OPT:MAX" (or an array of them, one per profile), got {value!r}',
+                hint='e.g. [dims] then seq_len = "1:128:512"',
+            )
+        out[name] = tuple(parse_dim_range(str(t), where=f"{src}: dims.{name}") for t in texts)
+    return out
 
 
 def _read_warmups(raw: Any, src: str) -> tuple[Mapping[str, Shape], ...]:
@@ -344,6 +354,7 @@ def make_options(
     config: BundleConfig | None = None,
     *,
     shapes: Sequence[str] = (),
+    dims: Sequence[str] = (),
     sms: Sequence[int] | None = None,
     name: str | None = None,
     version: str | None = None,
@@ -352,9 +363,15 @@ def make_options(
     level: int | None = None,
     force: bool = False,
 ) -> BuildOptions:
-    """Command line over bundle.toml over defaults. --shape replaces the file's profiles as a whole."""
+    """Command line over bundle.toml over defaults.
+
+    Any --shape or --dim replaces the file's [[profiles]], [dims] and [[warmup]] as a whole: the file's
+    warm-ups were written for its own profiles (without warm-ups, the farm runs each profile's min/opt/max).
+    """
     c = config or BundleConfig(source="(defaults)")
-    profiles = parse_shape_args(shapes) if shapes else c.profiles
+    from_command_line = bool(shapes or dims)
+    profiles = parse_shape_args(shapes) if from_command_line else c.profiles
+    dim_ranges = parse_dim_args(dims) if from_command_line else c.dims
     chosen_sms = tuple(sms) if sms is not None else c.sms
     if chosen_sms is not None:
         bad = [s for s in chosen_sms if s not in SUPPORTED_SMS]
@@ -372,7 +389,8 @@ def make_options(
         name=name or c.name,
         version=version or c.version or defaults.version,
         profiles=profiles,
-        warmup_shapes=c.warmup_shapes,
+        dims=dim_ranges,
+        warmup_shapes=() if from_command_line else c.warmup_shapes,
         sms=chosen_sms,
         weightful=weightful if weightful is not None else (c.weightful if c.weightful is not None else True),
         platforms=c.platforms or defaults.platforms,

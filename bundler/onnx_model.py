@@ -4,6 +4,10 @@ After ``load_model`` the ModelProto holds no tensor data at all: every initializ
 ``LoadedModel.weights`` (raw little-endian, the ONNX raw_data layout), so the weights are in memory once.
 ``make_skeleton`` points every initializer at the weight store's unpacked raw layout (ONNX external data), so
 the skeleton plus ``WeightReader.unpack_raw`` is a complete model for onnxruntime and TRT-RTX's parser.
+
+Dim names: TRT-RTX takes dims of one name to be one dim, so a placeholder name that exporters write for unrelated
+axes (``"?"``, ``""``) becomes ``dim_<tensor>_<axis>`` (the name unnamed dims get) in the graph and in the specs
+(bundler/dims.py).
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import functools
 import logging
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
@@ -24,6 +28,7 @@ from runtime_shim.fsutil import atomic_write, atomic_writer, sha256_file
 from runtime_shim.manifest import TensorSpec, WeightStore
 from runtime_shim.store.reader import nbytes_for
 
+from .dims import PLACEHOLDER_DIMS, axis_dim_name, distinct_placeholders
 from .store_writer import Weight
 
 log = logging.getLogger(__name__)
@@ -68,6 +73,7 @@ class LoadedModel:
     source_sha256: str  # of the .onnx file as given (external data not included)
     opset: int | None
     constants_hoisted: int  # Constant nodes that became initializers
+    renamed_dims: dict[str, str] = field(default_factory=dict)  # new dim name -> the model's name for it
 
     def weight(self, name: str) -> Weight:
         return self._by_name[name]  # KeyError(name) when absent
@@ -215,7 +221,9 @@ def _spec(vi: onnx.ValueInfoProto, where: str) -> TensorSpec:
     if not tt.HasField("shape"):
         raise ModelError(f"{where} {vi.name!r}: no shape (rank unknown)", hint=_HINT_SHAPES)
     shape = tuple(
-        d.dim_value if d.HasField("dim_value") else (d.dim_param or f"dim_{vi.name}_{axis}")
+        d.dim_value
+        if d.HasField("dim_value")
+        else (d.dim_param if d.dim_param not in PLACEHOLDER_DIMS else axis_dim_name(vi.name, axis))
         for axis, d in enumerate(tt.shape.dim)
     )
     return TensorSpec(name=vi.name, dtype=dtype_name(tt.elem_type, f"{where} {vi.name!r}"), shape=shape)
@@ -283,15 +291,7 @@ def load_model(path: str | os.PathLike[str]) -> LoadedModel:
     inputs = tuple(_spec(vi, "input") for vi in model.graph.input if vi.name not in init_names)
     outputs = tuple(_spec(vi, "output") for vi in _outputs_with_shapes(model, path))
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
-    log.info(
-        "%s: %d weights (%d from Constant nodes), %d inputs, %d outputs",
-        path,
-        len(weights),
-        hoisted,
-        len(inputs),
-        len(outputs),
-    )
-    return LoadedModel(
+    loaded = LoadedModel(
         path=path,
         proto=model,
         weights=weights,
@@ -301,6 +301,16 @@ def load_model(path: str | os.PathLike[str]) -> LoadedModel:
         opset=opset,
         constants_hoisted=hoisted,
     )
+    distinct_placeholders(loaded)
+    log.info(
+        "%s: %d weights (%d from Constant nodes), %d inputs, %d outputs",
+        path,
+        len(weights),
+        hoisted,
+        len(inputs),
+        len(outputs),
+    )
+    return loaded
 
 
 def _outputs_with_shapes(model: onnx.ModelProto, path: Path) -> list[onnx.ValueInfoProto]:

@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import onnx
 import pytest
 from click.testing import CliRunner
 
@@ -106,7 +107,8 @@ def test_errors_are_rendered_with_a_hint(tmp_path: Path) -> None:
     r = run("build", model, "-o", tmp_path / "b")
     assert r.exit_code == 1 and "Traceback" not in r.output
     assert "ERROR" in r.stderr and "'input' has dynamic dims [batch, 3, height, width]" in r.stderr
-    assert "hint: pass --shape input=" in r.stderr
+    assert "hint: pass --dim batch=1:8:64 --dim height=1:8:64 --dim width=1:8:64 " in r.stderr
+    assert "--shape input=1x3x1x1:8x3x8x8:64x3x64x64" in r.stderr
     r = run("build", model, "-o", tmp_path / "b", "--shape", "input=4x3x8x8:1x3x8x8:8x3x8x8")
     assert r.exit_code == 1 and "min <= opt <= max" in r.stderr
     r = run("build", model, "-o", tmp_path / "b", "--shape", "input=1x3x8x8", "--sm", "90")
@@ -158,3 +160,43 @@ def test_progress_shows_only_slow_steps(capsys: pytest.CaptureFixture[str]) -> N
     err = capsys.readouterr().err
     assert "quick step" not in err
     assert "slow step ..." in err and "slow step: 50%" in err and "slow step: done in" in err
+
+
+def _pixels_model(dir: Path) -> Path:
+    """The conv test model with its input named `pixels` [batch, 3, height, width] (not the template's `input`)."""
+    model = onnx.load(str(models.make_conv(dir)))
+    model.graph.input[0].name = "pixels"
+    for node in model.graph.node:
+        node.input[:] = ["pixels" if n == "input" else n for n in node.input]
+    path = dir / "pixels.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.mark.parametrize(
+    "ranges",
+    [
+        ["--shape", "pixels=1x3x16x16:2x3x32x32:4x3x64x64", "--sm", "89"],
+        ["--dim", "batch=1:2:4", "--dim", "height=16:32:64", "--dim", "width=16:48:64", "--no-weightful"],
+    ],
+)
+def test_template_config_fits_any_model(tmp_path: Path, ranges: list[str]) -> None:
+    """templates/bundle.toml names no input: --shape or --dim give the ranges, and warm-ups follow the profiles."""
+    model = _pixels_model(tmp_path / "m")
+    template = Path(__file__).resolve().parent.parent / "templates" / "bundle.toml"
+    r = run("build", model, "-o", tmp_path / "b", "--config", template, *ranges, "--json")
+    assert r.exit_code == 0, r.output
+    d = json.loads(run("inspect", tmp_path / "b", "--json").stdout)
+    assert list(d["profiles"][0]["shapes"]) == ["pixels"] and d["warmup_shapes"] == []
+    assert d["model"]["name"] == "pixels" and d["model"]["version"] == "1.0.0"
+    assert [e["kind"] for e in d["engines"]] == (["weightful"] if "--sm" in ranges else [])
+
+
+def test_dim_flag_errors(tmp_path: Path) -> None:
+    model = models.make_conv(tmp_path)
+    r = run("build", model, "-o", tmp_path / "b", "--dim", "batch=1:2:4")
+    assert r.exit_code == 1 and "no range for the dynamic dims height, width" in r.stderr
+    assert "hint: pass --dim height=1:8:64 --dim width=1:8:64 " in r.stderr
+    r = run("build", model, "-o", tmp_path / "b", "--dim", "batch=4:2:8")
+    assert r.exit_code == 1 and "--dim batch=4:2:8: expected 1 <= min <= opt <= max" in r.stderr
+    assert not (tmp_path / "b").exists()

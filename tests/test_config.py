@@ -9,12 +9,14 @@ import pytest
 from bundler.config import (
     BundleConfig,
     ConfigError,
+    DimRange,
     load_config,
     make_options,
+    parse_dim_args,
     parse_range,
     parse_shape_args,
-    resolve_profiles,
 )
+from bundler.dims import resolve_profiles
 from runtime_shim.manifest import Profile, ShapeRange, TensorSpec
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "templates" / "bundle.toml"
@@ -86,13 +88,58 @@ def test_every_profile_covers_every_dynamic_input() -> None:
 
 def test_template_parses_and_merges() -> None:
     config = load_config(TEMPLATE)
-    assert config.name and config.profiles and config.warmup_shapes
+    # It fits any model: no input names in it, so warm-ups follow the profiles the command line gives.
+    assert not config.profiles and not config.dims and not config.warmup_shapes and config.name is None
     options = make_options(config)
-    assert options.profiles == config.profiles and options.encoding == "zstd-byteplane"
+    assert options.encoding == "zstd-byteplane" and options.sms == (86, 89, 120)
     # Command line wins: --shape replaces the file's profiles, --sm its targets.
     options = make_options(config, shapes=["input=1x3x8x8"], sms=[89, 86], name="other", weightful=False)
     assert options.profiles == (Profile(shapes={"input": parse_range("1x3x8x8", where="t")}),)
     assert options.sms == (86, 89) and options.name == "other" and options.weightful is False
+
+
+def test_dims_table_and_flag(tmp_path: Path) -> None:
+    path = tmp_path / "bundle.toml"
+    path.write_text(
+        '[dims]\nbatch = "1:4:16"\nseq_len = ["1:128:512", "512:1024:4096"]\nfixed = 3\n'
+        '[[profiles]]\n[profiles.shapes]\nx = "1x8:2x8:4x8"\n[[warmup]]\nx = "2x8"\n'
+    )
+    config = load_config(path)
+    assert config.dims == {
+        "batch": (DimRange(1, 4, 16),),
+        "fixed": (DimRange(3, 3, 3),),
+        "seq_len": (DimRange(1, 128, 512), DimRange(512, 1024, 4096)),
+    }
+    kept = make_options(config)
+    assert kept.dims == config.dims and kept.profiles == config.profiles and kept.warmup_shapes == config.warmup_shapes
+    # Any --shape or --dim replaces the file's profiles, dims and warm-ups (the warm-ups fit the file's profiles).
+    replaced = make_options(config, dims=["seq_len=1:64:256", "seq_len=256:512:1024", "batch=2"])
+    assert replaced.dims == {"batch": (DimRange(2, 2, 2),), "seq_len": (DimRange(1, 64, 256), DimRange(256, 512, 1024))}
+    assert replaced.profiles == () and replaced.warmup_shapes == ()
+    assert parse_dim_args(["n=8"]) == {"n": (DimRange(8, 8, 8),)}
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        ("n=4:2:8", "expected 1 <= min <= opt <= max, got 4 / 2 / 8"),
+        ("n=0:2:8", "expected 1 <= min <= opt <= max, got 0 / 2 / 8"),
+        ("n=1:2", "expected MIN:OPT:MAX"),
+        ("n=1x2:2:3", "expected MIN:OPT:MAX"),
+        ("1:2:3", "expected NAME=MIN:OPT:MAX"),
+    ],
+)
+def test_bad_dim_flags(value: str, expected: str) -> None:
+    with pytest.raises(ConfigError, match=expected):
+        parse_dim_args([value])
+
+
+def test_bad_dims_table(tmp_path: Path) -> None:
+    path = tmp_path / "bundle.toml"
+    path.write_text("[dims]\nseq_len = 1.5\n")
+    with pytest.raises(ConfigError, match=r"dims.seq_len: expected \"MIN:OPT:MAX\"") as e:
+        load_config(path)
+    assert str(path) in str(e.value)
 
 
 def test_config_errors_name_file_and_key(tmp_path: Path) -> None:

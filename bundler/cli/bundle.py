@@ -94,7 +94,15 @@ def _parse_sms(_ctx: click.Context, _param: click.Parameter, value: str | None) 
     metavar="NAME=MIN:OPT:MAX",
     help="Range of a dynamic input, dims joined by x (1x3x224x224:4x3x224x224:16x3x224x224; one shape = fixed). "
     "The k-th --shape of an input goes to profile k; an input given once applies to every profile. "
-    "Replaces the profiles of --config.",
+    "With --dim: replaces the profiles, dims and warm-ups of --config.",
+)
+@click.option(
+    "--dim",
+    "dims",
+    multiple=True,
+    metavar="NAME=MIN:OPT:MAX",
+    help="Range of a named dynamic dim, shared by every input that uses it (--dim seq_len=1:128:512; one number = "
+    "fixed). The k-th --dim of a name goes to profile k. With --shape: replaces the profiles, dims and warm-ups of --config.",
 )
 @click.option(
     "--config",
@@ -125,6 +133,7 @@ def build(
     model: Path,
     output: Path,
     shapes: tuple[str, ...],
+    dims: tuple[str, ...],
     config_path: Path | None,
     sm: tuple[int, ...] | None,
     name: str | None,
@@ -142,6 +151,7 @@ def build(
     options = make_options(
         config,
         shapes=shapes,
+        dims=dims,
         sms=sm,
         name=name,
         version=model_version,

@@ -28,63 +28,66 @@ import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, ClassVar
 
 from runtime_shim import __version__
 from runtime_shim.errors import ManifestError
 from runtime_shim.fsutil import atomic_write, sha256_bytes
-from runtime_shim.manifest import Engine, FileRef, Manifest, RuntimeCache, Shape
-from runtime_shim.schema import Reader, load_json_file, sha256_hex
+from runtime_shim.manifest import SHAPES_BY_INPUT, Engine, FileRef, Manifest, RuntimeCache, Shape
+from runtime_shim.schema import Codec, Key, Record, Sha256, canonical_json, load_json_file
 
 PART_SCHEMA_VERSION = 1
 PART_KIND = "trtx-bundler-part"
 PART_MANIFEST_NAME = "part.json"
 
 
+class Seconds(Codec):
+    """Name -> seconds: numbers in, floats kept, written rounded to microseconds in name order."""
+
+    kinds, expected, identity = (Mapping,), "an object", False
+
+    def read(self, value: Any, path: str, warnings: list[str]) -> Any:
+        bad = {k: x for k, x in value.items() if isinstance(x, bool) or not isinstance(x, (int, float))}
+        if bad:
+            raise ManifestError(f"{path}: expected numbers of seconds, got {bad!r}")
+        return {str(k): float(v) for k, v in value.items()}
+
+    def write(self, value: Any) -> Any:
+        return {k: round(v, 6) for k, v in sorted(value.items())}
+
+
 # --------------------------------------------------------------------------- part manifest
 @dataclass(frozen=True, kw_only=True)
-class WarmupRun:
+class WarmupRun(Record):
     """One warm-up: a shape for every input, run under one optimization profile."""
 
     profile: int
-    shapes: Mapping[str, Shape]
+    shapes: Annotated[Mapping[str, Shape], Key(codec=SHAPES_BY_INPUT)]
     first_run_s: float | None = None  # EAGER compile + run: what a user without this cache would wait
     rounds: int = 0
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "profile": self.profile,
-            "shapes": {k: list(v) for k, v in sorted(self.shapes.items())},
-            "first_run_s": self.first_run_s,
-            "rounds": self.rounds,
-        }
-
-    @staticmethod
-    def _parse(r: Reader) -> WarmupRun:
-        shapes = r.get("shapes", Mapping)
-        return WarmupRun(
-            profile=r.get("profile", int),
-            shapes={k: tuple(v) for k, v in sorted(shapes.items())},
-            first_run_s=r.get("first_run_s", (int, float), default=None),
-            rounds=r.get("rounds", int, default=0),
-        )
-
 
 @dataclass(frozen=True, kw_only=True)
-class Part:
+class Part(Record):
     """part.json: what one farm job made, and for which bundle."""
 
-    bundle_manifest_sha256: str  # sha256 of the manifest.json bytes the job read
-    bundle_base_sha256: str  # sha256 of that manifest without engines/caches: same model, weights, skeleton, profiles
-    model: str
-    runtime_cache: RuntimeCache  # key, file, and the engine it was made with
+    # "kind" is checked by from_dict; "tool" names the writer, always trtx-bundler (its version is tool_version).
+    JSON_CONSTANTS: ClassVar[Mapping[str, Any]] = {"kind": PART_KIND, "tool.tool": "trtx-bundler"}
+
+    schema_version: int = PART_SCHEMA_VERSION  # checked before the rest is read (from_dict)
+    # sha256 of the manifest.json bytes the job read
+    bundle_manifest_sha256: Annotated[Sha256, Key("bundle.manifest_sha256")]
+    # sha256 of that manifest without engines/caches: same model, weights, skeleton, profiles
+    bundle_base_sha256: Annotated[Sha256, Key("bundle.base_sha256")]
+    model: Annotated[str, Key("bundle.model")]
     engine: Engine | None = None  # the weightless engine this job built; None when the bundle already had one
+    runtime_cache: RuntimeCache  # key, file, and the engine it was made with
     warmup: tuple[WarmupRun, ...] = ()
-    timings: Mapping[str, float] = field(default_factory=dict)  # seconds: build, load, warmup, serialize, total
+    # seconds: build, load, warmup, serialize, total
+    timings: Annotated[Mapping[str, float], Key(codec=Seconds())] = field(default_factory=dict)
     machine: Mapping[str, str] = field(default_factory=dict)  # informational: host, GPU UUID, full driver version
-    tool_version: str = __version__
-    created: int = 0  # unix seconds; ``merge`` keeps the newest cache per key by default
-    schema_version: int = PART_SCHEMA_VERSION
+    tool_version: Annotated[str, Key("tool.version", required=True)] = __version__
+    created: Annotated[int, Key(required=True)] = 0  # unix seconds; ``merge`` keeps the newest cache per key by default
 
     def files(self) -> list[tuple[str, FileRef]]:
         out = [("runtime_cache.file", self.runtime_cache.file)]
@@ -92,26 +95,8 @@ class Part:
             out.insert(0, ("engine.file", self.engine.file))
         return out
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "kind": PART_KIND,
-            "schema_version": self.schema_version,
-            "bundle": {
-                "manifest_sha256": self.bundle_manifest_sha256,
-                "base_sha256": self.bundle_base_sha256,
-                "model": self.model,
-            },
-            "engine": None if self.engine is None else self.engine.to_dict(),
-            "runtime_cache": self.runtime_cache.to_dict(),
-            "warmup": [w.to_dict() for w in self.warmup],
-            "timings": {k: round(v, 6) for k, v in sorted(self.timings.items())},
-            "machine": dict(sorted(self.machine.items())),
-            "tool": {"tool": "trtx-bundler", "version": self.tool_version},
-            "created": self.created,
-        }
-
     def to_json(self) -> bytes:
-        return (json.dumps(self.to_dict(), sort_keys=True, indent=1, ensure_ascii=False) + "\n").encode("utf-8")
+        return canonical_json(self.to_dict())
 
     @classmethod
     def from_dict(cls, data: Any, *, source: str) -> tuple[Part, list[str]]:
@@ -130,39 +115,15 @@ class Part:
                 hint="run merge with the trtx-bundler release the farm runs",
             )
         try:
-            r = Reader(data, "", warnings)
-            r.seen.update({"kind", "schema_version"})
-            bundle = r.get("bundle", Mapping)
-            b = Reader(bundle, "bundle", warnings)
-            tool = Reader(r.get("tool", Mapping), "tool", warnings)
-            part = cls(
-                schema_version=version,
-                bundle_manifest_sha256=b.get("manifest_sha256", str, check=sha256_hex),
-                bundle_base_sha256=b.get("base_sha256", str, check=sha256_hex),
-                model=b.get("model", str),
-                engine=r.obj("engine", Engine._parse, default=None),
-                runtime_cache=r.obj("runtime_cache", RuntimeCache._parse),
-                warmup=r.objs("warmup", WarmupRun._parse, default=()),
-                timings={str(k): float(v) for k, v in r.get("timings", Mapping, default={}, check=_seconds).items()},
-                machine={str(k): str(v) for k, v in r.get("machine", Mapping, default={}).items()},
-                tool_version=tool.get("version", str),
-                created=r.get("created", int),
-            )
-            tool.get("tool", str)  # always "trtx-bundler": read so that it is not reported as unknown
-            for reader in (b, tool, r):
-                reader.done()
+            return cls.parse(data, warnings=warnings), warnings
         except ManifestError as e:
             raise ManifestError(f"{source}: {e}", hint=e.hint) from None
-        if part.engine is not None and part.engine.file.sha256 not in part.runtime_cache.engines:
+
+    def validate(self, path: str) -> None:
+        if self.engine is not None and self.engine.file.sha256 not in self.runtime_cache.engines:
             raise ManifestError(
-                f"{source}: runtime_cache.engines does not name the part's own engine {part.engine.file.sha256}"
+                f"{path + '.' if path else ''}runtime_cache.engines does not name the part's own engine {self.engine.file.sha256}"
             )
-        return part, warnings
-
-
-def _seconds(v: Mapping[str, Any]) -> str | None:
-    bad = {k: x for k, x in v.items() if isinstance(x, bool) or not isinstance(x, (int, float))}
-    return f"expected numbers of seconds, got {bad!r}" if bad else None
 
 
 def read_part(part_dir: str | os.PathLike[str]) -> tuple[Part, list[str]]:

@@ -14,7 +14,6 @@ from bundler.onnx_model import load_model, write_raw_layout
 from bundler.store_writer import Weight, encode_frame, write_weight_store
 from runtime_shim.errors import IntegrityError, ModelError
 from runtime_shim.manifest import WEIGHT_ENCODINGS, WeightStore
-from runtime_shim.schema import Reader
 from runtime_shim.store.reader import MAGIC, WeightReader, decode_frame_into
 
 ENCODINGS = list(WEIGHT_ENCODINGS)
@@ -136,7 +135,7 @@ def test_store_file_is_content_addressed_and_deterministic(silero_loaded: dict, 
 def test_index_survives_the_manifest(tmp_path: Path, test_models: dict) -> None:
     store = write_weight_store(test_models["conv"].weights, tmp_path)
     # through the manifest's own parser, with its consistency checks, as the shim reads it
-    parsed = Reader({"w": store.to_dict()}, "", []).obj("w", WeightStore._parse)
+    parsed = WeightStore.parse(store.to_dict(), path="w")
     assert parsed == store
 
 

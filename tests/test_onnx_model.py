@@ -152,6 +152,36 @@ def test_io_specs_and_dynamic_dims(tmp_path: Path) -> None:
     assert len(conv.source_sha256) == 64 and conv.opset == models.OPSET
 
 
+def test_placeholder_dims_get_names_of_their_own(tmp_path: Path) -> None:
+    """An empty or "?" dim_param ties no axes: named per axis on the graph's I/O, cleared inside, ONNX Runtime runs it."""
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["", "?", None])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["?", "?", None])
+    inner = onnx.helper.make_tensor_value_info("h", onnx.TensorProto.FLOAT, ["?", "?", None])
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Relu", ["x"], ["h"]), onnx.helper.make_node("Neg", ["h"], ["y"])],
+        "g",
+        [x],
+        [y],
+        value_info=[inner],
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", models.OPSET)])
+    model.ir_version = models.IR_VERSION
+    path = tmp_path / "placeholders.onnx"
+    onnx.save(model, str(path))
+    loaded = load_model(path)
+    assert loaded.inputs[0].shape == ("dim_x_0", "dim_x_1", "dim_x_2")  # the unnamed axis kept its old name
+    assert loaded.outputs[0].shape == ("dim_y_0", "dim_y_1", "dim_y_2")
+    assert loaded.renamed_dims == {"dim_x_0": "", "dim_x_1": "?", "dim_y_0": "?", "dim_y_1": "?"}
+    g = loaded.proto.graph
+    assert [d.dim_param for d in g.input[0].type.tensor_type.shape.dim] == ["dim_x_0", "dim_x_1", ""]
+    assert not any(d.dim_param for d in g.value_info[0].type.tensor_type.shape.dim)
+    store = write_weight_store(loaded.weights, tmp_path / "store")
+    skeleton = write_normalized_model(loaded, store, tmp_path / "norm")
+    a = np.random.default_rng(0).standard_normal((2, 5, 3)).astype(np.float32)
+    (got,) = ort.InferenceSession(str(skeleton), providers=["CPUExecutionProvider"]).run(None, {"x": a})
+    np.testing.assert_array_equal(got, -np.maximum(a, 0))
+
+
 # --------------------------------------------------------------------------- external data
 def test_external_data_model_loads(tmp_path: Path) -> None:
     src = models.make_external(tmp_path)

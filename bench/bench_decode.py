@@ -2,9 +2,9 @@
 
 Frames are in memory (no file, no hash: bench_load.py covers those). Single thread: store decode speed / zstd-3
 decode speed (target >= 0.8x). Threads: speed(T) / speed(1) against 0.7 x T (target up to the core count). Then the
-decoder without its C helper (what an install with no C compiler gets), whose numpy join runs on at most
-NUMPY_JOIN_THREADS threads at once: its scaling against one thread, next to the same decoder with the join on every
-thread (the limit off), so that the knee can be read off a machine (target: more threads never slower).
+decoder without its C helper (what an install with no C compiler gets), which decodes byte-plane frames on at most
+NUMPY_DECODE_THREADS threads at once: its scaling against one thread, next to the same decoder on every thread (the
+limit off), so that the knee can be read off a machine (target: more threads never slower).
 
     python bench/bench_decode.py [--model minilm] [--dtype fp32,fp16,bf16] [--copies 1] [--threads 1,2,4,8,16] [--repeat 5]
 """
@@ -43,17 +43,17 @@ def _store_job(job) -> None:
     decode.decode_frame_into(stored, "zstd-byteplane", es, out)
 
 
-def _timed(pool: cf.Executor, fn, jobs: list, repeat: int, *, native: bool, join_limit: int | None = None) -> float:
-    """Median time of one pass over ``jobs``, with or without the C helper (and another numpy join limit)."""
+def _timed(pool: cf.Executor, fn, jobs: list, repeat: int, *, native: bool, numpy_limit: int | None = None) -> float:
+    """Median time of one pass over ``jobs``, with or without the C helper (and another limit of numpy decoders)."""
     was = decode.use_native(native)
-    limit = decode.limit_numpy_join(join_limit) if join_limit else None
+    limit = decode.limit_numpy_decoders(numpy_limit) if numpy_limit else None
     try:
         list(pool.map(fn, jobs))  # warm the per-thread buffers
         return _data.median_time(lambda: list(pool.map(fn, jobs)), repeat)
     finally:
         decode.use_native(was)
         if limit is not None:
-            decode.limit_numpy_join(limit)
+            decode.limit_numpy_decoders(limit)
 
 
 def main() -> None:
@@ -69,8 +69,8 @@ def main() -> None:
     sets = _data.models(args.model)
     built = decode.native_built()
     print(
-        f"{cores} CPUs; {DEFAULT_CHUNK >> 20} MiB frames; medians of {args.repeat}; numpy join on at most "
-        f"{decode.NUMPY_JOIN_THREADS} threads; "
+        f"{cores} CPUs; {DEFAULT_CHUNK >> 20} MiB frames; medians of {args.repeat}; numpy decodes on at most "
+        f"{decode.NUMPY_DECODE_THREADS} threads; "
         f"C helper {'built' if built else 'NOT built: store and numpy columns are the same decoder'}"
     )
     for short in args.dtype.split(","):
@@ -90,7 +90,7 @@ def main() -> None:
         print(f"\n== {args.model}-{short} x{args.copies}: {raw / 1e6:.1f} MB raw in {len(sjobs)} frames")
         print(
             f"{'T':>3s} {'zstd-3 GB/s':>12s} {'store GB/s':>11s} {'store/zstd-3':>13s} {'store scaling':>14s} {'0.7*T':>6s}"
-            f" {'numpy GB/s':>11s} {'numpy scaling':>14s} {'unlimited join':>15s}"
+            f" {'numpy GB/s':>11s} {'numpy scaling':>14s} {'no limit':>15s}"
         )
         one = one_np = one_free = None
         fallback = []
@@ -98,9 +98,9 @@ def main() -> None:
             with cf.ThreadPoolExecutor(T) as pool:
                 t_z = _timed(pool, _zstd_job, zjobs, args.repeat, native=True)
                 t_s = _timed(pool, _store_job, sjobs, args.repeat, native=True)
-                # the same decoder without its C helper: as shipped (join limited), and with the join on every thread
+                # the same decoder without its C helper: as shipped (limited), and on every thread
                 t_n = _timed(pool, _store_job, sjobs, args.repeat, native=False) if built else t_s
-                t_f = _timed(pool, _store_job, sjobs, args.repeat, native=False, join_limit=max(T, 1))
+                t_f = _timed(pool, _store_job, sjobs, args.repeat, native=False, numpy_limit=T)
             one, one_np, one_free = one or t_s, one_np or t_n, one_free or t_f
             fallback.append((T, one_np / t_n, one_free / t_f))
             print(
@@ -111,7 +111,7 @@ def main() -> None:
         print(
             "without the C helper, scaling vs 1 thread: "
             + ", ".join(f"T={T} {r:.2f}x" for T, r, _ in fallback)
-            + "; join unlimited: "
+            + "; no limit: "
             + ", ".join(f"T={T} {r:.2f}x" for T, _, r in fallback)
             + f"; more threads never slower (5% noise): {'yes' if steady else 'NO'}"
         )

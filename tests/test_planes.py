@@ -297,3 +297,40 @@ def test_a_chunk_of_several_blocks_is_walked_to_its_end(impl, blocks, accepted) 
     else:
         with pytest.raises(FrameFormatError, match="at most 64 blocks"):
             plan()
+
+
+def test_without_the_c_helper_at_most_the_limit_of_threads_decode_byte_planes_at_once(monkeypatch) -> None:
+    # more numpy decoders than the knee made decoding slower: the others wait (reading and hashing go on meanwhile)
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from runtime_shim.store import decode
+
+    values = (np.random.default_rng(4).standard_normal(20_000) * 0.05).astype(np.float32)
+    stored = encode_frame(values.tobytes(), "zstd-byteplane", 4, 3)
+    inside = most = 0
+    lock = threading.Lock()
+    real = decode._decode_planes
+
+    def watched(*args) -> None:
+        nonlocal inside, most
+        with lock:
+            inside += 1
+            most = max(most, inside)
+        time.sleep(0.01)  # long enough for the other threads to arrive
+        real(*args)
+        with lock:
+            inside -= 1
+
+    monkeypatch.setattr(decode, "_decode_planes", watched)
+    was, limit = decode.use_native(False), decode.limit_numpy_decoders(2)
+    try:
+        outs = [bytearray(values.nbytes) for _ in range(12)]
+        with ThreadPoolExecutor(6) as pool:
+            list(pool.map(lambda out: decode_frame_into(stored, "zstd-byteplane", 4, memoryview(out)), outs))
+    finally:
+        decode.use_native(was)
+        decode.limit_numpy_decoders(limit)
+    assert all(bytes(out) == values.tobytes() for out in outs)
+    assert 1 <= most <= 2

@@ -275,7 +275,7 @@ def test_iter_blobs_yields_whole_blobs_in_order_with_frames_grouped_into_tasks(
     by_blob = {t.blob: t.name for t in store.tensors}
     order = list(range(len(store.blobs)))[::-1]
     decoded = yielded = peak = 0
-    real = WeightReader._decode_frame
+    real = WeightReader.decode_frame
 
     def counting(self, index, j, out):
         nonlocal decoded, peak
@@ -283,7 +283,7 @@ def test_iter_blobs_yields_whole_blobs_in_order_with_frames_grouped_into_tasks(
         decoded += len(out)
         peak = max(peak, decoded - yielded)
 
-    monkeypatch.setattr(WeightReader, "_decode_frame", counting)
+    monkeypatch.setattr(WeightReader, "decode_frame", counting)
     with WeightReader(bundle, store, threads=threads) as reader:
         got = []
         for index, buf in reader.iter_blobs(order):

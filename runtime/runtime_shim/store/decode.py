@@ -39,13 +39,15 @@ except ImportError:
 # TRTX_SHIM_NATIVE=0 turns the helper off, to rule it out when debugging a decode (use_native does it in code).
 _native: ModuleType | None = None if os.environ.get("TRTX_SHIM_NATIVE") == "0" else _built
 
-# Without the helper, joining planes takes five numpy passes over memory between which each thread takes the GIL
-# back: past about one thread per physical core, more threads made the whole decode slower (16 threads slower than
-# 4 on a 16-vCPU host, bench/README.md). So at most this many threads join at once; the rest of a frame's decode
-# (reading, hashing, zstd, which release the GIL) still runs on every thread. bench/bench_decode.py measures it.
-NUMPY_JOIN_THREADS = max(2, min(8, (os.cpu_count() or 2) // 2))
-_numpy_join_limit = NUMPY_JOIN_THREADS
-_numpy_join_gate = threading.BoundedSemaphore(NUMPY_JOIN_THREADS)
+# Without the helper a byte-plane frame takes Python chunk checks and five numpy passes over memory, between which
+# each thread takes the GIL back: past about one thread per physical core more threads made decoding slower (on a
+# 16-vCPU host: 2.84x one thread's speed on 8 threads, 1.87x on 16; bench/README.md). So at most this many threads
+# decode such frames at once (one per physical core, as two vCPUs a core is the common case, at most the measured
+# knee of 8); the caller's other work (reading, sha256, plain zstd frames, which release the GIL) still runs on
+# every thread. bench/bench_decode.py measures the scaling with and without the limit.
+NUMPY_DECODE_THREADS = max(2, min(8, (os.cpu_count() or 2) // 2))
+_numpy_limit = NUMPY_DECODE_THREADS
+_numpy_gate = threading.BoundedSemaphore(NUMPY_DECODE_THREADS)
 _local = threading.local()
 
 
@@ -68,12 +70,12 @@ def use_native(enabled: bool) -> bool:
     return before
 
 
-def limit_numpy_join(threads: int) -> int:
-    """Let at most ``threads`` threads join planes with numpy at once (NUMPY_JOIN_THREADS unless changed); returns
-    the limit before. For benchmarks looking for the knee; call it between decodes, never during one."""
-    global _numpy_join_gate, _numpy_join_limit
-    before, _numpy_join_limit = _numpy_join_limit, max(1, threads)
-    _numpy_join_gate = threading.BoundedSemaphore(_numpy_join_limit)
+def limit_numpy_decoders(threads: int) -> int:
+    """Let at most ``threads`` threads decode byte-plane frames with numpy at once (NUMPY_DECODE_THREADS unless
+    changed); returns the limit before. For benchmarks looking for the knee; call it between decodes."""
+    global _numpy_gate, _numpy_limit
+    before, _numpy_limit = _numpy_limit, max(1, threads)
+    _numpy_gate = threading.BoundedSemaphore(_numpy_limit)
     return before
 
 
@@ -155,11 +157,19 @@ def decode_frame_into(stored: bytes | memoryview, encoding: str, element_size: i
     if encoding not in ENCODINGS:
         raise FormatError(f"unknown encoding {encoding!r}")
     es = element_size if encoding == "zstd-byteplane" else 1
-    if es > 1 and bytes(stored[: len(PLANES_TAG)]) == PLANES_TAG:
-        _decode_planes(stored, es, out)
-        return
     if es == 1:
         _decompress_whole(stored, out)
+    elif _native is not None:
+        _decode_split(stored, es, out)
+    else:
+        with _numpy_gate:
+            _decode_split(stored, es, out)
+
+
+def _decode_split(stored: memoryview, es: int, out: memoryview) -> None:
+    """A byte-plane frame of either layout."""
+    if bytes(stored[: len(PLANES_TAG)]) == PLANES_TAG:
+        _decode_planes(stored, es, out)
         return
     # Layout 1: one zstd frame of the planes, plane k holding byte k of every element, no rotation. One strided column
     # write per plane runs ~5x faster than numpy's generic transposed copy (measured, 4 MiB frames).
@@ -196,22 +206,20 @@ def _decode_planes(stored: memoryview, es: int, out: memoryview) -> None:
 def join_rotated(out: memoryview, planes: Sequence[np.ndarray]) -> None:
     """Interleave byte planes (least significant first) into ``out`` and rotate each element right by one bit: the
     elements were rotated left before the split, so the sign bit became bit 0 and the top plane holds the exponent
-    alone. The compiled helper does it in one pass with the GIL released; numpy needs five passes, on at most
-    NUMPY_JOIN_THREADS threads at once."""
+    alone. The compiled helper does it in one pass with the GIL released; numpy needs five passes."""
     if _native is not None:
         _native.join_rotated(out, planes)
         return
     es = len(planes)
     n = len(out) // es
     u = np.dtype(UINT_DTYPES[es])
-    with _numpy_join_gate:
-        x = np.frombuffer(out, dtype=u)
-        tmp = np.frombuffer(scratch("tmp", n * es), dtype=u)
-        np.left_shift(planes[es - 1], 8 * (es - 1), out=x, dtype=u)
-        for k in range(es - 2, 0, -1):
-            np.left_shift(planes[k], 8 * k, out=tmp, dtype=u)
-            x |= tmp
-        np.bitwise_or(x, planes[0], out=x, dtype=u)
-        np.right_shift(x, 1, out=tmp)
-        np.left_shift(x, 8 * es - 1, out=x)
+    x = np.frombuffer(out, dtype=u)
+    tmp = np.frombuffer(scratch("tmp", n * es), dtype=u)
+    np.left_shift(planes[es - 1], 8 * (es - 1), out=x, dtype=u)
+    for k in range(es - 2, 0, -1):
+        np.left_shift(planes[k], 8 * k, out=tmp, dtype=u)
         x |= tmp
+    np.bitwise_or(x, planes[0], out=x, dtype=u)
+    np.right_shift(x, 1, out=tmp)
+    np.left_shift(x, 8 * es - 1, out=x)
+    x |= tmp

@@ -159,7 +159,13 @@ class WeightReader:
                     f"{self.where(index, j)}: sha256 {actual}, expected {frame.sha256}", hint=HINT_CORRUPT
                 )
 
-    def _decode_frame(self, index: int, j: int, out: memoryview) -> None:
+    def decode_frame(self, index: int, j: int, out: memoryview) -> None:
+        """Read, verify (sha256) and decode frame ``j`` of blob ``index`` into ``out`` (exactly its raw_size bytes).
+
+        The unit of work of this reader's threads, and of pipelines that place frames themselves
+        (runtime_shim.gpu.upload); thread-safe.
+        """
+        out = memoryview(out).cast("B")
         blob = self.store.blobs[index]
         frame = blob.frames[j]
         # "none" frames are read into their final place and hashed there; others into a per-thread scratch buffer
@@ -197,13 +203,6 @@ class WeightReader:
                 )
 
     # ----------------------------------------------------------------------- public
-    def decode_frame(self, index: int, j: int, out: memoryview) -> None:
-        """Read, verify (sha256) and decode frame ``j`` of blob ``index`` into ``out`` (exactly its raw_size bytes).
-
-        The unit of work for pipelines that place frames themselves (runtime_shim.gpu.upload); thread-safe.
-        """
-        self._decode_frame(index, j, memoryview(out).cast("B"))
-
     def mapped(self) -> np.ndarray:
         """The whole weight file as a read-only uint8 array over a memory map (pages are read as touched; the map
         goes when the array does): for reading many small scattered pieces at once (frame headers, for
@@ -242,10 +241,10 @@ class WeightReader:
         slices = self._frame_slices(index, out)
         if self.threads == 1 or len(slices) <= 1:
             for j, piece in slices:
-                self._decode_frame(index, j, piece)
+                self.decode_frame(index, j, piece)
         else:
             with cf.ThreadPoolExecutor(self.threads) as pool:
-                for fut in [pool.submit(self._decode_frame, index, j, piece) for j, piece in slices]:
+                for fut in [pool.submit(self.decode_frame, index, j, piece) for j, piece in slices]:
                     fut.result()
         self._check_raw(index, out)
 
@@ -266,7 +265,7 @@ class WeightReader:
 
         def run(task: list[tuple[int, int, memoryview]]) -> None:
             for index, j, piece in task:
-                self._decode_frame(index, j, piece)
+                self.decode_frame(index, j, piece)
 
         def settle() -> Iterator[tuple[int, memoryview]]:
             fut, whole = pending.popleft()

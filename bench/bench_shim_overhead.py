@@ -131,12 +131,12 @@ def make_manifest(version: str) -> bytes:
 
 STEPS = """
 from runtime_shim.manifest import Manifest
-from runtime_shim import machine as _machine, choose as _choose
+from runtime_shim import machine as _machine, select as _select
 def steps(blob, machine=None):
     m, _ = Manifest.from_json(blob)
     mach = machine or _machine.probe()
-    gpu = _choose.pick_gpu(mach)
-    return _choose.choose_engines(m, mach, gpu), _choose.choose_caches(m, mach, gpu, False), mach
+    here = _select.assess(mach, _select.pick_gpu(mach))
+    return _select.rank_engines(m, here), _select.rank_caches(m, here, False), mach
 """
 
 
@@ -215,7 +215,7 @@ def main() -> None:
         f"  cold process: imports + parse + probe + choice    {cold:7.1f} ms  ({cold - python:.1f} ms over python's start-up)"
     )
     print(
-        "  (cold = a fresh interpreter that imports the shim's manifest, machine and choose modules: no numpy, no cuda-python; "
+        "  (cold = a fresh interpreter that imports the shim's manifest, machine and select modules: no numpy, no cuda-python; "
         "see python -X importtime)"
     )
     print(

@@ -10,9 +10,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from runtime_shim.cache_key import serves_gpus_of
 from runtime_shim.machine import Gpu, Machine, sm_text
 from runtime_shim.manifest import PLATFORMS, Manifest, RuntimeCache
-from runtime_shim.select import choose_engines
+from runtime_shim.select import assess, rank_engines
 from runtime_shim.targets import SUPPORTED_SMS
 
 _OS_OF = {"linux_x86_64": "linux", "windows_amd64": "windows"}
@@ -90,14 +91,11 @@ def coverage(manifest: Manifest) -> Coverage:
                 driver_cuda_version=None,
                 gpus=(gpu,),
             )
-            taken = next(c for c in choose_engines(manifest, machine, gpu) if c.taken)
+            taken = next(c for c in rank_engines(manifest, assess(machine, gpu)) if c.taken)
             caches = tuple(
                 c
                 for c in manifest.runtime_caches
-                if c.key.sm == sm
-                and c.key.os == _OS_OF[platform]
-                and c.key.trt_rtx_version == version
-                and c.key.cuda_flavour == flavour
+                if serves_gpus_of(c.key, os=_OS_OF[platform], sm=sm, trt_rtx_version=version, cuda_flavour=flavour)
             )
             shown.update(id(c) for c in caches)
             sha = taken.candidate.file.sha256 if taken.candidate is not None else None

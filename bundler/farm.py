@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from runtime_shim import __version__
+from runtime_shim.cache_key import cache_key_for
 from runtime_shim.errors import BundleError, MachineError
 from runtime_shim.fsutil import atomic_write, sha256_bytes
-from runtime_shim.machine import Gpu, Machine, cache_key_for, unsupported_reason
+from runtime_shim.machine import Gpu, Machine, unsupported_reason
 from runtime_shim.machine import probe as real_probe
 from runtime_shim.manifest import (
     MANIFEST_NAME,

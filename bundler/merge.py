@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from runtime_shim.cache_key import key_text as _key_text
 from runtime_shim.errors import BundleError, IntegrityError
 from runtime_shim.fsutil import CHUNK, atomic_write, atomic_writer, sha256_file
 from runtime_shim.machine import sm_text
@@ -294,10 +295,6 @@ def _resolve_caches(
         if winner.source != "bundle":
             sources[winner.cache.file.sha256] = winner.src_dir
     return out, conflicts, sources
-
-
-def _key_text(key: CacheKey) -> str:
-    return f"{key.gpu_name} (0x{key.pci_device_id:04x}, SM {sm_text(key.sm)}) {key.os} driver {key.driver_version}"
 
 
 def _sms(engine: Engine) -> str:

@@ -6,6 +6,7 @@ import hashlib
 
 import pytest
 
+from runtime_shim.cache_key import classify_cache
 from runtime_shim.machine import Gpu, Machine
 from runtime_shim.manifest import (
     Blob,
@@ -24,7 +25,7 @@ from runtime_shim.manifest import (
     WeightStore,
     WeightTensor,
 )
-from runtime_shim.select import choose_caches, choose_engines, classify_cache, pick_gpu
+from runtime_shim.select import assess, pick_gpu, rank_caches, rank_engines
 
 V = "1.7.1.116"
 
@@ -179,7 +180,7 @@ def taken(choices):
     ],
 )
 def test_engine_ranking(engines, m, kind, index, words) -> None:
-    choices = choose_engines(manifest(engines), m, pick_gpu(m))
+    choices = rank_engines(manifest(engines), assess(m, pick_gpu(m)))
     t = taken(choices)
     assert (t.kind, t.index) == (kind, index) and words in t.reason
     assert choices[-1].kind == "fallback" or any(c.kind == "fallback" for c in choices)
@@ -197,7 +198,7 @@ def test_engine_ranking(engines, m, kind, index, words) -> None:
     ],
 )
 def test_why_trt_rtx_cannot_run_is_said_in_words(m, words) -> None:
-    choices = choose_engines(manifest((WF_ALL, WL89)), m, pick_gpu(m))
+    choices = rank_engines(manifest((WF_ALL, WL89)), assess(m, pick_gpu(m)))
     passed = [c for c in choices if c.kind in ("weightless", "weightful", "build")]
     assert passed and all(not c.viable and words in c.reason for c in passed)
 
@@ -212,12 +213,12 @@ def test_why_trt_rtx_cannot_run_is_said_in_words(m, words) -> None:
     ],
 )
 def test_passed_over_engines_say_why(eng, m, words) -> None:
-    [c] = [c for c in choose_engines(manifest((eng,)), m, pick_gpu(m)) if c.index == 0]
+    [c] = [c for c in rank_engines(manifest((eng,)), assess(m, pick_gpu(m))) if c.index == 0]
     assert not c.viable and words in c.reason
 
 
 def test_ranked_below_is_said_for_usable_engines() -> None:
-    choices = choose_engines(manifest((WF_ALL, WL89)), machine(), GPUS["rtx4090"])
+    choices = rank_engines(manifest((WF_ALL, WL89)), assess(machine(), GPUS["rtx4090"]))
     assert [c.kind for c in choices if c.viable] == ["weightless", "weightful", "build", "fallback"]
     assert all(c.reason.startswith("usable, ranked below") for c in choices if c.viable and not c.taken)
 
@@ -260,7 +261,7 @@ def test_cache_ranking_user_then_exact_then_compatible_then_none() -> None:
         cache(EXACT, (WL89,), created=2),
     )
     m = manifest((WL89,), caches)
-    with_user = choose_caches(m, machine(), GPUS["rtx4090"], user_cache_available=True)
+    with_user = rank_caches(m, assess(machine(), GPUS["rtx4090"]), user_cache_available=True)
     assert [(c.kind, c.index) for c in with_user if c.viable] == [
         ("user_cache", None),
         ("bundled_exact", 3),
@@ -269,7 +270,7 @@ def test_cache_ranking_user_then_exact_then_compatible_then_none() -> None:
         ("none", None),
     ]
     assert taken(with_user).kind == "user_cache"
-    without = choose_caches(m, machine(), GPUS["rtx4090"], user_cache_available=False)
+    without = rank_caches(m, assess(machine(), GPUS["rtx4090"]), user_cache_available=False)
     assert (taken(without).kind, taken(without).index) == ("bundled_exact", 3)  # the newest exact one
     [sku] = [c for c in without if c.index == 0]
     assert not sku.viable and "RTX 4080" in sku.reason
@@ -277,7 +278,7 @@ def test_cache_ranking_user_then_exact_then_compatible_then_none() -> None:
 
 def test_no_cache_when_trt_rtx_cannot_run() -> None:
     m = manifest((WL89,), (cache(EXACT, (WL89,)),))
-    choices = choose_caches(m, machine("h100"), GPUS["h100"], user_cache_available=True)
+    choices = rank_caches(m, assess(machine("h100"), GPUS["h100"]), user_cache_available=True)
     assert taken(choices).kind == "none"
     assert all("no TRT-RTX session on this machine" in c.reason for c in choices if c.kind != "none")
 

@@ -12,8 +12,9 @@ from types import SimpleNamespace
 
 import pytest
 
+from runtime_shim.cache_key import cache_key_for
 from runtime_shim.errors import MachineError
-from runtime_shim.machine import Gpu, Machine, cache_key_for, probe, trt_rtx_supports, unsupported_reason
+from runtime_shim.machine import Gpu, Machine, probe, trt_rtx_supports, unsupported_reason
 
 
 class _CUresult(enum.IntEnum):
@@ -264,7 +265,8 @@ def test_an_old_driver_is_said_in_words() -> None:
 def test_the_shim_imports_neither_tensorrt_rtx_for_probing_nor_onnx_or_click() -> None:
     code = (
         "import sys, runtime_shim; m = runtime_shim.probe(); import runtime_shim.session, runtime_shim.select, "
-        "runtime_shim.user_cache, runtime_shim.fallback, runtime_shim.trt.runtime; "
+        "runtime_shim.user_cache, runtime_shim.fallback, runtime_shim.backend, runtime_shim.refit, runtime_shim.inputs, "
+        "runtime_shim.trt.runtime, runtime_shim.trt.session; "
         "print(sorted(n for n in ('tensorrt_rtx', 'onnx', 'click', 'bundler') if n in sys.modules))"
     )
     root = Path(__file__).resolve().parent.parent

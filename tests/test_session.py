@@ -15,6 +15,7 @@ import onnxruntime as ort
 import pytest
 
 import runtime_shim
+from runtime_shim import Loader
 from runtime_shim.errors import BackendUnavailableError, BundleError, InputError, IntegrityError, SchemaVersionError
 from runtime_shim.fsutil import atomic_write
 from runtime_shim.machine import Gpu, Machine
@@ -193,7 +194,7 @@ def test_bundle_from_another_trt_rtx_version(mlp, tmp_path) -> None:
 
     _rewrite(bundle, older)
     # building here needs a real supported GPU: with none, the report carries both reasons and ONNX Runtime serves
-    with runtime_shim.load(bundle, "T", cache_dir=tmp_path / "c", _machine=_machine((rtx,))) as s:
+    with Loader(probe=lambda: _machine((rtx,))).load(bundle, "T", cache_dir=tmp_path / "c") as s:
         assert s.backend == "onnxruntime"
         assert "built with TensorRT for RTX 1.6.0.0, but" in s.report.why_not_trt
         assert any("made for TensorRT for RTX 1.6.0.0" in w for w in s.report.warnings)
@@ -203,9 +204,9 @@ def test_bundle_from_another_trt_rtx_version(mlp, tmp_path) -> None:
 def test_unsupported_gpu_fallback_error_says_why(mlp, tmp_path) -> None:
     bundle, feeds = mlp
     with pytest.raises(BackendUnavailableError) as e:
-        runtime_shim.load(bundle, "T", cache_dir=tmp_path / "c", fallback="error", _machine=_machine())
+        Loader(probe=_machine).load(bundle, "T", cache_dir=tmp_path / "c", fallback="error")
     assert "compute capability 9.0 (Hopper" in str(e.value) and "doctor" in e.value.hint
-    with runtime_shim.load(bundle, "T", cache_dir=tmp_path / "c", _machine=_machine()) as s:
+    with Loader(probe=_machine).load(bundle, "T", cache_dir=tmp_path / "c") as s:
         assert s.backend == "onnxruntime" and "H100" in s.report.why_not_trt
         assert s.report.gpu["sm_text"] == "9.0" and s.report.gpu["trt_rtx_supported"] is False
 
@@ -259,6 +260,9 @@ def test_session_lifecycle_and_argument_errors(mlp, tmp_path) -> None:
 
 
 def test_exports() -> None:
-    assert runtime_shim.load is runtime_shim.session.load
+    assert runtime_shim.load is runtime_shim.session.load and runtime_shim.Loader is runtime_shim.session.Loader
     assert runtime_shim.Session.__name__ == "Session" and callable(runtime_shim.probe)
-    assert dataclasses.is_dataclass(runtime_shim.session.Report)
+    assert dataclasses.is_dataclass(runtime_shim.Report) and runtime_shim.Report is runtime_shim.session.Report
+    for name in runtime_shim.__all__:
+        assert getattr(runtime_shim, name) is not None, name
+    assert issubclass(runtime_shim.InputError, runtime_shim.BundleError)

@@ -12,12 +12,14 @@ import numpy as np
 import pytest
 
 import runtime_shim
+from runtime_shim import Loader
+from runtime_shim.cache_key import built_engine_name, cache_key_for, model_id
 from runtime_shim.errors import BackendUnavailableError, IntegrityError, MachineError
 from runtime_shim.fsutil import atomic_write
 from runtime_shim.gpu.upload import DeviceTensor
-from runtime_shim.machine import Gpu, Machine, cache_key_for, probe, trt_rtx_supports
+from runtime_shim.machine import Gpu, Machine, probe, trt_rtx_supports
 from runtime_shim.manifest import Engine, FileRef, RuntimeCache, read_manifest
-from runtime_shim.session import _save_open_sessions, model_id
+from runtime_shim.session import _save_open_sessions
 from runtime_shim.trt.runtime import decode_diagnostics
 from runtime_shim.user_cache import UserCache
 
@@ -217,7 +219,10 @@ def _bundle_with_stand_ins(tmp_path, model: str):
 
 
 def _load(bundle, fake, tmp_path, **kw):
-    return runtime_shim.load(bundle, "T", cache_dir=tmp_path / "cache", _machine=MACHINE, _trt_runtime=fake, **kw)
+    # The probe says "an RTX 4090 is here"; every TRT-RTX runtime opened (one per engine tried) is the fake.
+    return Loader(probe=lambda: MACHINE, trt_runtime=lambda device: fake).load(
+        bundle, "T", cache_dir=tmp_path / "cache", **kw
+    )
 
 
 @pytest.mark.parametrize("on_device", [None, False])
@@ -466,7 +471,7 @@ def test_build_here_uses_the_engine_kept_in_the_user_cache(mlp, tmp_path) -> Non
     bundle, m, feeds = mlp
     atomic_write(bundle / "manifest.json", dataclasses.replace(m, engines=(), runtime_caches=()).to_json())
     cache = UserCache("T", tmp_path / "cache")
-    cache.save_engine(f"{model_id(m)}-sm89-{TRT_VERSION}", b"engine built here earlier")
+    cache.save_engine(built_engine_name(m, 89, TRT_VERSION), b"engine built here earlier")
     fake = RecordingFakeTrtRuntime(m)
     with _load(bundle, fake, tmp_path) as s:
         assert s.backend == "tensorrt_rtx" and s.report.engine["kind"] == "built_here" and s.engine is None

@@ -170,7 +170,7 @@ def test_a_held_lock_times_out_with_a_message(tmp_path, caplog) -> None:
         # A save under a held lock gives up quietly: logged, False, never raised.
         lock_name = f"rtcache-{MODEL}-"
         proc2 = None
-        from runtime_shim.user_cache import key_id
+        from runtime_shim.cache_key import key_id
 
         proc2 = _child("hold", str(tmp_path), lock_name + key_id(KEY))
         _wait_for(proc2, "HOLDING")

@@ -89,7 +89,7 @@ def doctor(bundle: Path | None, app: str, cache_dir: Path | None, device: int | 
             + "; ".join(c.reason for c in p.engines if c.kind in ("weightless", "weightful"))
         )
     else:
-        blocker = trt_blocker(None, machine, pick_gpu(machine, device))
+        blocker = trt_blocker(machine, pick_gpu(machine, device))
         can_run, why = blocker is None, blocker
     report["trt_rtx_can_run"], report["why_not"] = can_run, why
     from runtime_shim.gpu import nvcomp as gpu_decode

@@ -1,21 +1,72 @@
 """The runtime shim embedded in shipped apps: pick, verify, refit and load a bundle's engine on this machine.
 
-``import runtime_shim`` stays light: ``load``, ``Session`` and ``probe`` are imported on first use, and
-tensorrt_rtx only when a TRT-RTX session is actually opened.
+The public API is ``__all__``; everything else is internal and may change between releases. ``import runtime_shim``
+stays light: the error classes are plain Python, ``load``, ``Session``, ``Report``, the probe and the cache clearing
+are imported on first use, and tensorrt_rtx only when a TRT-RTX session is actually opened.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from .errors import (
+    ArchiveError,
+    BackendUnavailableError,
+    BundleError,
+    CacheError,
+    EngineBuildError,
+    InputError,
+    IntegrityError,
+    MachineError,
+    ManifestError,
+    ModelError,
+    SchemaVersionError,
+)
+
 __version__ = "0.1.0"
-__all__ = ["load", "Session", "probe", "__version__"]
+__all__ = [
+    # loading and running
+    "load",
+    "Loader",
+    "Session",
+    "Report",
+    # the machine report
+    "probe",
+    "Machine",
+    "Gpu",
+    # the per-user cache
+    "clear_cache",
+    # errors
+    "BundleError",
+    "ManifestError",
+    "SchemaVersionError",
+    "IntegrityError",
+    "ModelError",
+    "EngineBuildError",
+    "ArchiveError",
+    "MachineError",
+    "InputError",
+    "BackendUnavailableError",
+    "CacheError",
+    "__version__",
+]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .machine import probe
-    from .session import Session, load
+    from .machine import Gpu, Machine, probe
+    from .report import Report
+    from .session import Loader, Session, load
+    from .user_cache import clear_cache
 
-_LAZY = {"load": "session", "Session": "session", "probe": "machine"}
+_LAZY = {
+    "load": "session",
+    "Loader": "session",
+    "Session": "session",
+    "Report": "report",
+    "probe": "machine",
+    "Machine": "machine",
+    "Gpu": "machine",
+    "clear_cache": "user_cache",
+}
 
 
 def __getattr__(name: str) -> Any:
@@ -26,3 +77,7 @@ def __getattr__(name: str) -> Any:
         globals()[name] = value
         return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

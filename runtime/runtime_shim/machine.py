@@ -14,8 +14,6 @@ import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .errors import MachineError
-from .manifest import CacheKey
 from .targets import SUPPORT_TEXT, family_text, sm_text, trt_rtx_supports
 
 # The driver a CUDA flavour needs, as cuDriverGetVersion reports it (1000 * major + 10 * minor).
@@ -93,41 +91,6 @@ def unsupported_reason(gpu: Gpu) -> str | None:
         f"GPU {gpu.index} {gpu.name} has compute capability {gpu.sm_text}{family}, which TensorRT for RTX does not "
         f"support ({SUPPORT_TEXT})"
     )
-
-
-def cache_key_for(machine: Machine, gpu: Gpu) -> CacheKey:
-    """The runtime-cache key of this machine and GPU: what TRT-RTX compares before it accepts a cache."""
-    missing = [
-        name
-        for name, v in (
-            ("driver version", machine.driver_version),
-            ("CUDA flavour", machine.cuda_flavour),
-            ("TRT-RTX version", machine.trt_rtx_version),
-        )
-        if not v
-    ]
-    if missing or machine.os not in ("linux", "windows"):
-        raise MachineError(
-            f"cannot form a runtime-cache key for GPU {gpu.index} ({gpu.name}): "
-            + (f"unknown {', '.join(missing)}" if missing else f"OS {machine.os!r} is not one TRT-RTX runs on"),
-            hint="run 'trtx-bundle doctor' to see what was probed",
-        )
-    return CacheKey(
-        os=machine.os,
-        gpu_name=gpu.name,
-        pci_device_id=gpu.pci_device_id,
-        sm=gpu.sm,
-        driver_version=_short_driver(machine.driver_version),
-        cuda_flavour=machine.cuda_flavour,
-        trt_rtx_version=machine.trt_rtx_version,
-        cig=machine.cig,
-    )
-
-
-def _short_driver(version: str | None) -> str:
-    # CacheKey wants digits and dots only; Linux drivers read "580.95.05", Windows "581.57".
-    m = re.match(r"^\d+(\.\d+)*", version or "")
-    return m.group(0) if m else "0"
 
 
 # ------------------------------------------------------------------------------------------- probing

@@ -1,17 +1,21 @@
-"""Which engine and which runtime cache fit this machine: pure, ranked, every candidate with a reason in words.
+"""What fits this machine: the TRT-RTX blocker and the cache key computed once, then engines and caches ranked purely.
 
 Engines: weightless for this SM > weightful covering this SM > build here from the skeleton > ONNX Runtime.
 Caches: the user's own cache for this key > bundled exact key > bundled cache TRT-RTX may still accept > none.
+Every candidate carries a reason in words, so that the report and ``doctor`` can say why it was taken or passed over.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from .cache_key import MISMATCH, cache_key_for, classify_cache, model_id
 from .errors import MachineError
-from .machine import Gpu, Machine, cache_key_for, sm_text, trt_rtx_supports, unsupported_reason
-from .manifest import CacheKey, Engine, Manifest, RuntimeCache
+from .machine import Gpu, Machine, sm_text, trt_rtx_supports, unsupported_reason
+from .manifest import CacheKey, Engine, Manifest, RuntimeCache, read_manifest_sha256
+from .user_cache import UserCache
 
 # What an engine built with no explicit compute capability covers: TRT-RTX's default is "Ampere and later";
 # Turing (7.5) must be asked for explicitly.
@@ -49,7 +53,35 @@ class Choice:
         return d
 
 
-def trt_blocker(manifest: Manifest | None, machine: Machine, gpu: Gpu | None) -> str | None:
+@dataclass(frozen=True, kw_only=True)
+class Situation:
+    """This machine as selection sees it, worked out once: the GPU, why TRT-RTX cannot run, the runtime-cache key."""
+
+    machine: Machine
+    gpu: Gpu | None
+    blocker: str | None  # why TRT-RTX cannot run here at all, before looking at engines; None: it can
+    key: CacheKey | None  # this machine's runtime-cache key; None where TRT-RTX cannot run or the key is unknown
+    key_problem: str | None = None  # why no key could be formed although TRT-RTX can run
+
+    @property
+    def why_not(self) -> str | None:
+        """Why no TRT-RTX session (and so no runtime cache) can be used here, or None."""
+        return self.blocker or self.key_problem
+
+
+def assess(machine: Machine, gpu: Gpu | None) -> Situation:
+    """The TRT-RTX blocker and the runtime-cache key of ``gpu`` on ``machine``, each computed here and only here."""
+    blocker = trt_blocker(machine, gpu)
+    key, key_problem = None, None
+    if blocker is None and gpu is not None:
+        try:
+            key = cache_key_for(machine, gpu)
+        except MachineError as e:
+            key_problem = str(e)
+    return Situation(machine=machine, gpu=gpu, blocker=blocker, key=key, key_problem=key_problem)
+
+
+def trt_blocker(machine: Machine, gpu: Gpu | None) -> str | None:
     """Why TRT-RTX cannot run on this machine at all (before looking at engines), or None."""
     if machine.trt_rtx_version is None:
         return "tensorrt_rtx is not installed (pip install tensorrt-rtx)"
@@ -64,9 +96,21 @@ def trt_blocker(manifest: Manifest | None, machine: Machine, gpu: Gpu | None) ->
     return None
 
 
-def choose_engines(manifest: Manifest, machine: Machine, gpu: Gpu | None) -> list[Choice]:
+def pick_gpu(machine: Machine, device: int | None = None) -> Gpu | None:
+    """The GPU to use: the one asked for, else the first TRT-RTX supports, else the first (so reports name it)."""
+    if not machine.gpus:
+        return None
+    if device is not None:
+        for g in machine.gpus:
+            if g.index == device:
+                return g
+        return None
+    return next((g for g in machine.gpus if trt_rtx_supports(g.sm)), machine.gpus[0])
+
+
+def rank_engines(manifest: Manifest, here: Situation) -> list[Choice]:
     """Every engine of the bundle, plus 'build here' and 'fallback', ranked; the first viable one is taken."""
-    blocker = trt_blocker(manifest, machine, gpu)
+    machine, gpu, blocker = here.machine, here.gpu, here.blocker
     rows: list[tuple[int, int, Choice]] = []
     for i, engine in enumerate(manifest.engines):
         why = blocker or _engine_mismatch(engine, machine, gpu)  # type: ignore[arg-type]
@@ -140,15 +184,9 @@ def _engine_mismatch(engine: Engine, machine: Machine, gpu: Gpu) -> str | None:
     return None
 
 
-def choose_caches(manifest: Manifest, machine: Machine, gpu: Gpu | None, user_cache_available: bool) -> list[Choice]:
+def rank_caches(manifest: Manifest, here: Situation, user_cache_available: bool) -> list[Choice]:
     """The runtime caches worth trying, ranked; the first viable one is taken, the others may be tried if it is rejected."""
-    blocker = trt_blocker(manifest, machine, gpu)
-    key: CacheKey | None = None
-    if blocker is None and gpu is not None:
-        try:
-            key = cache_key_for(machine, gpu)
-        except MachineError as e:
-            blocker = str(e)
+    key, blocker = here.key, here.why_not
     rows: list[tuple[int, int, Choice]] = []
     if blocker is not None:
         blocker = f"no TRT-RTX session on this machine ({blocker})"
@@ -178,7 +216,7 @@ def choose_caches(manifest: Manifest, machine: Machine, gpu: Gpu | None, user_ca
                     9,
                     i,
                     Choice(
-                        kind="bundled_mismatch",
+                        kind=MISMATCH,
                         index=i,
                         candidate=cache,
                         viable=False,
@@ -195,7 +233,7 @@ def choose_caches(manifest: Manifest, machine: Machine, gpu: Gpu | None, user_ca
             (
                 rank,
                 -(cache.created or 0) * 1000 + i,
-                Choice(kind=kind, index=i, candidate=cache, viable=kind != "bundled_mismatch", taken=False, reason=why),
+                Choice(kind=kind, index=i, candidate=cache, viable=kind != MISMATCH, taken=False, reason=why),
             )
         )
     rows.append(
@@ -213,47 +251,6 @@ def choose_caches(manifest: Manifest, machine: Machine, gpu: Gpu | None, user_ca
         )
     )
     return _take_first(rows)
-
-
-def classify_cache(made: CacheKey, here: CacheKey) -> tuple[str, str]:
-    """('bundled_exact' | 'bundled_compatible' | 'bundled_mismatch', reason) for a cache made under ``made`` used under ``here``."""
-    problems = []
-    if made.os != here.os:
-        problems.append(f"made on {made.os}, this machine runs {here.os}")
-    if made.pci_device_id != here.pci_device_id or made.sm != here.sm:
-        problems.append(
-            f"made on {made.gpu_name} (device 0x{made.pci_device_id:04x}, SM {sm_text(made.sm)}), this GPU is "
-            f"{here.gpu_name} (device 0x{here.pci_device_id:04x}, SM {sm_text(here.sm)}); caches are tied to the GPU model"
-        )
-    if made.trt_rtx_version != here.trt_rtx_version:
-        problems.append(f"made with TensorRT for RTX {made.trt_rtx_version}, {here.trt_rtx_version} is installed")
-    if made.cuda_flavour != here.cuda_flavour:
-        problems.append(f"made with the {made.cuda_flavour} build of TRT-RTX, this one is {here.cuda_flavour}")
-    if made.cig != here.cig:
-        problems.append(
-            f"made with CUDA-in-Graphics {'on' if made.cig else 'off'}, here it is {'on' if here.cig else 'off'}"
-        )
-    dm, dh = _version(made.driver_version), _version(here.driver_version)
-    if dm[:1] != dh[:1]:
-        problems.append(
-            f"made with driver {made.driver_version}, this machine has {here.driver_version} (another major version)"
-        )
-    elif dh < dm:
-        problems.append(
-            f"made with driver {made.driver_version}, this machine has the older {here.driver_version} "
-            f"(a cache needs the same or a newer driver)"
-        )
-    if problems:
-        return "bundled_mismatch", "; ".join(problems)
-    if dm == dh:
-        return (
-            "bundled_exact",
-            f"bundled cache made on this GPU model, driver {made.driver_version} and TRT-RTX {made.trt_rtx_version}",
-        )
-    return "bundled_compatible", (
-        f"bundled cache made with driver {made.driver_version}; this machine has the newer "
-        f"{here.driver_version} of the same major, which TRT-RTX may still accept"
-    )
 
 
 def _take_first(rows: list[tuple[int, int, Choice]]) -> list[Choice]:
@@ -281,17 +278,46 @@ def _take_first(rows: list[tuple[int, int, Choice]]) -> list[Choice]:
     return out
 
 
-def _version(v: str) -> tuple[int, ...]:
-    return tuple(int(p) for p in v.split(".") if p.isdigit())
+# ----------------------------------------------------------------------------------- the plan of a load
+@dataclass(frozen=True)
+class Plan:
+    """What would run here: the manifest, the situation and the ranked choices (used by load() and by doctor)."""
+
+    manifest: Manifest
+    warnings: list[str]
+    here: Situation
+    engines: list[Choice]
+    caches: list[Choice]
+    manifest_sha256: str = ""  # of the manifest bytes parsed
+
+    @property
+    def machine(self) -> Machine:
+        return self.here.machine
+
+    @property
+    def gpu(self) -> Gpu | None:
+        return self.here.gpu
+
+    @property
+    def key(self) -> CacheKey | None:
+        return self.here.key
+
+    @property
+    def blocker(self) -> str | None:
+        """Why TRT-RTX cannot run (or cannot use a runtime cache) here, or None."""
+        return self.here.why_not
 
 
-def pick_gpu(machine: Machine, device: int | None = None) -> Gpu | None:
-    """The GPU to use: the one asked for, else the first TRT-RTX supports, else the first (so reports name it)."""
-    if not machine.gpus:
-        return None
-    if device is not None:
-        for g in machine.gpus:
-            if g.index == device:
-                return g
-        return None
-    return next((g for g in machine.gpus if trt_rtx_supports(g.sm)), machine.gpus[0])
+def plan(bundle_path: str | Path, user_cache: UserCache, *, machine: Machine, device: int | None = None) -> Plan:
+    """Read and validate the manifest, then rank its engines and caches for ``machine`` (a probe) and its GPU."""
+    manifest, warnings, manifest_sha256 = read_manifest_sha256(bundle_path)
+    here = assess(machine, pick_gpu(machine, device))
+    have_user = here.key is not None and user_cache.has_runtime_cache(model_id(manifest), here.key)
+    return Plan(
+        manifest,
+        warnings,
+        here,
+        rank_engines(manifest, here),
+        rank_caches(manifest, here, have_user),
+        manifest_sha256=manifest_sha256,
+    )

@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from .cache_key import key_id
 from .errors import CacheError
 from .fsutil import atomic_write, sha256_bytes
 from .manifest import CacheKey
@@ -52,11 +53,6 @@ def default_cache_dir(app: str) -> Path:
     import platformdirs  # only here: an app that passes cache_dir never needs it
 
     return Path(platformdirs.user_cache_dir(app, appauthor=False))
-
-
-def key_id(key: CacheKey) -> str:
-    """A short, stable file name for a cache key (the key itself is stored inside the file)."""
-    return sha256_bytes(json.dumps(key.to_dict(), sort_keys=True).encode())[:20]
 
 
 class UserCache:
@@ -299,6 +295,17 @@ class UserCache:
     def clear(self) -> None:
         """Delete everything this shim keeps here (the next run rebuilds what it needs)."""
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def clear_cache(app: str, cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Delete what the shim keeps in ``app``'s user cache dir (the one ``load(..., app=app)`` uses); returns that dir.
+
+    Nothing in it is needed: the next load compiles kernels again and re-materializes the fallback model. Quit
+    other running copies of the app first, or they may save their caches again as they exit.
+    """
+    cache = UserCache(app, cache_dir)
+    cache.clear()
+    return cache.dir
 
 
 def _stat_key(st: os.stat_result) -> list[int]:

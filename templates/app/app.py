@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 
 import runtime_shim
-from runtime_shim.errors import BundleError, InputError
 
 APP_NAME = "MyApp"  # names the per-user cache dir (e.g. ~/.cache/MyApp on Linux, %LOCALAPPDATA%\MyApp\Cache on Windows)
 log = logging.getLogger(APP_NAME)
@@ -31,7 +30,7 @@ def main(argv: list[str]) -> int:
     try:
         # Load once at start-up: the first load of a bundle on a machine unpacks or JIT-compiles; later ones are fast.
         session = runtime_shim.load(bundle, app=APP_NAME)
-    except BundleError as e:
+    except runtime_shim.BundleError as e:
         log.error("%s%s", e, f" (hint: {e.hint})" if e.hint else "")
         return 1
     with session:  # close() saves the runtime cache so the next start skips kernel compilation
@@ -39,7 +38,7 @@ def main(argv: list[str]) -> int:
             log.info("%s", line)
         try:
             outputs = session.run(inputs)
-        except InputError as e:
+        except runtime_shim.InputError as e:
             log.error("%s", e)
             return 1
         for name, value in outputs.items():

@@ -1,19 +1,19 @@
-"""The TRT-RTX GPU runtime: header validity, deserialize, refit, runtime config, runtime cache, execution.
+"""The TRT-RTX GPU runtime behind the TrtRuntime seam: validity, deserialize, set weights, context, cache, execution.
 
 Written to NVIDIA's documented TRT-RTX 1.7 Python API (see ../shared/TRT_RTX_NOTES.md); runs only on a GPU that
-TRT-RTX supports. `tensorrt_rtx` and cuda-python are imported lazily.
+TRT-RTX supports. `tensorrt_rtx` and cuda-python are imported lazily. The load sequence over this seam (and the
+refit it runs) is trt/session.py and refit.py; a recording fake stands in for this module in tests.
 """
 
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 import numpy as np
 
-from ..errors import BundleError, IntegrityError, MachineError
+from ..errors import BundleError, MachineError
 from ..gpu.cuda import check, cudart
 from .build import Logger, trt
 
@@ -55,7 +55,8 @@ def decode_diagnostics(bits: int) -> list[str]:
 class DeviceUpload(Protocol):
     """Weights already on the GPU (gpu_upload.DeviceWeights): ``tensors[name].ptr`` per name; free() releases them."""
 
-    tensors: Mapping[str, Any]
+    @property
+    def tensors(self) -> Mapping[str, Any]: ...
 
     def free(self) -> None: ...
 
@@ -92,150 +93,6 @@ class TrtRuntime(Protocol):
     def release(self, context: Any, engine: Any) -> None: ...
 
 
-class WeightSource(Protocol):
-    """The weight store as the refit sees it (names are ONNX initializer names)."""
-
-    def spec(self, name: str) -> tuple[str, int]: ...  # (dtype name, element count); KeyError if absent
-    def read(self, name: str) -> np.ndarray: ...  # raw little-endian bytes in any numpy view
-    # Every blob the names need, once (identical tensors share one pointer), through an uploader opened with
-    # open_uploader(slot_bytes=..., threads=...): gpu_upload's pipeline, not one synchronous copy per tensor.
-    def upload(self, names: Sequence[str], open_uploader: Callable[..., WeightUploader]) -> DeviceUpload: ...
-
-
-class TrtSession:
-    """The load sequence: header validity, deserialize, refit every weight, runtime config + cache, execute."""
-
-    def __init__(
-        self,
-        runtime: TrtRuntime,
-        plan: bytes,
-        *,
-        weights: WeightSource | None,
-        specialization: str = "lazy",
-        cuda_graphs: bool = True,
-        caches: Sequence[bytes] = (),
-        weights_on_device: bool | None = None,
-        source: str = "engine",
-    ) -> None:
-        if specialization not in SPECIALIZATIONS:
-            raise BundleError(f"specialization: expected one of {', '.join(SPECIALIZATIONS)}, got {specialization!r}")
-        self.runtime, self.source, self.timings = runtime, source, {}
-        self.refit_from: str | None = None  # "device" | "host" once refit; None: nothing was refit
-        self.notes: list[str] = []  # for the caller's report (e.g. why the refit went through host memory)
-        self.validity, bits = runtime.engine_validity(bytes(plan[:64]))
-        if self.validity == "INVALID":
-            words = decode_diagnostics(bits) or ["TRT-RTX gave no reason (is an NVIDIA driver present?)"]
-            raise MachineError(f"{source}: TensorRT for RTX says this engine cannot run here: " + "; ".join(words))
-        if self.validity == "SUBOPTIMAL":
-            log.warning(
-                "%s: TensorRT for RTX says this engine may run slower here: %s",
-                source,
-                "; ".join(decode_diagnostics(bits)),
-            )
-        t0 = time.perf_counter()
-        self.context: Any = None
-        self.engine = runtime.deserialize(plan)
-        if self.engine is None:
-            raise MachineError(
-                f"{source}: TensorRT for RTX could not deserialize the engine", hint="run with -vv to see TRT-RTX's log"
-            )
-        self.timings["deserialize_s"] = time.perf_counter() - t0
-        try:
-            if weights is not None:
-                t0 = time.perf_counter()
-                self.refitted = self._refit(weights, weights_on_device)
-                self.timings["refit_s"] = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            self.context, self.cache_loaded = runtime.create_context(
-                self.engine, specialization=specialization, cuda_graphs=cuda_graphs, caches=list(caches)
-            )
-            self.timings["context_s"] = time.perf_counter() - t0
-        except BaseException:
-            self.close()  # a half-loaded engine must not keep GPU memory while the caller tries the next one
-            raise
-
-    def _refit(self, weights: WeightSource, on_device: bool | None) -> list[str]:
-        """Refit every weight the engine names. ``on_device``: True device pointers only, False host arrays, None
-        device pointers, or host arrays where the upload fails (e.g. no GPU memory for a second copy of the weights)."""
-        names = list(self.runtime.refittable_weights(self.engine))
-        # Every name is checked before anything is uploaded or set: a mismatch costs no GPU memory, leaves no partial refit.
-        specs: dict[str, tuple[str, int]] = {}
-        for name in names:
-            want_dtype, want_count = self.runtime.weight_prototype(self.engine, name)
-            try:
-                dtype, count = weights.spec(name)
-            except KeyError:
-                raise IntegrityError(
-                    f"{self.source}: the engine asks for weight {name!r}, which the bundle's weight store lacks",
-                    hint="the engine and the weight store come from different models; rebuild the bundle",
-                ) from None
-            if dtype != want_dtype or count != want_count:
-                raise IntegrityError(
-                    f"{self.source}: weight {name!r}: the engine expects {want_dtype} x {want_count}, the weight "
-                    f"store has {dtype} x {count}",
-                    hint="rebuild the bundle from one model",
-                )
-            specs[name] = (dtype, count)
-        if not names:
-            return []
-        if on_device is not False:
-            t0 = time.perf_counter()
-            try:
-                upload = weights.upload(names, self.runtime.open_uploader)
-                self.timings["weights_upload_s"] = time.perf_counter() - t0
-            except MachineError as e:
-                if on_device:
-                    raise
-                self.notes.append(f"weights refit from host memory: the upload to the GPU failed ({e})")
-                log.warning("%s: %s", self.source, self.notes[-1])
-            else:
-                try:
-                    done = self._set_all(
-                        names,
-                        specs,
-                        lambda n, d, c: self.runtime.set_device_weights(self.engine, n, d, c, upload.tensors[n].ptr),
-                    )
-                finally:
-                    upload.free()  # TRT-RTX may read the pointers until refit_cuda_engine() returns (its docstring), no longer
-                self.refit_from = "device"
-                return done
-        done = self._set_all(
-            names,
-            specs,
-            lambda n, d, c: self.runtime.set_weights(self.engine, n, d, c, np.ascontiguousarray(weights.read(n))),
-        )
-        self.refit_from = "host"
-        return done
-
-    def _set_all(
-        self, names: list[str], specs: Mapping[str, tuple[str, int]], set_one: Callable[[str, str, int], bool]
-    ) -> list[str]:
-        done: list[str] = []
-        for name in names:
-            if not set_one(name, *specs[name]):
-                raise MachineError(f"{self.source}: TensorRT for RTX rejected weight {name!r}")
-            done.append(name)
-        # get_missing_weights() has been seen to come back empty with a weight never set: check ourselves.
-        if set(done) != set(names):
-            raise MachineError(f"{self.source}: weights left unset: {sorted(set(names) - set(done))}")
-        if not self.runtime.refit(self.engine):
-            raise MachineError(
-                f"{self.source}: TensorRT for RTX refused the refit", hint="run with -vv to see TRT-RTX's log"
-            )
-        return done
-
-    def run(self, inputs: Mapping[str, np.ndarray], profile: int = 0) -> dict[str, np.ndarray]:
-        return self.runtime.execute(self.context, inputs, profile)
-
-    def serialize_cache(self) -> bytes:
-        return self.runtime.serialize_cache(self.context)
-
-    def close(self) -> None:
-        if self.context is not None or self.engine is not None:
-            self.runtime.release(self.context, self.engine)
-        self.context = self.engine = None
-
-
 class _Context:
     def __init__(self, ctx: Any, config: Any, cache: Any, stream: int) -> None:
         self.ctx, self.config, self.cache, self.stream = ctx, config, cache, stream
@@ -252,7 +109,7 @@ class TrtRtxRuntime:
         check(
             self.cu, self.cu.cudaFree(0), "cudaFree(0)"
         )  # makes the primary context current: cache (de)serialize needs one
-        self.logger = Logger()
+        self.logger: Any = Logger()  # the Forwarder Logger() builds, which keeps errors
         self.rt = self.t.Runtime(self.logger)
         self._refitters: dict[int, Any] = {}
         self._keep: list[np.ndarray] = []  # host arrays that must outlive refit_cuda_engine()

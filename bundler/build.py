@@ -38,8 +38,8 @@ from runtime_shim.manifest import (
 
 from . import __version__
 from .bundle_io import raise_for_problems, temp_sibling, unlisted_files, verify_bundle
-from .config import BuildOptions, check_warmups
-from .dims import fit_profiles
+from .config import BuildOptions
+from .dims import fit_profiles, fit_warmups
 from .engines import BuiltEngine, build_engines, plan_engines, trt_rtx_identity
 from .onnx_model import load_model, make_skeleton, write_normalized_model
 from .store_writer import write_weight_store
@@ -127,7 +127,7 @@ def build_bundle(
 
     # Before any file is written or engine built: a profile TRT-RTX would refuse costs nothing here.
     profiles = fit_profiles(model, options.profiles, options.dims, source=str(src), note=note)
-    check_warmups(model.inputs, profiles, options.warmup_shapes, source=str(src))
+    warmups = fit_warmups(model.inputs, profiles, options.warmup_shapes, source=str(src), note=note)
     plans = plan_engines(options, probe=probe, note=note)
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -174,7 +174,7 @@ def build_bundle(
             inputs=tuple(model.inputs),
             outputs=tuple(model.outputs),
             profiles=profiles,
-            warmup_shapes=tuple(options.warmup_shapes),
+            warmup_shapes=warmups,
             trt_rtx=TrtRtx(version=version, cuda_flavour=flavour),
             weights=store,
             skeleton=Skeleton(file=ref, external_data=SKELETON_EXTERNAL_DATA),

@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING
 
 import onnx
 
-from runtime_shim.manifest import Profile, ShapeRange, TensorSpec
+from runtime_shim.manifest import Profile, Shape, ShapeRange, TensorSpec
 
-from .config import ConfigError, DimRange, DimRanges, fmt_shape
+from .config import ConfigError, DimRange, DimRanges, check_warmups, fmt_shape
 
 if TYPE_CHECKING:
     from .onnx_model import LoadedModel
@@ -129,6 +129,31 @@ def fit_profiles(
         why = "a placeholder" if old in PLACEHOLDER_DIMS else "given ranges no single size fits"
         note(f"{source}: dim {old!r} ({why}) is built as distinct dims: {', '.join(sorted(new_names))}")
     return resolve_profiles(model.inputs, profiles, dims, source=source, renamed=model.renamed_dims)
+
+
+def fit_warmups(
+    inputs: Sequence[TensorSpec],
+    profiles: Sequence[Profile],
+    warmups: Sequence[Mapping[str, Shape]],
+    *,
+    source: str,
+    note: Callable[[str], None] = lambda _: None,
+) -> tuple[Mapping[str, Shape], ...]:
+    """The warm-up shapes to keep: each checked against the model and its profiles (config.check_warmups).
+
+    Warm-ups that name none of the model's inputs were written for another model (a shared bundle.toml): they
+    are left out with a note, and the warm-ups follow the profiles (the farm runs each one's min, opt and max).
+    """
+    names = {t.name for t in inputs}
+    if warmups and not any(names & set(w) for w in warmups):
+        given = sorted({n for w in warmups for n in w})
+        note(
+            f"{source}: the warm-up shapes given name none of the model's inputs ({', '.join(given)}); left out, "
+            "so the farm runs each profile's min, opt and max"
+        )
+        return ()
+    check_warmups(inputs, profiles, warmups, source=source)
+    return tuple(warmups)
 
 
 # --------------------------------------------------------------------------- profiles

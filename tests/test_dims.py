@@ -17,8 +17,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 import runtime_shim
 from bundler.build import build_bundle
-from bundler.config import ConfigError, DimRange, make_options, parse_shape_args
-from bundler.dims import resolve_profiles
+from bundler.config import ConfigError, DimRange, load_config, make_options, parse_shape_args
+from bundler.dims import fit_warmups, resolve_profiles
 from bundler.onnx_model import load_model
 from runtime_shim.errors import EngineBuildError, InputError
 from runtime_shim.manifest import TensorSpec, read_manifest
@@ -317,3 +317,25 @@ def test_profile_counts_must_agree() -> None:
     assert [p.shapes["x"].max for p in profiles] == [(4, 3), (16, 3)]
     with pytest.raises(ConfigError, match="3 profiles, but dim 'n' is given 2 times"):
         resolve_profiles([x], (), {**two, "m": (DimRange(3, 3, 3),) * 3}, source="m")
+
+
+def test_warmups_written_for_another_model_follow_the_profiles(tmp_path: Path) -> None:
+    """A shared bundle.toml whose [[warmup]] names another model's input: left out, with a note."""
+    model = make_placeholder_image(tmp_path / "m")
+    config = tmp_path / "bundle.toml"
+    config.write_text(
+        '[dims]\ndim_pixels_0 = "1:2:4"\ndim_pixels_2 = "32:64:128"\ndim_pixels_3 = "32:64:128"\n'
+        '[[warmup]]\ninput = "1x3x224x224"\n'
+    )
+    options = make_options(load_config(config), weightful=False)
+    result = build_bundle(model, tmp_path / "b", options=options, probe=no_gpu)
+    assert result.manifest.warmup_shapes == ()
+    assert any("name none of the model's inputs (input); left out" in n for n in result.notes)
+    # Warm-ups that name the model's inputs are checked as before: a stray name among them is an error.
+    pixels = TensorSpec(name="pixels", dtype="float32", shape=("n", 3))
+    profiles = resolve_profiles([pixels], (), {"n": (DimRange(1, 2, 4),)}, source="m")
+    assert fit_warmups([pixels], profiles, [{"pixels": (2, 3)}], source="m") == ({"pixels": (2, 3)},)
+    with pytest.raises(ConfigError, match="warmup\\[1\\].input: no model input named 'input'"):
+        fit_warmups([pixels], profiles, [{"pixels": (2, 3)}, {"input": (2, 3)}], source="m")
+    with pytest.raises(ConfigError, match="outside every profile's range"):
+        fit_warmups([pixels], profiles, [{"pixels": (8, 3)}], source="m")

@@ -111,7 +111,8 @@ def encode_frame(raw: bytes | memoryview, encoding: str, element_size: int, leve
     x = np.frombuffer(raw, dtype=u)
     rotated = (x << u.type(1)) | (x >> u.type(8 * element_size - 1))
     elements = rotated.view(np.uint8).reshape(-1, element_size)
-    header, parts = [PLANES_TAG], []
+    header: list[bytes] = [PLANES_TAG]
+    parts: list[bytes | memoryview] = []
     for k in range(element_size):
         plane = np.ascontiguousarray(elements[:, k]).data
         best = min((_chunked(plane, None), _chunked(plane, level)), key=len)
@@ -121,7 +122,7 @@ def encode_frame(raw: bytes | memoryview, encoding: str, element_size: int, leve
         else:
             header.append(PLANE_ENTRY.pack(PLANE_ZSTD_CHUNKS, len(best)))
             parts.append(best)
-    return b"".join(header + parts)
+    return b"".join([*header, *parts])
 
 
 def _chunked(plane: memoryview, level: int | None) -> bytes:
@@ -146,7 +147,7 @@ def _as_bytes(data: Buffer) -> memoryview:
         arr = data
         if arr.dtype.byteorder == ">":
             arr = arr.astype(arr.dtype.newbyteorder("<"))
-        return memoryview(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))
+        return np.ascontiguousarray(arr).reshape(-1).view(np.uint8).data
     return memoryview(data).cast("B")
 
 

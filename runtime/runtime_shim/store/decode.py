@@ -6,6 +6,7 @@ it (so a hostile header cannot make python-zstandard allocate what it promises),
 
 from __future__ import annotations
 
+import importlib
 import os
 import threading
 from collections.abc import Sequence
@@ -32,8 +33,9 @@ from .format import (
     plane_table,
 )
 
+_built: ModuleType | None
 try:  # the optional C helper (runtime/setup.py)
-    from . import _planes as _built
+    _built = importlib.import_module(f"{__package__}._planes")
 except ImportError:
     _built = None
 # TRTX_SHIM_NATIVE=0 turns the helper off, to rule it out when debugging a decode (use_native does it in code).

@@ -278,13 +278,13 @@ class WeightReader:
         with cf.ThreadPoolExecutor(self.threads) as pool:
             try:
                 task: list[tuple[int, int, memoryview]] = []
-                task_raw, whole = 0, []
+                task_raw, whole = 0, list[tuple[int, memoryview]]()
                 for index in order:
                     # np.empty, not bytearray: no zero-filling pass over memory every frame overwrites anyway.
                     # (MAP_POPULATE was tried: populating in this thread made 16-thread loads slower on the H100 VM;
                     # transparent huge pages saved ~2 ms of a 16-thread load of 363 MB on the H200, and lose
                     # malloc's reuse of freed memory on later loads.)
-                    buf = memoryview(np.empty(self.store.blobs[index].nbytes, dtype=np.uint8))
+                    buf = np.empty(self.store.blobs[index].nbytes, dtype=np.uint8).data
                     for j, piece in self._frame_slices(index, buf):
                         if task and task_raw + len(piece) > limit:
                             pending.append((pool.submit(run, task), whole))
@@ -313,7 +313,7 @@ class WeightReader:
             ) from None
         blob = self.store.blobs[t.blob]
         arr = np.empty(blob.nbytes, dtype=np.uint8)
-        self.decode_blob_into(t.blob, memoryview(arr))
+        self.decode_blob_into(t.blob, arr.data)
         return _shaped(arr, t.dtype, t.shape)
 
     def read_all(self) -> dict[str, np.ndarray]:

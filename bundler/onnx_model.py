@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 SKELETON_NAME = "model.onnx"
 INLINE_MAX = 1024  # bytes; tensors this small stay inline in the skeleton too (onnx's own size_threshold default)
 
-_DTYPE_NAMES = {
+_DTYPE_NAMES: dict[int, str] = {
     TensorProto.FLOAT: "float32",
     TensorProto.FLOAT16: "float16",
     TensorProto.BFLOAT16: "bfloat16",

@@ -3,19 +3,28 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
+from collections.abc import Mapping
+from typing import Annotated, Any
 
 import pytest
 
+from bundler.part import Part, WarmupRun
+from runtime_shim import manifest as manifest_module
 from runtime_shim.errors import ManifestError, SchemaVersionError
 from runtime_shim.manifest import (
     SCHEMA_VERSION,
     Blob,
+    CacheKey,
+    Creator,
+    Engine,
     FileRef,
     Frame,
     Manifest,
     ModelInfo,
     Profile,
+    RuntimeCache,
     ShapeRange,
     Skeleton,
     TensorSpec,
@@ -24,6 +33,7 @@ from runtime_shim.manifest import (
     WeightTensor,
     read_manifest,
 )
+from runtime_shim.schema import Key, Record
 
 SHA = "ab" * 32
 
@@ -163,3 +173,222 @@ def test_corrupt_or_missing_manifest_file_names_the_file(tmp_path, content, expe
         read_manifest(tmp_path)
     assert str(tmp_path / "manifest.json") in str(e.value)
     assert expected in str(e.value)
+
+
+# --------------------------------------------------------------------------- every record, through the one generic codec
+def _records() -> dict[type, Record]:
+    """One instance of every record, optional fields set, so that each field goes through parse and to_dict."""
+    m = _manifest()
+    engine = Engine(
+        kind="weightless",
+        platform="linux_x86_64",
+        compute_capabilities=(89,),
+        trt_rtx_version="1.7.1.116",
+        file=FileRef.for_content("engines", SHA, 5),
+        built_by={"tool": "trtx-bundler 0.1.0", "host": "farm-1"},
+    )
+    key = CacheKey(
+        os="windows",
+        gpu_name="NVIDIA GeForce RTX 4090",
+        pci_device_id=0x2684,
+        sm=89,
+        driver_version="580.95",
+        cuda_flavour="cu13",
+        trt_rtx_version="1.7.1.116",
+        cig=True,
+    )
+    cache = RuntimeCache(key=key, engines=(SHA,), file=FileRef.for_content("caches", "cd" * 32, 3), created=1700000000)
+    full = dataclasses.replace(
+        m,
+        model=ModelInfo(name="m", version="2", source_sha256=SHA, opset=17),
+        engines=(engine,),
+        runtime_caches=(cache,),
+        creator=Creator(tool="trtx-bundler", version="0.1.0", created=1700000000),
+    )
+    warm = WarmupRun(profile=0, shapes={"x": (2, 8)}, first_run_s=0.25, rounds=2)
+    part = Part(
+        bundle_manifest_sha256=SHA,
+        bundle_base_sha256="cd" * 32,
+        model="m",
+        runtime_cache=cache,
+        engine=engine,
+        warmup=(warm,),
+        timings={"build_s": 1.5, "total_s": 2.0},
+        machine={"host": "farm-1"},
+        tool_version="0.1.0",
+        created=1700000000,
+    )
+    records: list[Record] = [full, full.model, *full.inputs, *full.profiles, full.profiles[0].shapes["x"], full.trt_rtx]
+    records += [full.weights, full.weights.file, full.weights.blobs[0], full.weights.blobs[0].frames[0]]
+    records += [full.weights.tensors[0], engine, key, cache, full.skeleton, full.creator, warm, part]
+    return {type(r): r for r in records}
+
+
+def _all_record_classes() -> set[type]:
+    found, todo = set(), [Record]
+    while todo:
+        for sub in todo.pop().__subclasses__():
+            if sub.__module__.startswith(("runtime_shim.", "bundler.")):
+                found.add(sub)
+            todo.append(sub)
+    return found
+
+
+def test_every_record_is_covered_by_the_round_trip():
+    assert set(_records()) == _all_record_classes()
+
+
+@pytest.mark.parametrize("cls", sorted(_records(), key=lambda c: c.__name__), ids=lambda c: c.__name__)
+def test_every_record_round_trips_through_parse_and_to_dict(cls):
+    record = _records()[cls]
+    data = json.loads(json.dumps(record.to_dict()))  # what a file holds: lists, not tuples
+    warnings: list[str] = []
+    assert cls.parse(data, path="here", warnings=warnings) == record and warnings == []
+    assert cls.parse(data).to_dict() == record.to_dict()
+
+
+def test_keys_come_out_in_declaration_order_and_dotted_keys_nest():
+    assert list(_records()[Engine].to_dict()) == [f.name for f in dataclasses.fields(Engine)]
+    d = _records()[Part].to_dict()
+    assert d["bundle"] == {"manifest_sha256": SHA, "base_sha256": "cd" * 32, "model": "m"}
+    assert d["tool"] == {"version": "0.1.0", "tool": "trtx-bundler"} and d["kind"] == "trtx-bundler-part"
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        # wrong type, at every depth, with the key path
+        (lambda d: d["weights"].update(alignment=True), "weights.alignment: expected an integer, got a boolean"),
+        (lambda d: d["weights"]["file"].update(size="5"), "weights.file.size: expected an integer, got a string"),
+        (lambda d: d["model"].update(name=None), "model.name: expected a string, got null"),
+        (lambda d: d["inputs"].append([1]), "inputs[1]: expected an object, got a list"),
+        (lambda d: d.update(inputs={"x": 1}), "inputs: expected a list, got an object"),
+        (lambda d: d["profiles"][0]["shapes"].update(x=[1, 8]), "profiles[0].shapes.x: expected an object, got a list"),
+        (
+            lambda d: d["weights"]["tensors"][0].update(shape="8x4"),
+            "weights.tensors[0].shape: expected a list, got a string",
+        ),
+        (
+            lambda d: d["weights"]["tensors"][0].update(shape=[8, -4]),
+            "weights.tensors[0].shape: expected a list of integers >= 0",
+        ),
+        (
+            lambda d: d.update(warmup_shapes=[[2, 8]]),
+            "warmup_shapes[0]: expected an object of input name -> shape, got a list",
+        ),
+        (
+            lambda d: d["warmup_shapes"][0].update(x="2x8"),
+            "warmup_shapes[0].x: expected a list of integers >= 0, got '2x8'",
+        ),
+        (
+            lambda d: d["weights"]["blobs"][0].update(element_size=3),
+            "weights.blobs[0].element_size: expected 1, 2, 4 or 8, got 3",
+        ),
+        (
+            lambda d: d["weights"]["blobs"][0].update(nbytes=64),
+            "weights.blobs[0].frames: raw sizes add up to 128, expected nbytes 64",
+        ),
+        (lambda d: d["creator"].update(created="now"), "creator.created: expected an integer, got a string"),
+        # missing, at every depth; a field with a Python default can still be required in the file
+        (
+            lambda d: d["weights"]["blobs"][0]["frames"][0].pop("offset"),
+            "weights.blobs[0].frames[0].offset: missing (required)",
+        ),
+        (lambda d: d["skeleton"].pop("external_data"), "skeleton.external_data: missing (required)"),
+        (lambda d: d["creator"].pop("tool"), "creator.tool: missing (required)"),
+        (lambda d: d.pop("weights"), "weights: missing (required)"),
+    ],
+)
+def test_wrong_types_and_missing_keys_name_the_key_path(edit, message):
+    d = _dict()
+    edit(d)
+    with pytest.raises(ManifestError) as e:
+        Manifest.from_dict(d)
+    assert str(e.value).startswith(f"manifest.json: {message}")
+
+
+def test_optional_keys_may_be_missing_or_null():
+    d = _dict()
+    for key in ("engines", "runtime_caches", "creator", "warmup_shapes"):
+        d.pop(key)
+    d["model"].update(version=None, opset=None)
+    m, warnings = Manifest.from_dict(d)
+    assert warnings == []
+    assert (m.engines, m.runtime_caches, m.creator, m.warmup_shapes) == ((), (), Creator(), ())
+    assert m.model == ModelInfo(name="m", version="0")
+
+
+def _part_dict() -> dict[str, Any]:
+    return json.loads(_records()[Part].to_json())
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda d: d.pop("bundle"), "p: bundle: missing (required)"),
+        (lambda d: d.update(bundle="x"), "p: bundle: expected an object, got a string"),
+        (lambda d: d["bundle"].update(manifest_sha256="x"), "p: bundle.manifest_sha256: expected 64 lowercase hex"),
+        (lambda d: d["tool"].pop("tool"), "p: tool.tool: missing (required)"),
+        (lambda d: d["tool"].pop("version"), "p: tool.version: missing (required)"),
+        (lambda d: d.pop("created"), "p: created: missing (required)"),
+        (lambda d: d["timings"].update(build_s="1"), "p: timings: expected numbers of seconds"),
+        (lambda d: d["warmup"][0].update(shapes={"x": 2}), "p: warmup[0].shapes.x: expected a list of integers >= 0"),
+        (
+            lambda d: d["runtime_cache"].update(engines=["cd" * 32]),
+            "p: runtime_cache.engines does not name the part's own engine",
+        ),
+    ],
+)
+def test_part_errors_name_the_key_path(edit, message):
+    d = _part_dict()
+    edit(d)
+    with pytest.raises(ManifestError) as e:
+        Part.from_dict(d, source="p")
+    assert str(e.value).startswith(message)
+
+
+def test_unknown_keys_in_nested_objects_are_warnings_never_errors():
+    d = _part_dict()
+    d["bundle"]["signed_by"] = "ci"
+    d["tool"]["commit"] = "abc"
+    d["engine"]["file"]["mtime"] = 1
+    part, warnings = Part.from_dict(d, source="p")
+    assert part == _records()[Part]
+    assert sorted(warnings) == [
+        f"{k}: unknown key ignored (written by a newer trtx-bundler?)"
+        for k in ("bundle.signed_by", "engine.file.mtime", "tool.commit")
+    ]
+
+
+def test_a_field_the_generic_codec_cannot_read_is_refused_where_it_is_declared():
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class Loose(Record):
+        names: tuple[str, ...]  # a list of scalars needs a check of its items
+
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class Odd(Record):
+        sizes: Mapping[str, int]
+
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class Checked(Record):
+        names: Annotated[tuple[str, ...], Key(check=lambda v: None if all(isinstance(x, str) for x in v) else "no")]
+
+    with pytest.raises(TypeError, match="Loose.names: no codec"):
+        Loose.parse({"names": []})
+    with pytest.raises(TypeError, match="Odd.sizes: no codec"):
+        Odd.parse({"sizes": {}})
+    assert Checked.parse({"names": ["a"]}) == Checked(names=("a",))
+
+
+def test_the_manifest_module_still_exports_the_moved_names():
+    for name in (
+        "FileRef",
+        "FILE_FOLDERS",
+        "Frame",
+        "Blob",
+        "WeightTensor",
+        "WeightStore",
+        "DTYPES",
+        "WEIGHT_ENCODINGS",
+    ):
+        assert getattr(manifest_module, name) is not None and name in manifest_module.__all__

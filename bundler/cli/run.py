@@ -67,7 +67,7 @@ def doctor(bundle: Path | None, app: str, cache_dir: Path | None, device: int | 
     machine = probe()
     cache = UserCache(app, cache_dir)
     report: dict[str, Any] = {"machine": machine.to_dict(), "cache_dir": str(cache.dir)}
-    from runtime_shim.select import pick_gpu, trt_blocker
+    from runtime_shim.select import assess, pick_gpu
 
     if bundle is not None:
         p = plan(bundle, cache, machine=machine, device=device)
@@ -89,7 +89,7 @@ def doctor(bundle: Path | None, app: str, cache_dir: Path | None, device: int | 
             + "; ".join(c.reason for c in p.engines if c.kind in ("weightless", "weightful"))
         )
     else:
-        blocker = trt_blocker(machine, pick_gpu(machine, device))
+        blocker = assess(machine, pick_gpu(machine, device)).blocker
         can_run, why = blocker is None, blocker
     report["trt_rtx_can_run"], report["why_not"] = can_run, why
     from runtime_shim.gpu import nvcomp as gpu_decode

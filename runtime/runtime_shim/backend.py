@@ -1,5 +1,8 @@
-"""The backend a plan runs on: the first engine TRT-RTX opens (verified, built here if need be, cached, refit), else
-ONNX Runtime where the app allows it; what was tried and why it failed goes into the report."""
+"""The backend a plan runs on: the first engine TRT-RTX opens, else ONNX Runtime where the app allows it.
+
+Each engine tried is verified (or built here), offered the runtime caches in rank order and refit; what was tried and
+why it failed goes into the report.
+"""
 
 from __future__ import annotations
 

@@ -71,7 +71,7 @@ class Situation:
 
 def assess(machine: Machine, gpu: Gpu | None) -> Situation:
     """The TRT-RTX blocker and the runtime-cache key of ``gpu`` on ``machine``, each computed here and only here."""
-    blocker = trt_blocker(machine, gpu)
+    blocker = _trt_blocker(machine, gpu)
     key, key_problem = None, None
     if blocker is None and gpu is not None:
         try:
@@ -81,7 +81,7 @@ def assess(machine: Machine, gpu: Gpu | None) -> Situation:
     return Situation(machine=machine, gpu=gpu, blocker=blocker, key=key, key_problem=key_problem)
 
 
-def trt_blocker(machine: Machine, gpu: Gpu | None) -> str | None:
+def _trt_blocker(machine: Machine, gpu: Gpu | None) -> str | None:
     """Why TRT-RTX cannot run on this machine at all (before looking at engines), or None."""
     if machine.trt_rtx_version is None:
         return "tensorrt_rtx is not installed (pip install tensorrt-rtx)"

@@ -1,30 +1,20 @@
-"""Bundle integrity and the one-file form: verify every pinned file, pack to a deterministic tar, unpack safely.
+"""Bundle integrity: verify every pinned file (presence, type, size, sha256, extras), and describe a bundle for inspect.
 
-The archive is a plain (uncompressed) tar: the weight store is zstd already and engines barely compress,
-so compression would cost time for nothing. Entries: manifest.json first, then the pinned files in sorted
-order, all with mtime 0, uid/gid 0, mode 0644, so the same bundle always packs to the same bytes.
-Extraction accepts only regular files at bundle paths (manifest.json, <folder>/<sha256>.<ext>) and their
-folders; anything else (absolute paths, '..', links, devices, fifos, duplicates) is refused by name
-before a byte is written, and the result is verified before it appears at the target path.
+The one-file form (pack, unpack) lives in archive.py.
 """
 
 from __future__ import annotations
 
 import os
-import re
-import shutil
 import stat
-import tarfile
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
-from runtime_shim.errors import ArchiveError, IntegrityError, ManifestError, SchemaVersionError
-from runtime_shim.fsutil import CHUNK, atomic_writer, sha256_file
-from runtime_shim.manifest import FILE_FOLDERS, MANIFEST_NAME, Manifest, read_manifest
-
-_BUNDLE_FILE_RE = re.compile(r"^(?:engines|caches|weights|skeleton)/[0-9a-f]{64}\.(?:engine|cache|trtxw|onnx)$")
+from runtime_shim.errors import IntegrityError, ManifestError, SchemaVersionError
+from runtime_shim.fsutil import sha256_file
+from runtime_shim.manifest import MANIFEST_NAME, Manifest, read_manifest
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -98,6 +88,15 @@ def verify_bundle(bundle_dir: str | os.PathLike[str], *, header_check: HeaderChe
                 hint="remove it, or rebuild the bundle; only files the manifest pins belong in a bundle",
             )
         )
+    return problems
+
+
+def check_pinned_files(root: Path, manifest: Manifest, *, only: set[str] | None = None) -> list[Problem]:
+    """The problems of the files ``manifest`` pins under ``root`` (type, size, then sha256), or of ``only`` those paths."""
+    problems: list[Problem] = []
+    for key, ref in manifest.files():
+        if only is None or ref.path in only:
+            problems += _check_file(root, key, ref.path, ref.size, ref.sha256)
     return problems
 
 
@@ -203,157 +202,6 @@ def temp_sibling(path: Path, tag: str) -> Path:
         except FileExistsError:
             continue
     raise FileExistsError(f"{path.parent}: cannot create a unique temp directory")  # pragma: no cover
-
-
-# --------------------------------------------------------------------------- pack
-@dataclass(frozen=True, kw_only=True)
-class PackResult:
-    path: Path
-    size: int
-    files: int
-    left_out: tuple[str, ...]  # extra files in the directory that the archive does not carry
-
-
-def pack_bundle(bundle_dir: str | os.PathLike[str], out_file: str | os.PathLike[str]) -> PackResult:
-    """Write the bundle as one deterministic tar (see the module docstring); refuses a bundle that fails verify."""
-    root = Path(bundle_dir)
-    out = Path(out_file)
-    problems = verify_bundle(root)
-    extras = tuple(p.path for p in problems if p.kind == "extra")
-    raise_for_problems([p for p in problems if p.kind != "extra"], what=f"{root}: cannot pack")
-    if out.resolve().is_relative_to(root.resolve()):
-        raise ArchiveError(
-            f"{out}: the archive cannot be written inside the bundle it packs ({root})",
-            hint="choose an output path outside the bundle directory",
-        )
-    manifest, _ = read_manifest(root)
-    names = [MANIFEST_NAME] + sorted({ref.path for _, ref in manifest.files()})
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_writer(out) as f:
-        with tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
-            for name in names:
-                path = root / name
-                info = tarfile.TarInfo(name)
-                info.size = path.stat().st_size
-                info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = 0, 0o644, 0, 0, "", ""
-                with open(path, "rb") as src:
-                    tar.addfile(info, src)
-    return PackResult(path=out, size=out.stat().st_size, files=len(names), left_out=extras)
-
-
-# --------------------------------------------------------------------------- unpack
-def unpack_bundle(archive: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> Manifest:
-    """Extract a bundle archive into ``out_dir`` (new or empty), safely, and verify it. Returns its manifest.
-
-    Extraction goes to a temp sibling directory that is renamed into place only once verified, so a refused
-    or corrupt archive leaves nothing at ``out_dir`` and nothing anywhere else.
-    """
-    src, target = Path(archive), Path(os.path.abspath(out_dir))
-    if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        raise ArchiveError(
-            f"{target}: exists and is not an empty directory; unpack refuses to mix files into it",
-            hint="choose a new directory, or remove that one yourself",
-        )
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_sibling(target, "unpack")
-    try:
-        _extract(src, tmp)
-        raise_for_problems(verify_bundle(tmp), what=f"{src}: the unpacked bundle")
-        manifest, _ = read_manifest(tmp)
-        if target.exists():
-            # Empty (checked above). Move the entries in rather than replace the directory: its inode, owner and
-            # mode stay, and so does a shell sitting in it.
-            for entry in sorted(tmp.iterdir()):
-                os.rename(entry, target / entry.name)
-        else:
-            os.rename(tmp, target)
-            tmp = None
-        return manifest
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _extract(src: Path, dest: Path) -> None:
-    try:
-        tar = tarfile.open(src, mode="r:")  # uncompressed only: what pack writes
-    except FileNotFoundError:
-        raise ArchiveError(f"{src}: not found") from None
-    except (tarfile.TarError, OSError) as e:
-        raise ArchiveError(
-            f"{src}: not a bundle archive (an uncompressed tar made by 'trtx-bundle pack'): {e}"
-        ) from None
-    seen: set[str] = set()
-    with tar:
-        try:
-            for member in tar:
-                name = _check_member(src, member, seen)
-                if member.isdir():
-                    continue
-                path = dest / name
-                path.parent.mkdir(parents=True, exist_ok=True)
-                reader = tar.extractfile(member)
-                assert reader is not None  # a regular file always has data
-                # O_EXCL: never open something that is already there (a link planted by an earlier entry, say).
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o644)
-                with os.fdopen(fd, "wb") as out:
-                    shutil.copyfileobj(reader, out, CHUNK)
-        except tarfile.TarError as e:
-            raise ArchiveError(f"{src}: corrupt or truncated archive ({e})", hint="fetch the archive again") from None
-
-
-def _check_member(src: Path, member: tarfile.TarInfo, seen: set[str]) -> str:
-    raw = member.name
-    kind = _member_kind(member)
-    if kind is not None:
-        raise ArchiveError(
-            f"{src}: entry {raw!r} is a {kind}; a bundle archive holds only regular files and folders",
-            hint="the archive was not made by 'trtx-bundle pack', or it was tampered with: do not use it",
-        )
-    if raw.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", raw) or PurePosixPath(raw).is_absolute():
-        raise ArchiveError(
-            f"{src}: entry {raw!r} has an absolute path; refused",
-            hint="the archive was not made by 'trtx-bundle pack', or it was tampered with: do not use it",
-        )
-    parts = [p for p in raw.replace("\\", "/").split("/") if p not in ("", ".")]
-    if ".." in parts:
-        raise ArchiveError(
-            f"{src}: entry {raw!r} climbs out of the bundle with '..'; refused",
-            hint="the archive was not made by 'trtx-bundle pack', or it was tampered with: do not use it",
-        )
-    name = "/".join(parts)
-    if member.isdir():
-        if name not in FILE_FOLDERS:
-            raise ArchiveError(
-                f"{src}: entry {raw!r} is a folder a bundle does not have (expected one of {', '.join(FILE_FOLDERS)})"
-            )
-        return name
-    if name != MANIFEST_NAME and not _BUNDLE_FILE_RE.match(name):
-        raise ArchiveError(
-            f"{src}: entry {raw!r} is not a bundle file (expected manifest.json or <folder>/<sha256>.<ext>)",
-            hint="the archive was not made by 'trtx-bundle pack'",
-        )
-    if name in seen:
-        raise ArchiveError(
-            f"{src}: entry {raw!r} appears twice; refused (the second copy could replace a verified file)"
-        )
-    seen.add(name)
-    return name
-
-
-def _member_kind(member: tarfile.TarInfo) -> str | None:
-    """What a member is, when it is not a regular file or a folder."""
-    if member.isreg() or member.isdir():
-        return None
-    if member.issym():
-        return f"symbolic link (to {member.linkname!r})"
-    if member.islnk():
-        return f"hard link (to {member.linkname!r})"
-    if member.ischr() or member.isblk():
-        return "device file"
-    if member.isfifo():
-        return "fifo"
-    return f"special entry (tar type {member.type!r})"
 
 
 # --------------------------------------------------------------------------- inspect

@@ -11,8 +11,9 @@ from types import SimpleNamespace
 
 import pytest
 
+from bundler.archive import pack_bundle, unpack_bundle
 from bundler.build import build_bundle
-from bundler.bundle_io import describe_bundle, pack_bundle, unpack_bundle, verify_bundle
+from bundler.bundle_io import describe_bundle, verify_bundle
 from bundler.config import make_options
 from runtime_shim.errors import ArchiveError, IntegrityError
 from runtime_shim.manifest import MANIFEST_NAME, read_manifest

@@ -306,7 +306,7 @@ def verify(bundle: Path, as_json: bool) -> None:
 @render_errors
 def pack(bundle: Path, output: Path) -> None:
     """Pack a verified bundle into one file (a deterministic, uncompressed tar)."""
-    from ..bundle_io import pack_bundle
+    from ..archive import pack_bundle
 
     r = pack_bundle(bundle, output)
     info(f"packed {r.files} files into {r.path} ({_mib(r.size)})")
@@ -327,7 +327,7 @@ def pack(bundle: Path, output: Path) -> None:
 @render_errors
 def unpack(archive: Path, output: Path) -> None:
     """Unpack a bundle archive safely (no links, devices, absolute paths or '..') and verify it."""
-    from ..bundle_io import unpack_bundle
+    from ..archive import unpack_bundle
 
     m = unpack_bundle(archive, output)
     info(f"unpacked {archive} into {output}: {m.model.name} {m.model.version}, {len(m.files())} files verified")

@@ -150,16 +150,22 @@ def read_regular_file(
 
 def os_error_hint(e: OSError) -> str | None:
     """What a user can do about a failed file operation, by its errno; None where there is nothing useful to say."""
-    where = f" ({e.filename})" if e.filename else ""
     return {
-        errno.ENOSPC: f"the disk is full{where}: free some space or choose a place on another disk, then run it again",
-        errno.EDQUOT: f"the disk quota is used up{where}: free some space or choose another place, then run it again",
-        errno.EACCES: f"permission denied{where}: choose a place you may write to, or fix its permissions",
-        errno.EPERM: f"operation not permitted{where}: choose a place you may write to, or fix its permissions",
-        errno.EROFS: f"the file system is read-only{where}: choose a writable place",
-        errno.EFBIG: f"the file is too large for this file system or limit{where}",
-        errno.EIO: f"the disk reported an I/O error{where}: check the disk, then run it again",
+        errno.ENOSPC: "the disk is full: free some space or choose a place on another disk, then run it again",
+        errno.EDQUOT: "the disk quota is used up: free some space or choose another place, then run it again",
+        errno.EACCES: "permission denied: choose a place you may write to, or fix its permissions",
+        errno.EPERM: "operation not permitted: choose a place you may write to, or fix its permissions",
+        errno.EROFS: "the file system is read-only: choose a writable place",
+        errno.EFBIG: "the file is too large for this file system, or for a limit set on this process",
+        errno.EIO: "the disk reported an I/O error: check the disk, then run it again",
     }.get(e.errno or 0)
+
+
+def os_error_path(e: OSError) -> str | None:
+    """The file an OSError is about. A failed copy names its source first; a full or read-only disk is the target's."""
+    if e.filename2 is not None and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG):
+        return os.fsdecode(e.filename2)
+    return None if e.filename is None else os.fsdecode(e.filename)
 
 
 # --------------------------------------------------------------------------- temp dirs that a later run can sweep

@@ -1,41 +1,32 @@
-"""Fold farm parts into a bundle: check every part, resolve cache-key conflicts, and commit all of it or none of it.
+"""Fold farm parts into a bundle: check every part and the bundle itself, resolve cache-key conflicts, then commit.
 
-The new bundle is assembled in a temp directory beside the target (existing files hard-linked, part files
-copied while their sha256 is checked), then committed with one rename: to ``-o OUT``, or, in place, by
-atomically exchanging it with the bundle directory (Linux ``renameat2(RENAME_EXCHANGE)``). A crash before
-that point leaves the bundle exactly as it was. Where no atomic exchange exists (Windows, some file systems)
-the new files are moved in and manifest.json is replaced last: a crash then leaves the old manifest with
-every file it pins intact, but possibly unlisted files that ``verify`` reports as extra.
+Writing the result, all of it or none of it, and the lock that keeps two merges of one bundle from losing a
+part, are in merge_commit.py.
 """
 
 from __future__ import annotations
 
-import ctypes
+import hashlib
 import logging
 import os
-import shutil
-import sys
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from runtime_shim.cache_key import key_text as _key_text
-from runtime_shim.errors import BundleError, IntegrityError
-from runtime_shim.fsutil import CHUNK, atomic_write, atomic_writer, sha256_file
+from runtime_shim.errors import IntegrityError
+from runtime_shim.fsutil import CHUNK, open_regular_file, os_error_hint
 from runtime_shim.machine import sm_text
 from runtime_shim.manifest import MANIFEST_NAME, CacheKey, Engine, FileRef, Manifest, RuntimeCache, read_manifest_sha256
 
+from .bundle_io import check_pinned_files, raise_for_problems
+from .merge_commit import LOCK_TIMEOUT_S, MergeError, bundle_lock, commit
 from .part import Part, base_sha256, read_part
 
 log = logging.getLogger(__name__)
 
 PREFER_POLICIES = ("newest", "oldest")
-
-
-class MergeError(BundleError):
-    """A part does not belong in this bundle (another bundle, another TRT-RTX version) or cannot be merged."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -94,10 +85,27 @@ def merge_parts(
     out: str | os.PathLike[str] | None = None,
     prefer: str = "newest",
     progress: Callable[[str], None] | None = None,
+    lock_timeout: float = LOCK_TIMEOUT_S,
 ) -> MergeReport:
-    """Merge ``part_dirs`` into the bundle (or into a new bundle at ``out``). Raises before touching anything."""
+    """Merge ``part_dirs`` into the bundle (or into a new bundle at ``out``). Raises before touching anything.
+
+    Holds the bundle's merge lock throughout, and reads the bundle only once it holds it: a merge that had to
+    wait folds its parts into what the merge before it wrote.
+    """
     say = progress or (lambda _m: None)
     bundle = Path(bundle_dir)
+    with bundle_lock(bundle.resolve(), required=out is None, say=say, timeout=lock_timeout):
+        return _merge(bundle, part_dirs, out=out, prefer=prefer, say=say)
+
+
+def _merge(
+    bundle: Path,
+    part_dirs: Sequence[str | os.PathLike[str]],
+    *,
+    out: str | os.PathLike[str] | None,
+    prefer: str,
+    say: Callable[[str], None],
+) -> MergeReport:
     manifest, warnings, manifest_sha = read_manifest_sha256(bundle)
     base = base_sha256(manifest)
     # In place, the directory itself is exchanged: resolve links so the exchange hits the real bundle.
@@ -180,13 +188,61 @@ def merge_parts(
         if ref.sha256 in engine_src or ref.sha256 in cache_src
     }
     dropped = {ref.path for _w, ref in manifest.files()} - {ref.path for _w, ref in new_manifest.files()}
-    _commit(bundle.resolve(), target, new_manifest, new_files, dropped, in_place=out is None, say=say)
+    # What is carried forward from the bundle is checked as strictly as what comes from the parts.
+    carried = {ref.path for _w, ref in new_manifest.files()} - set(new_files)
+    raise_for_problems(
+        check_pinned_files(bundle, manifest, only=carried), what=f"{bundle}: cannot merge into a damaged bundle"
+    )
+    commit(bundle.resolve(), target, new_manifest, new_files, dropped, in_place=out is None, say=say)
     return report
+
+
+# Caps on what a part may declare beyond its schema's types: values no real GPU, driver, file or clock has are
+# refused before merge writes them into the bundle's manifest, and from there onto every user's machine.
+_MAX_FILE_BYTES = 1 << 44  # 16 TiB
+_MAX_UNIX_TIME = 253_402_300_799  # 9999-12-31
+_MAX_SM = 9999
+_MAX_TEXT = 256
+
+
+def _part_limits(part: Part) -> list[tuple[str, int | str | None, int | str]]:
+    """(key path, value, limit) for every bounded field of the part; a limit is a number or 'text'."""
+    key = part.runtime_cache.key
+    out: list[tuple[str, int | str | None, int | str]] = [
+        ("runtime_cache.key.pci_device_id", key.pci_device_id, 0xFFFF),
+        ("runtime_cache.key.sm", key.sm, _MAX_SM),
+        ("runtime_cache.key.driver_version", key.driver_version, "text"),
+        ("runtime_cache.key.gpu_name", key.gpu_name, "text"),
+        ("runtime_cache.created", part.runtime_cache.created, _MAX_UNIX_TIME),
+        ("created", part.created, _MAX_UNIX_TIME),
+    ]
+    out += [(f"{where}.size", ref.size, _MAX_FILE_BYTES) for where, ref in part.files()]
+    if part.engine is not None:
+        out += [
+            (f"engine.compute_capabilities[{i}]", sm, _MAX_SM) for i, sm in enumerate(part.engine.compute_capabilities)
+        ]
+    return out
+
+
+def _check_part_limits(path: Path, part: Part) -> None:
+    for where, value, limit in _part_limits(part):
+        if isinstance(value, str) and limit == "text" and len(value) > _MAX_TEXT:
+            raise MergeError(
+                f"{path}/part.json: {where} is {len(value)} characters ({value[:20]}...); expected at most {_MAX_TEXT}",
+                hint="the part was not written by 'trtx-bundle farm-job', or it was tampered with: do not merge it",
+            )
+        if isinstance(value, int) and isinstance(limit, int) and value > limit:
+            shown = str(value) if value < 10**30 else f"a {len(str(value))}-digit number"
+            raise MergeError(
+                f"{path}/part.json: {where} is {shown}; expected at most {limit}",
+                hint="the part was not written by 'trtx-bundle farm-job', or it was tampered with: do not merge it",
+            )
 
 
 def _check_part(
     path: Path, part: Part, manifest: Manifest, manifest_sha: str, base: str, bundle: Path, notes: list[str]
 ) -> None:
+    _check_part_limits(path, part)
     if part.bundle_manifest_sha256 != manifest_sha:
         if part.bundle_base_sha256 != base:
             raise MergeError(
@@ -216,19 +272,30 @@ def _check_part(
             hint=f"install the {want.cuda_flavour} build of tensorrt-rtx on that farm runner and run its job again",
         )
     for where, ref in part.files():
-        file = path / ref.path
+        _check_part_file(path / ref.path, ref, f"{path}/part.json {where}")
+
+
+def _check_part_file(file: Path, ref: FileRef, pinned_by: str) -> None:
+    """Type and size before a byte is hashed: a FIFO would hang the read, a huge sparse file take minutes."""
+    try:
+        f, size = open_regular_file(file, f"a file of {ref.size} bytes (pinned by {pinned_by})", error=IntegrityError)
+    except FileNotFoundError:
+        raise IntegrityError(
+            f"{file}: missing (pinned by {pinned_by})",
+            hint="the part was copied incompletely; download the artifact again or rerun the farm job",
+        ) from None
+    hint = "the part was changed or truncated after the farm job wrote it; do not merge it, run the job again"
+    with f:
+        if size != ref.size:
+            raise IntegrityError(f"{file}: {size} bytes, but {pinned_by} pins {ref.size} bytes", hint=hint)
+        h = hashlib.sha256()
         try:
-            sha, size = sha256_file(file)
-        except FileNotFoundError:
-            raise IntegrityError(
-                f"{file}: missing (pinned by {path}/part.json {where})",
-                hint="the part was copied incompletely; download the artifact again or rerun the farm job",
-            ) from None
-        if (sha, size) != (ref.sha256, ref.size):
-            raise IntegrityError(
-                f"{file}: sha256 {sha} ({size} bytes), but {path}/part.json {where} pins {ref.sha256} ({ref.size} bytes)",
-                hint="the part was changed or truncated after the farm job wrote it; do not merge it, run the job again",
-            )
+            while chunk := f.read(CHUNK):
+                h.update(chunk)
+        except OSError as e:
+            raise IntegrityError(f"{file}: cannot read ({e.strerror or e})", hint=os_error_hint(e)) from None
+    if h.hexdigest() != ref.sha256:
+        raise IntegrityError(f"{file}: sha256 {h.hexdigest()}, but {pinned_by} pins {ref.sha256}", hint=hint)
 
 
 def _prefer_source(prefer: str, bundle: Path, parts: Sequence[tuple[str, Path, Part]]) -> str | None:
@@ -299,107 +366,3 @@ def _resolve_caches(
 
 def _sms(engine: Engine) -> str:
     return ", ".join(map(sm_text, engine.compute_capabilities)) or "default"
-
-
-# --------------------------------------------------------------------------- commit
-def _commit(
-    bundle: Path,
-    target: Path,
-    manifest: Manifest,
-    new_files: dict[str, tuple[Path, FileRef]],
-    dropped: set[str],
-    *,
-    in_place: bool,
-    say: Callable[[str], None],
-) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    stage: Path | None = Path(tempfile.mkdtemp(prefix=f".{target.name}.merge-", dir=target.parent))
-    try:
-        os.chmod(stage, bundle.stat().st_mode & 0o7777)  # mkdtemp makes 0700; the bundle keeps its own mode
-        for _where, ref in manifest.files():
-            dest = stage / ref.path
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            if ref.path in new_files:
-                src_dir, _ = new_files[ref.path]
-                _copy_verified(src_dir / ref.path, dest, ref)
-            elif not dest.exists():
-                _link_or_copy(bundle / ref.path, dest)
-        atomic_write(stage / MANIFEST_NAME, manifest.to_json())
-        if not in_place:
-            if target.exists():
-                target.rmdir()  # empty (checked before): os.rename cannot replace a directory on Windows
-            os.rename(stage, target)
-            stage = None
-            say(f"merged bundle written to {target}")
-            return
-        if _exchange(stage, bundle):
-            say(f"bundle {bundle} updated (atomic directory exchange)")
-            return  # `stage` now holds the old bundle; removed below
-        _move_in(stage, bundle, manifest, new_files, dropped)
-        say(f"bundle {bundle} updated (files moved in, manifest replaced last)")
-    finally:
-        if stage is not None:
-            shutil.rmtree(stage, ignore_errors=True)
-
-
-def _copy_verified(src: Path, dest: Path, ref: FileRef) -> None:
-    """Copy and hash in one pass: what lands in the bundle is exactly what part.json pins, or nothing."""
-    import hashlib
-
-    h, size = hashlib.sha256(), 0
-    with open(src, "rb") as f, atomic_writer(dest) as out:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-            size += len(chunk)
-            out.write(chunk)
-        if (h.hexdigest(), size) != (ref.sha256, ref.size):
-            raise IntegrityError(
-                f"{src}: changed while merging: sha256 {h.hexdigest()} ({size} bytes), expected {ref.sha256} ({ref.size} bytes)",
-                hint="something is writing to the part directory; merge again once it is done",
-            )
-
-
-def _link_or_copy(src: Path, dest: Path) -> None:
-    # Hard links are safe: nothing in a bundle is ever written in place, only replaced.
-    try:
-        os.link(src, dest)
-    except OSError:
-        shutil.copy2(src, dest)
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two directories (Linux renameat2 RENAME_EXCHANGE). False where that is not available."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).renameat2
-    except (AttributeError, OSError):
-        return False  # glibc < 2.28, or a libc without it
-    at_fdcwd, rename_exchange = -100, 2
-    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    err = ctypes.get_errno()
-    log.debug("renameat2(RENAME_EXCHANGE) failed: %s; falling back to moving files in", os.strerror(err))
-    return False
-
-
-def _move_in(
-    stage: Path, bundle: Path, manifest: Manifest, new_files: dict[str, tuple[Path, FileRef]], dropped: set[str]
-) -> None:
-    """Move the new files into the bundle, then replace manifest.json; on an error, take the moved files out again."""
-    placed: list[Path] = []
-    try:
-        for rel in sorted(new_files):
-            dest = bundle / rel
-            if dest.exists():
-                continue  # same name, same content
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(stage / rel, dest)
-            placed.append(dest)
-        atomic_write(bundle / MANIFEST_NAME, manifest.to_json())
-    except BaseException:
-        for p in placed:
-            p.unlink(missing_ok=True)
-        raise
-    for rel in sorted(dropped):  # caches a conflict replaced: no longer listed, so they must go
-        (bundle / rel).unlink(missing_ok=True)

@@ -19,7 +19,7 @@ import pytest
 from click.testing import CliRunner
 from models import make_mlp, make_mlp_fp16
 
-import bundler.merge as merge_mod
+import bundler.merge_commit as merge_mod
 from bundler.build import build_bundle
 from bundler.bundle_io import verify_bundle
 from bundler.cli import main
@@ -323,8 +323,9 @@ def test_failed_manifest_write_leaves_the_bundle_unchanged(
     if not exchange:
         monkeypatch.setattr(merge_mod, "_exchange", lambda a, b: False)
     monkeypatch.setattr(merge_mod, "atomic_write", failing_write)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(MergeError, match="cannot write the merged bundle: No space left on device") as e:
         merge_parts(bundle, [part])
+    assert "left as it was" in str(e.value) and "disk is full" in (e.value.hint or "")
     assert snapshot(bundle) == before
     assert fatal(verify_bundle(bundle)) == []
     assert not [p for p in bundle.parent.iterdir() if ".merge-" in p.name]
@@ -333,13 +334,14 @@ def test_failed_manifest_write_leaves_the_bundle_unchanged(
 _KILL_SCRIPT = """
 import sys, time
 from pathlib import Path
-import bundler.merge as m
+import bundler.merge_commit as m
+from bundler.merge import merge_parts
 marker = Path(sys.argv[3])
 def stall(*args, **kwargs):
     marker.write_text("at the commit point")
     time.sleep(60)
 m.{patched} = stall
-m.merge_parts(sys.argv[1], [sys.argv[2]])
+merge_parts(sys.argv[1], [sys.argv[2]])
 """
 
 
@@ -408,3 +410,143 @@ def test_weights_only_bundle_is_filled_by_the_farm(tmp_path: Path) -> None:
     assert fatal(verify_bundle(bundle)) == []
     rows = {r.sm: r.engine for r in coverage(read_manifest(bundle)[0]).rows}
     assert rows[89] == "weightless" and rows[86] == "build"
+
+
+# --------------------------------------------------------------------------- concurrent merges, stale staging dirs
+_PAUSE_SCRIPT = """
+import sys, time
+from pathlib import Path
+import bundler.merge_commit as m
+from bundler.merge import merge_parts
+bundle, part, marker, go = sys.argv[1], sys.argv[2], Path(sys.argv[3]), Path(sys.argv[4])
+real = getattr(m, sys.argv[5])
+def pause(*args, **kwargs):
+    marker.write_text("paused")
+    while not go.exists():
+        time.sleep(0.02)
+    return real(*args, **kwargs)
+setattr(m, sys.argv[5], pause)
+merge_parts(bundle, [part], progress=print)
+"""
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+
+
+def _start_paused_merge(tmp_path: Path, bundle: Path, part: Path, at: str) -> tuple[subprocess.Popen, Path]:
+    """A real merge process that stops at ``merge_commit.<at>`` until the returned 'go' file exists."""
+    marker, go = tmp_path / f"paused-{part.name}", tmp_path / f"go-{part.name}"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _PAUSE_SCRIPT, str(bundle), str(part), str(marker), str(go), at],
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 120
+    while not marker.exists():
+        assert proc.poll() is None, f"merge exited early: {proc.stderr.read().decode()}"
+        assert time.monotonic() < deadline, "merge never reached the pause point"
+        time.sleep(0.02)
+    return proc, go
+
+
+def _cli(*args: str, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", "from bundler.cli import main; main()", *args], env=_env(), **kwargs)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="pauses a real process at a patched point")
+def test_concurrent_in_place_merges_keep_both_parts(tmp_path: Path, bundle: Path) -> None:
+    """Two real merge processes into one bundle: the second waits for the first (and says so), then reads the
+    bundle the first wrote, so both parts end up in it. Without the lock, the second one's commit replaced
+    the first one's and one part was lost while both exited 0."""
+    p1 = make_part(tmp_path / "p4090", bundle, gpu=RTX4090, cache=b"cache 4090")
+    p2 = make_part(tmp_path / "p5090", bundle, gpu=RTX5090, cache=b"cache 5090")
+    first, go = _start_paused_merge(tmp_path, bundle, p1, "_exchange")  # holds the lock, stage complete
+    log = tmp_path / "second.log"
+    with open(log, "wb") as err:
+        second = _cli("merge", str(bundle), str(p2), stderr=err)
+        deadline = time.monotonic() + 120
+        while "waiting for another merge" not in log.read_text():
+            assert second.poll() is None, f"the second merge did not wait: {log.read_text()}"
+            assert time.monotonic() < deadline, "the second merge never said what it waits for"
+            time.sleep(0.05)
+        go.touch()
+        assert first.wait(timeout=120) == 0, first.stderr.read().decode()
+        assert second.wait(timeout=120) == 0, log.read_text()
+    text = log.read_text()
+    assert str(bundle / "").rstrip("/") in text and ".merge.lock" in text
+    caches = read_manifest(bundle)[0].runtime_caches
+    assert sorted(c.key.gpu_name for c in caches) == sorted([RTX4090[0], RTX5090[0]])
+    assert fatal(verify_bundle(bundle)) == []
+    assert not [p for p in bundle.parent.iterdir() if ".merge-" in p.name]
+
+
+def test_lock_timeout_is_a_clean_error(tmp_path: Path, bundle: Path) -> None:
+    import filelock
+
+    from bundler.merge_commit import lock_path
+
+    held = filelock.FileLock(str(lock_path(bundle.resolve())), thread_local=False)
+    said: list[str] = []
+    with held:
+        with pytest.raises(MergeError, match=r"still locked after .* another merge into") as e:
+            merge_parts(bundle, [make_part(tmp_path / "p", bundle)], lock_timeout=0.2, progress=said.append)
+    assert "delete that lock file" in (e.value.hint or "")
+    assert read_manifest(bundle)[0].runtime_caches == ()
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete", "fifo"])
+def test_a_damaged_bundle_is_not_carried_forward(tmp_path: Path, bundle: Path, damage: str) -> None:
+    """merge checks the bundle's own pinned files (type, size, sha256) before linking them into the result."""
+    part = make_part(tmp_path / "p", bundle)
+    (store,) = (bundle / "weights").iterdir()
+    if damage == "flip":
+        data = bytearray(store.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        store.write_bytes(bytes(data))
+    elif damage == "truncate":
+        store.write_bytes(store.read_bytes()[:-1])
+    elif damage == "delete":
+        store.unlink()
+    else:
+        store.unlink()
+        os.mkfifo(store)
+    before = {p.relative_to(bundle).as_posix() for p in bundle.rglob("*")}
+    out = tmp_path / "out"
+    for kwargs in ({}, {"out": out}):
+        with pytest.raises(IntegrityError, match="cannot merge into a damaged bundle") as e:
+            merge_parts(bundle, [part], **kwargs)
+        assert f"weights/{store.name}" in str(e.value)
+    assert {p.relative_to(bundle).as_posix() for p in bundle.rglob("*")} == before
+    assert read_manifest(bundle)[0].runtime_caches == () and not out.exists()
+
+
+@pytest.mark.skipif(os.name != "posix", reason="uses SIGKILL and flock")
+def test_staging_dir_of_a_killed_merge_is_swept_and_a_live_one_is_not(tmp_path: Path, bundle: Path) -> None:
+    """kill -9 leaves the staging dir; the next merge removes it. A live merge's staging dir is flock-ed, so a
+    sweep leaves it alone even when it looks old. Sweeps also skip dirs younger than 30 s (the instant between
+    mkdir and flock): the test ages the leftovers with os.utime instead of waiting."""
+    from runtime_shim.fsutil import sweep_stale_temp_dirs
+
+    def stages() -> list[Path]:
+        return sorted(p for p in bundle.parent.iterdir() if p.name.startswith(".bundle.merge-"))
+
+    def age(path: Path) -> None:
+        os.utime(path, (time.time() - 3600, time.time() - 3600))
+
+    part = make_part(tmp_path / "p", bundle, engine=real_engine(bundle, 89))
+    live, go = _start_paused_merge(tmp_path, bundle, part, "_copy_verified")
+    (stage,) = stages()
+    age(stage)
+    assert sweep_stale_temp_dirs(bundle.parent, ".bundle.merge-", min_age_s=0) == []
+    assert stage.is_dir()
+    live.send_signal(signal.SIGKILL)
+    live.wait()
+    assert stages() == [stage]  # kill -9: nothing ran to remove it
+    age(stage)
+    said: list[str] = []
+    merge_parts(bundle, [part], progress=said.append)
+    assert stages() == [] and any(f"removed {stage}" in m for m in said)
+    assert fatal(verify_bundle(bundle)) == [] and len(read_manifest(bundle)[0].engines) == 2
+    assert go.parent.is_dir()

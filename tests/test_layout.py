@@ -198,3 +198,34 @@ def test_runtime_imports_and_loads_without_onnx_click_or_bundler(tmp_path: Path)
     assert sorted(got.files) == sorted(want)
     for key, value in want.items():
         np.testing.assert_array_equal(got[key], value)
+
+
+# A noqa comment names its codes and then says why, after " - " (e.g. E402 - why). Files that still carry bare ones
+# belong to work in progress elsewhere; the final pass of issue 10 fixes them and empties this set (the test fails
+# when a listed file no longer needs listing).
+UNREASONED_NOQA_LEFT = {
+    "runtime/runtime_shim/gpu/planner.py",
+    "tests/test_planes.py",
+    "tests/test_build.py",
+    "tests/test_gpu_decode.py",
+    "tests/test_bundle_io.py",
+    "bench/bench_bundle_size.py",
+    "bench/bench_shim_overhead.py",
+}
+_NOQA = re.compile(r"#\s*noqa\b(?P<rest>[^#\n]*)", re.I)
+_REASONED = re.compile(r"^:\s*[A-Z]+[0-9]+(\s*,\s*[A-Z]+[0-9]+)*\s+-\s+\S")
+
+
+def test_every_noqa_says_why() -> None:
+    offenders: dict[str, list[str]] = {}
+    for folder in ("runtime/runtime_shim", "bundler", "tests", "bench", "templates"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            rel = path.relative_to(ROOT).as_posix()
+            for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+                m = _NOQA.search(line)
+                if m and not _REASONED.match(m.group("rest")):
+                    offenders.setdefault(rel, []).append(f"{rel}:{n}: {line.strip()}")
+    new = [hit for rel, hits in offenders.items() if rel not in UNREASONED_NOQA_LEFT for hit in hits]
+    assert not new, "say why after each noqa's codes (E402 - because ...):\n" + "\n".join(new)
+    fixed = UNREASONED_NOQA_LEFT - set(offenders)
+    assert not fixed, f"no bare noqa left in {sorted(fixed)}: remove them from UNREASONED_NOQA_LEFT"

@@ -1,1 +1,1 @@
-"""The weight store: its format rules (format.py) and the reader that streams, verifies and decodes it (reader.py)."""
+"""The weight store: its format rules (format.py), the decoding of one frame (decode.py, with the optional C helper _planes.c) and the reader that streams, verifies and decodes a store on threads (reader.py)."""

@@ -278,6 +278,7 @@ def vectors() -> tuple[Vector, ...]:
         Vector("a zstd frame without zstd's magic", b"\x00" + zstd(HIGH)[1:], "zstd", 1, N, "zstd magic"),
         Vector("a zstd frame that promises more", zstd(HIGH + b"x"), "zstd", 1, N, "zstd size"),
         Vector("a zstd frame shorter than any", zstd(HIGH)[:8], "zstd", 1, N, "zstd short"),
+        Vector("an empty zstd frame", b"", "zstd", 1, N, "zstd short"),
         _bp("a mode-1 plane that promises less", two_planes(zstd(HIGH[:-1]), fmt.PLANE_ZSTD), "zstd size"),
     ]
     return tuple(sound + broken)

@@ -288,7 +288,7 @@ def test_a_chunk_table_whose_sizes_do_not_match_the_zstd_frames_is_refused_by_bo
         (b"\x00" * 12, 4, "does not start with zstd's magic number"),
     ],
 )
-def test_chunks_that_are_not_sound_zstd_frames_never_reach_the_gpu(stored, raw, message) -> None:
+def test_chunks_that_are_not_sound_zstd_frames_never_reach_the_gpu(stored, raw, message, impl) -> None:
     with pytest.raises(FrameFormatError, match=message):
         _one_frame(stored, "zstd", 1, raw)
 

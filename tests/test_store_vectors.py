@@ -116,3 +116,52 @@ def test_c_helper_agrees_plane_by_plane(name: str) -> None:
             assert _planes.chunk_run(plane, n, fmt.PLANE_CHUNK, fmt.ZSTD_MAX_BLOCKS) == fmt.check_chunked_plane(
                 plane, n
             )
+
+
+def _structure(v: Vector) -> list[int]:
+    """Offsets in a sound layout-2 vector where damage meets a rule: plane table, chunk tables, chunk headers and
+    ends."""
+    es = v.element_size
+    spots = list(range(fmt.plane_header_size(es)))
+    view = memoryview(v.stored)
+    for mode, at, size in fmt.plane_table(view, es, v.raw_size):
+        if mode == fmt.PLANE_ZSTD_CHUNKS:
+            chunks = fmt.plane_chunks(view[at : at + size], v.raw_size // es)
+            spots += range(at, at + chunks[0][0])
+            for c_at, c_size, _ in chunks:
+                spots += range(at + c_at, at + c_at + 12)
+                spots += range(at + c_at + c_size - 4, at + c_at + c_size)
+    return spots
+
+
+@pytest.mark.parametrize("name", ["the writer's frame", "two chunks and a short last one", "a chunk of 64 raw blocks"])
+def test_one_damaged_byte_is_judged_alike_by_format_the_host_decoder_and_the_planner(impl: str, name: str) -> None:
+    from runtime_shim.gpu.planner import ENCODINGS, Cuts, FrameFormatError, plan_frames
+
+    v = VECTORS[name]
+    spots = _structure(v)
+    rng = np.random.default_rng(len(name))
+    col = lambda x: np.array([x], dtype=np.int64)  # noqa: E731 - one frame as the planner's arrays
+    refused = 0
+    for trial in range(250):
+        bad = bytearray(v.stored)
+        if trial % 10 == 9:
+            bad = bad[: int(rng.integers(0, len(bad)))]
+        else:
+            at = spots[int(rng.integers(0, len(spots)))] if rng.random() < 0.8 else int(rng.integers(0, len(bad)))
+            bad[at] = int(rng.integers(0, 256))
+        stored = bytes(bad)
+        want = _outcome(lambda s=stored: fmt.check_frame(s, v.encoding, v.element_size, v.raw_size))
+        buf = np.frombuffer(stored, dtype=np.uint8)
+        try:
+            plan = plan_frames(buf, col(0), col(len(buf)), col(v.raw_size), col(v.element_size), col(ENCODINGS[v.encoding]), col(0))  # fmt: skip
+            Cuts(plan, [(0, 1)], col(0)).cut(0, 1, buf)
+            planned = None
+        except FrameFormatError as e:
+            planned = kind_of(str(e))
+        assert planned == want, (trial, want, planned)
+        if want is not None:  # the host decoder refuses it in the same words; sound structure is zstd's to judge
+            refused += 1
+            out = memoryview(bytearray(v.raw_size))
+            assert _outcome(lambda s=stored, o=out: decode_frame_into(s, v.encoding, v.element_size, o)) == want
+    assert refused > 100

@@ -190,6 +190,20 @@ def _fail(bad: Any, frames: Any, message: Any) -> None:
         raise FrameFormatError(int(frames[i]), message(i))
 
 
+def _fail_first(frames: Any, *rules: tuple[Any, Any]) -> None:
+    """Raise FrameFormatError for the first element that breaks any of ``rules`` (``(bad, message)`` over the same
+    elements), with the first rule it breaks: what a check element by element, rule by rule, says first."""
+    import numpy as np
+
+    broken = np.zeros(len(frames), dtype=bool)
+    for bad, _ in rules:
+        broken |= bad
+    if broken.any():
+        i = int(np.argmax(broken))
+        message = next(message for bad, message in rules if bad[i])
+        raise FrameFormatError(int(frames[i]), message(i))
+
+
 class _Reads:
     """Gathers bytes from the planned buffer and keeps every one it read, with its frame: the plan's dependencies
     are exactly the bytes it was derived from, even if the buffer (a mapped file) changes while it is planned."""
@@ -281,15 +295,14 @@ def plan_frames(buf: Any, off: Any, size: Any, raw: Any, es: Any, enc: Any, dst:
     pn = raw[pf] // es[pf]
     pstart = np.repeat(off[f2] + head, e) + _within(psize, e)
     fend = off[pf] + size[pf]
-    _fail(~np.isin(mode, fmt.PLANE_MODES), pf, lambda i: fmt.msg_unknown_mode(pk[i], mode[i]))
-    _fail(
-        pstart + psize > fend,
+    _fail_first(  # plane by plane, as format.plane_table checks them
         pf,
-        lambda i: fmt.msg_plane_overruns(pk[i], psize[i], max(0, fend[i] - pstart[i])),
+        (~np.isin(mode, fmt.PLANE_MODES), lambda i: fmt.msg_unknown_mode(pk[i], mode[i])),
+        (pstart + psize > fend, lambda i: fmt.msg_plane_overruns(pk[i], psize[i], max(0, fend[i] - pstart[i]))),
+        ((mode == fmt.PLANE_RAW) & (psize != pn), lambda i: fmt.msg_plane_size(pk[i], psize[i], pn[i])),
     )
     spare = size[f2] - head - _group_sums(psize, e)
     _fail(spare != 0, f2, lambda i: fmt.msg_after_planes(spare[i]))
-    _fail((mode == fmt.PLANE_RAW) & (psize != pn), pf, lambda i: fmt.msg_plane_size(pk[i], psize[i], pn[i]))
     zp = mode != fmt.PLANE_RAW
     zbytes = np.where(zp, pn, 0)
     np.add.at(need, pf, zbytes)

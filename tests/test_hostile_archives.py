@@ -517,13 +517,19 @@ def fatal_free(b: Path) -> bool:
 FUZZ_ROUNDS = int(os.environ.get("TRTX_FUZZ_ARCHIVE_ROUNDS", "150"))
 
 
+def _pinned_files(root: Path) -> dict[str, bytes]:
+    """Every file of a bundle but manifest.json, with its bytes."""
+    files = {p.relative_to(root).as_posix(): p for p in root.rglob("*") if p.is_file()}
+    return {rel: p.read_bytes() for rel, p in files.items() if rel != MANIFEST_NAME}
+
+
 def test_mutated_archives_end_in_a_clean_error_or_the_right_bundle(bundle: Path, archive: Path, tmp_path: Path) -> None:
     """Bytes flipped (headers and data), runs zeroed, cuts, and inserted blocks: every outcome is a BundleError or a
     bundle identical to the original. TRTX_FUZZ_ARCHIVE_ROUNDS sets the number of mutations (150 by default)."""
     rng = random.Random(11)
     good = archive.read_bytes()
     header_offsets = [0] + [m.offset for m, _ in _entries(archive)]
-    outcomes = {"error": 0, "intact": 0}
+    outcomes = {"error": 0, "intact": 0, "manifest-edited": 0}
     for i in range(FUZZ_ROUNDS):
         data = bytearray(good)
         how = rng.choice(["flip-header", "flip-any", "zero-run", "cut", "insert"])
@@ -551,13 +557,17 @@ def test_mutated_archives_end_in_a_clean_error_or_the_right_bundle(bundle: Path,
             assert not out.exists()
             outcomes["error"] += 1
         else:
-            assert verify_bundle(out) == []
-            assert sorted(p.name for p in out.rglob("*")) == sorted(p.name for p in bundle.rglob("*"))
-            outcomes["intact"] += 1
+            # Nothing pins manifest.json itself (it is the root of trust): an edit that still parses and pins the
+            # same files unpacks as written, like any manifest-only edit. Every other file must be the original.
+            assert [p for p in verify_bundle(out) if p.fatal] == []
+            assert _pinned_files(out) == _pinned_files(bundle)
+            same = (out / MANIFEST_NAME).read_bytes() == (bundle / MANIFEST_NAME).read_bytes()
+            outcomes["intact" if same else "manifest-edited"] += 1
             shutil.rmtree(out)
         bad.unlink()
         assert _leftovers(tmp_path) == []
     assert outcomes["error"] > 0 and sum(outcomes.values()) == FUZZ_ROUNDS
+    print(f"archive mutations: {outcomes}")
 
 
 def test_archive_entries_written_by_hand_are_refused_in_bulk(archive: Path, tmp_path: Path) -> None:
@@ -585,3 +595,68 @@ def test_archive_entries_written_by_hand_are_refused_in_bulk(archive: Path, tmp_
             assert not (tmp_path / "out").exists()
             refused += 1
     assert refused == len(types) * len(good)
+
+
+def _mutate_json(value: object, rng: random.Random) -> object:
+    """One structural mutation somewhere in a JSON value: a key dropped, a value of another type, an absurd number."""
+    if isinstance(value, dict) and value and rng.random() < 0.7:
+        key = rng.choice(sorted(value))
+        out = dict(value)
+        if rng.random() < 0.15:
+            del out[key]
+        else:
+            out[key] = _mutate_json(value[key], rng)
+        return out
+    if isinstance(value, list) and value and rng.random() < 0.7:
+        i = rng.randrange(len(value))
+        return value[:i] + [_mutate_json(value[i], rng)] + value[i + 1 :]
+    return rng.choice(
+        [
+            None,
+            True,
+            -1,
+            0,
+            2**64,
+            10**40,
+            1e308,
+            -0.5,
+            "",
+            "9" * 300,
+            "x",
+            "ab" * 32,
+            [],
+            {},
+            [[[[[]]]]],
+            {"k": 1},
+            value if not isinstance(value, str) else value + "0",
+        ]
+    )
+
+
+PART_FUZZ_ROUNDS = int(os.environ.get("TRTX_FUZZ_PART_ROUNDS", "60"))
+
+
+def test_mutated_part_json_ends_in_a_clean_error_or_a_sound_bundle(merge_bundle: Path, tmp_path: Path) -> None:
+    """Fixed-seed structural mutations of a real part.json, each merged into a new directory: a BundleError, or a
+    merged bundle that verifies. TRTX_FUZZ_PART_ROUNDS sets the number of mutations (60 by default)."""
+    from bundler.merge import merge_parts
+
+    rng = random.Random(11)
+    part = make_part(tmp_path / "part", merge_bundle, gpu=RTX4090)
+    good = json.loads((part / "part.json").read_text())
+    outcomes = {"error": 0, "merged": 0}
+    for i in range(PART_FUZZ_ROUNDS):
+        (part / "part.json").write_text(json.dumps(_mutate_json(good, rng)))
+        out = tmp_path / f"out{i}"
+        try:
+            merge_parts(merge_bundle, [part], out=out)
+        except BundleError as e:
+            assert str(e) and not out.exists()
+            outcomes["error"] += 1
+        else:
+            assert [p for p in verify_bundle(out) if p.fatal] == []
+            outcomes["merged"] += 1
+            shutil.rmtree(out)
+        assert _leftovers(tmp_path) == []
+    assert fatal_free(merge_bundle) and outcomes["error"] > 0
+    print(f"part.json mutations: {outcomes}")

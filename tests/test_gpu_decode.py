@@ -156,7 +156,10 @@ def test_a_frame_whose_header_changed_after_planning_is_refused_by_the_cut(store
 
 def _one_frame(stored: bytes, enc: str, es: int, raw: int, dst: int = 0) -> Cut:
     buf = np.frombuffer(stored, dtype=np.uint8)
-    col = lambda v: np.array([v], dtype=np.int64)  # noqa: E731
+
+    def col(v: int) -> np.ndarray:
+        return np.array([v], dtype=np.int64)
+
     plan = plan_frames(buf, col(0), col(len(stored)), col(raw), col(es), col(ENCODINGS[enc]), col(dst))
     return Cuts(plan, [(0, 1)], col(0)).cut(0, 1, buf)
 
@@ -249,7 +252,10 @@ def test_a_damaged_plane_header_is_refused_naming_its_frame_before_anything_reac
         decode_frame_into(bad, "zstd-byteplane", 4, memoryview(bytearray(f.raw_size)))
     # in a segment: a sound frame, then the damaged one
     buf = np.frombuffer(bytes(good) + bad, dtype=np.uint8)
-    col = lambda a, b: np.array([a, b], dtype=np.int64)  # noqa: E731
+
+    def col(a: int, b: int) -> np.ndarray:
+        return np.array([a, b], dtype=np.int64)
+
     with pytest.raises(FrameFormatError, match=message) as e:
         plan_frames(
             buf,

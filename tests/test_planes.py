@@ -241,7 +241,10 @@ def _planned_for_the_gpu(stored: bytes, raw: int):
     from runtime_shim.gpu.planner import ENCODINGS, Cuts, plan_frames
 
     buf = np.frombuffer(stored, dtype=np.uint8)
-    one = lambda v: np.array([v], dtype=np.int64)  # noqa: E731
+
+    def one(v: int) -> np.ndarray:
+        return np.array([v], dtype=np.int64)
+
     plan = plan_frames(buf, one(0), one(len(stored)), one(raw), one(2), one(ENCODINGS["zstd-byteplane"]), one(0))
     return Cuts(plan, [(0, 1)], one(0)).cut(0, 1, buf)
 
@@ -284,7 +287,10 @@ def test_a_chunk_of_several_blocks_is_walked_to_its_end(impl, blocks, accepted) 
     stored = _two_chunk_frame(f0 + _F1, [len(f0), len(_F1)])
     n = 2 * PLANE_CHUNK
     out = bytearray(2 * n)
-    plan = lambda: _planned_for_the_gpu(stored, 2 * n)  # noqa: E731
+
+    def plan() -> object:
+        return _planned_for_the_gpu(stored, 2 * n)
+
     if accepted:
         decode_frame_into(stored, "zstd-byteplane", 2, memoryview(out))
         hi = (np.frombuffer(bytes(out), dtype="<u2") >> 7 & 0xFF).astype(np.uint8)  # the chunked plane, rotated back

@@ -67,7 +67,10 @@ def test_gpu_planner_agrees(impl: str, name: str) -> None:
 
     v = VECTORS[name]
     buf = np.frombuffer(v.stored, dtype=np.uint8)
-    col = lambda x: np.array([x], dtype=np.int64)  # noqa: E731 - one frame as the planner's arrays
+
+    def col(x: int) -> np.ndarray:  # one frame as the planner's arrays
+        return np.array([x], dtype=np.int64)
+
     cut = []
 
     def plan() -> None:
@@ -141,7 +144,10 @@ def test_one_damaged_byte_is_judged_alike_by_format_the_host_decoder_and_the_pla
     v = VECTORS[name]
     spots = _structure(v)
     rng = np.random.default_rng(len(name))
-    col = lambda x: np.array([x], dtype=np.int64)  # noqa: E731 - one frame as the planner's arrays
+
+    def col(x: int) -> np.ndarray:  # one frame as the planner's arrays
+        return np.array([x], dtype=np.int64)
+
     refused = 0
     for trial in range(250):
         bad = bytearray(v.stored)

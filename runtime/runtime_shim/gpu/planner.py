@@ -242,7 +242,10 @@ def plan_frames(buf: Any, off: Any, size: Any, raw: Any, es: Any, enc: Any, dst:
 
     i64, F = np.int64, len(off)
     frames = np.arange(F)
-    zeros8 = lambda k: np.zeros((k, 8), dtype=i64)  # noqa: E731
+
+    def zeros8(k: int) -> Any:
+        return np.zeros((k, 8), dtype=i64)
+
     reads = _Reads(buf)
     chunks: list[tuple[Any, ...]] = []  # (frame, in, size, raw, out, to_dst, walk: a chunk of a chunked plane)
     jobs: list[tuple[Any, ...]] = []  # (frame, out, ptr, kind, n, es, rot)

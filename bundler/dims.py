@@ -17,7 +17,7 @@ from __future__ import annotations
 import shlex
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import onnx
 
@@ -25,8 +25,15 @@ from runtime_shim.manifest import Profile, Shape, ShapeRange, TensorSpec
 
 from .config import ConfigError, DimRange, DimRanges, check_warmups, fmt_shape
 
-if TYPE_CHECKING:
-    from .onnx_model import LoadedModel
+
+class LoadedModel(Protocol):
+    """What dims needs of onnx_model.LoadedModel (a Protocol, so that onnx_model can import dims without a cycle)."""
+
+    proto: onnx.ModelProto
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    renamed_dims: dict[str, str]
+
 
 PLACEHOLDER_DIMS = frozenset({"?", ""})  # dim_param values that name no dim: each axis gets a name of its own
 SUGGESTED = DimRange(1, 8, 64)  # the range suggestions show for a dim nobody gave: the user puts real sizes

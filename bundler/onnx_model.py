@@ -29,7 +29,7 @@ from runtime_shim.manifest import TensorSpec, WeightStore
 from runtime_shim.store.reader import nbytes_for
 
 from .dims import PLACEHOLDER_DIMS, axis_dim_name, distinct_placeholders
-from .store_writer import Weight
+from .store_writer import Weight, as_bytes
 
 log = logging.getLogger(__name__)
 
@@ -375,7 +375,7 @@ def write_raw_layout(model: LoadedModel, store: WeightStore, path: str | os.Path
         for index in sorted(first, key=lambda i: store.blobs[i].raw_offset):
             blob = store.blobs[index]
             f.write(bytes(blob.raw_offset - pos))
-            f.write(first[index].data)
+            f.write(as_bytes(first[index].data))
             pos = blob.raw_offset + blob.nbytes
         f.write(bytes(store.raw_size - pos))
 

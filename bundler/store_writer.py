@@ -142,7 +142,8 @@ def _encode_and_hash(raw: memoryview, encoding: str, element_size: int, level: i
     return stored, sha256_bytes(stored)
 
 
-def _as_bytes(data: Buffer) -> memoryview:
+def as_bytes(data: Buffer) -> memoryview:
+    """A weight's data as little-endian bytes, without a copy where it already is."""
     if isinstance(data, np.ndarray):
         arr = data
         if arr.dtype.byteorder == ">":
@@ -209,7 +210,7 @@ def write_weight_store(
     names = collections.Counter(w.name for w in weights)
     if dupes := sorted(n for n, c in names.items() if c > 1):
         raise ModelError(f"weight names must be unique; repeated: {', '.join(map(repr, dupes[:5]))}")
-    raws = [_as_bytes(w.data) for w in weights]
+    raws = [as_bytes(w.data) for w in weights]
     for i, (w, raw) in enumerate(zip(weights, raws)):
         _check(w, i, raw)
     threads = max(1, threads if threads is not None else min(8, os.cpu_count() or 1))

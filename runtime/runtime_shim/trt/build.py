@@ -28,25 +28,26 @@ def trt() -> Any:
     return tensorrt_rtx
 
 
-class Logger:
-    """A TRT-RTX ILogger that forwards to `logging` and keeps errors for the exception message."""
+def make_logger() -> Any:
+    """A TRT-RTX ILogger that forwards to `logging` and keeps errors (``.errors``) for the exception message.
 
-    def __new__(cls):  # built lazily: the base class comes from tensorrt_rtx
-        t = trt()
+    Built on first use: its base class comes from tensorrt_rtx, which is imported lazily."""
+    t = trt()
+    base: Any = t.ILogger
 
-        class Forwarder(t.ILogger):
-            def __init__(self) -> None:
-                t.ILogger.__init__(self)
-                self.errors: list[str] = []
+    class Forwarder(base):
+        def __init__(self) -> None:
+            base.__init__(self)
+            self.errors: list[str] = []
 
-            def log(self, severity: Any, msg: str) -> None:
-                if severity <= t.ILogger.Severity.ERROR:
-                    self.errors.append(msg)
-                    log.debug("TRT-RTX: %s", msg)
-                elif severity == t.ILogger.Severity.WARNING:
-                    log.debug("TRT-RTX warning: %s", msg)
+        def log(self, severity: Any, msg: str) -> None:
+            if severity <= base.Severity.ERROR:
+                self.errors.append(msg)
+                log.debug("TRT-RTX: %s", msg)
+            elif severity == base.Severity.WARNING:
+                log.debug("TRT-RTX warning: %s", msg)
 
-        return Forwarder()
+    return Forwarder()
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,7 @@ class BuildRequest:
 def build_engine(req: BuildRequest) -> bytes:
     """Parse the ONNX file and build a serialized engine. Parser and builder errors become EngineBuildError."""
     t = trt()
-    logger = Logger()
+    logger = make_logger()
     builder = t.Builder(logger)
     network = builder.create_network()
     parser = t.OnnxParser(network, logger)

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import BundleError, MachineError
 from ..gpu.cuda import check, cudart
-from .build import Logger, trt
+from .build import make_logger, trt
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ class TrtRtxRuntime:
         check(
             self.cu, self.cu.cudaFree(0), "cudaFree(0)"
         )  # makes the primary context current: cache (de)serialize needs one
-        self.logger: Any = Logger()  # the Forwarder Logger() builds, which keeps errors
+        self.logger = make_logger()  # keeps errors for the messages below
         self.rt = self.t.Runtime(self.logger)
         self._refitters: dict[int, Any] = {}
         self._keep: list[np.ndarray] = []  # host arrays that must outlive refit_cuda_engine()

@@ -107,7 +107,10 @@ def measure(label: str, onnx_path: Path, sms: list[int], tmp: Path, profile: dic
     naive = n_plat * sum(weightful.values())
     reference = store + n_plat * sum(weightless.values())
     ours = manifest_bytes + skeleton + reference
-    mb = lambda b: f"{b / 1e6:10.2f} MB"  # noqa: E731
+
+    def mb(b: float) -> str:
+        return f"{b / 1e6:10.2f} MB"
+
     print(f"\n== {label}: raw weights {raw_w / 1e6:.2f} MB; SMs {sms} x 2 platforms (linux_x86_64, windows_amd64)")
     for sm in sms:
         print(

@@ -133,7 +133,9 @@ def main() -> None:
 
         for enc, s in stores.items():
             gc.collect()
-            base, peak = rss_peak_during(lambda: WeightReader(Path(tmp) / enc, s, threads=min(cores, 8)).read_all())
+            base, peak = rss_peak_during(
+                lambda enc=enc, s=s: WeightReader(Path(tmp) / enc, s, threads=min(cores, 8)).read_all()
+            )
             grown = peak - base
             print(
                 f"memory, {enc}: resident set grew by {grown / 2**20:.1f} MiB at its peak during read_all = {grown / raw:.2f}x the model's "

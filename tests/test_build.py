@@ -103,7 +103,10 @@ def test_conv_rebuild_engine_nondeterminism_is_reported_not_hidden(built, tmp_pa
         probe=no_gpu,
     )
     a, b = _files(first.bundle_dir), _files(again.bundle_dir)
-    same = lambda files: {k: v for k, v in files.items() if not k.startswith("engines/") and k != "manifest.json"}  # noqa: E731
+
+    def same(files: dict) -> dict:
+        return {k: v for k, v in files.items() if not k.startswith("engines/") and k != "manifest.json"}
+
     assert same(a) == same(b)
     if a != b:
         ea, eb = (

@@ -134,7 +134,10 @@ def test_pack_is_deterministic_and_round_trips(bundle: Path, tmp_path: Path) -> 
     assert {(m.mtime, m.uid, m.gid, m.uname, m.mode) for m in members} == {(0, 0, 0, "", 0o644)}
     manifest = unpack_bundle(a.path, tmp_path / "out")
     assert manifest == read_manifest(bundle)[0]
-    files = lambda root: {p.relative_to(root): p.read_bytes() for p in root.rglob("*") if p.is_file()}  # noqa: E731
+
+    def files(root: Path) -> dict:
+        return {p.relative_to(root): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
     assert files(tmp_path / "out") == files(bundle)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.trtx", "b.trtx", "out"]
 

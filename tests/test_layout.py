@@ -200,17 +200,7 @@ def test_runtime_imports_and_loads_without_onnx_click_or_bundler(tmp_path: Path)
         np.testing.assert_array_equal(got[key], value)
 
 
-# A noqa comment names its codes and then says why, after " - " (e.g. E402 - why). Files that still carry bare ones
-# belong to work in progress elsewhere; the final pass of issue 10 fixes them and empties this set.
-UNREASONED_NOQA_LEFT = {
-    "runtime/runtime_shim/gpu/planner.py",
-    "tests/test_planes.py",
-    "tests/test_build.py",
-    "tests/test_gpu_decode.py",
-    "tests/test_bundle_io.py",
-    "bench/bench_bundle_size.py",
-    "bench/bench_shim_overhead.py",
-}
+# A noqa comment names its codes and then says why, after " - " (e.g. E402 - why).
 _NOQA = re.compile(r"#\s*noqa\b(?P<rest>[^#\n]*)", re.I)
 _REASONED = re.compile(r"^:\s*[A-Z]+[0-9]+(\s*,\s*[A-Z]+[0-9]+)*\s+-\s+\S")
 
@@ -224,5 +214,5 @@ def test_every_noqa_says_why() -> None:
                 m = _NOQA.search(line)
                 if m and not _REASONED.match(m.group("rest")):
                     offenders.setdefault(rel, []).append(f"{rel}:{n}: {line.strip()}")
-    new = [hit for rel, hits in offenders.items() if rel not in UNREASONED_NOQA_LEFT for hit in hits]
+    new = [hit for rel, hits in offenders.items() for hit in hits]
     assert not new, "say why after each noqa's codes (E402 - because ...):\n" + "\n".join(new)

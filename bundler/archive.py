@@ -15,6 +15,7 @@ next unpack to the same place removes it once its owner is gone (fsutil.owned_te
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
@@ -149,6 +150,11 @@ def _open_tar(src: Path, f: Any) -> Iterator[tarfile.TarFile]:
             _refuse(src, e.name, e.what)
         except (tarfile.TarError, ValueError, OverflowError, EOFError) as e:
             # tarfile raises ValueError and kin too on some malformed headers (a sparse map cut short, say).
+            raise ArchiveError(f"{src}: corrupt or truncated archive ({e})", hint="fetch the archive again") from None
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            # Python 3.10's tarfile seeks before the start of an empty or cut-short archive: EINVAL, not a TarError.
             raise ArchiveError(f"{src}: corrupt or truncated archive ({e})", hint="fetch the archive again") from None
 
 

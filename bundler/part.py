@@ -34,7 +34,7 @@ from runtime_shim import __version__
 from runtime_shim.errors import ManifestError
 from runtime_shim.fsutil import atomic_write, sha256_bytes
 from runtime_shim.manifest import SHAPES_BY_INPUT, Engine, FileRef, Manifest, RuntimeCache, Shape
-from runtime_shim.schema import Codec, Key, Record, Sha256, canonical_json, load_json_file
+from runtime_shim.schema import Codec, Key, Record, Sha256, at, canonical_json, load_json_file
 
 PART_SCHEMA_VERSION = 1
 PART_KIND = "trtx-bundler-part"
@@ -122,7 +122,7 @@ class Part(Record):
     def validate(self, path: str) -> None:
         if self.engine is not None and self.engine.file.sha256 not in self.runtime_cache.engines:
             raise ManifestError(
-                f"{path + '.' if path else ''}runtime_cache.engines does not name the part's own engine {self.engine.file.sha256}"
+                f"{at(path, 'runtime_cache.engines')} does not name the part's own engine {self.engine.file.sha256}"
             )
 
 

@@ -151,18 +151,19 @@ def _open_tar(src: Path, f: Any) -> Iterator[tarfile.TarFile]:
         except (tarfile.TarError, ValueError, OverflowError, EOFError) as e:
             # tarfile raises ValueError and kin too on some malformed headers (a sparse map cut short, say).
             raise ArchiveError(f"{src}: corrupt or truncated archive ({e})", hint="fetch the archive again") from None
-        except OSError as e:
-            if e.errno != errno.EINVAL:
-                raise
-            # Python 3.10's tarfile seeks before the start of an empty or cut-short archive: EINVAL, not a TarError.
-            raise ArchiveError(f"{src}: corrupt or truncated archive ({e})", hint="fetch the archive again") from None
 
 
 def _read_manifest_entry(src: Path, tar: tarfile.TarFile) -> tuple[Manifest, bytes]:
     """manifest.json, which pack writes first; only the bundle's folders may come before it."""
     seen: set[str] = set()
     for _ in range(len(FILE_FOLDERS) + 1):
-        member = tar.next()
+        try:
+            member = tar.next()
+        except OSError as e:
+            # Python 3.10's tarfile seeks to offset -1 when an archive has no member at all: EINVAL, not None.
+            if e.errno != errno.EINVAL or tar.offset != 0:
+                raise
+            member = None
         if member is None:
             break
         name = _check_member(src, member, seen)

@@ -42,12 +42,12 @@ except ImportError:
 _native: ModuleType | None = None if os.environ.get("TRTX_SHIM_NATIVE") == "0" else _built
 
 # Without the helper a byte-plane frame takes Python chunk checks and five numpy passes over memory, between which
-# each thread takes the GIL back: past about one thread per physical core more threads made decoding slower (on a
-# 16-vCPU host: 2.84x one thread's speed on 8 threads, 1.87x on 16; bench/README.md). So at most this many threads
-# decode such frames at once (one per physical core, as two vCPUs a core is the common case, at most the measured
-# knee of 8); the caller's other work (reading, sha256, plain zstd frames, which release the GIL) still runs on
-# every thread. bench/bench_decode.py measures the scaling with and without the limit.
-NUMPY_DECODE_THREADS = max(2, min(8, (os.cpu_count() or 2) // 2))
+# each thread takes the GIL back: past a few threads more threads made decoding slower (bench/README.md, lent
+# 16-vCPU H200 host: 2.3-2.9x one thread's speed on 4 threads; 1.6-1.8x on 16 with no limit and 2.0-2.5x with a
+# limit of 8). So at most this many threads decode such frames at once (one per physical core, as two vCPUs a core
+# is the common case, at most the measured knee of 4); the caller's other work (reading, sha256, plain zstd frames,
+# which release the GIL) still runs on every thread. bench/bench_decode.py measures the scaling with and without it.
+NUMPY_DECODE_THREADS = max(2, min(4, (os.cpu_count() or 2) // 2))
 _numpy_limit = NUMPY_DECODE_THREADS
 _numpy_gate = threading.BoundedSemaphore(NUMPY_DECODE_THREADS)
 _local = threading.local()

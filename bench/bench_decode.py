@@ -69,8 +69,8 @@ def main() -> None:
     sets = _data.models(args.model)
     built = decode.native_built()
     print(
-        f"{cores} CPUs; {DEFAULT_CHUNK >> 20} MiB frames; medians of {args.repeat}; numpy decodes on at most "
-        f"{decode.NUMPY_DECODE_THREADS} threads; "
+        f"{cores} CPUs; {DEFAULT_CHUNK >> 20} MiB frames; medians of {args.repeat}; without the C helper, pools of "
+        f"at most {decode.NUMPY_DECODE_THREADS} threads decode; "
         f"C helper {'built' if built else 'NOT built: store and numpy columns are the same decoder'}"
     )
     for short in args.dtype.split(","):
@@ -98,9 +98,14 @@ def main() -> None:
             with cf.ThreadPoolExecutor(T) as pool:
                 t_z = _timed(pool, _zstd_job, zjobs, args.repeat, native=True)
                 t_s = _timed(pool, _store_job, sjobs, args.repeat, native=True)
-                # the same decoder without its C helper: as shipped (limited), and on every thread
-                t_n = _timed(pool, _store_job, sjobs, args.repeat, native=False) if built else t_s
+                # the same decoder without its C helper, on every thread and no limit
                 t_f = _timed(pool, _store_job, sjobs, args.repeat, native=False, numpy_limit=T)
+            # ... and as shipped: as many workers as WeightReader and the uploader give it (decode_threads)
+            was = decode.use_native(False)
+            workers = decode.decode_threads(T)
+            decode.use_native(was)
+            with cf.ThreadPoolExecutor(workers) as pool:
+                t_n = _timed(pool, _store_job, sjobs, args.repeat, native=False) if built else t_s
             one, one_np, one_free = one or t_s, one_np or t_n, one_free or t_f
             fallback.append((T, one_np / t_n, one_free / t_f))
             print(

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ..errors import IntegrityError, MachineError
+from ..store.decode import decode_threads
 from ..store.format import HINT_CORRUPT
 from ..store.reader import WeightReader
 from .cuda import check, cudart
@@ -232,6 +233,7 @@ class Uploader:
         submit: Callable[[cf.ThreadPoolExecutor, Any, memoryview], list[cf.Future[None]]],
         enqueue: Callable[[Any, int], None],
         first: Callable[[], None] | None = None,
+        workers: int | None = None,
     ) -> None:
         """For each segment, in order: ``submit(pool, segment, slot_view)`` starts its work on threads (futures),
         ``enqueue(segment, slot)`` runs here once they are done (it enqueues the copies out of the slot), and a slot
@@ -251,7 +253,7 @@ class Uploader:
                 used[slot] = True
 
         pending: collections.deque[tuple[int, list[cf.Future[None]]]] = collections.deque()
-        with cf.ThreadPoolExecutor(self.threads) as pool:
+        with cf.ThreadPoolExecutor(workers or self.threads) as pool:
             try:
                 for k, seg in enumerate(segments):
                     if len(pending) >= nslots - 1 and first is not None:
@@ -289,7 +291,12 @@ class Uploader:
             check(rt, rt.cudaMemcpyAsync(base + seg.dev_offset, src, seg.size, h2d, self._stream), "cudaMemcpyAsync")
 
         self._ring(
-            segments, self.slot_bytes, self.slots, lambda pool, seg, view: [pool.submit(decode, seg, view)], enqueue
+            segments,
+            self.slot_bytes,
+            self.slots,
+            lambda pool, seg, view: [pool.submit(decode, seg, view)],
+            enqueue,
+            workers=decode_threads(self.threads),  # host decode: without the C helper more threads can be slower
         )
         while_waiting()
         check(rt, rt.cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")

@@ -72,6 +72,13 @@ def use_native(enabled: bool) -> bool:
     return before
 
 
+def decode_threads(requested: int) -> int:
+    """How many threads a pool that decodes byte-plane frames should have: all that were asked for with the C
+    helper; without it at most the numpy limit, so that asking for more threads never makes decoding slower (the
+    gate below only bounds the numpy passes, while the Python work around them still contends for the GIL)."""
+    return requested if _native is not None else max(1, min(requested, _numpy_limit))
+
+
 def limit_numpy_decoders(threads: int) -> int:
     """Let at most ``threads`` threads decode byte-plane frames with numpy at once (NUMPY_DECODE_THREADS unless
     changed); returns the limit before. For benchmarks looking for the knee; call it between decodes."""

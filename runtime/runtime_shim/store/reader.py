@@ -22,7 +22,7 @@ import zstandard
 from ..errors import IntegrityError
 from ..fsutil import atomic_writer, sha256_bytes
 from ..manifest import Blob, WeightStore
-from .decode import decode_frame_into, native_join, scratch
+from .decode import decode_frame_into, decode_threads, native_join, scratch
 from .format import HINT_CORRUPT, ITEMSIZE, MAGIC, PACKED_DTYPES, PLANE_CHUNK, nbytes_for
 
 # The reading API; format names that callers long imported from here stay importable (format.py is their home).
@@ -239,11 +239,12 @@ class WeightReader:
         """Decode blob ``index`` into a caller-provided buffer of exactly ``nbytes`` (e.g. pinned host memory)."""
         out = memoryview(out).cast("B")
         slices = self._frame_slices(index, out)
-        if self.threads == 1 or len(slices) <= 1:
+        workers = decode_threads(self.threads)
+        if workers == 1 or len(slices) <= 1:
             for j, piece in slices:
                 self.decode_frame(index, j, piece)
         else:
-            with cf.ThreadPoolExecutor(self.threads) as pool:
+            with cf.ThreadPoolExecutor(workers) as pool:
                 for fut in [pool.submit(self.decode_frame, index, j, piece) for j, piece in slices]:
                     fut.result()
         self._check_raw(index, out)
@@ -256,7 +257,8 @@ class WeightReader:
         by the blobs being decoded, not by the model. Each yielded buffer is new; keeping it is the caller's choice.
         """
         order = list(range(len(self.store.blobs)) if indices is None else indices)
-        window = 2 * self.threads
+        workers = decode_threads(self.threads)
+        window = 2 * workers
         # smaller tasks for a small model, so that every thread still gets some (2 per thread, down to TASK_RAW_MIN)
         limit = max(TASK_RAW_MIN, min(TASK_RAW, sum(self.store.blobs[i].nbytes for i in order) // window))
         # FIFO of (task, blobs whose last frame is in that task): tasks finish in any order but are taken in order,
@@ -275,7 +277,7 @@ class WeightReader:
                 self._check_raw(index, buf)
                 yield index, buf
 
-        with cf.ThreadPoolExecutor(self.threads) as pool:
+        with cf.ThreadPoolExecutor(workers) as pool:
             try:
                 task: list[tuple[int, int, memoryview]] = []
                 task_raw, whole = 0, list[tuple[int, memoryview]]()

@@ -40,7 +40,7 @@ SHA = "ab" * 32
 
 def _manifest() -> Manifest:
     frame = Frame(offset=8, size=50, raw_size=128, sha256=SHA)
-    blob = Blob(sha256=SHA, nbytes=128, raw_offset=0, encoding="zstd", element_size=4, frames=(frame,))
+    blob = Blob(sha256=SHA, nbytes=128, raw_offset=0, encoding="zstd", element_size=1, frames=(frame,))
     return Manifest(
         model=ModelInfo(name="m", version="1.0"),
         inputs=(TensorSpec(name="x", dtype="float32", shape=("batch", 8)),),
@@ -49,7 +49,7 @@ def _manifest() -> Manifest:
         warmup_shapes=({"x": (2, 8)},),
         trt_rtx=TrtRtx(version="1.7.1.116", cuda_flavour="cu13"),
         weights=WeightStore(
-            file=FileRef.for_content("weights", SHA, 100),
+            file=FileRef.for_content("weights", SHA, 58),  # the magic, then the one frame
             raw_size=128,
             alignment=64,
             blobs=(blob,),

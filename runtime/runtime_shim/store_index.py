@@ -11,25 +11,14 @@ from typing import Annotated
 from .bundle_files import FileRef
 from .errors import ManifestError
 from .schema import Count, Ints, Key, Name, Record, Sha256, one_of
+from .store.format import ENCODINGS, ITEMSIZE, MAGIC, PLANE_WIDTHS, ZSTD_MAX_RATIO, nbytes_for
 
-WEIGHT_ENCODINGS = ("none", "zstd", "zstd-byteplane")
-DTYPES = (
-    "float32",
-    "float16",
-    "bfloat16",
-    "float64",
-    "int8",
-    "uint8",
-    "int16",
-    "uint16",
-    "int32",
-    "uint32",
-    "int64",
-    "uint64",
-    "bool",
-    "float8e4m3fn",
-    "int4",
-    "uint4",
+WEIGHT_ENCODINGS = ENCODINGS  # "none" | "zstd" | "zstd-byteplane": the format's own list (store/format.py)
+DTYPES = tuple(ITEMSIZE)
+MAX_ALIGNMENT = 1 << 16  # the writer aligns to 64; a larger value only inflates the unpacked layout
+HINT_INDEX = (
+    "the weight index in manifest.json does not describe its weight file (the manifest was edited or damaged); "
+    "fetch the bundle again or rebuild it"
 )
 DType = Annotated[str, Key(check=one_of(DTYPES))]
 
@@ -38,8 +27,13 @@ def _element_size(v: int) -> str | None:
     return None if v in (1, 2, 4, 8) else f"expected 1, 2, 4 or 8, got {v}"
 
 
-def _positive(v: int) -> str | None:
-    return None if v > 0 else "expected > 0"
+def _alignment(v: int) -> str | None:
+    ok = 0 < v <= MAX_ALIGNMENT and not v & (v - 1)
+    return None if ok else f"expected a power of two from 1 to {MAX_ALIGNMENT}, got {v}"
+
+
+def _bad(where: str, problem: str) -> ManifestError:
+    return ManifestError(f"{where}: {problem}", hint=HINT_INDEX)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -64,8 +58,35 @@ class Blob(Record):
     frames: tuple[Frame, ...]
 
     def validate(self, path: str) -> None:
+        """The blob's own rules: an element size its encoding can use, and frames that tile its raw bytes, each frame
+        with at least one stored and one raw byte and no more raw bytes than its stored bytes can decode to."""
+        split = self.encoding == "zstd-byteplane"
+        if split and self.element_size not in PLANE_WIDTHS:
+            raise _bad(f"{path}.element_size", f"{self.element_size} for zstd-byteplane, expected 2, 4 or 8")
+        if not split and self.element_size != 1:
+            raise _bad(
+                f"{path}.element_size", f"{self.element_size} for {self.encoding}, expected 1 (no byte-plane split)"
+            )
+        for j, f in enumerate(self.frames):
+            where = f"{path}.frames[{j}]"
+            if f.size == 0 or f.raw_size == 0:
+                raise _bad(where, f"size {f.size}, raw_size {f.raw_size}: a frame holds at least one byte of each")
+            if self.encoding == "none" and f.size != f.raw_size:
+                raise _bad(
+                    where,
+                    f"size {f.size}, raw_size {f.raw_size}: an encoding 'none' frame stores its bytes as they are",
+                )
+            if f.raw_size > f.size * ZSTD_MAX_RATIO:
+                raise _bad(
+                    f"{where}.raw_size",
+                    f"{f.raw_size} bytes from {f.size} stored bytes: more than zstd can decode to (at most {ZSTD_MAX_RATIO} x)",
+                )
+            if f.raw_size % self.element_size:
+                raise _bad(
+                    f"{where}.raw_size", f"{f.raw_size} is not a whole number of {self.element_size}-byte elements"
+                )
         if (total := sum(f.raw_size for f in self.frames)) != self.nbytes:
-            raise ManifestError(f"{path}.frames: raw sizes add up to {total}, expected nbytes {self.nbytes}")
+            raise _bad(f"{path}.frames", f"raw sizes add up to {total}, expected nbytes {self.nbytes}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -82,7 +103,7 @@ class WeightStore(Record):
 
     file: FileRef
     raw_size: Count  # size of the unpacked layout, alignment padding included
-    alignment: Annotated[int, Key(check=_positive)]
+    alignment: Annotated[int, Key(check=_alignment)]
     blobs: tuple[Blob, ...]
     tensors: tuple[WeightTensor, ...]
 
@@ -93,7 +114,15 @@ class WeightStore(Record):
         raise KeyError(name)
 
     def validate(self, path: str) -> None:
-        """Tensor names are unique, blob indexes exist, blobs fit the layout, frames fit the file."""
+        """The index describes its file exactly, before a byte of it is read (docs/WEIGHT_STORE.md, "The index"):
+        each tensor's dtype x shape is its blob's size, the blobs lie back to back (aligned) in the unpacked layout
+        that ``raw_size`` ends, and the frames lie back to back in the file, in blob order, from the magic to its
+        end. So no reader, decoder or refit is ever handed a size the file does not back."""
+        self._check_tensors(path)
+        self._check_raw_layout(path)
+        self._check_file_layout(path)
+
+    def _check_tensors(self, path: str) -> None:
         names: set[str] = set()
         for i, t in enumerate(self.tensors):
             where = f"{path}.tensors[{i}]"
@@ -102,13 +131,50 @@ class WeightStore(Record):
             names.add(t.name)
             if t.blob >= len(self.blobs):
                 raise ManifestError(f"{where}.blob: index {t.blob} out of range ({len(self.blobs)} blobs)")
-        for i, b in enumerate(self.blobs):
-            if b.raw_offset + b.nbytes > self.raw_size:
-                raise ManifestError(
-                    f"{path}.blobs[{i}]: raw bytes end at {b.raw_offset + b.nbytes}, past raw_size {self.raw_size}"
+            blob = self.blobs[t.blob]
+            if (need := nbytes_for(t.dtype, t.shape)) != blob.nbytes:
+                raise _bad(
+                    where,
+                    f"{t.dtype} {list(t.shape)} is {need} bytes, but its blob {t.blob} has {blob.nbytes} "
+                    f"({path}.blobs[{t.blob}].nbytes)",
                 )
+            if blob.encoding == "zstd-byteplane" and blob.element_size != ITEMSIZE[t.dtype]:
+                raise _bad(
+                    where,
+                    f"{t.dtype} has {ITEMSIZE[t.dtype]}-byte elements, but its blob {t.blob} is split into "
+                    f"{blob.element_size} byte planes ({path}.blobs[{t.blob}].element_size)",
+                )
+
+    def _check_raw_layout(self, path: str) -> None:
+        end = 0  # each blob starts where the one before it ends, rounded up to the alignment (what the writer does)
+        for i, b in enumerate(self.blobs):
+            start = -(-end // self.alignment) * self.alignment
+            if b.raw_offset != start:
+                raise _bad(
+                    f"{path}.blobs[{i}].raw_offset",
+                    f"{b.raw_offset}, expected {start} (blobs lie back to back in the unpacked layout, "
+                    f"each at a multiple of the alignment {self.alignment})",
+                )
+            end = start + b.nbytes
+        if self.raw_size != end:
+            raise _bad(f"{path}.raw_size", f"{self.raw_size}, expected {end} (where the last blob ends)")
+
+    def _check_file_layout(self, path: str) -> None:
+        pos = len(MAGIC)  # the frames follow the magic back to back: blob 0's in order, then blob 1's, ...
+        for i, b in enumerate(self.blobs):
             for j, f in enumerate(b.frames):
-                if f.offset + f.size > self.file.size:
-                    raise ManifestError(
-                        f"{path}.blobs[{i}].frames[{j}]: ends at {f.offset + f.size}, past the file size {self.file.size}"
+                if f.offset != pos:
+                    problem = (
+                        "overlaps the frame before it" if f.offset < pos else "leaves a gap after the frame before it"
                     )
+                    raise _bad(
+                        f"{path}.blobs[{i}].frames[{j}].offset",
+                        f"{f.offset}, expected {pos}: {problem} (frames lie back to back in the file, in blob order)",
+                    )
+                pos += f.size
+        if self.file.size != pos:
+            raise _bad(
+                f"{path}.file.size",
+                f"{self.file.size} bytes, but the frames end at {pos}"
+                + ("; the index lists no weights" if not self.blobs else ""),
+            )

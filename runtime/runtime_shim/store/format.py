@@ -11,13 +11,11 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterable
 
-from ..manifest import WEIGHT_ENCODINGS
-
 # --------------------------------------------------------------------------- the file and its values
 MAGIC = b"TRTXW\x00\x01\x00"  # "TRTXW", NUL, format version 1, reserved
 HINT_CORRUPT = "the bundle's weight file is damaged or was modified; fetch the bundle again ('trtx-bundle verify' lists every bad file)"
 
-ENCODINGS: tuple[str, ...] = WEIGHT_ENCODINGS  # the manifest's names for a blob's encoding
+ENCODINGS: tuple[str, ...] = ("none", "zstd", "zstd-byteplane")  # the manifest's names for a blob's encoding
 # Numeric codes of the encodings, for code that handles many frames as arrays (the GPU planner).
 ENC_NONE, ENC_ZSTD, ENC_BYTEPLANE = (ENCODINGS.index(e) for e in ("none", "zstd", "zstd-byteplane"))
 ENCODING_CODES = {name: code for code, name in enumerate(ENCODINGS)}
@@ -87,6 +85,9 @@ ZSTD_FCS2_BIAS = 256  # a 2-byte content size field stores size - 256
 # block headers to check that the frame ends with its chunk, and the GPU planner does so in this many vectorized steps.
 ZSTD_MAX_BLOCKS = 64
 ZSTD_SIZE_CAP = 1 << 62  # content sizes are capped here when read: larger ones are refused anyway and stay positive
+# The most raw bytes one stored byte can decode to: a zstd block decodes to at most 128 KiB and takes at least 4 bytes
+# (an RLE block: 3-byte header, 1 byte), and planes and chunk tables only add stored bytes. The index check caps frames by it.
+ZSTD_MAX_RATIO = (128 << 10) // 4
 
 
 def zstd_fcs_width(descriptor: int) -> int:

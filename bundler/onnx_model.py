@@ -1,7 +1,9 @@
 """Loads an ONNX model (with external data), normalizes it (Constant -> initializer), and writes its weightless skeleton.
 
-After ``load_model`` the ModelProto holds no tensor data at all: every initializer's bytes live in
-``LoadedModel.weights`` (raw little-endian, the ONNX raw_data layout), so the weights are in memory once.
+After ``load_model`` the main graph's initializers hold no data: their bytes live in ``LoadedModel.weights`` (raw
+little-endian, the ONNX raw_data layout), so the weights are in memory once. Weights inside subgraphs (If/Loop/Scan
+bodies, Constant nodes) are moved to main-graph initializers first (bundler/hoist.py); only subgraph tensors of at
+most SUBGRAPH_INLINE_MAX bytes stay where they are, inline.
 ``make_skeleton`` points every initializer at the weight store's unpacked raw layout (ONNX external data), so
 the skeleton plus ``WeightReader.unpack_raw`` is a complete model for onnxruntime and TRT-RTX's parser.
 
@@ -15,13 +17,12 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
 from google.protobuf.message import DecodeError
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, numpy_helper
 
 from runtime_shim.errors import ModelError
 from runtime_shim.fsutil import atomic_write, atomic_writer, sha256_file
@@ -29,12 +30,17 @@ from runtime_shim.manifest import TensorSpec, WeightStore
 from runtime_shim.store.reader import nbytes_for
 
 from .dims import PLACEHOLDER_DIMS, axis_dim_name, distinct_placeholders
+from .hoist import graphs, hoist_constants, hoist_subgraph_weights
 from .store_writer import Weight, as_bytes
 
 log = logging.getLogger(__name__)
 
 SKELETON_NAME = "model.onnx"
 INLINE_MAX = 1024  # bytes; tensors this small stay inline in the skeleton too (onnx's own size_threshold default)
+# Subgraph tensors of at most this many bytes stay in their subgraph, inline: the skeleton would keep them inline
+# anyway (INLINE_MAX), so moving them would save nothing and only add outer-scope references, and renames, to the
+# graph TRT-RTX parses; in Loop/Scan bodies they are mostly scalars and shape operands.
+SUBGRAPH_INLINE_MAX = INLINE_MAX
 
 _DTYPE_NAMES: dict[int, str] = {
     TensorProto.FLOAT: "float32",
@@ -73,6 +79,7 @@ class LoadedModel:
     source_sha256: str  # of the .onnx file as given (external data not included)
     opset: int | None
     constants_hoisted: int  # Constant nodes that became initializers
+    subgraph_weights_moved: int = 0  # subgraph initializers (and name-sharing Constants) moved to the main graph
     renamed_dims: dict[str, str] = field(default_factory=dict)  # new dim name -> the model's name for it
 
     def weight(self, name: str) -> Weight:
@@ -93,74 +100,6 @@ def dtype_name(elem_type: int, where: str) -> str:
             f"expected one of {', '.join(sorted(set(_DTYPE_NAMES.values())))}",
             hint="TensorRT for RTX cannot take tensors of this type; cast them in the model",
         ) from None
-
-
-# --------------------------------------------------------------------------- graph walking
-def _graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
-    """The graph and every subgraph (If/Loop/Scan bodies), depth first, in node and attribute order."""
-    yield graph
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _graphs(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for g in attr.graphs:
-                    yield from _graphs(g)
-
-
-def _constant_tensor(node: onnx.NodeProto) -> TensorProto | None:
-    """The tensor a Constant node makes, or None for kinds left in place (sparse_value, strings)."""
-    if len(node.attribute) != 1 or len(node.output) != 1:
-        return None
-    attr = node.attribute[0]
-    if attr.name == "value" and attr.t.data_type != TensorProto.STRING:
-        t = TensorProto()
-        t.CopyFrom(attr.t)
-    elif attr.name == "value_float":
-        t = helper.make_tensor("", TensorProto.FLOAT, [], [attr.f])
-    elif attr.name == "value_floats":
-        t = helper.make_tensor("", TensorProto.FLOAT, [len(attr.floats)], list(attr.floats))
-    elif attr.name == "value_int":
-        t = helper.make_tensor("", TensorProto.INT64, [], [attr.i])
-    elif attr.name == "value_ints":
-        t = helper.make_tensor("", TensorProto.INT64, [len(attr.ints)], list(attr.ints))
-    else:
-        return None
-    t.name = node.output[0]
-    return t
-
-
-def _hoist_constants(model: onnx.ModelProto) -> int:
-    """Turn weight-carrying Constant nodes (in the graph and its subgraphs) into main-graph initializers.
-
-    A Constant is left in place when its output name is defined more than once in the model (sibling subgraphs
-    may reuse names) or is some graph's output (a graph output that is an outer-scope initializer is not
-    accepted everywhere). Outer-scope names are visible in subgraphs, so the consumers need no change.
-    """
-    defined: dict[str, int] = {}
-    graph_outputs: set[str] = set()
-    for g in _graphs(model.graph):
-        for name in [i.name for i in g.input] + [t.name for t in g.initializer] + [o for n in g.node for o in n.output]:
-            defined[name] = defined.get(name, 0) + 1
-        graph_outputs.update(o.name for o in g.output)
-    hoisted: list[TensorProto] = []
-    removals: list[tuple[onnx.GraphProto, list[int]]] = []
-    for g in _graphs(model.graph):
-        drop = []
-        for i, node in enumerate(g.node):
-            t = _constant_tensor(node) if node.op_type == "Constant" and node.domain in ("", "ai.onnx") else None
-            if t is not None and t.name and defined.get(t.name) == 1 and t.name not in graph_outputs:
-                hoisted.append(t)
-                drop.append(i)
-        removals.append((g, drop))
-    # Deepest graphs first, by index: rebuilding a parent's node list would copy (and detach) its subgraphs.
-    for g, drop in reversed(removals):
-        for i in reversed(drop):
-            del g.node[i]
-    model.graph.initializer.extend(hoisted)
-    if model.ir_version < 4:  # before IR 4 every initializer had to be listed as a graph input too
-        model.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in hoisted)
-    return len(hoisted)
 
 
 # --------------------------------------------------------------------------- tensor data
@@ -205,6 +144,12 @@ def _take_bytes(t: TensorProto, model_path: Path, cache: dict[str, int]) -> byte
         return t.raw_data
     # typed fields (float_data, int32_data holding fp16/bf16/int8..., int64_data, ...): let onnx decode them
     return numpy_helper.from_array(numpy_helper.to_array(t)).raw_data
+
+
+def _store_size(t: TensorProto) -> int | None:
+    """Bytes the tensor takes in the weight store, or None for a type the store cannot hold (it stays put)."""
+    dtype = _DTYPE_NAMES.get(t.data_type)
+    return None if dtype is None else nbytes_for(dtype, t.dims)
 
 
 def _strip(t: TensorProto) -> None:
@@ -257,7 +202,8 @@ def load_model(path: str | os.PathLike[str]) -> LoadedModel:
     except Exception as e:
         log.warning("%s: onnx.checker reports: %s", path, str(e).splitlines()[0] if str(e) else type(e).__name__)
 
-    hoisted = _hoist_constants(model)
+    hoisted = hoist_constants(model)
+    subgraph_moved = hoist_subgraph_weights(model, _store_size, SUBGRAPH_INLINE_MAX)
     sizes: dict[str, int] = {}
     weights: list[Weight] = []
     seen: set[str] = set()
@@ -275,12 +221,12 @@ def load_model(path: str | os.PathLike[str]) -> LoadedModel:
             )
         _strip(t)  # the bytes now live only in `weights`
         weights.append(Weight(name=t.name, dtype=dtype, shape=tuple(t.dims), data=raw))
-    for g in _graphs(model.graph):
-        if g is not model.graph and any(t.data_location == TensorProto.EXTERNAL for t in g.initializer):
-            raise ModelError(
-                f"{path}: subgraph {g.name!r} has initializers in external data; not supported",
-                hint="move them to the main graph's initializers",
-            )
+    for g in list(graphs(model.graph))[1:]:
+        for t in g.initializer:  # the small ones that stay in their subgraph: inline, so the skeleton is whole
+            if t.data_location == TensorProto.EXTERNAL:
+                t.raw_data = _take_bytes(t, path, sizes)
+                del t.external_data[:]
+                t.data_location = TensorProto.DEFAULT
     if model.graph.sparse_initializer:
         raise ModelError(
             f"{path}: sparse initializers ({model.graph.sparse_initializer[0].values.name!r}...) are not supported",
@@ -300,13 +246,15 @@ def load_model(path: str | os.PathLike[str]) -> LoadedModel:
         source_sha256=source_sha256,
         opset=opset,
         constants_hoisted=hoisted,
+        subgraph_weights_moved=subgraph_moved,
     )
     distinct_placeholders(loaded)
     log.info(
-        "%s: %d weights (%d from Constant nodes), %d inputs, %d outputs",
+        "%s: %d weights (%d from Constant nodes, %d moved out of subgraphs), %d inputs, %d outputs",
         path,
         len(weights),
         hoisted,
+        subgraph_moved,
         len(inputs),
         len(outputs),
     )

@@ -310,3 +310,159 @@ def sample_inputs(name: str, profile: ProfileDict | None, model_path: Path, seed
         dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)
         out[inp.name] = rng.standard_normal(shape).astype(dtype)
     return out
+
+
+# --------------------------------------------------------------------------- (j) weights inside subgraphs
+# Initializers in If/Loop bodies, as exporters write them; bundler/hoist.py moves the large ones to the main graph.
+SUBGRAPH_D = 64  # a [64, 64] float32 weight is 16 KiB: well over the 1 KiB a subgraph tensor may keep inline
+
+
+def _branch(tag: str, rng: np.random.Generator, *, outputs_weight: bool) -> onnx.GraphProto:
+    """y = (h @ w + b) * c: ``w`` (16 KiB, the name the main graph uses too), ``b`` (256 B, stays inline) and a
+    Constant ``c`` (16 KiB, the same name in both branches); ``z`` is the branch's own ``big`` (2 KiB) or computed."""
+    d = SUBGRAPH_D
+    inits = [
+        numpy_helper.from_array(_w(rng, d, d), "w"),
+        numpy_helper.from_array(_w(rng, d), "b"),
+        numpy_helper.from_array(_w(rng, 512), "big"),
+    ]
+    nodes = [
+        helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(_w(rng, d, d) + 1)),
+        helper.make_node("MatMul", ["h", "w"], [f"m_{tag}"]),
+        helper.make_node("Add", [f"m_{tag}", "b"], [f"a_{tag}"]),
+        helper.make_node("MatMul", [f"a_{tag}", "c"], [f"y_{tag}"]),
+    ]
+    z = "big"
+    if not outputs_weight:
+        nodes.append(helper.make_node("Neg", ["big"], [f"z_{tag}"]))
+        z = f"z_{tag}"
+    return helper.make_graph(
+        nodes,
+        tag,
+        [],
+        [
+            helper.make_tensor_value_info(f"y_{tag}", TensorProto.FLOAT, ["batch", d]),
+            helper.make_tensor_value_info(z, TensorProto.FLOAT, [512]),
+        ],
+        initializer=inits,
+    )
+
+
+def _if_inputs() -> list[onnx.ValueInfoProto]:
+    return [
+        helper.make_tensor_value_info("flag", TensorProto.BOOL, []),
+        helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", SUBGRAPH_D]),
+    ]
+
+
+def make_if_weights(dir: Path) -> Path:
+    """h = x @ w; If(flag) with large initializers in both branches, one named like the main graph's ``w``."""
+    rng = _rng(20)
+    then_b, else_b = _branch("then", rng, outputs_weight=True), _branch("else", rng, outputs_weight=False)
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w"], ["h"]),
+            helper.make_node("If", ["flag"], ["y", "z"], then_branch=then_b, else_branch=else_b),
+        ],
+        "if_weights",
+        _if_inputs(),
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", SUBGRAPH_D]),
+            helper.make_tensor_value_info("z", TensorProto.FLOAT, [512]),
+        ],
+        initializer=[numpy_helper.from_array(_w(rng, SUBGRAPH_D, SUBGRAPH_D), "w")],
+    )
+    return _save(_model(graph), dir, "if_weights")
+
+
+def make_nested_if(dir: Path) -> Path:
+    """If(flag) whose then-branch holds another If(flag2); ``u`` is defined in both outer branches and used inside
+    the inner one, whose branches shadow the outer then-branch's ``w`` with their own."""
+    rng, d = _rng(21), SUBGRAPH_D
+
+    def inner(tag: str) -> onnx.GraphProto:
+        return helper.make_graph(
+            [
+                helper.make_node("MatMul", ["h", "w"], [f"p_{tag}"]),
+                helper.make_node("MatMul", [f"p_{tag}", "u"], [f"q_{tag}"]),
+            ],
+            tag,
+            [],
+            [helper.make_tensor_value_info(f"q_{tag}", TensorProto.FLOAT, ["batch", d])],
+            initializer=[numpy_helper.from_array(_w(rng, d, d), "w")],
+        )
+
+    outer_then = helper.make_graph(
+        [
+            helper.make_node("If", ["flag2"], ["r"], then_branch=inner("inner_then"), else_branch=inner("inner_else")),
+            helper.make_node("MatMul", ["r", "w"], ["y_then"]),
+        ],
+        "outer_then",
+        [],
+        [helper.make_tensor_value_info("y_then", TensorProto.FLOAT, ["batch", d])],
+        initializer=[numpy_helper.from_array(_w(rng, d, d), "w"), numpy_helper.from_array(_w(rng, d, d), "u")],
+    )
+    outer_else = helper.make_graph(
+        [helper.make_node("MatMul", ["h", "u"], ["y_else"])],
+        "outer_else",
+        [],
+        [helper.make_tensor_value_info("y_else", TensorProto.FLOAT, ["batch", d])],
+        initializer=[numpy_helper.from_array(_w(rng, d, d), "u")],
+    )
+    graph = helper.make_graph(
+        [
+            helper.make_node("Relu", ["x"], ["h"]),
+            helper.make_node("If", ["flag"], ["y"], then_branch=outer_then, else_branch=outer_else),
+        ],
+        "nested_if",
+        [*_if_inputs(), helper.make_tensor_value_info("flag2", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", d])],
+    )
+    return _save(_model(graph), dir, "nested_if")
+
+
+def make_loop_weights(dir: Path) -> Path:
+    """Loop (3 iterations) whose body holds its weights: h <- tanh(h @ w + b), ``w`` named like the main graph's."""
+    rng, d = _rng(22), SUBGRAPH_D
+    body = helper.make_graph(
+        [
+            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+            helper.make_node("MatMul", ["h_in", "w"], ["m"]),
+            helper.make_node("Add", ["m", "b"], ["a"]),
+            helper.make_node("Tanh", ["a"], ["h_out"]),
+        ],
+        "body",
+        [
+            helper.make_tensor_value_info("iter", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("h_in", TensorProto.FLOAT, ["batch", d]),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("h_out", TensorProto.FLOAT, ["batch", d]),
+        ],
+        initializer=[numpy_helper.from_array(_w(rng, d, d) * 4, "w"), numpy_helper.from_array(_w(rng, d), "b")],
+    )
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w"], ["h0"]),
+            helper.make_node("Loop", ["trips", "cond", "h0"], ["y"], body=body),
+        ],
+        "loop_weights",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", d])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", d])],
+        initializer=[
+            numpy_helper.from_array(_w(rng, d, d), "w"),
+            numpy_helper.from_array(np.array(3, np.int64), "trips"),
+            numpy_helper.from_array(np.array(True), "cond"),
+        ],
+    )
+    return _save(_model(graph), dir, "loop_weights")
+
+
+# (name, factory, profile): models with weights in subgraphs; flag inputs are fixed scalars.
+SUBGRAPH_BUNDLABLE: list[tuple[str, Callable[[Path], Path], ProfileDict]] = [
+    ("if_weights", make_if_weights, {"x": _batch((SUBGRAPH_D,))}),
+    ("nested_if", make_nested_if, {"x": _batch((SUBGRAPH_D,))}),
+    ("loop_weights", make_loop_weights, {"x": _batch((SUBGRAPH_D,))}),
+]

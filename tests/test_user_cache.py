@@ -99,14 +99,8 @@ def test_layout_tag_and_env_override(tmp_path, monkeypatch) -> None:
     cache = UserCache("MyApp", tmp_path / "c")
     assert cache.writable
     assert (tmp_path / "c" / "CACHEDIR.TAG").read_bytes().startswith(b"Signature: 8a477f597d28d172789f06886806bc55")
-    assert sorted(p.name for p in (tmp_path / "c" / LAYOUT).iterdir()) == [
-        "corrupt",
-        "engines",
-        "locks",
-        "models",
-        "runtime-caches",
-        "verified",
-    ]
+    made = {p.name for p in (tmp_path / "c" / LAYOUT).iterdir()}
+    assert made >= {"corrupt", "engines", "locks", "runtime-caches"} and "verified" not in made  # stamps: retired
 
 
 def test_round_trip_and_a_corrupt_file_is_set_aside(tmp_path, caplog) -> None:
@@ -136,43 +130,74 @@ def test_concurrent_processes_never_see_a_torn_cache(tmp_path) -> None:
     assert not list((tmp_path / LAYOUT / "corrupt").iterdir())
 
 
-def test_a_process_killed_mid_save_leaves_the_old_cache_intact(tmp_path) -> None:
+def _temps(cache: UserCache) -> list[Path]:
+    return sorted(p for p in cache.runtime_cache_path(MODEL, KEY).parent.iterdir() if p.name.endswith(".tmp"))
+
+
+def test_a_process_killed_mid_save_leaves_the_old_cache_intact_and_its_temp_file_is_swept(tmp_path) -> None:
     cache = UserCache("T", tmp_path, lock_timeout=10)
     assert cache.save_runtime_cache(MODEL, KEY, b"old cache")
     proc = _child("die-mid-save", str(tmp_path))
     try:
         _wait_for(proc, "HALF")
         assert cache.read_runtime_cache(MODEL, KEY) == b"old cache"  # readers never wait for the lock
+        [partial] = _temps(cache)
+        assert cache.sweep() == [] and _temps(cache) == [partial]  # its writer is alive: left alone
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
     finally:
         with contextlib.suppress(ProcessLookupError):
             proc.kill()
     assert cache.read_runtime_cache(MODEL, KEY) == b"old cache"
+    assert _temps(cache) == [partial]  # what kill -9 leaves, until a later run sweeps it
+    assert UserCache("T", tmp_path).sweep() == [partial] and _temps(cache) == []
     assert cache.save_runtime_cache(MODEL, KEY, b"new cache")  # the dead process's lock went with it
     assert cache.read_runtime_cache(MODEL, KEY) == b"new cache"
 
 
-def test_a_held_lock_times_out_with_a_message(tmp_path, caplog) -> None:
-    cache = UserCache("T", tmp_path, lock_timeout=1.5, wait_log_every=0.5)
+def test_the_sweep_leaves_what_is_not_a_killed_writers_temp_file(tmp_path) -> None:
+    cache = UserCache("T", tmp_path)
+    assert cache.save_runtime_cache(MODEL, KEY, b"kernels") and cache.save_engine("m-sm89", b"engine")
+    folder = cache.runtime_cache_path(MODEL, KEY).parent
+    keep = [folder / "notes.tmp", folder / ".x.rtcache.toolong123.tmp", cache.root / "engines" / ".e.engine.abc.tmp"]
+    for p in keep:
+        p.write_bytes(b"not ours")
+    (folder / ".k.rtcache.abcd1234.tmp").symlink_to(tmp_path / "elsewhere")  # a link is never a writer's file
+    stale = [folder / ".k.rtcache.abcd1234.tmp", cache.root / "engines" / ".m-sm89.engine.zz_z9876.tmp"]
+    stale[1].write_bytes(b"half an engine")
+    (cache.root / "verified").mkdir()
+    (cache.root / "verified" / "0123.json").write_text("{}")  # a stamp of the retired verified-once shortcut
+    assert cache.sweep() == [stale[1]]
+    assert all(p.exists() for p in keep) and stale[0].is_symlink() and not stale[1].exists()
+    assert not (cache.root / "verified").exists()
+    assert cache.read_runtime_cache(MODEL, KEY) == b"kernels" and cache.read_engine("m-sm89") == b"engine"
+    assert UserCache("T", tmp_path / "never-made").sweep() == []  # no cache dir yet: nothing made, nothing raised
+    assert not (tmp_path / "never-made").exists()
+
+
+def test_a_held_lock_is_named_at_warning_level_within_seconds_then_times_out(tmp_path, caplog) -> None:
+    cache = UserCache("T", tmp_path, lock_timeout=2.5, wait_warn_after=0.5, wait_log_every=0.5)
     assert cache.writable
-    proc = _child("hold", str(tmp_path), "busy")
+    proc = _child("hold", str(tmp_path), "rtcache-busy")
+    proc2 = None
     try:
         _wait_for(proc, "HOLDING")
         with caplog.at_level(logging.INFO, "runtime_shim"), pytest.raises(CacheError) as err:
-            with cache.lock("busy"):
+            with cache.lock("rtcache-busy"):
                 pass
-        assert (
-            "busy.lock: still locked by another process after" in str(err.value)
-            and "delete the lock file" in err.value.hint
-        )
-        assert "still waiting for" in caplog.text
+        holder = f"process {proc.pid}" if sys.platform.startswith("linux") else "another process"
+        assert f"rtcache-busy.lock: still locked by {holder}" in str(err.value)
+        assert "delete the lock file" in err.value.hint
+        [warning] = [r for r in caplog.records if r.levelno == logging.WARNING]
+        # What it waits for (the lock file, who holds it, what for) and how long it will go on waiting.
+        assert str(tmp_path / LAYOUT / "locks" / "rtcache-busy.lock") in warning.getMessage()
+        assert f"held by {holder}" in warning.getMessage() and "saving the runtime cache" in warning.getMessage()
+        assert "waiting up to 2 s more" in warning.getMessage()
+        assert "still waiting for" in caplog.text  # then INFO lines
         # A save under a held lock gives up quietly: logged, False, never raised.
-        lock_name = f"rtcache-{MODEL}-"
-        proc2 = None
         from runtime_shim.cache_key import key_id
 
-        proc2 = _child("hold", str(tmp_path), lock_name + key_id(KEY))
+        proc2 = _child("hold", str(tmp_path), f"rtcache-{MODEL}-{key_id(KEY)}")
         _wait_for(proc2, "HOLDING")
         caplog.clear()
         with caplog.at_level(logging.WARNING, "runtime_shim"):
@@ -183,6 +208,13 @@ def test_a_held_lock_times_out_with_a_message(tmp_path, caplog) -> None:
             if p is not None:
                 p.kill()
                 p.wait()
+
+
+def test_an_uncontended_lock_says_nothing(tmp_path, caplog) -> None:
+    cache = UserCache("T", tmp_path)
+    with caplog.at_level(logging.INFO, "runtime_shim"), cache.lock("rtcache-free"):
+        pass
+    assert "waiting" not in caplog.text
 
 
 @contextlib.contextmanager
@@ -213,8 +245,7 @@ def test_read_only_cache_dir_keeps_the_app_working(tmp_path, caplog) -> None:
             assert cache.save_runtime_cache(MODEL, KEY, b"new") is False
         assert "cannot write the cache dir" in caplog.text
         assert cache.read_runtime_cache(MODEL, KEY) == b"saved while writable"  # reading still works
-        with pytest.raises(CacheError):
-            cache.materialize("x", lambda d: None)
+        assert cache.sweep() == []  # nothing to sweep, nothing raised
 
 
 def test_full_disk_save_is_logged_not_raised(tmp_path, caplog) -> None:
@@ -243,26 +274,6 @@ def test_enospc_anywhere_in_the_write_is_logged_not_raised(tmp_path, monkeypatch
     assert cache.read_runtime_cache(MODEL, KEY) == b"old"
 
 
-def test_materialize_is_made_once_and_survives_a_half_made_folder(tmp_path) -> None:
-    cache = UserCache("T", tmp_path)
-    calls = []
-
-    def fill(d: Path) -> None:
-        calls.append(d)
-        (d / "f").write_text("x")
-
-    half = tmp_path / LAYOUT / "models" / "abc"
-    half.mkdir(parents=True)
-    (half / "partial").write_text("left by a killed process")
-    first = cache.materialize("abc", fill)
-    assert cache.materialize("abc", fill) == first and len(calls) == 1
-    assert (first / "f").read_text() == "x" and not (first / "partial").exists()
-    with pytest.raises(RuntimeError):
-        cache.materialize("boom", lambda d: (_ for _ in ()).throw(RuntimeError("fill failed")))
-    assert not (tmp_path / LAYOUT / "models" / "boom").exists()
-    assert [p.name for p in (tmp_path / LAYOUT / "models").iterdir()] == ["abc"]
-
-
 def test_timing_of_an_uncontended_save_is_small(tmp_path) -> None:
     cache = UserCache("T", tmp_path)
     t0 = time.perf_counter()
@@ -281,46 +292,18 @@ def test_engines_built_here_are_checked_when_read_back(tmp_path) -> None:
     assert cache.read_engine("m-sm89") is None and not path.exists()
 
 
-def test_a_verified_stamp_holds_only_for_the_same_unchanged_file_and_hash(tmp_path) -> None:
-    cache = UserCache("T", tmp_path / "cache")
-    weights = tmp_path / "w.bin"
-    weights.write_bytes(b"x" * 1000)
-    assert not cache.is_verified(weights, "ab" * 32)
-    assert cache.mark_verified(weights, "ab" * 32)
-    assert cache.is_verified(weights, "ab" * 32)
-    assert not cache.is_verified(weights, "cd" * 32)  # another pinned hash: another manifest
-    copy = tmp_path / "copy.bin"
-    copy.write_bytes(weights.read_bytes())
-    assert not cache.is_verified(copy, "ab" * 32)  # same bytes elsewhere: not checked there
-    weights.write_bytes(b"y" * 1000)  # same size, new content
-    assert not cache.is_verified(weights, "ab" * 32)
-
-
-def test_a_damaged_or_missing_stamp_means_not_verified_and_a_read_only_cache_never_raises(tmp_path) -> None:
-    cache = UserCache("T", tmp_path / "cache")
-    weights = tmp_path / "w.bin"
-    weights.write_bytes(b"x")
-    cache.mark_verified(weights, "ab" * 32)
-    stamp = next((cache.root / "verified").iterdir())
-    stamp.write_text("{not json")
-    assert not cache.is_verified(weights, "ab" * 32)
-    assert not cache.is_verified(tmp_path / "gone.bin", "ab" * 32)
-    (tmp_path / "a-file").write_bytes(b"")
-    unwritable = UserCache("T", tmp_path / "a-file" / "cache")  # under a file: nothing can be made there, even as root
-    assert unwritable.mark_verified(weights, "ab" * 32) is False
-    assert not unwritable.is_verified(weights, "ab" * 32)
-
-
-def test_a_stamp_covers_one_frame_table_and_is_not_written_for_a_file_that_changed_while_hashed(tmp_path) -> None:
-    cache = UserCache("T", tmp_path / "cache")
-    weights = tmp_path / "w.bin"
-    weights.write_bytes(b"x" * 1000)
-    before = os.stat(weights)
-    assert cache.mark_verified(weights, "ab" * 32, index="table-1", before=before)
-    assert cache.is_verified(weights, "ab" * 32, index="table-1", stat=os.stat(weights))
-    assert not cache.is_verified(
-        weights, "ab" * 32, index="table-2"
-    )  # another manifest's frame table over the same file
-    weights.write_bytes(b"y" * 1000)  # changed between the start of the hashing and the stamp
-    assert cache.mark_verified(weights, "cd" * 32, index="table-1", before=before) is False
-    assert not cache.is_verified(weights, "cd" * 32, index="table-1")
+def test_a_saved_file_that_is_not_a_regular_file_is_set_aside_not_read(tmp_path, caplog) -> None:
+    cache = UserCache("T", tmp_path)
+    assert cache.writable
+    path = cache.runtime_cache_path(MODEL, KEY)
+    path.parent.mkdir(parents=True)
+    os.mkfifo(path)  # a read would wait forever for a writer
+    with caplog.at_level(logging.WARNING, "runtime_shim"):
+        assert cache.read_runtime_cache(MODEL, KEY) is None
+    assert "FIFO" in caplog.text and "set aside" in caplog.text and not path.exists()
+    os.symlink("/dev/zero", path)  # a read would never end
+    assert cache.read_runtime_cache(MODEL, KEY) is None and not path.exists()
+    engine = cache.engine_path("m-sm89")
+    engine.mkdir()
+    assert cache.read_engine("m-sm89") is None and not engine.exists()
+    assert cache.save_runtime_cache(MODEL, KEY, b"kernels") and cache.read_runtime_cache(MODEL, KEY) == b"kernels"

@@ -29,7 +29,9 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger(__name__)
 
 FALLBACKS = ("onnxruntime", "error")
-VERIFY_WEIGHTS = ("once", "always")
+# Both hash every frame on every load: "once" named a stamp that skipped the hashing on later loads, retired because
+# a file's identity cannot promise its bytes (docs/WEIGHT_STORE.md, "Verification"); it is still accepted.
+VERIFY_WEIGHTS = ("always", "once")
 
 # Opens TRT-RTX on the CUDA device of that index (one per engine tried): TrtRtxRuntime, or a fake in tests.
 TrtRuntimeFactory = Callable[[int], "TrtRuntime"]
@@ -50,7 +52,7 @@ class LoadOptions:
     cuda_graphs: bool = True
     fallback: str = "onnxruntime"
     weights_on_device: bool | None = None
-    verify_weights: str = "once"
+    verify_weights: str = "always"
 
     def __post_init__(self) -> None:
         from .trt.runtime import SPECIALIZATIONS
@@ -127,11 +129,7 @@ def open_trt(
         report.engine = {"kind": "built_here", "file": where}
     report.timings["engine_read_s"] = time.perf_counter() - t0
     blobs, names = _caches_in_rank_order(p, bundle_dir, user_cache)
-    weights = (
-        StoreWeights(p.manifest, bundle_dir, user_cache, options.verify_weights, p.manifest_sha256)
-        if choice.kind in ("weightless", "build")
-        else None
-    )
+    weights = StoreWeights(p.manifest, bundle_dir) if choice.kind in ("weightless", "build") else None
     try:
         session = TrtSession(
             trt_runtime(p.gpu.index),  # type: ignore[union-attr]  # an engine is viable only with a GPU

@@ -247,3 +247,32 @@ def sweep_stale_temp_dirs(parent: str | os.PathLike[str], prefix: str, *, min_ag
         finally:
             os.close(fd)
     return removed
+
+
+# --------------------------------------------------------------------------- who holds a lock
+def lock_holder(path: str | os.PathLike[str]) -> str | None:
+    """Which process holds a lock (flock or fcntl) on ``path``, as "process 1234 (name)", where this system says so
+    (Linux: /proc/locks); None where it cannot be known. For messages only: never raises."""
+    try:
+        st = os.stat(path)
+        with open("/proc/locks", encoding="ascii", errors="replace") as f:
+            lines = f.read(1 << 20).splitlines()
+    except OSError:
+        return None
+    dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    pids = []
+    for line in lines:
+        fields = line.split()
+        # "1: FLOCK  ADVISORY  WRITE 1234 fe:00:573489 0 EOF"; waiters are listed as "1: -> FLOCK ..."
+        if len(fields) >= 6 and fields[1] != "->" and fields[5].endswith(f":{st.st_ino}"):
+            exact = fields[5] == dev
+            pids.append((not exact, fields[4]))
+    if not pids:
+        return None
+    pid = sorted(pids)[0][1]
+    try:
+        with open(f"/proc/{pid}/comm", encoding="utf-8", errors="replace") as f:
+            name = f.read(64).strip()
+    except OSError:
+        name = ""
+    return f"process {pid}" + (f" ({name})" if name else "")

@@ -9,6 +9,7 @@ device pointers, or are set from host memory where asked or where that upload fa
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ import numpy as np
 
 from .errors import IntegrityError, MachineError
 from .manifest import Manifest
-from .user_cache import UserCache
+from .store.format import HINT_CORRUPT, nbytes_for
 
 if TYPE_CHECKING:  # pragma: no cover
     from .trt.runtime import DeviceUpload, TrtRuntime, WeightUploader
@@ -38,40 +39,25 @@ class WeightSource(Protocol):
 
 
 class StoreWeights:
-    """The weight store as a TRT-RTX refit source: names and sizes from the manifest, bytes from the reader."""
+    """The weight store as a TRT-RTX refit source: names and sizes from the manifest, bytes from the reader.
 
-    def __init__(
-        self, manifest: Manifest, bundle_dir: Path, user_cache: UserCache, verify: str, manifest_sha256: str
-    ) -> None:
+    Every frame is hashed as it is read, on every load, into memory of this process: what is decoded and handed to
+    TRT-RTX is what was hashed, whatever happens to the file meanwhile (docs/WEIGHT_STORE.md, "Verification").
+    """
+
+    check = "every frame's sha256 checked as it was read"  # how the weights were checked, for the load report
+
+    def __init__(self, manifest: Manifest, bundle_dir: Path) -> None:
         from .store.reader import WeightReader
 
-        self.store, self.user_cache = manifest.weights, user_cache
-        self.path = bundle_dir / manifest.weights.file.path
+        self.store = manifest.weights
         self.reader = WeightReader(bundle_dir, manifest.weights)
-        # The stamp is checked against the file as opened (fstat), and covers this manifest's frame table: the stamp
-        # names the manifest's own sha256 (any change to the manifest means hashing the weights again).
-        self.index = manifest_sha256
-        self.opened = self.reader.identity()
-        self.trusted = verify == "once" and user_cache.is_verified(
-            self.path, self.store.file.sha256, index=self.index, stat=self.opened
-        )
-        self.stamp = verify == "once" and not self.trusted  # stamp the file once a whole upload has hashed every frame
-        self.reader.verify_frames = not self.trusted
         self.decoded_on: str | None = None
         self.decode_why: str | None = None
 
-    @property
-    def check(self) -> str:
-        """How the weights were checked, for the load report."""
-        return (
-            "every frame's sha256 checked before (this same file, unchanged since): not hashed again"
-            if self.trusted
-            else "every frame's sha256 checked as it was read"
-        )
-
     def spec(self, name: str) -> tuple[str, int]:
         t = self.store.tensor(name)  # KeyError when absent
-        return t.dtype, int(np.prod(t.shape, dtype=np.int64))
+        return t.dtype, math.prod(t.shape)  # Python ints: no overflow, whatever the manifest says
 
     def read(self, name: str) -> np.ndarray:
         return self.reader.read_tensor(name)
@@ -89,10 +75,6 @@ class StoreWeights:
             # where the frames were decoded, and why not on the GPU when they were not (the load report shows it)
             self.decoded_on = getattr(up, "decoded_on", None)
             self.decode_why = getattr(up, "decode_why", None)
-        if self.stamp and len(indices) == len(self.store.blobs):  # every frame of the file was just hashed
-            self.user_cache.mark_verified(
-                self.path, self.store.file.sha256, index=self.index, stat=self.reader.identity(), before=self.opened
-            )
         return uploaded
 
     def close(self) -> None:
@@ -136,7 +118,7 @@ def refit_engine(
                     engine,
                     names,
                     specs,
-                    lambda n, d, c: runtime.set_device_weights(engine, n, d, c, upload.tensors[n].ptr),
+                    lambda n, d, c: runtime.set_device_weights(engine, n, d, c, _device_ptr(upload, n, d, c, source)),
                     source,
                 )
             finally:
@@ -148,11 +130,36 @@ def refit_engine(
         engine,
         names,
         specs,
-        lambda n, d, c: runtime.set_weights(engine, n, d, c, np.ascontiguousarray(weights.read(n))),
+        lambda n, d, c: runtime.set_weights(engine, n, d, c, _host_array(weights, n, d, c, source)),
         source,
     )
     done.source = "host"
     return done
+
+
+# TRT-RTX reads dtype x count elements from whatever pointer it is given: every buffer is sized against that first,
+# so a short one (an index the manifest check missed, a decoder or uploader fault) is an error, never an overread.
+def _size_fault(source: str, name: str, dtype: str, count: int, have: int) -> IntegrityError:
+    return IntegrityError(
+        f"{source}: weight {name!r}: {dtype} x {count} needs {nbytes_for(dtype, (count,))} bytes, "
+        f"the buffer to refit from has {have}",
+        hint=HINT_CORRUPT,
+    )
+
+
+def _host_array(weights: WeightSource, name: str, dtype: str, count: int, source: str) -> np.ndarray:
+    array = np.ascontiguousarray(weights.read(name))
+    if array.nbytes != nbytes_for(dtype, (count,)):
+        raise _size_fault(source, name, dtype, count, array.nbytes)
+    return array
+
+
+def _device_ptr(upload: DeviceUpload, name: str, dtype: str, count: int, source: str) -> int:
+    tensor = upload.tensors.get(name)
+    have = -1 if tensor is None else int(getattr(tensor, "nbytes", -1))
+    if tensor is None or have != nbytes_for(dtype, (count,)) or not tensor.ptr:
+        raise _size_fault(source, name, dtype, count, max(have, 0))
+    return int(tensor.ptr)
 
 
 def _check_specs(

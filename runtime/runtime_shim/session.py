@@ -64,7 +64,7 @@ class Loader:
         fallback: str = "onnxruntime",
         device: int | None = None,
         weights_on_device: bool | None = None,
-        verify_weights: str = "once",
+        verify_weights: str = "always",
     ) -> Session:
         """Open a bundle for inference on this machine (see ``load()``)."""
         options = LoadOptions(
@@ -82,6 +82,7 @@ class Loader:
                 hint="unpack the archive first: trtx-bundle unpack FILE -o DIR",
             )
         user_cache = UserCache(app, cache_dir)
+        user_cache.sweep()  # what runs killed mid-write left: a few directory listings when there is none
         p = plan(bundle_dir, user_cache, machine=self.probe(), device=device)  # steps 1-4
         for w in p.warnings:
             log.warning("%s", w)
@@ -101,7 +102,7 @@ def load(
     fallback: str = "onnxruntime",
     device: int | None = None,
     weights_on_device: bool | None = None,
-    verify_weights: str = "once",
+    verify_weights: str = "always",
 ) -> Session:
     """Open a bundle for inference on this machine: the engine, runtime cache and backend that fit it, or a clear error.
 
@@ -115,9 +116,10 @@ def load(
     upload fails (it needs GPU memory for a second copy of the weights during the refit); True: the GPU path or an
     error; False: host memory (every tensor decoded into host RAM, TRT-RTX copies it over).
 
-    ``verify_weights``: "once" (default) hashes every frame of the weight file the first time this user loads that
-    very file, then trusts it while its identity (size, times, inode) is unchanged (UserCache.is_verified says why
-    that is sound); "always" hashes every frame on every load. Engines and caches are always hashed.
+    ``verify_weights``: every load hashes every frame of the weight file it reads, into this process's memory, before
+    decoding it, so what reaches TRT-RTX or ONNX Runtime is what the manifest pins. "always" (default) and "once"
+    (kept for apps that pass it; it used to skip the hashing on later loads of an unchanged-looking file) are the
+    same. Engines and caches are always hashed.
     """
     return Loader().load(
         bundle_path,

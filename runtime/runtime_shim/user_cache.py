@@ -3,7 +3,8 @@
 Correctness comes from unique temp names plus ``os.replace`` (readers see a whole old file or a whole new one);
 the locks, in their own folder, only stop two processes from doing the same work or losing each other's
 newest cache. Saving is best effort: a failure is logged, never raised into the app. A file that fails its
-checksum is set aside in ``corrupt/`` and ignored.
+checksum is set aside in ``corrupt/`` and ignored. What a killed writer leaves (temp files, temp dirs) is swept
+by a later load, under the same lock the writer held: a free lock means its writer is gone.
 
 Layout (the ``v1`` folder is the layout version; a later layout gets a new folder beside it)::
 
@@ -11,7 +12,6 @@ Layout (the ``v1`` folder is the layout version; a later layout gets a new folde
     <cache dir>/trtx-v1/runtime-caches/<model id>/<key id>.rtcache
     <cache dir>/trtx-v1/engines/<name>.engine
     <cache dir>/trtx-v1/models/<weights sha256>/          (skeleton + unpacked weights, for ONNX Runtime)
-    <cache dir>/trtx-v1/verified/<id>.json                  (weight files whose every frame was hashed, by file identity)
     <cache dir>/trtx-v1/locks/<name>.lock
     <cache dir>/trtx-v1/corrupt/
 """
@@ -22,7 +22,9 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
+import stat
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -30,7 +32,7 @@ from pathlib import Path
 
 from .cache_key import key_id
 from .errors import CacheError
-from .fsutil import atomic_write, sha256_bytes
+from .fsutil import atomic_write, lock_holder, read_regular_file, sha256_bytes
 from .manifest import CacheKey
 
 log = logging.getLogger(__name__)
@@ -38,6 +40,15 @@ log = logging.getLogger(__name__)
 ENV_VAR = "TRTX_CACHE_DIR"
 LAYOUT = "trtx-v1"
 _MAGIC = b"TRTX-CACHED 1\n"  # then one JSON header line (sha256, size, key), then the payload
+# What each lock guards, by the first word of its name (for the message a waiting user sees).
+_LOCK_PURPOSE = {
+    "rtcache": "saving the runtime cache",
+    "engine": "keeping an engine built on this machine",
+}
+# The temp name atomic_write (fsutil.atomic_writer) gives a runtime cache or an engine while it is written.
+_TEMP_FILE = re.compile(r"^\.(?P<stem>.+)\.(?P<ext>rtcache|engine)\.[a-z0-9_]{8}\.tmp$")
+MAX_RUNTIME_CACHE = 4 << 30  # TRT-RTX runtime caches are tens to hundreds of MB
+MAX_ENGINE = 64 << 30
 _TAG = (
     b"Signature: 8a477f597d28d172789f06886806bc55\n"
     b"# This directory holds caches made by an app embedding trtx-bundler's runtime shim.\n"
@@ -62,11 +73,13 @@ class UserCache:
         cache_dir: str | os.PathLike[str] | None = None,
         *,
         lock_timeout: float = 60.0,
+        wait_warn_after: float = 1.5,
         wait_log_every: float = 5.0,
     ) -> None:
         self.dir = Path(cache_dir) if cache_dir is not None else default_cache_dir(app)
         self.root = self.dir / LAYOUT
         self.lock_timeout = lock_timeout
+        self.wait_warn_after = wait_warn_after
         self.wait_log_every = wait_log_every
         self.problem: str | None = None  # why nothing can be written here (read-only, full, ...)
         self._ready = False
@@ -80,7 +93,7 @@ class UserCache:
         if self._ready or self.problem is not None:
             return self._ready
         try:
-            for sub in ("runtime-caches", "engines", "models", "locks", "corrupt", "verified"):
+            for sub in ("runtime-caches", "engines", "models", "locks", "corrupt"):
                 (self.root / sub).mkdir(parents=True, exist_ok=True)
             tag = self.dir / "CACHEDIR.TAG"
             if not tag.exists():
@@ -101,7 +114,12 @@ class UserCache:
     # ----------------------------------------------------------------------------------- locks
     @contextlib.contextmanager
     def lock(self, name: str, timeout: float | None = None) -> Iterator[None]:
-        """Hold ``locks/<name>.lock``; logs "still waiting" while another process holds it; CacheError on timeout."""
+        """Hold ``locks/<name>.lock``; CacheError after ``timeout`` seconds (default lock_timeout).
+
+        A wait is never silent: after ``wait_warn_after`` seconds a WARNING (shown by the CLI at its default
+        verbosity) names the lock file, the process holding it where the system says, what the lock guards and how
+        long this process will go on waiting; then an INFO line every ``wait_log_every`` seconds.
+        """
         import filelock  # only the writing paths need it
 
         if not self._ensure():
@@ -109,83 +127,86 @@ class UserCache:
         path = self.root / "locks" / f"{name}.lock"
         timeout = self.lock_timeout if timeout is None else timeout
         lock = filelock.FileLock(str(path), thread_local=False)
-        start = time.monotonic()
+        start, step, warned = time.monotonic(), self.wait_warn_after, False
         while True:
             remaining = timeout - (time.monotonic() - start)
             try:
-                lock.acquire(timeout=max(0.0, min(self.wait_log_every, remaining)))
+                lock.acquire(timeout=max(0.0, min(step, remaining)))
                 break
             except filelock.Timeout:
                 waited = time.monotonic() - start
                 if waited >= timeout:
                     raise CacheError(
-                        f"{path}: still locked by another process after {waited:.0f} s (timeout {timeout:.0f} s)",
+                        f"{path}: still locked by {lock_holder(path) or 'another process'} after {waited:.0f} s "
+                        f"(timeout {timeout:.0f} s)",
                         hint="another copy of the app may be saving its cache; if none is running, delete the lock file",
                     ) from None
-                log.info("still waiting for %s (held by another process, %.0f s so far)", path, waited)
+                holder = lock_holder(path) or "another process"
+                if not warned:
+                    log.warning(
+                        "waiting for %s, held by %s (%s); waiting up to %.0f s more",
+                        path,
+                        holder,
+                        _LOCK_PURPOSE.get(name.split("-", 1)[0], "a cache update"),
+                        timeout - waited,
+                    )
+                    warned = True
+                else:
+                    log.info(
+                        "still waiting for %s (held by %s, %.0f s so far, at most %.0f s)",
+                        path,
+                        holder,
+                        waited,
+                        timeout,
+                    )
+                step = self.wait_log_every
+        if warned:
+            log.info("%s is free after %.1f s", path, time.monotonic() - start)
         try:
             yield
         finally:
             lock.release()
 
-    # ----------------------------------------------------------------------------------- verified weight files
-    # Why a stamp may stand in for hashing: the bundle's manifest pins the weights by sha256, but nothing signs the
-    # manifest, so whoever can rewrite the weight file can rewrite the manifest too; hashing on every load guards
-    # against damage, not against an attacker. Damage after a full check shows up as a new file identity (size,
-    # mtime, ctime or inode changes), which voids the stamp. A stamp lives where the user's runtime caches (compiled
-    # kernels) live, so trusting it trusts nothing new; a forged stamp only skips checking an untouched file.
-    # Left uncovered: bytes that rot on the disk without any metadata change; load(verify_weights="always") for that.
-    # On Windows st_ctime is the creation time, which a rewrite in place keeps: no stamp is trusted or written there.
-    def _stamp_path(self, path: Path, sha256: str, index: str) -> Path:
-        key = sha256_bytes((sha256 + "\0" + index + "\0" + os.path.realpath(path)).encode())[:24]
-        return self.root / "verified" / f"{key}.json"
+    # ----------------------------------------------------------------------------------- what killed runs left
+    def sweep(self) -> list[Path]:
+        """Remove the temp files of runtime caches and engines whose writer was killed mid-write, and the stamps of the
+        retired "verified once" shortcut; returns what was removed. Never raises; never waits for a lock.
 
-    @staticmethod
-    def _identity(path: Path, st: os.stat_result, sha256: str, index: str) -> dict:
-        return {"path": os.path.realpath(path), "sha256": sha256, "index": index, "stat": _stat_key(st)}
-
-    def is_verified(self, path: Path, sha256: str, *, index: str = "", stat: os.stat_result | None = None) -> bool:
-        """True when every frame of this very file (same identity as then: pass ``stat``, the fstat of the file as
-        opened, so that what is checked is what is read) was hashed and matched before, against the same frame
-        table (``index``: the sha256 of the manifest that pinned it)."""
-        if os.name == "nt":
-            return False
-        try:
-            stamp = json.loads(self._stamp_path(path, sha256, index).read_text())
-            return stamp == self._identity(path, stat or os.stat(path), sha256, index)
-        except (OSError, ValueError):
-            return False
-
-    def mark_verified(
-        self,
-        path: Path,
-        sha256: str,
-        *,
-        index: str = "",
-        stat: os.stat_result | None = None,
-        before: os.stat_result | None = None,
-    ) -> bool:
-        """Record that every frame of ``path`` was just hashed and matched; best effort. ``before``: the file's fstat
-        when the hashing began; if the file changed since (``stat``, now), nothing is recorded."""
-        if os.name == "nt" or not self._ensure():
-            return False
-        try:
-            now = stat or os.stat(path)
-            if before is not None and _stat_key(before) != _stat_key(now):
-                log.warning("%s changed while its frames were hashed; it is checked again next time", path)
-                return False
-            atomic_write(
-                self._stamp_path(path, sha256, index),
-                json.dumps(self._identity(path, now, sha256, index), sort_keys=True).encode(),
-            )
-            return True
-        except OSError as e:
-            log.warning(
-                "%s: cannot record that the weights were verified (%s); they are checked again next time",
-                path,
-                e.strerror or e,
-            )
-            return False
+        Such a temp file is made and renamed away while its writer holds the lock of that cache entry, so one whose
+        lock is free belongs to a writer that is gone. It is removed while this process holds that lock; a live
+        writer's file is left alone. Works wherever the locks do (flock on POSIX, LockFileEx on Windows).
+        """
+        removed: list[Path] = []
+        if not self.root.is_dir():
+            return removed
+        candidates = [
+            (Path(e.path), f"rtcache-{d.name}-{m['stem']}")
+            for d in _entries(self.root / "runtime-caches")
+            if d.is_dir(follow_symlinks=False)
+            for e in _entries(Path(d.path))
+            if (m := _TEMP_FILE.match(e.name)) and m["ext"] == "rtcache"
+        ]
+        candidates += [
+            (Path(e.path), f"engine-{m['stem']}")
+            for e in _entries(self.root / "engines")
+            if (m := _TEMP_FILE.match(e.name)) and m["ext"] == "engine"
+        ]
+        for path, lock_name in candidates:
+            try:
+                with self.lock(lock_name, timeout=0):
+                    if not stat.S_ISREG(path.lstat().st_mode):
+                        continue  # not what a writer makes (links are never followed)
+                    path.unlink()
+                removed.append(path)
+                log.info("removed %s, left by a run killed while writing it", path)
+            except CacheError:
+                continue  # its writer holds the lock: alive
+            except OSError as e:
+                log.info("cannot remove %s, left by a run killed while writing it: %s", path, e.strerror or e)
+        with contextlib.suppress(OSError):  # stamps of a retired shortcut: a file's identity does not promise its bytes
+            if (self.root / "verified").is_dir():
+                shutil.rmtree(self.root / "verified")
+        return removed
 
     # ----------------------------------------------------------------------------------- runtime caches
     def runtime_cache_path(self, model_id: str, key: CacheKey) -> Path:
@@ -197,12 +218,8 @@ class UserCache:
     def read_runtime_cache(self, model_id: str, key: CacheKey) -> bytes | None:
         """The cache saved for this key, or None (absent, unreadable, or corrupt: then set aside)."""
         path = self.runtime_cache_path(model_id, key)
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            return None
-        except OSError as e:
-            log.warning("%s: cannot read the saved runtime cache (%s); compiling kernels afresh", path, e.strerror)
+        data = self._read_own(path, MAX_RUNTIME_CACHE, "a runtime cache saved by this shim")
+        if data is None:
             return None
         payload, why = _unframe(data, key.to_dict())
         if why is not None:
@@ -229,6 +246,24 @@ class UserCache:
             log.warning("runtime cache not saved to %s: %r", path, e)
         return False
 
+    def _read_own(self, path: Path, max_bytes: int, what: str) -> bytes | None:
+        """A file this shim saved here, or None: absent, unreadable (logged), or not a regular file of a sane size
+        (set aside: a FIFO would hang the read, a huge or sparse file exhaust memory)."""
+        try:
+            return read_regular_file(path, max_bytes, what, error=CacheError)
+        except FileNotFoundError:
+            return None
+        except CacheError as e:
+            try:
+                odd = path.is_symlink() or not path.is_file() or path.stat().st_size > max_bytes
+            except OSError:
+                odd = False
+            if odd:
+                self._set_aside(path, str(e).removeprefix(f"{path}: "))
+            else:  # a regular file that cannot be read (permissions, I/O error): leave it, say so
+                log.warning("%s; it is made afresh", e)
+            return None
+
     def _set_aside(self, path: Path, why: str) -> None:
         target = self.root / "corrupt" / f"{path.name}.{int(time.time())}.{os.getpid()}"
         try:
@@ -247,9 +282,8 @@ class UserCache:
     def read_engine(self, name: str) -> bytes | None:
         """An engine built here earlier, checked against the checksum saved with it (engines hold executable code)."""
         path = self.engine_path(name)
-        try:
-            data = path.read_bytes()
-        except OSError:
+        data = self._read_own(path, MAX_ENGINE, "an engine saved by this shim")
+        if data is None:
             return None
         payload, why = _unframe(data, {"engine": name})
         if why is not None:
@@ -297,6 +331,13 @@ class UserCache:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
+def _entries(folder: Path) -> list[os.DirEntry[str]]:
+    try:
+        return list(os.scandir(folder))
+    except OSError:
+        return []
+
+
 def clear_cache(app: str, cache_dir: str | os.PathLike[str] | None = None) -> Path:
     """Delete what the shim keeps in ``app``'s user cache dir (the one ``load(..., app=app)`` uses); returns that dir.
 
@@ -306,11 +347,6 @@ def clear_cache(app: str, cache_dir: str | os.PathLike[str] | None = None) -> Pa
     cache = UserCache(app, cache_dir)
     cache.clear()
     return cache.dir
-
-
-def _stat_key(st: os.stat_result) -> list[int]:
-    """What a file's identity is made of for a verified stamp: size, mtime, ctime, inode and device."""
-    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
 
 
 def _frame(payload: bytes, key: dict) -> bytes:

@@ -20,7 +20,7 @@ import numpy as np
 import zstandard
 
 from ..errors import IntegrityError
-from ..fsutil import atomic_writer, sha256_bytes
+from ..fsutil import atomic_writer, open_regular_file, sha256_bytes
 from ..manifest import Blob, WeightStore
 from .decode import decode_frame_into, decode_threads, native_join, scratch
 from .format import HINT_CORRUPT, ITEMSIZE, MAGIC, PACKED_DTYPES, PLANE_CHUNK, nbytes_for
@@ -77,9 +77,10 @@ class WeightReader:
     ) -> None:
         """``verify_raw`` also checks each decoded blob against its raw sha256 (frame hashes already cover the stored bytes).
 
-        ``verify_frames=False`` skips the per-frame sha256 (sizes and decoding are still checked). SHA-256 is most of
-        a load's CPU time (~1 GB/s a core), so this is for callers that have verified ``weights.file.sha256`` of this
-        very file themselves, e.g. once at install, and can tell it has not changed since; never the default.
+        ``verify_frames=False`` skips the per-frame sha256 (sizes and decoding are still checked): for benchmarks and
+        tests that measure the rest. The shim never turns it off: a file's identity (size, times, inode) cannot tell
+        that its bytes are unchanged (a write through a shared mapping moves none of them), and a frame is hashed in
+        this process's own memory, the very bytes then decoded (docs/WEIGHT_STORE.md, "Verification").
         """
         self.store = store
         self.verify_frames = verify_frames
@@ -90,14 +91,17 @@ class WeightReader:
         self._names: dict[int, list[str]] = collections.defaultdict(list)
         for t in store.tensors:
             self._names[t.blob].append(t.name)
-        try:
-            self._file = open(self.path, "rb")
+        try:  # a regular file only: a FIFO would hang the first read, a device or directory fail later
+            self._file, size = open_regular_file(
+                self.path, "the weight file pinned by weights.file", error=IntegrityError
+            )
         except FileNotFoundError:
             raise IntegrityError(
                 f"{self.path}: weight file missing (pinned by the manifest's weights.file)", hint=HINT_CORRUPT
             ) from None
+        except IntegrityError as e:
+            raise IntegrityError(str(e), hint=e.hint or HINT_CORRUPT) from None
         try:
-            size = os.fstat(self._file.fileno()).st_size
             if size != store.file.size:
                 raise IntegrityError(
                     f"{self.path}: size {size} bytes, expected {store.file.size} (weights.file.size); truncated or replaced",
@@ -215,10 +219,6 @@ class WeightReader:
                 hint=HINT_CORRUPT,
             )
         return np.frombuffer(mmap.mmap(self._file.fileno(), size, access=mmap.ACCESS_READ), dtype=np.uint8)
-
-    def identity(self) -> os.stat_result:
-        """fstat of the open weight file: what it is now, whatever its path points to (see UserCache.is_verified)."""
-        return os.fstat(self._file.fileno())
 
     def read_frames(self, frames: Sequence[tuple[int, int]], out: memoryview) -> None:
         """Read frames that lie back to back in the file (``(blob, frame)`` pairs, in file order) as stored into

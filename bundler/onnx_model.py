@@ -233,6 +233,7 @@ def load_model(path: str | os.PathLike[str]) -> LoadedModel:
             hint="densify them (onnx.numpy_helper) before bundling",
         )
 
+    _clear_negative_dims(model)
     init_names = {t.name for t in model.graph.initializer}
     inputs = tuple(_spec(vi, "input") for vi in model.graph.input if vi.name not in init_names)
     outputs = tuple(_spec(vi, "output") for vi in _outputs_with_shapes(model, path))
@@ -259,6 +260,19 @@ def load_model(path: str | os.PathLike[str]) -> LoadedModel:
         len(outputs),
     )
     return loaded
+
+
+def _clear_negative_dims(model: onnx.ModelProto) -> None:
+    """A negative dim_value (some exporters write -1 for "any size") becomes an unnamed dim, as ONNX spells that.
+
+    ONNX Runtime reads it as dynamic already; the specs then name it like any unnamed dim (``dim_<tensor>_<axis>``),
+    so ``--dim`` and the profile checks see a dynamic dim instead of a size of -1.
+    """
+    for g in graphs(model.graph):
+        for vi in [*g.input, *g.output, *g.value_info]:
+            for d in vi.type.tensor_type.shape.dim:
+                if d.HasField("dim_value") and d.dim_value < 0:
+                    d.ClearField("dim_value")
 
 
 def _outputs_with_shapes(model: onnx.ModelProto, path: Path) -> list[onnx.ValueInfoProto]:

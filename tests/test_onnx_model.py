@@ -269,3 +269,21 @@ def test_constants_sharing_a_name_in_sibling_branches_stay_in_place(tmp_path: Pa
     for flag in (True, False):
         feeds = {"flag": np.array(flag), "x": np.arange(4, dtype=np.float32)}
         assert np.array_equal(_run(src, feeds)[0], _run(skeleton, feeds)[0])
+
+
+def test_negative_dim_values_read_as_unnamed_dynamic_dims(tmp_path: Path) -> None:
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "negative",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [-1, 3, "?"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [-1, 3, "?"])],
+    )
+    src = tmp_path / "negative.onnx"
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", models.OPSET)])
+    proto.ir_version = models.IR_VERSION
+    onnx.save_model(proto, str(src))
+    model = load_model(src)  # some exporters (paddle2onnx) write -1 for "any size"; ONNX Runtime reads it so
+    assert model.inputs[0].shape == ("dim_x_0", 3, "dim_x_2")
+    assert all(d.dim_value >= 0 for d in model.proto.graph.input[0].type.tensor_type.shape.dim)

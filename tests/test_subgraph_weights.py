@@ -204,7 +204,7 @@ def test_openwakeword_silero_subgraph_initializers_move(wheel_models, tmp_path: 
     assert skeleton.stat().st_size < src.stat().st_size // 20
     rng = np.random.default_rng(0)
     for sr in (16000, 8000):
-        feeds = {
+        feeds: dict[str, np.ndarray] = {
             "input": (rng.standard_normal((2, 512)) * 0.1).astype(np.float32),
             "sr": np.array(sr, np.int64),
             "h": np.zeros((2, 2, 64), np.float32),

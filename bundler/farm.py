@@ -137,19 +137,15 @@ class ShimGpu:
     """The real GPU work, through the shim: runs only on a GPU TensorRT for RTX supports (tests: rtx_gpu marker)."""
 
     def build_weightless(self, bundle_dir: Path, manifest: Manifest, workdir: Path) -> bytes:
-        from runtime_shim.fallback import materialize_model
+        from runtime_shim.fallback import model_on_disk
         from runtime_shim.trt.build import BuildRequest, build_engine
         from runtime_shim.user_cache import UserCache
 
         # The skeleton plus the unpacked weight store is the normalized model `build` makes engines from, so the
         # engine's refit names are the weight store's names.
-        onnx_path, tmp = materialize_model(manifest, bundle_dir, UserCache("trtx-farm", workdir / "user-cache"))
-        try:
+        with model_on_disk(manifest, bundle_dir, UserCache("trtx-farm", workdir / "user-cache")) as onnx_path:
             profiles = [p.triples() for p in manifest.profiles]
             return build_engine(BuildRequest(onnx_path=str(onnx_path), profiles=profiles, weightless=True))
-        finally:
-            if tmp is not None:
-                shutil.rmtree(tmp, ignore_errors=True)
 
     def warm(
         self, bundle_dir: Path, engine_sha256: str, runs: Sequence[WarmupRun], rounds: int, workdir: Path

@@ -51,16 +51,16 @@ _ENGINES: dict[tuple[Path, int], bytes] = {}
 
 def real_engine(bundle: Path, sm: int) -> bytes:
     """A real TRT-RTX engine for one SM, built from the bundle's own skeleton and weights (CPU, weightful)."""
-    from runtime_shim.fallback import materialize_model
+    from runtime_shim.fallback import model_on_disk
     from runtime_shim.user_cache import UserCache
 
     if (bundle, sm) not in _ENGINES:
         manifest, _ = read_manifest(bundle)
-        onnx_path, _tmp = materialize_model(manifest, bundle, UserCache("tests", bundle.parent / f"uc-{sm}"))
-        profiles = [p.triples() for p in manifest.profiles]
-        _ENGINES[(bundle, sm)] = build_engine(
-            BuildRequest(onnx_path=str(onnx_path), profiles=profiles, compute_capabilities=[sm])
-        )
+        with model_on_disk(manifest, bundle, UserCache("tests", bundle.parent / f"uc-{sm}")) as onnx_path:
+            profiles = [p.triples() for p in manifest.profiles]
+            _ENGINES[(bundle, sm)] = build_engine(
+                BuildRequest(onnx_path=str(onnx_path), profiles=profiles, compute_capabilities=[sm])
+            )
     return _ENGINES[(bundle, sm)]
 
 

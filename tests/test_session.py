@@ -226,18 +226,17 @@ def test_tampered_weights_or_skeleton_are_integrity_errors(mlp, tmp_path, part) 
     assert not made.exists() or not list(made.iterdir()), "nothing half-made is left in the cache"
 
 
-def test_materialized_model_is_reused_and_an_unwritable_cache_still_runs(mlp, tmp_path) -> None:
+def test_fallback_keeps_no_model_copy_and_an_unwritable_cache_still_runs(mlp, tmp_path) -> None:
     bundle, feeds = mlp
     for _ in range(2):
         with runtime_shim.load(bundle, "T", cache_dir=tmp_path / "c") as s:
             s.run(feeds)
-    assert len(list((tmp_path / "c" / "trtx-v1" / "models").iterdir())) == 1
+    kept = [p for p in (tmp_path / "c").rglob("*") if p.is_file() and p.stat().st_size > 1000]
+    assert not kept, "the fallback reads the bundle itself: no copy of the model in the user cache"
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("a file where the cache dir should be")
     with runtime_shim.load(bundle, "T", cache_dir=blocker / "cache") as s:
         s.run(feeds)
-        tmp_model = s._impl.model_path
-    assert not tmp_model.exists(), "the private temp copy is removed on close"
 
 
 def test_session_lifecycle_and_argument_errors(mlp, tmp_path) -> None:
@@ -254,9 +253,8 @@ def test_session_lifecycle_and_argument_errors(mlp, tmp_path) -> None:
         runtime_shim.load(bundle, fallback="cpu")
     archive = tmp_path / "bundle.trtx"
     archive.write_bytes(b"x")
-    with pytest.raises(BundleError, match="a file, expected a bundle directory") as e:
+    with pytest.raises(BundleError, match="not a bundle archive"):  # a file is read as a .trtx archive
         runtime_shim.load(archive)
-    assert "trtx-bundle unpack" in e.value.hint
 
 
 def test_exports() -> None:

@@ -7,7 +7,6 @@ why it failed goes into the report.
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from .cache_key import built_engine_name, model_id
 from .errors import BackendUnavailableError, BundleError, MachineError
-from .fallback import OrtSession, materialize_model, read_verified
+from .fallback import OrtSession, model_on_disk, read_verified
 from .manifest import Engine
 from .report import Report
 from .select import Choice, Plan
@@ -187,15 +186,11 @@ def build_here(p: Plan, bundle_dir: Path, user_cache: UserCache) -> tuple[str, b
     kept = user_cache.read_engine(name)
     if kept is not None:
         return str(path), kept
-    onnx_path, tmp = materialize_model(p.manifest, bundle_dir, user_cache)
-    try:
+    with model_on_disk(p.manifest, bundle_dir, user_cache) as onnx_path:  # TRT-RTX's parser reads files
         profiles = [prof.triples() for prof in p.manifest.profiles]
         try:
             data = build_engine(BuildRequest(onnx_path=str(onnx_path), profiles=profiles, weightless=True))
         except BundleError as e:
             raise MachineError(f"building an engine for this GPU failed: {e}") from None
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
     user_cache.save_engine(name, data)
     return str(path), data

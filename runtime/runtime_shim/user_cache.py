@@ -1,4 +1,4 @@
-"""The per-user cache dir: runtime caches, engines built here, models materialized for the fallback.
+"""The per-user cache dir: runtime caches, engines built here, the temp dir of a model written out for a build.
 
 Correctness comes from unique temp names plus ``os.replace`` (readers see a whole old file or a whole new one);
 the locks, in their own folder, only stop two processes from doing the same work or losing each other's
@@ -11,7 +11,7 @@ Layout (the ``v1`` folder is the layout version; a later layout gets a new folde
     <cache dir>/CACHEDIR.TAG
     <cache dir>/trtx-v1/runtime-caches/<model id>/<key id>.rtcache
     <cache dir>/trtx-v1/engines/<name>.engine
-    <cache dir>/trtx-v1/models/<weights sha256>/          (skeleton + unpacked weights, for ONNX Runtime)
+    <cache dir>/trtx-v1/tmp/trtx-model-<12 hex>/             (a model written out for one TRT-RTX build, then removed)
     <cache dir>/trtx-v1/locks/<name>.lock
     <cache dir>/trtx-v1/corrupt/
 """
@@ -27,7 +27,7 @@ import shutil
 import stat
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 from .cache_key import key_id
@@ -93,7 +93,7 @@ class UserCache:
         if self._ready or self.problem is not None:
             return self._ready
         try:
-            for sub in ("runtime-caches", "engines", "models", "locks", "corrupt"):
+            for sub in ("runtime-caches", "engines", "locks", "corrupt"):
                 (self.root / sub).mkdir(parents=True, exist_ok=True)
             tag = self.dir / "CACHEDIR.TAG"
             if not tag.exists():
@@ -302,29 +302,47 @@ class UserCache:
             log.warning("engine built here not kept in the cache (%s); it will be built again next time", e)
             return None
 
-    # ----------------------------------------------------------------------------------- materialized folders
-    def materialize(self, name: str, fill: Callable[[Path], None]) -> Path:
-        """``models/<name>/``, made once by ``fill(tmpdir)``: lock, check again, fill a temp dir, rename.
+    # ----------------------------------------------------------------------------------- the fallback's files
+    def temp_dir(self) -> Path | None:
+        """``tmp/`` here, for files that live only while one process uses them (a model written out for one TRT-RTX
+        build); None when the cache dir is not writable (the caller then uses the system's temp dir)."""
+        if not self._ensure():
+            return None
+        try:
+            (self.root / "tmp").mkdir(exist_ok=True)
+        except OSError as e:
+            log.info("%s: cannot make tmp/ (%s); using the system temp dir", self.root, e.strerror or e)
+            return None
+        return self.root / "tmp"
 
-        Raises CacheError when the cache dir is not writable (the caller then uses a private temp dir).
-        """
-        final = self.root / "models" / name
-        if (final / ".complete").is_file():
-            return final
-        with self.lock(f"models-{name}"):
-            if (final / ".complete").is_file():  # another process made it while we waited
-                return final
-            tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=self.root / "models"))
+    def sweep_legacy_models(self, *, min_age_s: float = 600.0) -> list[Path]:
+        """Remove ``models/``: full decompressed copies of fallback models that earlier versions kept (the fallback
+        now reads the bundle itself). Never raises. Entries younger than ``min_age_s`` are left to a writer of an
+        earlier version that may still be filling them; a process still running a copy keeps its open file."""
+        folder = self.root / "models"
+        removed: list[Path] = []
+        if not self._ensure():
+            return removed
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            return removed
+        for entry in entries:
             try:
-                fill(tmp)
-                (tmp / ".complete").write_bytes(b"")
-                if final.exists():  # a half-made folder left by a killed process (no .complete): replace it
-                    shutil.rmtree(final)
-                os.replace(tmp, final)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
-        return final
+                if time.time() - entry.stat(follow_symlinks=False).st_mtime < min_age_s:
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path)
+                else:
+                    os.unlink(entry.path)
+                removed.append(Path(entry.path))
+            except OSError as e:
+                log.debug("cannot remove %s: %s", entry.path, e)
+        if removed:
+            log.info("removed %d fallback model copies that an earlier version kept in %s", len(removed), folder)
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # only once empty
+        return removed
 
     def clear(self) -> None:
         """Delete everything this shim keeps here (the next run rebuilds what it needs)."""
@@ -341,7 +359,7 @@ def _entries(folder: Path) -> list[os.DirEntry[str]]:
 def clear_cache(app: str, cache_dir: str | os.PathLike[str] | None = None) -> Path:
     """Delete what the shim keeps in ``app``'s user cache dir (the one ``load(..., app=app)`` uses); returns that dir.
 
-    Nothing in it is needed: the next load compiles kernels again and re-materializes the fallback model. Quit
+    Nothing in it is needed: the next load compiles kernels again and verifies the weights afresh. Quit
     other running copies of the app first, or they may save their caches again as they exit.
     """
     cache = UserCache(app, cache_dir)

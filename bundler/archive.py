@@ -4,48 +4,24 @@ The archive is a plain (uncompressed) tar: the weight store is zstd already and 
 so compression would cost time for nothing. Entries: manifest.json first, then the pinned files in sorted
 order, all with mtime 0, uid/gid 0, mode 0644, so the same bundle always packs to the same bytes.
 
-Unpacking reads manifest.json first (capped in size) and from then on takes the manifest's word over the
-archive's: every later entry must be a plain regular file (no sparse file, link, device or fifo) at a path
-the manifest pins, declaring exactly the pinned size, and appear once; its sha256 is checked as it is
-copied. So a hostile archive can make unpack write at most the manifest's own total, and is refused by
-name at the first entry that breaks a rule. Extraction goes to a temp directory beside the target, renamed
-into place only when every pinned file has arrived intact; a crash leaves that directory behind, and the
-next unpack to the same place removes it once its owner is gone (fsutil.owned_temp_dir).
+Reading an archive (its rules against hostile archives, the in-place reads, the safe extraction) lives in
+runtime_shim.archive, which the runtime uses too (load() of a .trtx); unpack_bundle is its extraction.
 """
 
 from __future__ import annotations
 
-import errno
-import hashlib
 import os
-import re
-import shutil
 import tarfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
-from typing import Any, NoReturn
+from pathlib import Path
 
-from runtime_shim.errors import ArchiveError, BundleError, ManifestError
-from runtime_shim.fsutil import (
-    CHUNK,
-    atomic_writer,
-    open_regular_file,
-    os_error_hint,
-    os_error_path,
-    owned_temp_dir,
-    sweep_stale_temp_dirs,
-)
-from runtime_shim.manifest import FILE_FOLDERS, MANIFEST_NAME, FileRef, Manifest, read_manifest
+from runtime_shim.archive import disk_errors, extract_archive
+from runtime_shim.errors import ArchiveError
+from runtime_shim.fsutil import atomic_writer
+from runtime_shim.manifest import MANIFEST_NAME, Manifest, read_manifest
 
-from .bundle_io import Problem, raise_for_problems, verify_bundle
+from .bundle_io import raise_for_problems, verify_bundle
 
-# manifest.json is read into memory before anything else; no real one comes near this.
-_MAX_MANIFEST_BYTES = 64 << 20
-# pax and GNU long-name records hold a path and a few numbers; tarfile would read any declared size into memory.
-_MAX_HEADER_BYTES = 1 << 20
-_NOT_PACKED = "the archive was not made by 'trtx-bundle pack', or it was tampered with: do not use it"
 _BAD_DISK = "nothing was written (an archive already there is left as it was)"
 
 
@@ -72,7 +48,7 @@ def pack_bundle(bundle_dir: str | os.PathLike[str], out_file: str | os.PathLike[
         )
     manifest, _ = read_manifest(root)
     names = [MANIFEST_NAME] + sorted({ref.path for _, ref in manifest.files()})
-    with _disk_errors(out, "cannot write the archive", _BAD_DISK):
+    with disk_errors(out, "cannot write the archive", _BAD_DISK):
         out.parent.mkdir(parents=True, exist_ok=True)
         with atomic_writer(out) as f:
             with tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
@@ -87,279 +63,11 @@ def pack_bundle(bundle_dir: str | os.PathLike[str], out_file: str | os.PathLike[
     return PackResult(path=out, size=size, files=len(names), left_out=extras)
 
 
-@contextmanager
-def _disk_errors(target: Path, doing: str, kept: str) -> Iterator[None]:
-    """An OSError (full disk, read-only file system, permissions) becomes one BundleError naming the target."""
-    try:
-        yield
-    except OSError as e:
-        culprit = os_error_path(e)
-        at = f" (at {culprit})" if culprit and culprit != str(target) else ""
-        raise BundleError(f"{target}: {doing}: {e.strerror or e}{at}; {kept}", hint=os_error_hint(e)) from None
-
-
 # --------------------------------------------------------------------------- unpack
 def unpack_bundle(archive: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> Manifest:
     """Extract a bundle archive into ``out_dir`` (new or empty), safely, and verify it. Returns its manifest.
 
-    Every rule of the module docstring is checked before the bytes it guards are written; a refused or
+    Every rule of runtime_shim.archive is checked before the bytes it guards are written; a refused or
     damaged archive leaves nothing at ``out_dir`` and nothing anywhere else.
     """
-    src, target = Path(archive), Path(os.path.abspath(out_dir))
-    with _disk_errors(target, "cannot look at the target", "nothing was written"):
-        if target.exists() and (not target.is_dir() or any(target.iterdir())):
-            raise ArchiveError(
-                f"{target}: exists and is not an empty directory; unpack refuses to mix files into it",
-                hint="choose a new directory, or remove that one yourself",
-            )
-    try:
-        f, _size = open_regular_file(src, "a bundle archive made by 'trtx-bundle pack'", error=ArchiveError)
-    except FileNotFoundError:
-        raise ArchiveError(f"{src}: not found") from None
-    with f, _open_tar(src, f) as tar:
-        manifest, raw = _read_manifest_entry(src, tar)
-        pinned = _pins(src, manifest)
-        with _disk_errors(target, f"cannot unpack {src} here", "nothing was written"):
-            target.parent.mkdir(parents=True, exist_ok=True)
-            _check_free_space(target.parent, len(raw) + sum(ref.size for _key, ref in pinned.values()))
-            prefix = f".{target.name}.unpack-"
-            sweep_stale_temp_dirs(target.parent, prefix)
-            with owned_temp_dir(target.parent, prefix) as tmp:
-                _extract_pinned(src, tar, tmp, pinned)
-                with atomic_writer(tmp / MANIFEST_NAME) as out:
-                    out.write(raw)
-                _move_into_place(tmp, target)
-    return manifest
-
-
-@contextmanager
-def _open_tar(src: Path, f: Any) -> Iterator[tarfile.TarFile]:
-    """The archive as a tarfile that refuses sparse members and oversized headers; tar errors become ArchiveError."""
-    try:
-        tar = tarfile.open(fileobj=f, mode="r:", tarinfo=_StrictTarInfo)  # uncompressed only: what pack writes
-    except _Refused as e:
-        _refuse(src, e.name, e.what)
-    except (tarfile.TarError, ValueError, OverflowError, EOFError) as e:
-        raise ArchiveError(
-            f"{src}: not a bundle archive (an uncompressed tar made by 'trtx-bundle pack'): {e}"
-        ) from None
-    with tar:
-        try:
-            yield tar
-        except _Refused as e:
-            _refuse(src, e.name, e.what)
-        except (tarfile.TarError, ValueError, OverflowError, EOFError) as e:
-            # tarfile raises ValueError and kin too on some malformed headers (a sparse map cut short, say).
-            raise ArchiveError(f"{src}: corrupt or truncated archive ({e})", hint="fetch the archive again") from None
-
-
-def _read_manifest_entry(src: Path, tar: tarfile.TarFile) -> tuple[Manifest, bytes]:
-    """manifest.json, which pack writes first; only the bundle's folders may come before it."""
-    seen: set[str] = set()
-    for _ in range(len(FILE_FOLDERS) + 1):
-        try:
-            member = tar.next()
-        except OSError as e:
-            # Python 3.10's tarfile seeks to offset -1 when an archive has no member at all: EINVAL, not None.
-            if e.errno != errno.EINVAL or tar.offset != 0:
-                raise
-            member = None
-        if member is None:
-            break
-        name = _check_member(src, member, seen)
-        if member.isdir():
-            continue
-        if name != MANIFEST_NAME:
-            raise ArchiveError(
-                f"{src}: entry {member.name!r} comes before manifest.json; expected manifest.json as the first file",
-                hint=_NOT_PACKED,
-            )
-        if member.size > _MAX_MANIFEST_BYTES:
-            _refuse(src, member.name, f"a manifest of {member.size} bytes (at most {_MAX_MANIFEST_BYTES})")
-        reader = tar.extractfile(member)
-        assert reader is not None  # a regular member always has data
-        raw = reader.read(member.size)
-        if len(raw) != member.size:
-            raise ArchiveError(f"{src}: truncated inside manifest.json", hint="fetch the archive again")
-        try:
-            manifest, _warnings = Manifest.from_json(raw, source=f"{src}: {MANIFEST_NAME}")
-        except ManifestError as e:
-            raise ArchiveError(str(e), hint=e.hint or "fetch the archive again") from None
-        return manifest, raw
-    raise ArchiveError(f"{src}: no manifest.json at the start of the archive", hint=_NOT_PACKED)
-
-
-def _pins(src: Path, manifest: Manifest) -> dict[str, tuple[str, FileRef]]:
-    """Bundle path -> (key path, file ref) for every file the manifest pins."""
-    pinned: dict[str, tuple[str, FileRef]] = {}
-    for key, ref in manifest.files():
-        other = pinned.setdefault(ref.path, (key, ref))[1]
-        if (other.size, other.sha256) != (ref.size, ref.sha256):
-            raise ArchiveError(
-                f"{src}: manifest.json pins {ref.path} twice with different sizes ({other.size}, {ref.size})",
-                hint=_NOT_PACKED,
-            )
-    return pinned
-
-
-def _check_free_space(where: Path, need: int) -> None:
-    try:
-        usage = shutil.disk_usage(where)
-    except OSError:
-        return
-    if usage.total and usage.free < need:
-        raise BundleError(
-            f"{where}: {usage.free} bytes free, but the bundle needs {need}; nothing was written",
-            hint="free some space or unpack on another disk",
-        )
-
-
-def _extract_pinned(src: Path, tar: tarfile.TarFile, dest: Path, pinned: dict[str, tuple[str, FileRef]]) -> None:
-    seen = {MANIFEST_NAME}
-    while (member := tar.next()) is not None:
-        name = _check_member(src, member, seen)
-        if member.isdir():
-            continue
-        if name not in pinned:
-            _refuse(src, member.name, "a file that manifest.json does not pin")
-        key, ref = pinned[name]
-        if member.size != ref.size:
-            _refuse(src, member.name, f"{member.size} bytes, but manifest.json pins {ref.size} ({key}.size)")
-        path = dest / name
-        path.parent.mkdir(exist_ok=True)
-        reader = tar.extractfile(member)
-        assert reader is not None
-        h = hashlib.sha256()
-        # O_EXCL: never open something that is already there (a link planted by an earlier entry, say).
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o644)
-        with os.fdopen(fd, "wb") as out:
-            while chunk := reader.read(CHUNK):
-                h.update(chunk)
-                out.write(chunk)
-        if h.hexdigest() != ref.sha256:
-            problem = Problem(
-                kind="changed",
-                path=name,
-                message=f"sha256 {h.hexdigest()}, expected {ref.sha256} ({key}.sha256): content changed",
-                hint="the archive is damaged or was tampered with; fetch it again",
-            )
-            raise_for_problems([problem], what=f"{src}: the unpacked bundle")
-    missing = [
-        Problem(
-            kind="missing", path=rel, message=f"not in the archive (pinned by {key})", hint="fetch the archive again"
-        )
-        for rel, (key, _ref) in sorted(pinned.items())
-        if rel not in seen
-    ]
-    raise_for_problems(missing, what=f"{src}: the unpacked bundle")
-
-
-def _move_into_place(tmp: Path, target: Path) -> None:
-    if not target.exists():
-        os.rename(tmp, target)
-        return
-    # Empty (checked before). Move the entries in rather than replace the directory: its inode, owner and
-    # mode stay, and so does a shell sitting in it. On a failure the entries go back, so it stays empty.
-    moved: list[str] = []
-    try:
-        for entry in sorted(tmp.iterdir()):
-            os.rename(entry, target / entry.name)
-            moved.append(entry.name)
-    except BaseException:
-        for name in moved:
-            os.rename(target / name, tmp / name)
-        raise
-
-
-# --------------------------------------------------------------------------- member rules
-_BUNDLE_FILE_RE = re.compile(r"^(?:engines|caches|weights|skeleton)/[0-9a-f]{64}\.(?:engine|cache|trtxw|onnx)$")
-
-
-class _Refused(tarfile.TarError):
-    """Raised from inside tarfile's header parsing, before it acts on what the header declares."""
-
-    def __init__(self, name: str, what: str) -> None:
-        super().__init__(f"{name!r} is {what}")
-        self.name, self.what = name, what
-
-
-def _refuse_sparse(next_member: tarfile.TarInfo, pax_headers: dict[str, str], *_args: object) -> NoReturn:
-    raise _Refused(pax_headers.get("GNU.sparse.name", next_member.name), "a sparse file")
-
-
-class _StrictTarInfo(tarfile.TarInfo):
-    """tarfile's header reader, minus what a bundle archive never holds: sparse members and oversized headers."""
-
-    def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
-        if self.type == tarfile.GNUTYPE_SPARSE:
-            raise _Refused(self.name, "a sparse file")
-        extended = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE, tarfile.GNUTYPE_LONGNAME)
-        if self.type in (*extended, tarfile.GNUTYPE_LONGLINK) and self.size > _MAX_HEADER_BYTES:
-            raise _Refused(self.name, f"an extended header of {self.size} bytes (at most {_MAX_HEADER_BYTES})")
-        return super()._proc_member(tarfile_)  # type: ignore[misc]  # private in typeshed; stable since Python 3.2
-
-    # GNU sparse formats 0.0, 0.1, 1.0 in pax headers: refused before tarfile reads a sparse map.
-    def _proc_gnusparse_00(self, next_member: Any, pax_headers: Any, *args: Any) -> NoReturn:
-        _refuse_sparse(next_member, pax_headers)
-
-    def _proc_gnusparse_01(self, next_member: Any, pax_headers: Any, *args: Any) -> NoReturn:
-        _refuse_sparse(next_member, pax_headers)
-
-    def _proc_gnusparse_10(self, next_member: Any, pax_headers: Any, *args: Any) -> NoReturn:
-        _refuse_sparse(next_member, pax_headers)
-
-
-def _refuse(src: Path, raw: str, what: str) -> NoReturn:
-    raise ArchiveError(f"{src}: entry {raw!r} is {what}; refused before writing it", hint=_NOT_PACKED)
-
-
-def _check_member(src: Path, member: tarfile.TarInfo, seen: set[str]) -> str:
-    """The member's bundle path, or ArchiveError: only bundle folders and bundle files, each once, pass."""
-    raw = member.name
-    kind = _member_kind(member)
-    if kind is not None:
-        raise ArchiveError(
-            f"{src}: entry {raw!r} is a {kind}; a bundle archive holds only regular files and folders",
-            hint=_NOT_PACKED,
-        )
-    if raw.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", raw) or PurePosixPath(raw).is_absolute():
-        raise ArchiveError(f"{src}: entry {raw!r} has an absolute path; refused", hint=_NOT_PACKED)
-    parts = [p for p in raw.replace("\\", "/").split("/") if p not in ("", ".")]
-    if ".." in parts:
-        raise ArchiveError(f"{src}: entry {raw!r} climbs out of the bundle with '..'; refused", hint=_NOT_PACKED)
-    name = "/".join(parts)
-    if member.isdir():
-        if name not in FILE_FOLDERS:
-            raise ArchiveError(
-                f"{src}: entry {raw!r} is a folder a bundle does not have (expected one of {', '.join(FILE_FOLDERS)})",
-                hint=_NOT_PACKED,
-            )
-    elif name != MANIFEST_NAME and not _BUNDLE_FILE_RE.match(name):
-        raise ArchiveError(
-            f"{src}: entry {raw!r} is not a bundle file (expected manifest.json or <folder>/<sha256>.<ext>)",
-            hint=_NOT_PACKED,
-        )
-    if name in seen:
-        raise ArchiveError(
-            f"{src}: entry {raw!r} appears twice; refused (the second copy could replace a verified file)",
-            hint=_NOT_PACKED,
-        )
-    seen.add(name)
-    return name
-
-
-def _member_kind(member: tarfile.TarInfo) -> str | None:
-    """What a member is, when it is not a plain regular file or a folder."""
-    if member.sparse is not None or any(k.startswith("GNU.sparse.") for k in member.pax_headers):
-        return "sparse file"
-    if member.type in (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE) or member.isdir():
-        return None
-    if member.issym():
-        return f"symbolic link (to {member.linkname!r})"
-    if member.islnk():
-        return f"hard link (to {member.linkname!r})"
-    if member.ischr() or member.isblk():
-        return "device file"
-    if member.isfifo():
-        return "fifo"
-    return f"special entry (tar type {member.type!r})"
+    return extract_archive(archive, out_dir)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from runtime_shim.errors import BundleError, ManifestError, ModelError
+from runtime_shim.errors import BundleError, EngineBuildError, ManifestError, ModelError
 from runtime_shim.fsutil import atomic_write, sha256_bytes
 from runtime_shim.manifest import (
     MANIFEST_NAME,
@@ -31,6 +31,7 @@ from runtime_shim.manifest import (
     FileRef,
     Manifest,
     ModelInfo,
+    ParseVerdict,
     Skeleton,
     TrtRtx,
     read_manifest,
@@ -158,7 +159,10 @@ def build_bundle(
                     model_file = write_normalized_model(
                         model, store, Path(norm_dir), SKELETON_EXTERNAL_DATA, skeleton=skeleton_bytes
                     )
-                built = build_engines(Path(model_file), profiles, plans, tmp, step=progress.step)
+                built = build_engines(
+                    Path(model_file), profiles, plans, tmp, step=progress.step, source=str(src), inputs=model.inputs
+                )
+        verdict = None if built else _parse_verdict(src, timed, note)
         for b in built:
             seconds[
                 f"engine {b.engine.kind} {b.engine.platform} {list(b.engine.compute_capabilities) or 'default'}"
@@ -175,7 +179,7 @@ def build_bundle(
             outputs=tuple(model.outputs),
             profiles=profiles,
             warmup_shapes=warmups,
-            trt_rtx=TrtRtx(version=version, cuda_flavour=flavour),
+            trt_rtx=TrtRtx(version=version, cuda_flavour=flavour, verdict=verdict),
             weights=store,
             skeleton=Skeleton(file=ref, external_data=SKELETON_EXTERNAL_DATA),
             engines=tuple(b.engine for b in built),
@@ -200,6 +204,31 @@ def build_bundle(
     return BuildResult(
         bundle_dir=out, manifest=manifest, notes=tuple(notes), left_alone=tuple(left_alone), seconds=seconds
     )
+
+
+def _parse_verdict(
+    src: Path, timed: Callable[[str], AbstractContextManager[Any]], note: Callable[[str], None]
+) -> ParseVerdict | None:
+    """TRT-RTX's parser on the user's model when no engine was built (an engine build parses it anyway).
+
+    None when it parses: nothing is written, so such bundles keep their bytes. A refusal is recorded in the
+    manifest, so that inspect, doctor and the shim never offer to build an engine that cannot be parsed.
+    """
+    from runtime_shim.trt.build import check_parse
+
+    try:
+        with timed("check the model with TensorRT for RTX's parser"):
+            verdict = check_parse(str(src), source=str(src))
+    except EngineBuildError as e:  # the parser could not be run at all: say so, and record that it was not checked
+        note(f"TensorRT for RTX's parser could not be run on {src}: {e}")
+        return ParseVerdict(status="not_checked", detail=str(e).splitlines()[0][:300])
+    if not verdict.failed:
+        return None
+    note(
+        f"{src}: TensorRT for RTX cannot parse this model ({verdict.summary()}): bundled for the ONNX Runtime "
+        "fallback only; no machine will try to build an engine from it"
+    )
+    return verdict
 
 
 class _Timed:

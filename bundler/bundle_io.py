@@ -206,11 +206,16 @@ def temp_sibling(path: Path, tag: str) -> Path:
 
 # --------------------------------------------------------------------------- inspect
 def describe_bundle(bundle_dir: str | os.PathLike[str]) -> dict:
-    """A summary of the bundle for `inspect`: model, I/O, profiles, weights (raw vs stored), engines, caches."""
+    """A summary of a bundle directory or archive for `inspect`: model, I/O, profiles, weights, engines, caches."""
     from .coverage import coverage
 
     root = Path(bundle_dir)
-    manifest, warnings = read_manifest(root)
+    if root.is_file():  # a .trtx archive: its manifest, read in place (nothing is extracted)
+        from runtime_shim.archive import read_archive_manifest
+
+        manifest, warnings, _raw = read_archive_manifest(root)
+    else:
+        manifest, warnings = read_manifest(root)
     w = manifest.weights
     raw = sum(b.nbytes for b in w.blobs)
     tensor_bytes = sum(w.blobs[t.blob].nbytes for t in w.tensors)  # before identical tensors were merged
@@ -221,7 +226,7 @@ def describe_bundle(bundle_dir: str | os.PathLike[str]) -> dict:
         "bundle": str(root),
         "schema_version": manifest.schema_version,
         "model": manifest.model.to_dict(),
-        "trt_rtx": manifest.trt_rtx.to_dict(),
+        "trt_rtx": {k: v for k, v in manifest.trt_rtx.to_dict().items() if k != "parse" or v is not None},
         "inputs": [t.to_dict() for t in manifest.inputs],
         "outputs": [t.to_dict() for t in manifest.outputs],
         "profiles": [p.to_dict() for p in manifest.profiles],

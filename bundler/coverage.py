@@ -36,7 +36,7 @@ UNSUPPORTED = (
 class CoverageRow:
     platform: str
     sm: int
-    engine: str  # weightless | weightful | build (the shim's choice for a GPU of this SM)
+    engine: str  # weightless | weightful | build | fallback (the shim's choice for a GPU of this SM)
     engine_sha256: str | None
     caches: tuple[RuntimeCache, ...]  # pregenerated caches for GPUs of this SM on this OS
 
@@ -58,11 +58,13 @@ class Coverage:
     cuda_flavour: str
     rows: tuple[CoverageRow, ...]
     other_caches: tuple[RuntimeCache, ...]  # keys no row shows (another TRT-RTX version, an SM outside the targets)
+    cannot_parse: str | None = None  # the ops TRT-RTX's parser refused when the model was bundled, in one line
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "trt_rtx_version": self.trt_rtx_version,
             "cuda_flavour": self.cuda_flavour,
+            "trt_rtx_cannot_parse": self.cannot_parse,
             "rows": [r.to_dict() for r in self.rows],
             "other_caches": [_cache_dict(c) for c in self.other_caches],
             "unsupported_gpus": UNSUPPORTED,
@@ -101,7 +103,14 @@ def coverage(manifest: Manifest) -> Coverage:
             sha = taken.candidate.file.sha256 if taken.candidate is not None else None
             rows.append(CoverageRow(platform=platform, sm=sm, engine=taken.kind, engine_sha256=sha, caches=caches))
     others = tuple(c for c in manifest.runtime_caches if id(c) not in shown)
-    return Coverage(trt_rtx_version=version, cuda_flavour=flavour, rows=tuple(rows), other_caches=others)
+    refused = manifest.trt_rtx.cannot_parse
+    return Coverage(
+        trt_rtx_version=version,
+        cuda_flavour=flavour,
+        rows=tuple(rows),
+        other_caches=others,
+        cannot_parse=refused.summary() if refused is not None else None,
+    )
 
 
 def _cache_dict(c: RuntimeCache) -> dict[str, Any]:
@@ -124,7 +133,13 @@ def render(d: Mapping[str, Any]) -> list[str]:
         )
         engine = "build here" if r["engine"] == "build" else r["engine"]
         lines.append(f"  {r['platform']:<14} {sm_text(r['sm']):<5} {engine:<11} {caches}")
-    lines.append("  engine 'build here': " + ENGINE_WORDS["build"])
+    if d.get("trt_rtx_cannot_parse"):
+        lines.append(
+            f"  TensorRT for RTX {d['trt_rtx_version']} could not parse this model when it was bundled "
+            f"({d['trt_rtx_cannot_parse']}): no GPU builds an engine from it; the ONNX Runtime fallback runs it"
+        )
+    if any(r["engine"] == "build" for r in d["rows"]):
+        lines.append("  engine 'build here': " + ENGINE_WORDS["build"])
     lines.append("  a GPU model, OS or driver major not listed: " + NO_CACHE)
     for c in d["other_caches"]:
         lines.append(

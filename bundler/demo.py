@@ -102,9 +102,11 @@ def run_demo(
     )
     bundle_dir = workdir / "bundle"
     result = build_bundle(model_path, bundle_dir, options=options, progress=progress)
+    on_disk = (bundle_dir / "manifest.json").stat().st_size + sum(ref.size for _, ref in result.manifest.files())
     note(
-        f"bundled into {bundle_dir}: {result.raw_weight_bytes} B of weights stored in {result.stored_weight_bytes} B, "
-        f"{len(result.manifest.engines)} engine(s), {result.engine_bytes} B"
+        f"bundled into {bundle_dir}: {on_disk:,} bytes in all; weights {result.raw_weight_bytes:,} bytes raw, "
+        f"{result.stored_weight_bytes:,} stored; {len(result.manifest.engines)} engine(s) of "
+        f"{result.engine_bytes:,} bytes together"
     )
 
     image = np.random.default_rng(7).standard_normal((2, 3, 48, 40)).astype(np.float32)

@@ -8,6 +8,7 @@ a weightless engine's refit names match the bundle's weights.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -16,9 +17,9 @@ from typing import Any
 
 from runtime_shim.errors import EngineBuildError
 from runtime_shim.fsutil import atomic_write, sha256_bytes
-from runtime_shim.manifest import Engine, FileRef, Profile
+from runtime_shim.manifest import Engine, FileRef, Profile, TensorSpec
 from runtime_shim.targets import sm_text, trt_rtx_supports
-from runtime_shim.trt.build import BuildRequest, build_engine
+from runtime_shim.trt.build import BuildRequest, ModelParseError, build_engine
 
 from . import __version__
 from .config import BuildOptions, host_platform
@@ -126,10 +127,14 @@ def build_engines(
     bundle_dir: Path,
     *,
     step: Callable[[str], Any] | None = None,
+    source: str | None = None,
+    inputs: Sequence[TensorSpec] = (),
 ) -> list[BuiltEngine]:
     """Build each planned engine from ``model_path`` and write it to ``bundle_dir/engines/<sha256>.engine``.
 
     ``step(label)`` returns a context manager around each build (the CLI shows progress for slow ones).
+    ``source`` (the user's model) is what errors name; ``inputs`` (the model's, with their dim names) lets an
+    optimizer failure be matched to its cause.
     """
     version, _ = trt_rtx_identity()
     request_profiles = [p.triples() for p in profiles]
@@ -143,6 +148,7 @@ def build_engines(
             compute_capabilities=() if plan.kind == "weightless" else plan.compute_capabilities,
             weightless=plan.kind == "weightless",
             windows_target=plan.platform == "windows_amd64" and host_platform() != "windows_amd64",
+            source=source,
         )
         t0 = time.monotonic()
         try:
@@ -151,6 +157,8 @@ def build_engines(
             else:
                 with step(f"building {plan.label}"):
                     plan_bytes = build_engine(req)
+        except ModelParseError:
+            raise
         except EngineBuildError as e:
             if req.windows_target:
                 raise EngineBuildError(
@@ -158,14 +166,7 @@ def build_engines(
                     hint="TensorRT for RTX may refuse cross-OS builds on a machine without a GPU; build Windows engines on a Windows farm machine",
                 ) from None
             if e.hint is None and "could not build the engine" in str(e):
-                # The parser accepted the model and TRT-RTX's optimizer failed inside (seen with nested If nodes,
-                # e.g. silero-vad's If-based exports); the weights and skeleton can still ship without an engine.
-                raise EngineBuildError(
-                    str(e),
-                    hint="TensorRT for RTX failed inside its optimizer, not on a named node. "
-                    "Pass --no-weightful to bundle weights and skeleton only (the ONNX Runtime fallback "
-                    "runs them), or export the model without nested control flow (If inside If)",
-                ) from None
+                raise explain_build_failure(e, profiles, inputs, model_path) from None
             raise
         seconds = time.monotonic() - t0
         sha = sha256_bytes(plan_bytes)
@@ -188,6 +189,113 @@ def build_engines(
         log.info("%s: %d bytes in %.2f s", plan.label, len(plan_bytes), seconds)
         out.append(BuiltEngine(engine=engine, seconds=seconds))
     return out
+
+
+# --------------------------------------------------------------------------- optimizer failures, matched to causes
+_SELF_CONSISTENT = re.compile(
+    r"Profile (kMIN|kOPT|kMAX) values are not self-consistent.*?name (\S+?) must be equal", re.S
+)
+_CONTRADICTORY = re.compile(r"different constant values.*?contradictory IOptimizationProfile", re.S)
+_SCOPE_ASSERT = re.compile(r"graphScope\.cpp.*ScopeType::kUNDEFINED", re.S)
+_FALLBACK_HINT = (
+    "--no-weightful still bundles the weights and skeleton (the ONNX Runtime fallback runs them; "
+    "a farm machine can try its own GPU build)"
+)
+_KIND_INDEX = {"kMIN": 0, "kOPT": 1, "kMAX": 2}
+
+
+def explain_build_failure(
+    e: EngineBuildError, profiles: Sequence[Profile], inputs: Sequence[TensorSpec], model_path: Path
+) -> EngineBuildError:
+    """TRT-RTX's optimizer error with its cause where the message names one; otherwise verbatim, with no guess."""
+    msg = str(e)
+    if m := _SELF_CONSISTENT.search(msg):
+        kind, dim = m.group(1), m.group(2)
+        uses = _dim_uses(inputs, dim)
+        seen = [_values_at(p, uses, _KIND_INDEX[kind]) for p in profiles]
+        bad = next(((i, v) for i, v in enumerate(seen) if len(set(v.values())) > 1), None)
+        where = (
+            f"profile {bad[0]} gives it the {kind} values " + ", ".join(f"{k}={n}" for k, n in bad[1].items())
+            if bad
+            else f"its {kind} values differ between inputs"
+        )
+        users = ", ".join(sorted({name for name, _ in uses})) or "several inputs"
+        return EngineBuildError(
+            f"{msg}\ncause: the dim {dim!r} is shared by {users}, and {where}; TensorRT for RTX needs one value per name",
+            hint=f"give the dim one range shared by every input that uses it: --dim {dim}=MIN:OPT:MAX",
+        )
+    if _CONTRADICTORY.search(msg):
+        reused = _reused_dim_names(inputs, profiles)
+        cause = (
+            "; ".join(f"the dim name {n!r} is used by {', '.join(w)} with different sizes" for n, w in reused.items())
+            if reused
+            else "one dim name stands for axes of different sizes"
+        )
+        return EngineBuildError(
+            f"{msg}\ncause: TensorRT for RTX treats equal dim names as one dim: {cause}",
+            hint="name unrelated axes differently in the model (exporters often write one placeholder such as '?' "
+            f"for all of them), or give the shared name one range with --dim; {_FALLBACK_HINT}",
+        )
+    if _SCOPE_ASSERT.search(msg) and _has_if_in_if(model_path):
+        return EngineBuildError(
+            f"{msg}\ncause: seen with If nodes nested in If branches, which this model has",
+            hint=f"export the model without nested control flow (If inside If), or pass {_FALLBACK_HINT}",
+        )
+    return EngineBuildError(msg, hint=f"TensorRT for RTX's own message is shown as it is. Pass {_FALLBACK_HINT}")
+
+
+def _dim_uses(inputs: Sequence[TensorSpec], dim: str) -> list[tuple[str, int]]:
+    return [(t.name, axis) for t in inputs for axis, d in enumerate(t.shape) if d == dim]
+
+
+def _values_at(profile: Profile, uses: list[tuple[str, int]], which: int) -> dict[str, int]:
+    out = {}
+    for name, axis in uses:
+        r = profile.shapes.get(name)
+        if r is not None and axis < len(r.min):
+            out[f"{name}[{axis}]"] = (r.min, r.opt, r.max)[which][axis]
+    return out
+
+
+def _reused_dim_names(inputs: Sequence[TensorSpec], profiles: Sequence[Profile]) -> dict[str, list[str]]:
+    """Dim names whose axes get different ranges in some profile: name -> ['input[axis]', ...]."""
+    names = {d for t in inputs for d in t.shape if isinstance(d, str)}
+    out = {}
+    for n in sorted(names):
+        uses = _dim_uses(inputs, n)
+        for p in profiles:
+            ranges = {
+                f"{name}[{axis}]": (r.min[axis], r.opt[axis], r.max[axis])
+                for name, axis in uses
+                if (r := p.shapes.get(name)) is not None and axis < len(r.min)
+            }
+            if len(set(ranges.values())) > 1:
+                out[n] = sorted(ranges)
+                break
+    return out
+
+
+def _has_if_in_if(model_path: Path) -> bool:
+    """Whether the model (read without its weights) has an If node inside an If branch."""
+    try:
+        import onnx
+
+        graph = onnx.load(str(model_path), load_external_data=False).graph
+    except Exception as e:  # the hint is optional: a model that cannot be re-read gets the plain message
+        log.debug("cannot re-read %s: %s", model_path, e)
+        return False
+
+    def walk(g: Any, inside_if: bool) -> bool:
+        for node in g.node:
+            if node.op_type == "If" and inside_if:
+                return True
+            for attr in node.attribute:
+                subs = [attr.g] if attr.HasField("g") else list(attr.graphs)
+                if any(walk(sub, inside_if or node.op_type == "If") for sub in subs):
+                    return True
+        return False
+
+    return walk(graph, False)
 
 
 def local_header_check(

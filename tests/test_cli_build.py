@@ -50,14 +50,14 @@ def test_build_json_on_stdout_notes_on_stderr(cli_bundle: tuple[Path, dict]) -> 
 
 def test_build_human_output(tmp_path: Path) -> None:
     result = run("build", models.make_fixed(tmp_path), "-o", tmp_path / "b", "--sm", "86")
-    assert result.exit_code == 0 and result.stdout == ""
-    assert "built" in result.stderr and "weights:" in result.stderr and "engine: weightful" in result.stderr
+    assert result.exit_code == 0 and "built" not in result.stderr  # the summary is the result: stdout
+    assert "built" in result.stdout and "weights:" in result.stdout and "engine: weightful" in result.stdout
 
 
 def test_inspect(cli_bundle: tuple[Path, dict]) -> None:
     bundle, _ = cli_bundle
     human = run("inspect", bundle)
-    assert human.exit_code == 0 and human.stdout == ""
+    assert human.exit_code == 0 and human.stderr == ""
     for text in (
         "tiny-conv",
         "[batch, 3, height, width]",
@@ -69,7 +69,7 @@ def test_inspect(cli_bundle: tuple[Path, dict]) -> None:
         "SM 8.6, 8.9",
         "runtime caches  (none)",
     ):
-        assert text in human.stderr, text
+        assert text in human.stdout, text
     d = json.loads(run("inspect", bundle, "--json").stdout)
     assert len(d["profiles"]) == 2 and d["weights"]["tensors"] == 6 and d["engines"][0]["kind"] == "weightful"
 
@@ -77,7 +77,7 @@ def test_inspect(cli_bundle: tuple[Path, dict]) -> None:
 def test_verify_ok_and_damaged(cli_bundle: tuple[Path, dict], tmp_path: Path) -> None:
     bundle, _ = cli_bundle
     ok = run("verify", bundle)
-    assert ok.exit_code == 0 and "OK" in ok.stderr
+    assert ok.exit_code == 0 and "OK" in ok.stdout
     copy = tmp_path / "copy"
     shutil.copytree(bundle, copy)
     (engine,) = (copy / "engines").iterdir()
@@ -85,8 +85,8 @@ def test_verify_ok_and_damaged(cli_bundle: tuple[Path, dict], tmp_path: Path) ->
     (copy / "extra.txt").write_text("?")
     bad = run("verify", copy)
     assert bad.exit_code == 1
-    assert "ERROR" in bad.stderr and "2 problem(s)" in bad.stderr
-    assert f"engines/{engine.name}: truncated" in bad.stderr and "extra.txt: not listed in the manifest" in bad.stderr
+    assert "ERROR" in bad.stderr and "2 problem(s)" in bad.stderr and "2 problem(s)" in bad.stdout
+    assert f"engines/{engine.name}: truncated" in bad.stdout and "extra.txt: not listed in the manifest" in bad.stdout
     j = run("verify", copy, "--json")
     assert j.exit_code == 1 and sorted(p["kind"] for p in json.loads(j.stdout)["problems"]) == ["extra", "truncated"]
 
@@ -94,9 +94,9 @@ def test_verify_ok_and_damaged(cli_bundle: tuple[Path, dict], tmp_path: Path) ->
 def test_pack_unpack(cli_bundle: tuple[Path, dict], tmp_path: Path) -> None:
     bundle, _ = cli_bundle
     packed = run("pack", bundle, "-o", tmp_path / "b.trtx")
-    assert packed.exit_code == 0 and "packed" in packed.stderr
+    assert packed.exit_code == 0 and "packed" in packed.stdout
     unpacked = run("unpack", tmp_path / "b.trtx", "-o", tmp_path / "out")
-    assert unpacked.exit_code == 0 and "verified" in unpacked.stderr
+    assert unpacked.exit_code == 0 and "verified" in unpacked.stdout
     assert run("verify", tmp_path / "out").exit_code == 0
     again = run("unpack", tmp_path / "b.trtx", "-o", tmp_path / "out")
     assert again.exit_code == 1 and "ERROR" in again.stderr and "not an empty directory" in again.stderr
@@ -127,7 +127,7 @@ def test_force_flag(tmp_path: Path) -> None:
     assert r.exit_code == 1 and "--force" in r.stderr
     r = run("build", model, "-o", out, "--sm", "86", "--force")
     assert r.exit_code == 0, r.output
-    assert (out / "keep.txt").read_text() == "k" and "keep.txt" in r.stderr
+    assert (out / "keep.txt").read_text() == "k" and "keep.txt" in r.stderr  # a note: stderr
 
 
 def test_config_file(tmp_path: Path) -> None:

@@ -42,7 +42,7 @@ def _runner() -> CliRunner:
 def test_doctor_without_a_bundle(tmp_path) -> None:
     r = _runner().invoke(main, ["doctor", "--cache-dir", str(tmp_path)])
     assert r.exit_code == 0, r.output
-    assert "TensorRT for RTX" in r.stderr and ("can run here" in r.stderr or "cannot run here" in r.stderr)
+    assert "TensorRT for RTX" in r.stdout and ("can run here" in r.stdout or "cannot run here" in r.stdout)
     r = _runner().invoke(main, ["doctor", "--json", "--cache-dir", str(tmp_path)])
     report = json.loads(r.stdout)
     assert set(report) >= {"machine", "trt_rtx_can_run", "why_not", "cache_dir", "weights_decoded_on_gpu"}
@@ -56,21 +56,21 @@ def test_doctor_without_a_bundle(tmp_path) -> None:
         "refit weights: decoded on the GPU"
         if gpu_decode["possible"]
         else f"refit weights: decoded on the CPU, {gpu_decode['why_not']}"
-    ) in r.stderr
+    ) in r.stdout
     from runtime_shim.store.reader import native_join
 
     assert report["host_decoder_compiled"] is native_join()
     assert (
         "CPU weight decoder: compiled helper" if native_join() else "CPU weight decoder: numpy fallback"
-    ) in r.stderr
+    ) in r.stdout
 
 
 def test_doctor_with_a_bundle_ranks_engines_and_caches(conv, tmp_path) -> None:
     bundle, _, _ = conv
     r = _runner().invoke(main, ["doctor", str(bundle), "--cache-dir", str(tmp_path / "c")])
     assert r.exit_code == 0, r.output
-    assert "engines (* taken, + usable, - passed over):" in r.stderr and "runtime caches" in r.stderr
-    assert "weightful [0]" in r.stderr and "fallback" in r.stderr
+    assert "engines (* taken, + usable, - passed over):" in r.stdout and "runtime caches" in r.stdout
+    assert "weightful [0]" in r.stdout and "fallback" in r.stdout
     report = json.loads(
         _runner().invoke(main, ["doctor", str(bundle), "--json", "--cache-dir", str(tmp_path / "c")]).stdout
     )
@@ -87,7 +87,7 @@ def test_run_saves_outputs_that_match_onnxruntime(conv, tmp_path) -> None:
     args += [a for k in feeds for a in ("--input", f"{k}={tmp_path / (k + '.npy')}")]
     r = _runner().invoke(main, args)
     assert r.exit_code == 0, r.output
-    assert "backend: " in r.stderr and "output " in r.stderr
+    assert "backend: " in r.stdout and "output " in r.stdout
     ref = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     for o, want in zip(ref.get_outputs(), ref.run(None, feeds)):
         got = np.load(out_dir / f"{o.name}.npy")

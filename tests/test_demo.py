@@ -24,6 +24,7 @@ def test_demo_bundles_loads_and_matches_the_original(tmp_path):
         # The fallback runs the same graph with the same weights on the same runtime: bit-identical.
         assert "max |difference| vs ONNX Runtime on the original model: 0\n" in result.stderr
     assert "demo OK" in result.stderr
+    assert "bytes in all" in result.stderr and "engine(s) of" in result.stderr  # the bundle's size, not the engine's
 
 
 def test_demo_twice_in_one_directory_keeps_working(tmp_path):
@@ -31,3 +32,7 @@ def test_demo_twice_in_one_directory_keeps_working(tmp_path):
     for _ in range(2):
         result = runner.invoke(main, ["demo", "-o", str(tmp_path / "d")])
         assert result.exit_code == 0, result.output
+        # The report is the result (stdout); timings are named without their key's "_s" and carry one unit.
+        assert "backend: " in result.stdout and "_s " not in result.stdout and " ms" in result.stdout
+        if "backend: onnxruntime" in result.stdout:
+            assert "runtime cache" not in result.stdout  # ONNX Runtime has none

@@ -251,14 +251,14 @@ def test_truncated_archives_at_every_kind_of_boundary(archive: Path, tmp_path: P
 _UNPACK_PAUSED = """
 import sys, time
 from pathlib import Path
-import bundler.archive as a
+import bundler.archive as b, runtime_shim.archive as a
 real = a._extract_pinned
 def pause(*args):
     real(*args)
     Path(sys.argv[3]).write_text("paused")
     time.sleep(120)
 a._extract_pinned = pause
-a.unpack_bundle(sys.argv[1], sys.argv[2])
+b.unpack_bundle(sys.argv[1], sys.argv[2])
 """
 
 
@@ -437,7 +437,7 @@ def test_unpack_onto_a_full_disk(archive: Path, tmpfs: Callable[..., Path], monk
     _fill(disk)
     _clean_failure(_cli("unpack", str(archive), "-o", str(disk / "out")), str(disk), "bytes free, but the bundle needs")
     # The write path itself, with the free-space check out of the way: the kernel's ENOSPC mid-file.
-    import bundler.archive as archive_mod
+    import runtime_shim.archive as archive_mod
 
     monkeypatch.setattr(archive_mod, "_check_free_space", lambda where, need: None)
     with pytest.raises(BundleError, match="cannot unpack .* here: No space left on device") as e:

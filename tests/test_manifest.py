@@ -23,12 +23,14 @@ from runtime_shim.manifest import (
     Frame,
     Manifest,
     ModelInfo,
+    ParseVerdict,
     Profile,
     RuntimeCache,
     ShapeRange,
     Skeleton,
     TensorSpec,
     TrtRtx,
+    UnsupportedOp,
     WeightStore,
     WeightTensor,
     read_manifest,
@@ -204,6 +206,15 @@ def _records() -> dict[type, Record]:
         engines=(engine,),
         runtime_caches=(cache,),
         creator=Creator(tool="trtx-bundler", version="0.1.0", created=1700000000),
+        trt_rtx=TrtRtx(
+            version="1.7.1.116",
+            cuda_flavour="cu13",
+            verdict=ParseVerdict(
+                status="failed",
+                unsupported_ops=(UnsupportedOp(op="Det", count=2, nodes=("det_a", "det_b"), detail="no kernel"),),
+                detail="model-level error",
+            ),
+        ),
     )
     warm = WarmupRun(profile=0, shapes={"x": (2, 8)}, first_run_s=0.25, rounds=2)
     part = Part(
@@ -221,6 +232,7 @@ def _records() -> dict[type, Record]:
     records: list[Record] = [full, full.model, *full.inputs, *full.profiles, full.profiles[0].shapes["x"], full.trt_rtx]
     records += [full.weights, full.weights.file, full.weights.blobs[0], full.weights.blobs[0].frames[0]]
     records += [full.weights.tensors[0], engine, key, cache, full.skeleton, full.creator, warm, part]
+    records += [full.trt_rtx.verdict, full.trt_rtx.verdict.unsupported_ops[0]]  # type: ignore[union-attr]
     return {type(r): r for r in records}
 
 

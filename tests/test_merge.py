@@ -190,7 +190,7 @@ def test_merge_cli_json_and_coverage(tmp_path: Path, bundle: Path) -> None:
     rows = {(r["platform"], r["sm"]): r for r in json.loads(res.stdout)["coverage"]["rows"]}
     assert rows[("linux_x86_64", 89)]["caches"][0]["pci_device_id"] == 0x2684
     res = CliRunner().invoke(main, ["inspect", str(bundle)])
-    assert res.exit_code == 0 and "linux_x86_64   8.9   weightless  NVIDIA GeForce RTX 4090 0x2684 580.95" in res.stderr
+    assert res.exit_code == 0 and "linux_x86_64   8.9   weightless  NVIDIA GeForce RTX 4090 0x2684 580.95" in res.stdout
 
 
 # --------------------------------------------------------------------------- refused parts
@@ -274,7 +274,7 @@ def test_prefer_chooses_the_cache(tmp_path: Path, bundle: Path, prefer: str, kep
     arg = prefer if prefer == "oldest" else str(parts[prefer])
     res = CliRunner().invoke(main, ["merge", str(bundle), str(parts["new"]), str(parts["old"]), "--prefer", arg])
     assert res.exit_code == 0, res.output
-    assert "conflict" in res.stderr and f"kept {parts[kept]}" in res.stderr
+    assert "conflict" in res.stdout and f"kept {parts[kept]}" in res.stdout  # merge's report is its result
     (cache,) = read_manifest(bundle)[0].runtime_caches
     assert (bundle / cache.file.path).read_bytes() == f"{kept} cache".encode()
 

@@ -1,7 +1,9 @@
-"""The `trtx-bundle` group and what every command shares: error rendering, JSON and human output, logging.
+"""The `trtx-bundle` group and what every command shares: output streams, -v/-q, exit codes, error rendering.
 
-Human output and progress go to stderr; `--json` output goes to stdout. Library errors (BundleError) become
-`ERROR <message>` plus a hint and exit code 1 (2 for usage errors, as click does).
+Results (inspect, verify, doctor, build's summary, run's report, merge and farm-job results) go to stdout, so
+``trtx-bundle inspect b > info.txt`` keeps them; progress, notes and diagnostics go to stderr; ``--json``
+prints only JSON on stdout. Library errors (BundleError) become ``ERROR <message>`` plus a hint on stderr and
+exit code 1 (2 for usage errors, as click does). Every command takes -v/-q, before or after its name.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import functools
 import json
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import click
@@ -19,7 +21,12 @@ from runtime_shim.errors import BundleError
 
 from .. import __version__
 
-EXIT_ERROR = 1
+EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+EXIT_CODES = {
+    EXIT_OK: "success",
+    EXIT_ERROR: "error: a message (ERROR ...) and a hint on stderr",
+    EXIT_USAGE: "usage error (unknown option, bad argument)",
+}
 
 
 def render_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -42,8 +49,20 @@ def emit_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=True))
 
 
+def result(message: str) -> None:
+    """A human-readable result: stdout (what a user redirects to a file)."""
+    click.echo(message)
+
+
 def info(message: str) -> None:
-    click.echo(message, err=True)
+    """Progress and notes: stderr, silenced by -q."""
+    if not _verbosity().get("quiet"):
+        click.echo(message, err=True)
+
+
+def _verbosity() -> dict[str, Any]:
+    ctx = click.get_current_context(silent=True)
+    return ctx.find_root().meta if ctx is not None else {}
 
 
 class _StderrHandler(logging.Handler):
@@ -52,10 +71,82 @@ class _StderrHandler(logging.Handler):
         click.echo(prefix + record.getMessage(), err=True)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+def _apply_logging(meta: Mapping[str, Any]) -> None:
+    verbose, quiet = meta.get("verbose", 0), meta.get("quiet", False)
+    level = logging.DEBUG if verbose >= 2 else logging.INFO if verbose else logging.ERROR if quiet else logging.WARNING
+    for name in ("bundler", "runtime_shim"):
+        logging.getLogger(name).setLevel(level)
+
+
+def _count_verbosity(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    """-v and -q given anywhere (before or after the command name) add up in the root context's meta."""
+    if value:
+        meta = ctx.find_root().meta
+        if param.name == "verbose":
+            meta["verbose"] = meta.get("verbose", 0) + int(value)
+        else:
+            meta["quiet"] = True
+        _apply_logging(meta)
+    return value
+
+
+def verbosity_options() -> list[click.Option]:
+    return [
+        click.Option(
+            ["-v", "--verbose"],
+            count=True,
+            expose_value=False,
+            callback=_count_verbosity,
+            help="More detail on stderr (-vv: TRT-RTX's own log too); before or after the command name.",
+        ),
+        click.Option(
+            ["-q", "--quiet"],
+            is_flag=True,
+            expose_value=False,
+            callback=_count_verbosity,
+            help="Only warnings and errors on stderr (results and --json output are unchanged).",
+        ),
+    ]
+
+
+class Command(click.Command):
+    """Every trtx-bundle command: takes -v/-q and lists its exit codes at the end of --help."""
+
+    def __init__(self, *args: Any, exit_codes: Mapping[int, str] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.params += verbosity_options()
+        self.exit_codes = {**EXIT_CODES, **(exit_codes or {})}
+
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        super().format_epilog(ctx, formatter)
+        formatter.write_paragraph()
+        with formatter.section("Exit codes"):
+            formatter.write_dl([(str(code), words) for code, words in sorted(self.exit_codes.items())])
+
+
+class Group(click.Group):
+    command_class = Command
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="trtx-bundle")
-@click.option("-v", "--verbose", count=True, help="More detail on stderr (-vv: TRT-RTX's own log too).")
-def main(verbose: int) -> None:
+@click.option(
+    "-v",
+    "--verbose",
+    count=True,
+    expose_value=False,
+    callback=_count_verbosity,
+    help="More detail on stderr (-vv: TRT-RTX's own log too).",
+)
+@click.option(
+    "-q",
+    "--quiet",
+    is_flag=True,
+    expose_value=False,
+    callback=_count_verbosity,
+    help="Only warnings and errors on stderr.",
+)
+def main() -> None:
     """Package ONNX models for NVIDIA TensorRT for RTX.
 
     \b
@@ -67,16 +158,38 @@ def main(verbose: int) -> None:
       trtx-bundle build model.onnx -o bundle/ --shape input=1x3x224x224:4x3x224x224:16x3x224x224
       trtx-bundle verify bundle/
       trtx-bundle pack bundle/ -o model.trtx
-      trtx-bundle doctor bundle/        # on the user's machine: what would run here, and why
+      trtx-bundle doctor model.trtx     # on the user's machine: what would run here, and why
+
+    \b
+    Results go to stdout, progress and diagnostics to stderr; --json prints JSON only.
+    -v/-q work before or after the command name. Commands that read a bundle take its
+    directory or its .trtx archive. Exit codes: 0 ok, 1 error, 2 usage error (farm-job: 3 unservable).
     """
     handler = _StderrHandler()
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING)
-    for name in ("bundler", "runtime_shim"):
-        logging.getLogger(name).setLevel(
-            logging.DEBUG if verbose >= 2 else logging.INFO if verbose else logging.WARNING
-        )
+    _apply_logging(_verbosity())
 
 
-# =========================================================================== build side: build, inspect, verify, pack, unpack
+def report_lines(r: Any) -> list[str]:
+    """A load report (runtime_shim.report.Report) for people: run's and demo's result.
+
+    Unlike Report.lines(): no runtime-cache line for ONNX Runtime (it has none), and timings named without
+    their '_s' key suffix, in the unit printed.
+    """
+    out = [f"bundle {r.bundle} (model {r.model})", f"backend: {r.backend or 'none'}"]
+    if r.gpu:
+        g = r.gpu
+        out.append(f"GPU {g['index']}: {g['name']} (SM {g['sm_text']}, device 0x{g['pci_device_id']:04x})")
+    if r.why_not_trt:
+        out.append(f"TensorRT for RTX not used: {r.why_not_trt}")
+    if r.engine:
+        out.append(f"engine: {r.engine.get('kind')} {r.engine.get('file', '')}")
+    if r.backend == "tensorrt_rtx":
+        out.append(f"runtime cache: {r.runtime_cache or 'none (kernels compiled on first use)'}")
+    out += [f"warning: {w}" for w in r.warnings]
+    if r.timings:
+        names = {k: k[:-2] if k.endswith("_s") else k for k in r.timings}
+        out.append("timings: " + ", ".join(f"{names[k]} {v * 1000:.1f} ms" for k, v in r.timings.items()))
+    return out

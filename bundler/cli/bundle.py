@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -15,7 +16,7 @@ from runtime_shim.errors import BundleError
 from runtime_shim.manifest import WEIGHT_ENCODINGS
 from runtime_shim.targets import sm_text
 
-from .app import EXIT_ERROR, emit_json, info, main, render_errors
+from .app import EXIT_ERROR, emit_json, info, main, render_errors, report_lines, result
 
 
 class _StderrProgress:
@@ -160,14 +161,14 @@ def build(
         force=force,
     )
     t0 = time.monotonic()
-    result = build_bundle(model, output, options=options, progress=_StderrProgress())
-    m = result.manifest
+    built = build_bundle(model, output, options=options, progress=_StderrProgress())
+    m = built.manifest
     summary = {
-        "bundle": str(result.bundle_dir),
+        "bundle": str(built.bundle_dir),
         "model": m.model.name,
         "seconds": round(time.monotonic() - t0, 3),
-        "raw_weight_bytes": result.raw_weight_bytes,
-        "stored_weight_bytes": result.stored_weight_bytes,
+        "raw_weight_bytes": built.raw_weight_bytes,
+        "stored_weight_bytes": built.stored_weight_bytes,
         "engines": [
             {
                 "kind": e.kind,
@@ -178,19 +179,34 @@ def build(
             }
             for e in m.engines
         ],
-        "notes": list(result.notes),
-        "left_alone": list(result.left_alone),
-        "step_seconds": {k: round(v, 3) for k, v in result.seconds.items()},
+        "notes": list(built.notes),
+        "left_alone": list(built.left_alone),
+        "step_seconds": {k: round(v, 3) for k, v in built.seconds.items()},
     }
     if as_json:
         emit_json(summary)
         return
-    ratio = f" ({result.raw_weight_bytes / result.stored_weight_bytes:.2f}x)" if result.stored_weight_bytes else ""
-    info(f"built {result.bundle_dir} in {summary['seconds']:.1f} s")
-    info(f"  weights: {_mib(result.raw_weight_bytes)} raw -> {_mib(result.stored_weight_bytes)} stored{ratio}")
+    out = [f"built {built.bundle_dir} in {summary['seconds']:.1f} s", "  weights: " + weights_words(built)]
     for e in m.engines:
         targets = ", ".join(map(sm_text, e.compute_capabilities)) or "TRT-RTX default targets"
-        info(f"  engine: {e.kind} {e.platform} SM {targets}: {_mib(e.file.size)}")
+        out.append(f"  engine: {e.kind} {e.platform} SM {targets}: {_mib(e.file.size)}")
+    if not m.engines:
+        refused = m.trt_rtx.cannot_parse
+        out.append(
+            f"  engines: none (TensorRT for RTX cannot parse the model: {refused.summary()}; the ONNX Runtime "
+            "fallback runs it)"
+            if refused is not None
+            else "  engines: none (a farm or the user's GPU builds them; the ONNX Runtime fallback runs it meanwhile)"
+        )
+    result("\n".join(out))
+
+
+def weights_words(r: Any) -> str:
+    """'12.0 MiB raw -> 9.1 MiB stored (1.32x)', or 'none (the model has no weights)'."""
+    if not r.raw_weight_bytes:
+        return "none (the model has no weights)"
+    ratio = f" ({r.raw_weight_bytes / r.stored_weight_bytes:.2f}x)" if r.stored_weight_bytes else ""
+    return f"{_mib(r.raw_weight_bytes)} raw -> {_mib(r.stored_weight_bytes)} stored{ratio}"
 
 
 @main.command()
@@ -198,7 +214,10 @@ def build(
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 @render_errors
 def inspect(bundle: Path, as_json: bool) -> None:
-    """Show what a bundle holds: model, I/O, profiles, weights, engines, runtime caches."""
+    """Show what a bundle holds: model, I/O, profiles, weights, engines, runtime caches, coverage.
+
+    BUNDLE is a bundle directory or a .trtx archive (its manifest is read in place; nothing is extracted).
+    """
     from ..bundle_io import describe_bundle
 
     d = describe_bundle(bundle)
@@ -230,7 +249,16 @@ def inspect(bundle: Path, as_json: bool) -> None:
         f"weights  {w['tensors']} tensors in {w['blobs']} blobs: {w['raw_bytes']:,} bytes raw -> {w['stored_bytes']:,} stored ({ratio}; "
         + ", ".join(f"{k} x{v}" for k, v in w["encodings"].items())
         + ")"
+        if w["raw_bytes"]
+        else "weights  none (the model has no weights)"
     )
+    verdict = d["trt_rtx"].get("parse")
+    if verdict is not None:
+        ops = ", ".join(f"{u['op']} x{u['count']} ({', '.join(u['nodes'])})" for u in verdict["unsupported_ops"])
+        out.append(
+            f"TRT-RTX  parser: {verdict['status']}"
+            + (f": {ops or verdict['detail']}" if ops or verdict["detail"] else "")
+        )
     out.append("engines" + ("" if d["engines"] else "  (none)"))
     for e in d["engines"]:
         targets = ", ".join(map(sm_text, e["compute_capabilities"])) or "TRT-RTX default targets"
@@ -252,25 +280,38 @@ def inspect(bundle: Path, as_json: bool) -> None:
         + (f" at {created} (SOURCE_DATE_EPOCH)" if created is not None else "")
     )
     out += [f"warning: {msg}" for msg in d["warnings"]]
-    info("\n".join(out))
+    result("\n".join(out))
 
 
 def _dims(shape: list) -> str:
     return "[" + ", ".join(str(s) for s in shape) + "]"
 
 
-@main.command()
+@main.command(exit_codes={1: "the bundle has problems (listed on stdout), or it cannot be read"})
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the problems as JSON on stdout.")
 def verify(bundle: Path, as_json: bool) -> None:
-    """Check the schema and every file's size and sha256; name what is missing, changed, truncated or extra."""
-    from ..bundle_io import verify_bundle
+    """Check the schema and every file's size and sha256; name what is missing, changed, truncated or extra.
+
+    BUNDLE is a bundle directory or a .trtx archive. An archive is checked in place: every entry is read
+    through the unpack rules and hashed, and nothing is written (engine headers are not checked there).
+    """
+    from ..bundle_io import Problem, verify_bundle
     from ..engines import local_header_check
 
-    header_check, why_not = local_header_check()
-    if why_not and not as_json:
-        info(why_not)
-    problems = verify_bundle(bundle, header_check=header_check)
+    if bundle.is_file():
+        from runtime_shim.archive import check_archive
+
+        try:
+            check_archive(bundle)
+            problems: list[Problem] = []
+        except BundleError as e:
+            problems = [Problem(kind="archive", path=str(bundle), message=str(e), hint=e.hint)]
+    else:
+        header_check, why_not = local_header_check()
+        if why_not and not as_json:
+            info(why_not)
+        problems = verify_bundle(bundle, header_check=header_check)
     fatal = [p for p in problems if p.fatal]
     if as_json:
         emit_json({"bundle": str(bundle), "ok": not fatal, "problems": [p.to_dict() for p in problems]})
@@ -279,16 +320,21 @@ def verify(bundle: Path, as_json: bool) -> None:
             if not p.fatal:
                 info(f"warning: {p}")
         if fatal:
-            click.secho(f"ERROR {bundle}: {len(fatal)} problem(s)", fg="red", err=True)
-            for p in fatal[:20]:
-                info(f"  {p}")
+            click.secho(f"ERROR {bundle}: {len(fatal)} problem(s), listed on stdout", fg="red", err=True)
+            out = [f"FAILED {bundle}: {len(fatal)} problem(s)"] + [f"  {p}" for p in fatal[:20]]
             if len(fatal) > 20:
-                info(f"  ... and {len(fatal) - 20} more (--json lists them all)")
+                out.append(f"  ... and {len(fatal) - 20} more (--json lists them all)")
             hint = next((p.hint for p in fatal if p.hint), None)
             if hint:
-                info(f"hint: {hint}")
+                out.append(f"hint: {hint}")
+            result("\n".join(out))
         else:
-            info(f"OK {bundle}: every file matches the manifest")
+            what = (
+                "every entry of the archive matches its manifest"
+                if bundle.is_file()
+                else "every file matches the manifest"
+            )
+            result(f"OK {bundle}: {what}")
     if fatal:
         sys.exit(EXIT_ERROR)
 
@@ -309,7 +355,7 @@ def pack(bundle: Path, output: Path) -> None:
     from ..archive import pack_bundle
 
     r = pack_bundle(bundle, output)
-    info(f"packed {r.files} files into {r.path} ({_mib(r.size)})")
+    result(f"packed {r.files} files into {r.path} ({_mib(r.size)})")
     if r.left_out:
         info(f"warning: left out {len(r.left_out)} file(s) the manifest does not list: {', '.join(r.left_out[:5])}")
 
@@ -330,7 +376,7 @@ def unpack(archive: Path, output: Path) -> None:
     from ..archive import unpack_bundle
 
     m = unpack_bundle(archive, output)
-    info(f"unpacked {archive} into {output}: {m.model.name} {m.model.version}, {len(m.files())} files verified")
+    result(f"unpacked {archive} into {output}: {m.model.name} {m.model.version}, {len(m.files())} files verified")
 
 
 @main.command()
@@ -356,17 +402,19 @@ def demo(workdir: Path, as_json: bool) -> None:
     """
     from ..demo import run_demo
 
-    result = run_demo(workdir, progress=_StderrProgress(), cache_dir=workdir / "user-cache", note=info)
+    done = run_demo(workdir, progress=_StderrProgress(), cache_dir=workdir / "user-cache", note=info)
+    out = report_lines(done.report)
+    if done.max_abs_error is not None:
+        out.append(f"max |difference| vs ONNX Runtime on the original model: {done.max_abs_error:.3g}")
     if as_json:
-        emit_json(result.report.to_dict())
+        emit_json(done.report.to_dict())
+        if done.max_abs_error is not None:
+            info(out[-1])  # stdout holds the JSON alone
     else:
-        for line in result.report.lines():
-            info(line)
-    if result.max_abs_error is not None:
-        info(f"max |difference| vs ONNX Runtime on the original model: {result.max_abs_error:.3g}")
-        if result.max_abs_error > 1e-4:
-            raise BundleError(
-                f"demo outputs differ from the original model by {result.max_abs_error:.3g}",
-                hint="please report this with the output of 'trtx-bundle doctor'",
-            )
-    info(f"demo OK: try 'trtx-bundle inspect {result.bundle_dir}' and 'trtx-bundle doctor {result.bundle_dir}'")
+        result("\n".join(out))
+    if done.max_abs_error is not None and done.max_abs_error > 1e-4:
+        raise BundleError(
+            f"demo outputs differ from the original model by {done.max_abs_error:.3g}",
+            hint="please report this with the output of 'trtx-bundle doctor'",
+        )
+    info(f"demo OK: try 'trtx-bundle inspect {done.bundle_dir}' and 'trtx-bundle doctor {done.bundle_dir}'")

@@ -11,18 +11,18 @@ from runtime_shim.machine import sm_text
 from ..farm import DEFAULT_ROUNDS, EXIT_UNSERVABLE, FarmSettings, farm_settings, parse_warmup_arg, run_farm_job
 from ..merge import merge_parts
 from .app import emit_json, info, main, render_errors
+from .app import result as say
 
 
 @main.command(
     "farm-job",
-    epilog=f"""\b
-Exit codes:
-  0  the part was written to PART_DIR
-  1  error (bundle, install, build or warm-up), with a message and a hint
-  2  usage error
-  {EXIT_UNSERVABLE}  this machine cannot serve TensorRT for RTX: no NVIDIA GPU or driver, a GPU it does
-     not support (e.g. SM 9.0 Hopper), or a driver too old; the message says what was found.
-     Nothing is written, not even PART_DIR.""",
+    exit_codes={
+        0: "the part was written to the -o/--out directory",
+        1: "error (bundle, install, build or warm-up), with a message and a hint",
+        EXIT_UNSERVABLE: "this machine cannot serve TensorRT for RTX: no NVIDIA GPU or driver, a GPU it does not "
+        "support (e.g. SM 9.0 Hopper), or a driver too old; the message says what was found. Nothing is written, "
+        "not even the -o/--out directory.",
+    },
 )
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option(
@@ -75,13 +75,14 @@ def farm_job(
     )
     part = result.part
     k = part.runtime_cache.key
-    info(
+    if as_json:
+        emit_json(part.to_dict())
+        return
+    say(
         f"part {part_dir}: {'new weightless engine' if result.engine_built else 'engine from the bundle'}, runtime cache "
         f"{part.runtime_cache.file.size} bytes for {k.gpu_name} (SM {sm_text(k.sm)}, {k.os}, driver {k.driver_version}); "
         f"{len(part.warmup)} warm-up shape set(s) in {part.timings.get('total_s', 0):.1f} s"
     )
-    if as_json:
-        emit_json(part.to_dict())
 
 
 @main.command("merge")
@@ -119,27 +120,30 @@ def merge(bundle: Path, part_dirs: tuple[Path, ...], out: Path | None, prefer: s
     unless every part passes; in place, the bundle is replaced atomically, so a crash leaves it as it was.
     """
     report = merge_parts(bundle, part_dirs, out=out, prefer=prefer, progress=info)
+    if as_json:
+        emit_json(report.to_dict())
+        return
+    lines: list[str] = []
     for e in report.engines_added:
-        info(
+        lines.append(
             f"+ engine {e.kind} SM {', '.join(map(sm_text, e.compute_capabilities))} {e.platform} ({e.file.sha256[:12]})"
         )
     for c in report.caches_added:
         k = c.key
-        info(
+        lines.append(
             f"+ runtime cache {k.gpu_name} 0x{k.pci_device_id:04x} {k.os} driver {k.driver_version} ({c.file.size} bytes)"
         )
     for conflict in report.conflicts:
         k = conflict.key
         dropped = ", ".join(f"{src} ({sha[:12]})" for src, sha, _ in conflict.dropped)
-        info(
+        lines.append(
             f"! conflict: two caches for {k.gpu_name} {k.os} driver {k.driver_version}: kept {conflict.kept} "
             f"({conflict.kept_sha256[:12]}, {conflict.reason}); dropped {dropped}"
         )
     for note in report.notes:
-        info(f"note: {note}")
-    info(
+        lines.append(f"note: {note}")
+    lines.append(
         f"merged {len(report.parts)} part(s): {len(report.engines_added)} engine(s), {len(report.caches_added)} cache(s) added, "
         f"{len(report.conflicts)} conflict(s)"
     )
-    if as_json:
-        emit_json(report.to_dict())
+    say("\n".join(lines))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import re
 from pathlib import Path
@@ -13,11 +14,11 @@ import numpy as np
 from runtime_shim.errors import InputError
 from runtime_shim.fsutil import atomic_write
 from runtime_shim.machine import Machine, probe, trt_rtx_supports
-from runtime_shim.select import Choice
+from runtime_shim.select import Choice, Plan
 from runtime_shim.session import load, plan
 from runtime_shim.user_cache import UserCache
 
-from .app import emit_json, info, main, render_errors
+from .app import emit_json, info, main, render_errors, report_lines, result
 
 _MARK = {(True, True): "*", (True, False): "+", (False, False): "-"}
 
@@ -50,8 +51,8 @@ def _choice_lines(title: str, choices: list[Choice]) -> list[str]:
     return out
 
 
-@main.command()
-@click.argument("bundle", required=False, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@main.command(exit_codes={0: "the report was printed (also when TensorRT for RTX cannot run here)"})
+@click.argument("bundle", required=False, type=click.Path(exists=True, path_type=Path))
 @click.option("--app", default="MyApp", show_default=True, help="App name: picks the user cache dir the app would use.")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), help="Use this cache dir instead.")
 @click.option("--device", type=int, help="GPU index to consider (default: the first TRT-RTX supports).")
@@ -62,7 +63,8 @@ def doctor(bundle: Path | None, app: str, cache_dir: Path | None, device: int | 
 
     \b
     Prints the probe (OS, TRT-RTX, driver, GPUs), whether TensorRT for RTX can run here, and for BUNDLE
-    the ranked engines and runtime caches with the reason each was taken or passed over.
+    the ranked engines and runtime caches with the reason each was taken or passed over. BUNDLE is a
+    bundle directory or a .trtx archive (its manifest is read in place; nothing is extracted).
     """
     machine = probe()
     cache = UserCache(app, cache_dir)
@@ -70,7 +72,7 @@ def doctor(bundle: Path | None, app: str, cache_dir: Path | None, device: int | 
     from runtime_shim.select import assess, pick_gpu
 
     if bundle is not None:
-        p = plan(bundle, cache, machine=machine, device=device)
+        p = _plan(bundle, cache, machine, device)
         report["bundle"] = {
             "path": str(bundle),
             "model": p.manifest.model.name,
@@ -86,7 +88,11 @@ def doctor(bundle: Path | None, app: str, cache_dir: Path | None, device: int | 
             None
             if can_run
             else "no engine in the bundle fits: "
-            + "; ".join(c.reason for c in p.engines if c.kind in ("weightless", "weightful"))
+            + "; ".join(
+                c.reason
+                for c in p.engines
+                if c.kind in ("weightless", "weightful") or (c.kind == "build" and p.manifest.trt_rtx.cannot_parse)
+            )
         )
     else:
         blocker = assess(machine, pick_gpu(machine, device)).blocker
@@ -106,29 +112,49 @@ def doctor(bundle: Path | None, app: str, cache_dir: Path | None, device: int | 
     if as_json:
         emit_json(report)
         return
-    for line in _machine_lines(machine):
-        info(line)
-    info(f"user cache dir: {cache.dir}")
-    info(
+    out = _machine_lines(machine)
+    out.append(f"user cache dir: {cache.dir}")
+    out.append(
         f"refit weights: decoded on the GPU (nvCOMP at {gpu_decode.find_nvcomp()})"
         if no_gpu_decode is None
         else f"refit weights: decoded on the CPU, {no_gpu_decode} (for the GPU: {gpu_decode.NVCOMP_HINT})"
     )
-    info(
+    out.append(
         "CPU weight decoder: compiled helper"
         if report["host_decoder_compiled"]
         else f"CPU weight decoder: numpy fallback, 2-3x slower ({NATIVE_HINT})"
     )
     if bundle is not None:
-        info(f"bundle {bundle}: model {p.manifest.model.name}, made for TRT-RTX {p.manifest.trt_rtx.version}")
+        out.append(f"bundle {bundle}: model {p.manifest.model.name}, made for TRT-RTX {p.manifest.trt_rtx.version}")
         for w in p.warnings:
             info(f"warning: {w}")
-        for line in _choice_lines("engines", p.engines) + _choice_lines("runtime caches", p.caches):
-            info(line)
-    info(
+        out += _choice_lines("engines", p.engines) + _choice_lines("runtime caches", p.caches)
+    out.append(
         ("TensorRT for RTX can run here" + (" (this bundle: yes)" if bundle else ""))
         if can_run
         else f"TensorRT for RTX cannot run {'this bundle ' if bundle else ''}here: {why}"
+    )
+    result("\n".join(out))
+
+
+def _plan(bundle: Path, cache: UserCache, machine: Machine, device: int | None) -> Plan:
+    """select.plan() for a bundle directory; for an archive the same ranking from its manifest, read in place."""
+    if not bundle.is_file():
+        return plan(bundle, cache, machine=machine, device=device)
+    from runtime_shim.archive import read_archive_manifest
+    from runtime_shim.cache_key import model_id
+    from runtime_shim.select import assess, pick_gpu, rank_caches, rank_engines
+
+    manifest, warnings, raw = read_archive_manifest(bundle)
+    here = assess(machine, pick_gpu(machine, device))
+    have_user = here.key is not None and cache.has_runtime_cache(model_id(manifest), here.key)
+    return Plan(
+        manifest,
+        warnings,
+        here,
+        rank_engines(manifest, here),
+        rank_caches(manifest, here, have_user),
+        manifest_sha256=hashlib.sha256(raw).hexdigest(),
     )
 
 
@@ -156,7 +182,7 @@ def _load_array(name: str, path: Path) -> np.ndarray:
 
 
 @main.command()
-@click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("bundle", type=click.Path(exists=True, path_type=Path))
 @click.option(
     "-i",
     "--input",
@@ -210,7 +236,11 @@ def run(
     verify_weights: str,
     as_json: bool,
 ) -> None:
-    """Run BUNDLE once on arrays from .npy files; save the outputs as .npy."""
+    """Run BUNDLE once on arrays from .npy files; save the outputs as .npy.
+
+    BUNDLE is a bundle directory or a .trtx archive; an archive is unpacked once into the user cache
+    (every file checked), and later runs reuse that copy.
+    """
     feeds = {}
     for spec in inputs:
         name, path = _parse_input(spec)
@@ -246,7 +276,9 @@ def run(
     if as_json:
         emit_json({"report": report.to_dict(), "outputs": saved})
         return
-    for line in report.lines():
-        info(line)
+    out = report_lines(report)
     for name, entry in saved.items():
-        info(f"output {name}: {entry['dtype']} {entry['shape']}" + (f" -> {entry['file']}" if "file" in entry else ""))
+        out.append(
+            f"output {name}: {entry['dtype']} {entry['shape']}" + (f" -> {entry['file']}" if "file" in entry else "")
+        )
+    result("\n".join(out))

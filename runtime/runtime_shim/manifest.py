@@ -55,6 +55,8 @@ __all__ = [
     "Frame",
     "Manifest",
     "ModelInfo",
+    "PARSE_STATUSES",
+    "ParseVerdict",
     "Profile",
     "RuntimeCache",
     "Shape",
@@ -62,6 +64,7 @@ __all__ = [
     "Skeleton",
     "TensorSpec",
     "TrtRtx",
+    "UnsupportedOp",
     "WeightStore",
     "WeightTensor",
     "read_manifest",
@@ -189,10 +192,64 @@ class Profile(Record):
         return {k: (r.min, r.opt, r.max) for k, r in sorted(self.shapes.items())}
 
 
+def _node_names(v: list) -> str | None:
+    # Bounded like every other label: a hostile manifest cannot make inspect or doctor print megabytes.
+    if len(v) > 16 or not all(isinstance(s, str) and len(s) <= 256 for s in v):
+        return "expected at most 16 node names of at most 256 characters each"
+    return None
+
+
+def _detail(v: str) -> str | None:
+    return None if len(v) <= 2048 else f"expected at most 2048 characters, got {len(v)}"
+
+
+PARSE_STATUSES = ("ok", "failed", "not_checked")
+
+
+@dataclass(frozen=True, kw_only=True)
+class UnsupportedOp(Record):
+    """One op type TRT-RTX's parser refused: how many nodes of it, and the first few of their names."""
+
+    op: Name  # op type, "domain.Type" outside the default ONNX domain
+    count: Count
+    nodes: Annotated[tuple[str, ...], Key(check=_node_names)] = ()
+    detail: Annotated[str | None, Key(check=_detail)] = (
+        None  # the parser's reason, where it says more than "unsupported"
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class ParseVerdict(Record):
+    """What TRT-RTX's parser said of the model when it was bundled (absent from JSON: no problem recorded)."""
+
+    status: Annotated[str, Key(check=one_of(PARSE_STATUSES))]  # ok | failed | not_checked
+    unsupported_ops: tuple[UnsupportedOp, ...] = ()
+    detail: Annotated[str | None, Key(check=_detail)] = (
+        None  # the parser's errors naming no node, or why it did not run
+    )
+
+    @property
+    def failed(self) -> bool:
+        return self.status == "failed"
+
+    def summary(self) -> str:
+        """One line: 'Det x3, MatMulInteger x1' (or the detail)."""
+        ops = ", ".join(f"{u.op} x{u.count}" for u in self.unsupported_ops)
+        return ops or self.detail or self.status
+
+
 @dataclass(frozen=True, kw_only=True)
 class TrtRtx(Record):
     version: Name  # exact, e.g. "1.7.1.116": engines and caches run only on this version
     cuda_flavour: CudaFlavour  # "cu12" | "cu13"
+    # Additive (schema 1 minor): written only when the parser refused the model or was not run, so bundles of
+    # models that parse keep their exact bytes; an older reader warns about the unknown key and ignores it.
+    verdict: Annotated[ParseVerdict | None, Key(name="parse")] = None  # JSON key "parse" (Record.parse is taken)
+
+    @property
+    def cannot_parse(self) -> ParseVerdict | None:
+        """The recorded verdict when TRT-RTX's parser refused the model (no engine can be built from it), else None."""
+        return self.verdict if self.verdict is not None and self.verdict.failed else None
 
 
 # --------------------------------------------------------------------------- engines and runtime caches
@@ -320,6 +377,12 @@ class Manifest(Record):
                     raise ManifestError(
                         f"{at(path, f'runtime_caches[{i}].engines')}: {s} is not the sha256 of any engine in this bundle"
                     )
+
+    def to_dict(self) -> dict[str, Any]:
+        d = super().to_dict()
+        if d["trt_rtx"].get("parse") is None:  # optional and additive: absent, not null (see TrtRtx.verdict)
+            del d["trt_rtx"]["parse"]
+        return d
 
     def to_json(self) -> bytes:
         """Canonical bytes: sorted keys, fixed separators, trailing newline (same manifest, same bytes)."""

@@ -132,6 +132,13 @@ def rank_engines(manifest: Manifest, here: Situation) -> list[Choice]:
                 ),
             )
         )
+    unparsable = manifest.trt_rtx.cannot_parse
+    no_build = (
+        f"TensorRT for RTX {manifest.trt_rtx.version} could not parse this model when it was bundled "
+        f"({unparsable.summary()}): no engine can be built from it"
+        if unparsable is not None
+        else None
+    )
     rows.append(
         (
             2,
@@ -140,9 +147,10 @@ def rank_engines(manifest: Manifest, here: Situation) -> list[Choice]:
                 kind="build",
                 index=None,
                 candidate=None,
-                viable=blocker is None,
+                viable=blocker is None and no_build is None,
                 taken=False,
-                reason=blocker
+                reason=no_build  # the bundle's own verdict: true on every machine, so it comes first
+                or blocker
                 or "build a weightless engine for this GPU from the skeleton (CURRENT), once; "
                 "it is kept in the user cache dir",
             ),

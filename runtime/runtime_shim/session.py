@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .archive import unpack_for
 from .backend import LoadOptions, TrtRuntimeFactory, open_backend, real_trt_runtime
 from .cache_key import model_id
 from .errors import BundleError
@@ -76,12 +77,9 @@ class Loader:
         )
         t_start = time.perf_counter()
         bundle_dir = Path(bundle_path)
-        if bundle_dir.is_file():
-            raise BundleError(
-                f"{bundle_dir}: a file, expected a bundle directory",
-                hint="unpack the archive first: trtx-bundle unpack FILE -o DIR",
-            )
         user_cache = UserCache(app, cache_dir)
+        if bundle_dir.is_file():  # a .trtx archive: unpacked (and checked) once into the user cache, then reused
+            bundle_dir = unpack_for(bundle_dir, user_cache)
         user_cache.sweep()  # what runs killed mid-write left: a few directory listings when there is none
         p = plan(bundle_dir, user_cache, machine=self.probe(), device=device)  # steps 1-4
         for w in p.warnings:

@@ -21,7 +21,8 @@ from runtime_shim.manifest import MANIFEST_NAME, Manifest, read_manifest
 class Problem:
     """One thing wrong with a bundle.
 
-    ``kind``: schema | missing | truncated | size | changed | extra | not-a-file | engine | warning (not fatal).
+    ``kind``: schema | missing | truncated | size | changed | extra | not-a-file | index (the skeleton and the weight
+    index disagree) | engine | warning (not fatal).
     """
 
     kind: str
@@ -79,6 +80,9 @@ def verify_bundle(bundle_dir: str | os.PathLike[str], *, header_check: HeaderChe
         problems += file_problems
         if header_check is not None and ref.path.startswith("engines/") and not file_problems:
             problems += _check_header(root, key, ref.path, header_check)
+    skeleton = manifest.skeleton.file
+    if not any(p.path == skeleton.path for p in problems):
+        problems += _check_skeleton_refs(root, manifest)
     for rel in unlisted_files(root, manifest):
         problems.append(
             Problem(
@@ -149,6 +153,52 @@ def _check_file(root: Path, key: str, rel: str, size: int, sha256: str) -> list[
             )
         ]
     return []
+
+
+def _check_skeleton_refs(root: Path, manifest: Manifest) -> list[Problem]:
+    """The intact skeleton's external data against the weight index: every reference must name a tensor of the index
+    and read exactly its blob's bytes of the unpacked layout. (The index's own consistency is checked when the
+    manifest is parsed; this is what only the skeleton can tell, e.g. an index emptied of weights the model uses.)"""
+    import onnx
+
+    ref = manifest.skeleton.file
+    try:
+        model = onnx.load_model_from_string((root / ref.path).read_bytes())
+    except Exception as e:  # protobuf raises DecodeError and others: any of them means "not a model"
+        return [Problem(kind="index", path=ref.path, message=f"not an ONNX model ({type(e).__name__}: {e})")]
+    w, layout = manifest.weights, manifest.skeleton.external_data
+    tensors = {t.name: t for t in w.tensors}
+    problems: list[Problem] = []
+    for init in model.graph.initializer:
+        if init.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in init.external_data}
+        t = tensors.get(init.name)
+        try:
+            span = (int(info.get("offset", "0")), int(info["length"]))
+        except (KeyError, ValueError):
+            span = None
+        if t is None:
+            problem = f"the skeleton's initializer {init.name!r} reads {layout}, but the weight index has no tensor of that name"
+        elif info.get("location") != layout or span != (w.blobs[t.blob].raw_offset, w.blobs[t.blob].nbytes):
+            blob = w.blobs[t.blob]
+            problem = (
+                f"the skeleton's initializer {init.name!r} reads {info.get('location')!r} at {info.get('offset')} "
+                f"+ {info.get('length')}, the weight index has it at {layout!r} {blob.raw_offset} + {blob.nbytes}"
+            )
+        else:
+            continue
+        problems.append(
+            Problem(
+                kind="index",
+                path=MANIFEST_NAME,
+                message=f"weights.tensors: {problem} (skeleton.file {ref.path})",
+                hint="the manifest's weight index does not match the bundle's skeleton; fetch or rebuild the bundle",
+            )
+        )
+        if len(problems) >= 10:
+            break
+    return problems
 
 
 def _check_header(root: Path, key: str, rel: str, header_check: HeaderCheck) -> list[Problem]:

@@ -58,6 +58,10 @@ CHILD = textwrap.dedent("""
         with cache.lock(sys.argv[3]):
             print("HOLDING", flush=True)
             time.sleep(60)
+    elif mode == "hold-for":
+        with cache.lock(sys.argv[3]):
+            print("HOLDING", flush=True)
+            time.sleep(float(sys.argv[4]))
     elif mode == "die-mid-save":
         from runtime_shim.fsutil import atomic_writer
 

@@ -102,7 +102,29 @@ def _sha256_list(v: list) -> str | None:
 
 
 def _driver_version(v: str) -> str | None:
-    return None if re.match(r"^\d+(\.\d+)*$", v) else f"expected a version like '580.95', got {v!r}"
+    # At most 6 parts of at most 9 digits: the shim compares versions as integers, and a longer one is no driver's.
+    if re.fullmatch(r"\d{1,9}(\.\d{1,9}){0,5}", v):
+        return None
+    return f"expected a version like '580.95', got {_clip(v)}"
+
+
+# Names, versions and labels the shim compares, shows or keys caches by; no real one comes near this.
+MAX_LABEL = 256
+
+
+def _label(v: str) -> str | None:
+    if not v.strip():
+        return "expected a non-empty string"
+    return None if len(v) <= MAX_LABEL else f"expected at most {MAX_LABEL} characters, got {len(v)}: {_clip(v)}"
+
+
+def _optional_label(v: str) -> str | None:
+    return None if len(v) <= MAX_LABEL else f"expected at most {MAX_LABEL} characters, got {len(v)}: {_clip(v)}"
+
+
+def _clip(v: str) -> str:
+    """A value for an error message: whole when short, else its start and its length (messages stay one line)."""
+    return repr(v) if len(v) <= 40 else f"{v[:32]!r}... ({len(v)} characters)"
 
 
 def _plain_file_name(v: str) -> str | None:
@@ -114,6 +136,7 @@ EngineKind = Annotated[str, Key(check=one_of(ENGINE_KINDS))]
 Platform = Annotated[str, Key(check=one_of(PLATFORMS))]
 CudaFlavour = Annotated[str, Key(check=one_of(CUDA_FLAVOURS))]
 DriverVersion = Annotated[str, Key(check=_driver_version)]
+Label = Annotated[str, Key(check=_label)]
 
 
 class ShapesByInput(Codec):
@@ -139,8 +162,8 @@ SHAPES_BY_INPUT = ShapesByInput()
 # --------------------------------------------------------------------------- model and I/O
 @dataclass(frozen=True, kw_only=True)
 class ModelInfo(Record):
-    name: Name
-    version: str = "0"
+    name: Label
+    version: Annotated[str, Key(check=_optional_label)] = "0"
     source_sha256: Sha256 | None = None  # of the ONNX file as given (external data not included)
     opset: int | None = None
 
@@ -240,7 +263,7 @@ class ParseVerdict(Record):
 
 @dataclass(frozen=True, kw_only=True)
 class TrtRtx(Record):
-    version: Name  # exact, e.g. "1.7.1.116": engines and caches run only on this version
+    version: Label  # exact, e.g. "1.7.1.116": engines and caches run only on this version
     cuda_flavour: CudaFlavour  # "cu12" | "cu13"
     # Additive (schema 1 minor): written only when the parser refused the model or was not run, so bundles of
     # models that parse keep their exact bytes; an older reader warns about the unknown key and ignores it.
@@ -258,7 +281,7 @@ class Engine(Record):
     kind: EngineKind  # "weightless" (stripped, refit from the weight store) | "weightful"
     platform: Platform  # "linux_x86_64" | "windows_amd64"
     compute_capabilities: Ints  # e.g. (89,) or (80, 86, 89, 120); () = TRT-RTX's default set
-    trt_rtx_version: Name
+    trt_rtx_version: Label
     file: FileRef
     built_by: Mapping[str, str] = field(default_factory=dict)  # tool version, host, gpu, ... (informational)
 
@@ -268,12 +291,12 @@ class CacheKey(Record):
     """What TRT-RTX checks before it accepts a runtime cache; there is no fingerprint API, so we record it."""
 
     os: Annotated[str, Key(check=one_of(("linux", "windows")))]
-    gpu_name: Name  # e.g. "NVIDIA GeForce RTX 4090"
+    gpu_name: Label  # e.g. "NVIDIA GeForce RTX 4090"
     pci_device_id: Count  # the SKU, e.g. 0x2684
     sm: Count  # e.g. 89
     driver_version: DriverVersion  # the driver that made the cache: the minimum that accepts it, e.g. "580.95"
     cuda_flavour: CudaFlavour
-    trt_rtx_version: Name
+    trt_rtx_version: Label
     cig: bool = False  # CUDA in Graphics
 
 

@@ -78,9 +78,9 @@ class Loader:
         t_start = time.perf_counter()
         bundle_dir = Path(bundle_path)
         user_cache = UserCache(app, cache_dir)
+        user_cache.sweep()  # what runs killed mid-write left: a few directory listings when there is none
         if bundle_dir.is_file():  # a .trtx archive: unpacked (and checked) once into the user cache, then reused
             bundle_dir = unpack_for(bundle_dir, user_cache)
-        user_cache.sweep()  # what runs killed mid-write left: a few directory listings when there is none
         p = plan(bundle_dir, user_cache, machine=self.probe(), device=device)  # steps 1-4
         for w in p.warnings:
             log.warning("%s", w)

@@ -460,9 +460,44 @@ def make_loop_weights(dir: Path) -> Path:
     return _save(_model(graph), dir, "loop_weights")
 
 
+def make_scan_weights(dir: Path) -> Path:
+    """Scan over the rows of x [seq, 64] whose body holds its weight: h <- tanh((x_t + h) @ w); y_t = h."""
+    rng, d = _rng(23), SUBGRAPH_D
+    body = helper.make_graph(
+        [
+            helper.make_node("Add", ["x_t", "h_in"], ["s"]),
+            helper.make_node("MatMul", ["s", "w"], ["m"]),
+            helper.make_node("Tanh", ["m"], ["h_out"]),
+            helper.make_node("Identity", ["h_out"], ["y_t"]),
+        ],
+        "scan_body",
+        [
+            helper.make_tensor_value_info("h_in", TensorProto.FLOAT, [d]),
+            helper.make_tensor_value_info("x_t", TensorProto.FLOAT, [d]),
+        ],
+        [
+            helper.make_tensor_value_info("h_out", TensorProto.FLOAT, [d]),
+            helper.make_tensor_value_info("y_t", TensorProto.FLOAT, [d]),
+        ],
+        initializer=[numpy_helper.from_array(_w(rng, d, d) * 4, "w")],
+    )
+    graph = helper.make_graph(
+        [helper.make_node("Scan", ["h0", "x"], ["h", "y"], body=body, num_scan_inputs=1)],
+        "scan_weights",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["seq", d])],
+        [
+            helper.make_tensor_value_info("h", TensorProto.FLOAT, [d]),
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, ["seq", d]),
+        ],
+        initializer=[numpy_helper.from_array(_w(rng, d), "h0")],
+    )
+    return _save(_model(graph), dir, "scan_weights")
+
+
 # (name, factory, profile): models with weights in subgraphs; flag inputs are fixed scalars.
 SUBGRAPH_BUNDLABLE: list[tuple[str, Callable[[Path], Path], ProfileDict]] = [
     ("if_weights", make_if_weights, {"x": _batch((SUBGRAPH_D,))}),
     ("nested_if", make_nested_if, {"x": _batch((SUBGRAPH_D,))}),
     ("loop_weights", make_loop_weights, {"x": _batch((SUBGRAPH_D,))}),
+    ("scan_weights", make_scan_weights, {"x": _batch((SUBGRAPH_D,))}),
 ]

@@ -108,6 +108,7 @@ def _plan(manifest: Manifest, bundle_dir: Path) -> _Plan:
     where = str(bundle_dir / manifest.skeleton.file.path)
     store = manifest.weights
     at = {b.raw_offset: i for i, b in enumerate(store.blobs) if b.nbytes}
+    tensors = {t.name: t for t in store.tensors}
     layout = manifest.skeleton.external_data
     found, used = external_refs(skeleton, where)
     refs = []
@@ -132,10 +133,9 @@ def _plan(manifest: Manifest, bundle_dir: Path) -> _Plan:
                 hint=HINT_CORRUPT,
             )
         if ref.main:
-            try:
-                t = store.tensor(ref.name)
-            except KeyError:
-                raise IntegrityError(f"{what}: not in the manifest's weights.tensors", hint=HINT_CORRUPT) from None
+            t = tensors.get(ref.name)
+            if t is None:
+                raise IntegrityError(f"{what}: not in the manifest's weights.tensors", hint=HINT_CORRUPT)
             if t.blob != index or t.dtype != dtype or tuple(t.shape) != ref.dims:
                 raise IntegrityError(
                     f"{what}: the skeleton says {dtype} {list(ref.dims)} in blob {index}, the manifest "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import io
 import logging
 import os
 import re
@@ -90,7 +91,7 @@ def file_kind(mode: int) -> str:
 
 def open_regular_file(
     path: str | os.PathLike[str], what: str, *, error: type[BundleError] = BundleError
-) -> tuple[BinaryIO, int]:
+) -> tuple[io.BufferedReader, int]:
     """Open ``path`` for reading only if it is a regular file; returns (file, size).
 
     The open itself never blocks: O_NONBLOCK makes a FIFO open at once (to be refused), where a plain open

@@ -195,7 +195,13 @@ def build_engines(
 _SELF_CONSISTENT = re.compile(
     r"Profile (kMIN|kOPT|kMAX) values are not self-consistent.*?name (\S+?) must be equal", re.S
 )
-_CONTRADICTORY = re.compile(r"different constant values.*?contradictory IOptimizationProfile", re.S)
+# TRT-RTX 1.7: "(seq_len: Input dimensions with this name have different constant values or have contradictory
+# IOptimizationProfile kMIN/kMAX constraints. In getBounds ...)"; the name may be missing in other versions.
+_CONTRADICTORY = re.compile(
+    r"(?:([^\s(]+): )?Input dimensions with this name have different constant values.*?contradictory "
+    r"IOptimizationProfile",
+    re.S,
+)
 _SCOPE_ASSERT = re.compile(r"graphScope\.cpp.*ScopeType::kUNDEFINED", re.S)
 _FALLBACK_HINT = (
     "--no-weightful still bundles the weights and skeleton (the ONNX Runtime fallback runs them; "
@@ -220,12 +226,23 @@ def explain_build_failure(
             else f"its {kind} values differ between inputs"
         )
         users = ", ".join(sorted({name for name, _ in uses})) or "several inputs"
+        one_input_twice = len({name for name, _ in uses}) < len(uses)
+        placeholder = (
+            " If these axes are unrelated (an exporter's placeholder name such as '?'), name them differently in the "
+            "model."
+            if one_input_twice or not dim.isidentifier()
+            else ""
+        )
         return EngineBuildError(
             f"{msg}\ncause: the dim {dim!r} is shared by {users}, and {where}; TensorRT for RTX needs one value per name",
-            hint=f"give the dim one range shared by every input that uses it: --dim {dim}=MIN:OPT:MAX",
+            hint=f"give the dim one range shared by every input that uses it: --dim {dim}=MIN:OPT:MAX.{placeholder}",
         )
-    if _CONTRADICTORY.search(msg):
+    if m := _CONTRADICTORY.search(msg):
         reused = _reused_dim_names(inputs, profiles)
+        if m.group(1) and m.group(1) in reused:
+            reused = {m.group(1): reused[m.group(1)]}
+        elif m.group(1):
+            reused = {m.group(1): [f"{n}[{a}]" for n, a in _dim_uses(inputs, m.group(1))]} if inputs else {}
         cause = (
             "; ".join(f"the dim name {n!r} is used by {', '.join(w)} with different sizes" for n, w in reused.items())
             if reused

@@ -187,8 +187,8 @@ def test_parsable_models_record_no_verdict(packed: tuple[Path, Path, Path]) -> N
 
 def _inputs() -> list[TensorSpec]:
     return [
-        TensorSpec(name="ids", dtype="int64", shape=("batch", "seq_len")),
-        TensorSpec(name="mask", dtype="int64", shape=("batch", "seq_len")),
+        TensorSpec(name="ids", dtype="float32", shape=("batch", "seq_len")),
+        TensorSpec(name="mask", dtype="float32", shape=("batch", "seq_len")),
     ]
 
 
@@ -223,3 +223,72 @@ def test_optimizer_errors_matched_only_where_the_message_says(tmp_path: Path) ->
     other = EngineBuildError(head + "something new")
     e = explain_build_failure(other, [], [], plain)
     assert str(e) == str(other) and "cause" not in str(e)
+
+
+def _shared_dim_model(path: Path) -> Path:
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["ids", "mask"], ["y"], name="add")],
+        "shared",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", "seq_len"]) for n in ("ids", "mask")],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq_len"])],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+@pytest.mark.parametrize(
+    "ranges, words",
+    [
+        # TRT-RTX 1.7: "Profile kOPT values are not self-consistent. Dimensions with name seq_len must be equal"
+        (((1, 128, 512), (1, 64, 512)), ["'seq_len' is shared by ids, mask", "kOPT values ids[1]=128, mask[1]=64"]),
+        # TRT-RTX 1.7: "seq_len: Input dimensions with this name have different constant values or ..."
+        (((64, 64, 64), (32, 32, 32)), ["the dim name 'seq_len' is used by ids[1], mask[1] with different sizes"]),
+    ],
+)
+def test_real_optimizer_errors_get_their_cause(tmp_path: Path, ranges: tuple, words: list[str]) -> None:
+    """A real AOT build (no GPU needed) with a profile the bundler's own checks would refuse, to see TRT-RTX's words."""
+    from bundler.engines import EnginePlan, build_engines
+
+    model = _shared_dim_model(tmp_path / "shared.onnx")
+    shapes = {n: ShapeRange(min=(1, r[0]), opt=(1, r[1]), max=(1, r[2])) for n, r in zip(("ids", "mask"), ranges)}
+    plan = EnginePlan(kind="weightful", platform="linux_x86_64", compute_capabilities=(89,))
+    with pytest.raises(EngineBuildError) as e:
+        build_engines(
+            model, [Profile(shapes=shapes)], [plan], tmp_path / "b", source="/home/me/model.onnx", inputs=_inputs()
+        )
+    text = str(e.value)
+    assert text.startswith("/home/me/model.onnx: TensorRT for RTX could not build the engine")
+    for w in words:
+        assert w in text, text
+    hint = e.value.hint or ""
+    assert "If" not in hint and ("--dim seq_len" in hint or "placeholder" in hint), hint
+
+
+def test_archive_unpacked_once_even_by_concurrent_loads(packed: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from runtime_shim.archive import unpack_cached
+
+    _, archive, _ = packed
+    with ThreadPoolExecutor(4) as pool:
+        dirs = set(pool.map(lambda _: unpack_cached(archive, tmp_path / "bundles"), range(4)))
+    assert len(dirs) == 1 and [p.name for p in (tmp_path / "bundles").iterdir()] == [next(iter(dirs)).name]
+
+
+def test_a_damaged_archive_is_refused_by_load_and_leaves_nothing(
+    packed: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    import tarfile
+
+    from runtime_shim.errors import BundleError
+
+    _, archive, _ = packed
+    with tarfile.open(archive) as tar:
+        last = tar.getmembers()[-1]
+    data = bytearray(archive.read_bytes())
+    data[last.offset_data] ^= 0xFF
+    damaged = tmp_path / "damaged.trtx"
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="sha256"):
+        runtime_shim.load(damaged, cache_dir=tmp_path / "c")
+    assert not list((tmp_path / "c" / "trtx-v1" / "bundles").iterdir())

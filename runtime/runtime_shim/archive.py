@@ -16,12 +16,14 @@ The bundler's pack and unpack (bundler/archive.py) are built on this module; the
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
 import re
 import shutil
 import tarfile
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -165,15 +167,29 @@ def unpack_cached(archive: str | os.PathLike[str], cache_root: str | os.PathLike
             return target
     except OSError:
         pass
-    if target.exists():  # an earlier unpack that did not finish its move, or another content: start over
-        shutil.rmtree(target, ignore_errors=True)
-    try:
-        extract_archive(src, target)
-    except ArchiveError:
-        # Another process may have unpacked the same archive at the same moment: its copy is as good.
-        if existing.is_file() and existing.read_bytes() == raw:
-            return target
-        raise
+    if target.exists():
+        # Copies arrive whole (one rename below), so this one was changed after it arrived: set it aside (one atomic
+        # rename, so a concurrent load of the same archive cannot lose a good copy to it) and unpack again.
+        aside = target.with_name(f".{target.name}.stale-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        with contextlib.suppress(OSError):
+            os.rename(target, aside)
+            shutil.rmtree(aside, ignore_errors=True)
+    parent = target.parent
+    with disk_errors(parent, "cannot make the user cache's bundle folder", "nothing was written"):
+        parent.mkdir(parents=True, exist_ok=True)
+    prefix = f".{target.name}.unpack-"
+    sweep_stale_temp_dirs(parent, prefix)
+    with owned_temp_dir(parent, prefix) as tmp:
+        extract_archive(src, tmp / "bundle")
+        try:
+            os.rename(tmp / "bundle", target)  # whole, at once: readers never see a partial copy
+        except OSError as e:
+            # Another process unpacked the same archive at the same moment and its rename won: its copy is as good.
+            if existing.is_file() and existing.read_bytes() == raw:
+                return target
+            raise BundleError(
+                f"{target}: cannot put the unpacked bundle in place ({e.strerror or e})", hint=os_error_hint(e)
+            ) from None
     return target
 
 

@@ -215,10 +215,10 @@ def _load_array(name: str, path: Path) -> np.ndarray:
 @click.option(
     "--verify-weights",
     type=click.Choice(["once", "always"]),
-    default="once",
+    default="always",
     show_default=True,
-    help="Hash every weight frame on each load (always), or on this user's first load of that very file, then "
-    "again only if the file changes (once). Engines and caches are hashed on every load.",
+    help="Every load hashes every weight frame it reads; 'once' is still accepted and means the same "
+    "(docs/WEIGHT_STORE.md, Verification). Engines and caches are hashed on every load too.",
 )
 @click.option(
     "--json", "as_json", is_flag=True, help="Print the load report and the outputs' shapes as JSON on stdout."

@@ -55,8 +55,9 @@ def result(message: str) -> None:
 
 
 def info(message: str) -> None:
-    """Progress and notes: stderr, silenced by -q."""
-    if not _verbosity().get("quiet"):
+    """Progress and notes: stderr, silenced by -q (unless -v is given too)."""
+    meta = _verbosity()
+    if not meta.get("quiet") or meta.get("verbose"):
         click.echo(message, err=True)
 
 
@@ -72,8 +73,9 @@ class _StderrHandler(logging.Handler):
 
 
 def _apply_logging(meta: Mapping[str, Any]) -> None:
-    verbose, quiet = meta.get("verbose", 0), meta.get("quiet", False)
-    level = logging.DEBUG if verbose >= 2 else logging.INFO if verbose else logging.ERROR if quiet else logging.WARNING
+    # -q silences progress and notes (info()), never warnings or errors; -v wins over -q where both are given.
+    verbose = meta.get("verbose", 0)
+    level = logging.DEBUG if verbose >= 2 else logging.INFO if verbose else logging.WARNING
     for name in ("bundler", "runtime_shim"):
         logging.getLogger(name).setLevel(level)
 

@@ -189,7 +189,8 @@ def mutate_json(doc: Any, mutation: str, rng: random.Random, prefer: str = "") -
 
 
 # --------------------------------------------------------------------------- the worker and its deadline
-def _serve(conn: Connection, corpus: str, sandbox: str) -> None:
+def _serve(conn: Connection, corpus: str, sandbox: str, deadline_s: float = 15.0) -> None:
+    import faulthandler
     import resource
 
     resource.setrlimit(resource.RLIMIT_AS, (WORKER_MEMORY, WORKER_MEMORY))
@@ -205,11 +206,16 @@ def _serve(conn: Connection, corpus: str, sandbox: str) -> None:
     os.chdir(sandbox)
     tempfile.tempdir = str(tmp)
     runner = Runner(Path(corpus), Path(sandbox))
-    while True:
-        case = conn.recv()
-        if case is None:
-            return
-        conn.send(runner.run(case))
+    with open(Path(sandbox) / "stacks.txt", "w") as stacks:
+        while True:
+            case = conn.recv()
+            if case is None:
+                return
+            # where a hang hangs: every thread's stack, written just before the parent gives up on the case
+            faulthandler.dump_traceback_later(deadline_s * 0.6, file=stacks)
+            outcome = runner.run(case)
+            faulthandler.cancel_dump_traceback_later()
+            conn.send(outcome)
 
 
 class Worker:
@@ -223,7 +229,9 @@ class Worker:
     def _start(self) -> None:
         ctx = multiprocessing.get_context("spawn")  # forking a process that holds ORT's threads is not safe
         parent, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_serve, args=(child, str(self.corpus), str(self.sandbox)), daemon=True)
+        self._proc = ctx.Process(
+            target=_serve, args=(child, str(self.corpus), str(self.sandbox), self.deadline_s), daemon=True
+        )
         self._proc.start()
         child.close()
         self._conn = parent
@@ -243,7 +251,7 @@ class Worker:
         self.stop(kill=True)
         if on_hang:
             on_hang()
-        return Outcome("bad", what)
+        return Outcome("bad", what, _stack_head(self.sandbox / "stacks.txt"))
 
     def stop(self, kill: bool = False) -> None:
         if self._proc is None:
@@ -260,6 +268,18 @@ class Worker:
             self._proc.kill()
             self._proc.join()
         self._proc = self._conn = None
+
+
+def _stack_head(path: Path) -> str:
+    """The innermost frames of the main thread in the last dump faulthandler wrote, outside the fuzzer."""
+    try:
+        dump = path.read_text(errors="replace").split("Thread 0x")
+    except OSError:
+        return ""
+    main = [d for d in dump if "most recent call first" in d and "(most recent call first)" in d]
+    lines = [ln.strip() for ln in (main[-1] if main else "").splitlines() if ln.strip().startswith("File ")]
+    ours = [ln for ln in lines if "/tests/" not in ln and "multiprocessing" not in ln]
+    return "hung at: " + " <- ".join(ln.replace("File ", "").split("/")[-1] for ln in ours[:3])
 
 
 def budget_from_env(default_cases: int) -> tuple[int | None, float | None]:

@@ -243,6 +243,8 @@ def _no_hang(fn: Callable[[], Any], fifo: Path | None) -> Any:
 
 
 def _replace(path: Path, kind: str) -> None:
+    if kind in ("fifo", "dev-zero") and not hasattr(os, "mkfifo"):
+        pytest.skip(f"no {kind} on this system")
     path.unlink()
     if kind == "fifo":
         os.mkfifo(path)
@@ -368,7 +370,8 @@ def test_a_save_waiting_for_a_lock_held_by_another_process_says_so_at_warning_le
             session.close()  # waits for the other process, then saves
         warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
         assert len(warnings) == 1, caplog.text
-        assert ".lock, held by process" in warnings[0] and str(holder.pid) in warnings[0]
+        held_by = f"held by process {holder.pid}" if sys.platform.startswith("linux") else "held by another process"
+        assert ".lock, " + held_by in warnings[0]
         assert "saving the runtime cache" in warnings[0] and "waiting up to" in warnings[0]
         assert "saved the runtime cache" in caplog.text
     finally:

@@ -157,7 +157,7 @@ def _host_array(weights: WeightSource, name: str, dtype: str, count: int, source
 def _device_ptr(upload: DeviceUpload, name: str, dtype: str, count: int, source: str) -> int:
     tensor = upload.tensors.get(name)
     have = -1 if tensor is None else int(getattr(tensor, "nbytes", -1))
-    if tensor is None or have != nbytes_for(dtype, (count,)) or not tensor.ptr:
+    if tensor is None or have != nbytes_for(dtype, (count,)) or (have and not tensor.ptr):
         raise _size_fault(source, name, dtype, count, max(have, 0))
     return int(tensor.ptr)
 

@@ -36,6 +36,7 @@ from runtime_shim.manifest import (
     TrtRtx,
     read_manifest,
 )
+from runtime_shim.trt.build import ModelParseError
 
 from . import __version__
 from .bundle_io import raise_for_problems, temp_sibling, unlisted_files, verify_bundle
@@ -150,6 +151,7 @@ def build_bundle(
             (tmp / "skeleton").mkdir(exist_ok=True)
             atomic_write(tmp / ref.path, skeleton_bytes)
         built: list[BuiltEngine] = []
+        refused: ParseVerdict | None = None  # TRT-RTX's parser refused the model while building this GPU's engine
         if plans:
             # The normalized model's file name is fixed (onnx_model.SKELETON_NAME): TRT-RTX engine bytes depend
             # on it (observed), so a random name would break byte-identical rebuilds.
@@ -159,10 +161,18 @@ def build_bundle(
                     model_file = write_normalized_model(
                         model, store, Path(norm_dir), SKELETON_EXTERNAL_DATA, skeleton=skeleton_bytes
                     )
-                built = build_engines(
-                    Path(model_file), profiles, plans, tmp, step=progress.step, source=str(src), inputs=model.inputs
-                )
-        verdict = None if built else _parse_verdict(src, timed, note)
+                try:
+                    built = build_engines(
+                        Path(model_file), profiles, plans, tmp, step=progress.step, source=str(src), inputs=model.inputs
+                    )
+                except ModelParseError as e:
+                    if options.weightful:  # asked for an engine every user needs: the error says --no-weightful
+                        raise
+                    # Only this GPU's weightless engine was planned: bundle for the fallback, as without a GPU.
+                    refused = e.verdict
+        verdict = refused if refused is not None else None if built else _parse_verdict(src, timed, note)
+        if refused is not None:
+            note(_refused_note(src, refused))
         for b in built:
             seconds[
                 f"engine {b.engine.kind} {b.engine.platform} {list(b.engine.compute_capabilities) or 'default'}"
@@ -224,11 +234,15 @@ def _parse_verdict(
         return ParseVerdict(status="not_checked", detail=str(e).splitlines()[0][:300])
     if not verdict.failed:
         return None
-    note(
+    note(_refused_note(src, verdict))
+    return verdict
+
+
+def _refused_note(src: Path, verdict: ParseVerdict) -> str:
+    return (
         f"{src}: TensorRT for RTX cannot parse this model ({verdict.summary()}): bundled for the ONNX Runtime "
         "fallback only; no machine will try to build an engine from it"
     )
-    return verdict
 
 
 class _Timed:

@@ -292,3 +292,40 @@ def test_a_damaged_archive_is_refused_by_load_and_leaves_nothing(
     with pytest.raises(BundleError, match="sha256"):
         runtime_shim.load(damaged, cache_dir=tmp_path / "c")
     assert not list((tmp_path / "c" / "trtx-v1" / "bundles").iterdir())
+
+
+def test_unparsable_model_on_a_gpu_machine_bundles_with_no_weightful(tmp_path: Path) -> None:
+    """With a supported GPU, --no-weightful still plans this GPU's weightless engine; its parse failure is the verdict."""
+    from types import SimpleNamespace
+
+    from bundler.build import build_bundle
+    from bundler.config import make_options
+
+    gpu = SimpleNamespace(index=0, sm=89, name="NVIDIA GeForce RTX 4090")
+    machine = SimpleNamespace(gpus=(gpu,), driver_problem=lambda: None)
+    model = models.make_unsupported(tmp_path / "m")
+    notes: list[str] = []
+
+    class Progress:
+        def step(self, label: str) -> object:
+            import contextlib
+
+            return contextlib.nullcontext()
+
+        def note(self, message: str) -> None:
+            notes.append(message)
+
+        def advance(self, label: str, done: int, total: int) -> None:
+            pass
+
+    options = make_options(shapes=("x=1x3x3:4x3x3:16x3x3",), weightful=False)
+    result = build_bundle(model, tmp_path / "b", options=options, probe=lambda: machine, progress=Progress())
+    assert result.manifest.engines == () and result.manifest.trt_rtx.cannot_parse is not None
+    assert any("cannot parse this model (Det x1)" in n for n in notes)
+    with pytest.raises(EngineBuildError, match="could not parse"):  # a weightful engine was asked for: an error
+        build_bundle(
+            model,
+            tmp_path / "b2",
+            options=make_options(shapes=("x=1x3x3:4x3x3:16x3x3",), sms=(89,)),
+            probe=lambda: machine,
+        )

@@ -244,11 +244,27 @@ def test_a_skeleton_and_manifest_that_disagree_on_a_shape_are_refused(bundle, tm
         _load(path, tmp_path / "c")
 
 
-def test_a_fifo_for_a_skeleton_is_refused_without_hanging(bundle, tmp_path) -> None:
+@pytest.mark.parametrize(
+    ("kind", "expected"),
+    [
+        ("fifo", "is a FIFO"),
+        ("directory", "is a directory"),
+        ("longer", "the file has \\d+ bytes"),
+        ("missing", "missing"),
+    ],
+)
+def test_a_skeleton_that_is_not_the_pinned_file_is_refused_before_reading(bundle, tmp_path, kind, expected) -> None:
     path, _ = bundle
     m, _ = read_manifest(path)
     skeleton = path / m.skeleton.file.path
+    data = skeleton.read_bytes()
     skeleton.unlink()
-    os.mkfifo(skeleton)
-    with pytest.raises(IntegrityError, match="FIFO"):
+    if kind == "fifo":
+        os.mkfifo(skeleton)  # a read would wait forever for a writer
+    elif kind == "directory":
+        skeleton.mkdir()
+    elif kind == "longer":
+        skeleton.write_bytes(data + bytes(10))
+    with pytest.raises(IntegrityError, match=expected) as e:
         _load(path, tmp_path / "c")
+    assert str(skeleton) in str(e.value)

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from .errors import BackendUnavailableError, IntegrityError
-from .fsutil import owned_temp_dir, read_regular_file, sweep_stale_temp_dirs
+from .fsutil import open_regular_file, os_error_hint, owned_temp_dir, sha256_bytes, sweep_stale_temp_dirs
 from .manifest import FileRef, Manifest
 from .skeleton_refs import ExternalRef, external_refs, inline_refs
 from .store.format import HINT_CORRUPT, nbytes_for
@@ -68,20 +68,28 @@ BY_NAME_DTYPES = frozenset(ONNX_DTYPES.values()) - {"bfloat16", "float8e4m3fn", 
 def read_verified(bundle_dir: Path, ref: FileRef, where: str) -> bytes:
     """The bytes of the bundle file pinned at ``where``, read once and checked: what is returned is what was hashed.
 
-    A FIFO, a directory, a device or a file larger than pinned is refused before anything is read.
+    A FIFO, a directory, a device or a file of another size than pinned is refused before anything is read.
     """
-    from .fsutil import sha256_bytes
-
     path = bundle_dir / ref.path
+    hint = "the file was modified or damaged: fetch the bundle again ('trtx-bundle verify' lists every bad file)"
     try:
-        data = read_regular_file(path, ref.size, f"the file pinned by {where}", error=IntegrityError)
+        f, size = open_regular_file(path, f"the file pinned by {where}", error=IntegrityError)
     except FileNotFoundError:
         raise IntegrityError(f"{path}: missing (pinned by {where})", hint="fetch the bundle again") from None
-    actual, size = sha256_bytes(data), len(data)
-    if size != ref.size or actual != ref.sha256:
+    with f:
+        if size != ref.size:
+            raise IntegrityError(
+                f"{path}: {where} pins sha256 {ref.sha256} ({ref.size} bytes), the file has {size} bytes", hint=hint
+            )
+        try:
+            data = f.read(ref.size + 1)  # one read into one buffer; the byte more shows a file that grew meanwhile
+        except OSError as e:
+            raise IntegrityError(f"{path}: cannot read ({e.strerror or e})", hint=os_error_hint(e)) from None
+    actual = sha256_bytes(data)
+    if len(data) != ref.size or actual != ref.sha256:
         raise IntegrityError(
-            f"{path}: {where} pins sha256 {ref.sha256} ({ref.size} bytes), the file has {actual} ({size} bytes)",
-            hint="the file was modified or damaged: fetch the bundle again ('trtx-bundle verify' lists every bad file)",
+            f"{path}: {where} pins sha256 {ref.sha256} ({ref.size} bytes), the file has {actual} ({len(data)} bytes)",
+            hint=hint,
         )
     return data
 

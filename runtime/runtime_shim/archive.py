@@ -11,7 +11,8 @@ most the manifest's own total, and is refused by name at the first entry that br
 - ``extract_archive``: into a new or empty directory, via a temp directory beside it, renamed into place only
   when every pinned file arrived intact (bundler's unpack).
 - ``unpack_cached``: once into a cache directory keyed by the manifest's sha256, then reused (load, run).
-The bundler's pack and unpack (bundler/archive.py) are built on this module; the runtime never imports the bundler.
+What each tar entry may be is archive_members.py's. The bundler's pack and unpack (bundler/archive.py) are built on
+this module; the runtime never imports the bundler.
 """
 
 from __future__ import annotations
@@ -20,16 +21,16 @@ import contextlib
 import errno
 import hashlib
 import os
-import re
 import shutil
 import tarfile
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
-from typing import IO, Any, NoReturn
+from pathlib import Path
+from typing import IO, Any
 
+from .archive_members import NOT_PACKED, check_member, open_tar, refuse
 from .errors import ArchiveError, BundleError, IntegrityError, ManifestError
 from .fsutil import (
     CHUNK,
@@ -44,10 +45,6 @@ from .manifest import FILE_FOLDERS, MANIFEST_NAME, FileRef, Manifest
 
 # manifest.json is read into memory before anything else; no real one comes near this.
 _MAX_MANIFEST_BYTES = 64 << 20
-# pax and GNU long-name records hold a path and a few numbers; tarfile would read any declared size into memory.
-_MAX_HEADER_BYTES = 1 << 20
-NOT_PACKED = "the archive was not made by 'trtx-bundle pack', or it was tampered with: do not use it"
-_NOT_PACKED = NOT_PACKED
 ARCHIVE_KIND = "a bundle archive made by 'trtx-bundle pack'"
 
 
@@ -99,7 +96,7 @@ def open_archive(archive: str | os.PathLike[str]) -> Iterator[tarfile.TarFile]:
         f, _size = open_regular_file(src, ARCHIVE_KIND, error=ArchiveError)
     except FileNotFoundError:
         raise ArchiveError(f"{src}: not found") from None
-    with f, _open_tar(src, f) as tar:
+    with f, open_tar(src, f) as tar:
         yield tar
 
 
@@ -203,27 +200,6 @@ def unpack_for(archive: str | os.PathLike[str], user_cache: Any) -> Path:
     return unpack_cached(archive, Path(user_cache.root) / "bundles")
 
 
-@contextmanager
-def _open_tar(src: Path, f: Any) -> Iterator[tarfile.TarFile]:
-    """The archive as a tarfile that refuses sparse members and oversized headers; tar errors become ArchiveError."""
-    try:
-        tar = tarfile.open(fileobj=f, mode="r:", tarinfo=_StrictTarInfo)  # uncompressed only: what pack writes
-    except _Refused as e:
-        _refuse(src, e.name, e.what)
-    except (tarfile.TarError, ValueError, OverflowError, EOFError) as e:
-        raise ArchiveError(
-            f"{src}: not a bundle archive (an uncompressed tar made by 'trtx-bundle pack'): {e}"
-        ) from None
-    with tar:
-        try:
-            yield tar
-        except _Refused as e:
-            _refuse(src, e.name, e.what)
-        except (tarfile.TarError, ValueError, OverflowError, EOFError) as e:
-            # tarfile raises ValueError and kin too on some malformed headers (a sparse map cut short, say).
-            raise ArchiveError(f"{src}: corrupt or truncated archive ({e})", hint="fetch the archive again") from None
-
-
 def _read_manifest_entry(src: Path, tar: tarfile.TarFile) -> tuple[Manifest, bytes]:
     """manifest.json, which pack writes first; only the bundle's folders may come before it."""
     seen: set[str] = set()
@@ -237,16 +213,16 @@ def _read_manifest_entry(src: Path, tar: tarfile.TarFile) -> tuple[Manifest, byt
             member = None
         if member is None:
             break
-        name = _check_member(src, member, seen)
+        name = check_member(src, member, seen)
         if member.isdir():
             continue
         if name != MANIFEST_NAME:
             raise ArchiveError(
                 f"{src}: entry {member.name!r} comes before manifest.json; expected manifest.json as the first file",
-                hint=_NOT_PACKED,
+                hint=NOT_PACKED,
             )
         if member.size > _MAX_MANIFEST_BYTES:
-            _refuse(src, member.name, f"a manifest of {member.size} bytes (at most {_MAX_MANIFEST_BYTES})")
+            refuse(src, member.name, f"a manifest of {member.size} bytes (at most {_MAX_MANIFEST_BYTES})")
         reader = tar.extractfile(member)
         assert reader is not None  # a regular member always has data
         raw = reader.read(member.size)
@@ -257,7 +233,7 @@ def _read_manifest_entry(src: Path, tar: tarfile.TarFile) -> tuple[Manifest, byt
         except ManifestError as e:
             raise ArchiveError(str(e), hint=e.hint or "fetch the archive again") from None
         return manifest, raw
-    raise ArchiveError(f"{src}: no manifest.json at the start of the archive", hint=_NOT_PACKED)
+    raise ArchiveError(f"{src}: no manifest.json at the start of the archive", hint=NOT_PACKED)
 
 
 def _pins(src: Path, manifest: Manifest) -> dict[str, tuple[str, FileRef]]:
@@ -268,7 +244,7 @@ def _pins(src: Path, manifest: Manifest) -> dict[str, tuple[str, FileRef]]:
         if (other.size, other.sha256) != (ref.size, ref.sha256):
             raise ArchiveError(
                 f"{src}: manifest.json pins {ref.path} twice with different sizes ({other.size}, {ref.size})",
-                hint=_NOT_PACKED,
+                hint=NOT_PACKED,
             )
     return pinned
 
@@ -305,14 +281,14 @@ def _stream_pinned(
     """Every entry after the manifest, checked against the pins and hashed; ``sink(name)`` receives its bytes."""
     seen = {MANIFEST_NAME}
     while (member := tar.next()) is not None:
-        name = _check_member(src, member, seen)
+        name = check_member(src, member, seen)
         if member.isdir():
             continue
         if name not in pinned:
-            _refuse(src, member.name, "a file that manifest.json does not pin")
+            refuse(src, member.name, "a file that manifest.json does not pin")
         key, ref = pinned[name]
         if member.size != ref.size:
-            _refuse(src, member.name, f"{member.size} bytes, but manifest.json pins {ref.size} ({key}.size)")
+            refuse(src, member.name, f"{member.size} bytes, but manifest.json pins {ref.size} ({key}.size)")
         reader = tar.extractfile(member)
         assert reader is not None
         h = hashlib.sha256()
@@ -358,97 +334,3 @@ def _move_into_place(tmp: Path, target: Path) -> None:
         for name in moved:
             os.rename(target / name, tmp / name)
         raise
-
-
-# --------------------------------------------------------------------------- member rules
-_BUNDLE_FILE_RE = re.compile(r"^(?:engines|caches|weights|skeleton)/[0-9a-f]{64}\.(?:engine|cache|trtxw|onnx)$")
-
-
-class _Refused(tarfile.TarError):
-    """Raised from inside tarfile's header parsing, before it acts on what the header declares."""
-
-    def __init__(self, name: str, what: str) -> None:
-        super().__init__(f"{name!r} is {what}")
-        self.name, self.what = name, what
-
-
-def _refuse_sparse(next_member: tarfile.TarInfo, pax_headers: dict[str, str], *_args: object) -> NoReturn:
-    raise _Refused(pax_headers.get("GNU.sparse.name", next_member.name), "a sparse file")
-
-
-class _StrictTarInfo(tarfile.TarInfo):
-    """tarfile's header reader, minus what a bundle archive never holds: sparse members and oversized headers."""
-
-    def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
-        if self.type == tarfile.GNUTYPE_SPARSE:
-            raise _Refused(self.name, "a sparse file")
-        extended = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE, tarfile.GNUTYPE_LONGNAME)
-        if self.type in (*extended, tarfile.GNUTYPE_LONGLINK) and self.size > _MAX_HEADER_BYTES:
-            raise _Refused(self.name, f"an extended header of {self.size} bytes (at most {_MAX_HEADER_BYTES})")
-        return super()._proc_member(tarfile_)  # type: ignore[misc]  # private in typeshed; stable since Python 3.2
-
-    # GNU sparse formats 0.0, 0.1, 1.0 in pax headers: refused before tarfile reads a sparse map.
-    def _proc_gnusparse_00(self, next_member: Any, pax_headers: Any, *args: Any) -> NoReturn:
-        _refuse_sparse(next_member, pax_headers)
-
-    def _proc_gnusparse_01(self, next_member: Any, pax_headers: Any, *args: Any) -> NoReturn:
-        _refuse_sparse(next_member, pax_headers)
-
-    def _proc_gnusparse_10(self, next_member: Any, pax_headers: Any, *args: Any) -> NoReturn:
-        _refuse_sparse(next_member, pax_headers)
-
-
-def _refuse(src: Path, raw: str, what: str) -> NoReturn:
-    raise ArchiveError(f"{src}: entry {raw!r} is {what}; refused before writing it", hint=_NOT_PACKED)
-
-
-def _check_member(src: Path, member: tarfile.TarInfo, seen: set[str]) -> str:
-    """The member's bundle path, or ArchiveError: only bundle folders and bundle files, each once, pass."""
-    raw = member.name
-    kind = _member_kind(member)
-    if kind is not None:
-        raise ArchiveError(
-            f"{src}: entry {raw!r} is a {kind}; a bundle archive holds only regular files and folders",
-            hint=_NOT_PACKED,
-        )
-    if raw.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", raw) or PurePosixPath(raw).is_absolute():
-        raise ArchiveError(f"{src}: entry {raw!r} has an absolute path; refused", hint=_NOT_PACKED)
-    parts = [p for p in raw.replace("\\", "/").split("/") if p not in ("", ".")]
-    if ".." in parts:
-        raise ArchiveError(f"{src}: entry {raw!r} climbs out of the bundle with '..'; refused", hint=_NOT_PACKED)
-    name = "/".join(parts)
-    if member.isdir():
-        if name not in FILE_FOLDERS:
-            raise ArchiveError(
-                f"{src}: entry {raw!r} is a folder a bundle does not have (expected one of {', '.join(FILE_FOLDERS)})",
-                hint=_NOT_PACKED,
-            )
-    elif name != MANIFEST_NAME and not _BUNDLE_FILE_RE.match(name):
-        raise ArchiveError(
-            f"{src}: entry {raw!r} is not a bundle file (expected manifest.json or <folder>/<sha256>.<ext>)",
-            hint=_NOT_PACKED,
-        )
-    if name in seen:
-        raise ArchiveError(
-            f"{src}: entry {raw!r} appears twice; refused (the second copy could replace a verified file)",
-            hint=_NOT_PACKED,
-        )
-    seen.add(name)
-    return name
-
-
-def _member_kind(member: tarfile.TarInfo) -> str | None:
-    """What a member is, when it is not a plain regular file or a folder."""
-    if member.sparse is not None or any(k.startswith("GNU.sparse.") for k in member.pax_headers):
-        return "sparse file"
-    if member.type in (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE) or member.isdir():
-        return None
-    if member.issym():
-        return f"symbolic link (to {member.linkname!r})"
-    if member.islnk():
-        return f"hard link (to {member.linkname!r})"
-    if member.ischr() or member.isblk():
-        return "device file"
-    if member.isfifo():
-        return "fifo"
-    return f"special entry (tar type {member.type!r})"

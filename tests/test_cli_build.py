@@ -148,9 +148,9 @@ def test_config_file(tmp_path: Path) -> None:
 def test_progress_shows_only_slow_steps(capsys: pytest.CaptureFixture[str]) -> None:
     import time
 
-    from bundler.cli.bundle import _StderrProgress
+    from bundler.cli.app import StderrProgress
 
-    progress = _StderrProgress()
+    progress = StderrProgress()
     progress.DELAY = 0.05
     with progress.step("quick step"):
         pass

@@ -8,11 +8,14 @@ exit code 1 (2 for usage errors, as click does). Every command takes -v/-q, befo
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import sys
-from collections.abc import Callable, Mapping
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import click
@@ -195,3 +198,53 @@ def report_lines(r: Any) -> list[str]:
         names = {k: k[:-2] if k.endswith("_s") else k for k in r.timings}
         out.append("timings: " + ", ".join(f"{names[k]} {v * 1000:.1f} ms" for k, v in r.timings.items()))
     return out
+
+
+class StderrProgress:
+    """Progress for the build: a step that runs past a second is announced on stderr, then closed with its time."""
+
+    DELAY = 1.0
+
+    def __init__(self, quiet: bool = False) -> None:
+        self.quiet = quiet
+        self._lock = threading.Lock()
+        self._shown: set[str] = set()
+        self._last_advance = 0.0
+
+    @contextlib.contextmanager
+    def step(self, label: str) -> Iterator[None]:
+        t0 = time.monotonic()
+        timer = threading.Timer(self.DELAY, self._announce, (label,))
+        timer.daemon = True
+        timer.start()
+        try:
+            yield
+        finally:
+            timer.cancel()
+            with self._lock:
+                shown = label in self._shown
+                self._shown.discard(label)
+            if shown and not self.quiet:
+                info(f"  {label}: done in {time.monotonic() - t0:.1f} s")
+
+    def _announce(self, label: str) -> None:
+        with self._lock:
+            self._shown.add(label)
+        if not self.quiet:
+            info(f"  {label} ...")
+
+    def note(self, message: str) -> None:
+        info(message)
+
+    def advance(self, label: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if label not in self._shown or now - self._last_advance < self.DELAY or not total:
+                return
+            self._last_advance = now
+        if not self.quiet:
+            info(f"  {label}: {100 * done // total}% of {mib(total)}")
+
+
+def mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB" if n >= 1 << 20 else f"{n / 1024:.1f} KiB" if n >= 1024 else f"{n} B"

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import sys
-import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,57 +13,7 @@ from runtime_shim.errors import BundleError
 from runtime_shim.manifest import WEIGHT_ENCODINGS
 from runtime_shim.targets import sm_text
 
-from .app import EXIT_ERROR, emit_json, info, main, render_errors, report_lines, result
-
-
-class _StderrProgress:
-    """Progress for the build: a step that runs past a second is announced on stderr, then closed with its time."""
-
-    DELAY = 1.0
-
-    def __init__(self, quiet: bool = False) -> None:
-        self.quiet = quiet
-        self._lock = threading.Lock()
-        self._shown: set[str] = set()
-        self._last_advance = 0.0
-
-    @contextlib.contextmanager
-    def step(self, label: str) -> Iterator[None]:
-        t0 = time.monotonic()
-        timer = threading.Timer(self.DELAY, self._announce, (label,))
-        timer.daemon = True
-        timer.start()
-        try:
-            yield
-        finally:
-            timer.cancel()
-            with self._lock:
-                shown = label in self._shown
-                self._shown.discard(label)
-            if shown and not self.quiet:
-                info(f"  {label}: done in {time.monotonic() - t0:.1f} s")
-
-    def _announce(self, label: str) -> None:
-        with self._lock:
-            self._shown.add(label)
-        if not self.quiet:
-            info(f"  {label} ...")
-
-    def note(self, message: str) -> None:
-        info(message)
-
-    def advance(self, label: str, done: int, total: int) -> None:
-        now = time.monotonic()
-        with self._lock:
-            if label not in self._shown or now - self._last_advance < self.DELAY or not total:
-                return
-            self._last_advance = now
-        if not self.quiet:
-            info(f"  {label}: {100 * done // total}% of {_mib(total)}")
-
-
-def _mib(n: int) -> str:
-    return f"{n / (1 << 20):.1f} MiB" if n >= 1 << 20 else f"{n / 1024:.1f} KiB" if n >= 1024 else f"{n} B"
+from .app import EXIT_ERROR, StderrProgress, emit_json, info, main, mib, render_errors, report_lines, result
 
 
 def _parse_sms(_ctx: click.Context, _param: click.Parameter, value: str | None) -> tuple[int, ...] | None:
@@ -161,7 +108,7 @@ def build(
         force=force,
     )
     t0 = time.monotonic()
-    built = build_bundle(model, output, options=options, progress=_StderrProgress())
+    built = build_bundle(model, output, options=options, progress=StderrProgress())
     m = built.manifest
     summary = {
         "bundle": str(built.bundle_dir),
@@ -189,7 +136,7 @@ def build(
     out = [f"built {built.bundle_dir} in {summary['seconds']:.1f} s", "  weights: " + weights_words(built)]
     for e in m.engines:
         targets = ", ".join(map(sm_text, e.compute_capabilities)) or "TRT-RTX default targets"
-        out.append(f"  engine: {e.kind} {e.platform} SM {targets}: {_mib(e.file.size)}")
+        out.append(f"  engine: {e.kind} {e.platform} SM {targets}: {mib(e.file.size)}")
     if not m.engines:
         refused = m.trt_rtx.cannot_parse
         out.append(
@@ -206,7 +153,7 @@ def weights_words(r: Any) -> str:
     if not r.raw_weight_bytes:
         return "none (the model has no weights)"
     ratio = f" ({r.raw_weight_bytes / r.stored_weight_bytes:.2f}x)" if r.stored_weight_bytes else ""
-    return f"{_mib(r.raw_weight_bytes)} raw -> {_mib(r.stored_weight_bytes)} stored{ratio}"
+    return f"{mib(r.raw_weight_bytes)} raw -> {mib(r.stored_weight_bytes)} stored{ratio}"
 
 
 @main.command()
@@ -355,7 +302,7 @@ def pack(bundle: Path, output: Path) -> None:
     from ..archive import pack_bundle
 
     r = pack_bundle(bundle, output)
-    result(f"packed {r.files} files into {r.path} ({_mib(r.size)})")
+    result(f"packed {r.files} files into {r.path} ({mib(r.size)})")
     if r.left_out:
         info(f"warning: left out {len(r.left_out)} file(s) the manifest does not list: {', '.join(r.left_out[:5])}")
 
@@ -402,7 +349,7 @@ def demo(workdir: Path, as_json: bool) -> None:
     """
     from ..demo import run_demo
 
-    done = run_demo(workdir, progress=_StderrProgress(), cache_dir=workdir / "user-cache", note=info)
+    done = run_demo(workdir, progress=StderrProgress(), cache_dir=workdir / "user-cache", note=info)
     out = report_lines(done.report)
     if done.max_abs_error is not None:
         out.append(f"max |difference| vs ONNX Runtime on the original model: {done.max_abs_error:.3g}")

@@ -148,9 +148,13 @@ def test_run_and_load_unpack_the_archive_once(packed: tuple[Path, Path, Path], t
     assert (unpacked / "manifest.json").stat().st_mtime_ns == stamp, "the second run reuses the unpacked copy"
     want = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     (name,) = [p for p in (tmp_path / "out").iterdir()]
-    np.testing.assert_array_equal(np.load(name), want)
+    # Exact on the fallback; TRT-RTX (a GPU here: the bundle then has this GPU's weightless engine) may round apart.
+    np.testing.assert_allclose(np.load(name), want, rtol=1e-3, atol=1e-4)
     with runtime_shim.load(archive, cache_dir=cache) as s:
-        np.testing.assert_array_equal(next(iter(s.run({"x": x}).values())), want)
+        got = next(iter(s.run({"x": x}).values()))
+        if s.backend == "onnxruntime":
+            np.testing.assert_array_equal(got, want)
+        np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4)
     assert len(list((cache / "trtx-v1" / "bundles").iterdir())) == 1
 
 

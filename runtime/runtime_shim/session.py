@@ -104,7 +104,9 @@ def load(
 ) -> Session:
     """Open a bundle for inference on this machine: the engine, runtime cache and backend that fit it, or a clear error.
 
-    ``app`` names the per-user cache dir (``cache_dir`` or ``$TRTX_CACHE_DIR`` replace it). ``fallback``: "onnxruntime"
+    ``bundle_path``: a bundle directory, or a ``.trtx`` archive, unpacked (every file checked) once into the user cache
+    dir and reused by later loads (archive.py). ``app`` names the per-user cache dir (``cache_dir`` or
+    ``$TRTX_CACHE_DIR`` replace it). ``fallback``: "onnxruntime"
     (default) runs on the CPU where TRT-RTX cannot, "error" raises BackendUnavailableError there. ``specialization``:
     dynamic-shape kernels "lazy" (default), "eager" or "none"; ``cuda_graphs`` captures whole-graph CUDA graphs.
     ``device``: the CUDA device (default: the first GPU TRT-RTX supports).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+import runtime_shim.fallback as fallback
 from runtime_shim.errors import BackendUnavailableError, IntegrityError
 from runtime_shim.fallback import MODEL_NAME, TEMP_PREFIX, OrtSession, load_in_memory, model_on_disk
 from runtime_shim.manifest import read_manifest
@@ -143,6 +145,23 @@ def test_a_whole_model_inline_runs_like_the_original(external) -> None:
     assert external_refs(whole, "whole")[0] == []
     for a, b in zip(_ort(whole, feeds), _ort(onnx_path, feeds)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_where_onnx_runtime_refuses_names_the_model_opens_inline(external, tmp_path, monkeypatch, caplog) -> None:
+    bundle, m, onnx_path, feeds = external
+    real = fallback._open
+
+    def refuse_names(ort_, skeleton, names, arrays, threads):
+        if names:
+            raise RuntimeError("Failed to find existing initializer with name fc1.weight")
+        return real(ort_, skeleton, names, arrays, threads)
+
+    monkeypatch.setattr(fallback, "_open", refuse_names)
+    with caplog.at_level(logging.INFO, "runtime_shim"):
+        session = OrtSession(m, bundle, UserCache("T", tmp_path / "c"))
+    assert "opening the model with them inline" in caplog.text
+    for name, want in zip(session.output_names, _ort(onnx_path, feeds)):
+        np.testing.assert_array_equal(session.run(feeds)[name], want)
 
 
 def test_skeleton_refs_match_onnx(external) -> None:

@@ -3,8 +3,9 @@
 Nothing is copied to disk and nothing is trusted from an earlier run. Every load reads the bundle's skeleton (checked
 against its sha256) and every frame of its weight file (each checked against its sha256 before it is decoded), and
 hands ONNX Runtime the decoded tensors by name (``SessionOptions.add_external_initializers``). ONNX Runtime takes
-initializers that way only for the top-level graph; a tensor elsewhere (a subgraph's, an attribute's) or of a type
-numpy cannot carry (bfloat16, float8, int4) is written inline into the in-memory copy of the skeleton instead.
+initializers that way only for the top-level graph, and only those a node reads; a tensor elsewhere (a subgraph's,
+an attribute's), one nothing reads, or one of a type numpy cannot carry (bfloat16, float8, int4) is written inline
+into the in-memory copy of the skeleton instead.
 Every external reference in the skeleton must name the bundle's weight layout at a blob's exact place, so the
 skeleton and the manifest agree on what each tensor holds, and ONNX Runtime never looks for a file itself.
 

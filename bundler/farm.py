@@ -145,7 +145,10 @@ class ShimGpu:
         # engine's refit names are the weight store's names.
         with model_on_disk(manifest, bundle_dir, UserCache("trtx-farm", workdir / "user-cache")) as onnx_path:
             profiles = [p.triples() for p in manifest.profiles]
-            return build_engine(BuildRequest(onnx_path=str(onnx_path), profiles=profiles, weightless=True))
+            source = str(bundle_dir / manifest.skeleton.file.path)  # errors name the bundle, not the temp copy
+            return build_engine(
+                BuildRequest(onnx_path=str(onnx_path), profiles=profiles, weightless=True, source=source)
+            )
 
     def warm(
         self, bundle_dir: Path, engine_sha256: str, runs: Sequence[WarmupRun], rounds: int, workdir: Path
@@ -296,6 +299,14 @@ def run_farm_job(
             engine_sha = existing[0].file.sha256
             say(f"the bundle already has a weightless engine for SM {gpu.sm_text} ({engine_sha[:12]}): reusing it")
         else:
+            refused = manifest.trt_rtx.cannot_parse
+            if refused is not None:  # recorded at build: the parser would refuse it again, after a long wait here
+                raise BundleError(
+                    f"{bundle_dir / MANIFEST_NAME}: TensorRT for RTX's parser refused this model when it was bundled "
+                    f"({refused.summary()}): no weightless engine can be built from it",
+                    hint="users of this bundle run it through the ONNX Runtime fallback; to serve RTX GPUs, replace "
+                    "or decompose those ops in the model and bundle it again",
+                )
             say(f"building the weightless engine for {gpu.name} (SM {gpu.sm_text}) ...")
             t = time.perf_counter()
             engine_bytes = backend.build_weightless(bundle_dir, manifest, work)

@@ -331,3 +331,22 @@ def test_farm_job_on_a_real_rtx_gpu(tmp_path: Path, bundle: Path) -> None:  # pr
     assert all(w.rounds == 2 and w.first_run_s is not None for w in part.warmup)
     merge_parts(bundle, [tmp_path / "part"])
     assert [p for p in verify_bundle(bundle) if p.fatal] == []
+
+
+def test_farm_job_on_a_model_trt_rtx_cannot_parse_stops_before_building(tmp_path: Path) -> None:
+    """The verdict recorded at build time stops the job at once, naming the ops, instead of a parse failure of a
+    temporary copy after the GPU work started."""
+    import models
+
+    from bundler.build import build_bundle
+    from bundler.config import make_options
+
+    src = models.make_unsupported(tmp_path / "m")
+    bundle_dir = tmp_path / "b"
+    build_bundle(src, bundle_dir, options=make_options(shapes=("x=1x3x3:4x3x3:16x3x3",), weightful=False))
+    fake = FakeGpuRuntimeForTests(b"unused")
+    with pytest.raises(BundleError) as e:
+        run_farm_job(bundle_dir, tmp_path / "part", probe=lambda: machine(gpu(89)), gpu_backend=fake)
+    assert "manifest.json" in str(e.value) and models.UNSUPPORTED_OP in str(e.value)
+    assert "ONNX Runtime fallback" in (e.value.hint or "")
+    assert fake.builds == 0 and not (tmp_path / "part").exists()

@@ -401,7 +401,10 @@ class Runner:
             errors = [line for line in err.splitlines() if line.startswith("Error: ")]
         if len(errors) != 1 or "Traceback" in err:
             return Outcome("bad", f"exit {r.exit_code} with {len(errors)} ERROR lines", err[-400:])
-        return Outcome("error", f"exit {r.exit_code}: {errors[0][:300]}")
+        what = errors[0][:300]
+        if what.endswith("listed on stdout") and r.stdout.strip():  # verify: the problems themselves
+            what += " | " + r.stdout.strip().splitlines()[0].strip()[:200]
+        return Outcome("error", f"exit {r.exit_code}: {what}")
 
     # ----------------------------------------------------------------- operations on a bundle
     def load(self, bundle: Path, model: str, case_dir: Path, verify: str = "once", check: bool = True) -> Outcome:

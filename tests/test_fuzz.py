@@ -437,9 +437,12 @@ def part_case(r: Runner, case: Case, case_dir: Path, rng: random.Random) -> Outc
         if case.mutation.endswith("+repin"):
             from tests.fuzzing import _file_refs
 
+            data = path.read_bytes()
+            new = path.with_name(_sha(data) + path.suffix)  # files are named by their hash
+            os.replace(path, new)
             for ref in _file_refs(doc):
                 if ref.get("path") == rel:
-                    ref["sha256"], ref["size"] = _sha(path.read_bytes()), path.stat().st_size
+                    ref["path"], ref["sha256"], ref["size"] = str(new.relative_to(part)), _sha(data), len(data)
             (part / "part.json").write_text(json.dumps(doc, indent=1, sort_keys=True))
         desc = f"{rel}: {desc}"
     before = snapshot(bundle)

@@ -52,7 +52,7 @@ def main() -> None:
     if not old.exists():
         git = ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(old), args.old_commit]
         subprocess.run(git, check=True, stdout=sys.stderr)  # stdout is the table
-    runtime = str(ROOT / "runtime")
+    runtime = str(ROOT / "packages" / "trtx-runtime")
     rows = [
         ("(a) before: trtx-bundler " + args.old_commit + " (one distribution)", [str(old)]),
         ("(b) trtx-runtime", [runtime]),

@@ -32,7 +32,7 @@ from bundler.build import build_bundle
 from bundler.config import BuildOptions
 
 ROOT = Path(__file__).resolve().parent.parent
-RUNTIME_PACKAGE = ROOT / "runtime" / "runtime_shim"
+RUNTIME_PACKAGE = ROOT / "packages" / "trtx-runtime" / "runtime_shim"
 FORBIDDEN = ("onnx", "click", "bundler")  # top-level import names the runtime must never import
 RUNTIME_DEPENDENCIES = {"numpy", "zstandard", "filelock", "platformdirs"}
 
@@ -42,9 +42,12 @@ def _project(path: Path) -> dict:
 
 
 def test_one_version_for_both_distributions() -> None:
-    runtime, bundler = _project(ROOT / "runtime" / "pyproject.toml"), _project(ROOT / "pyproject.toml")
+    runtime, bundler = (
+        _project(ROOT / "packages" / "trtx-runtime" / "pyproject.toml"),
+        _project(ROOT / "pyproject.toml"),
+    )
     assert runtime["version"] == bundler["version"] == runtime_shim.__version__, (
-        f"runtime/pyproject.toml {runtime['version']}, pyproject.toml {bundler['version']}, "
+        f"packages/trtx-runtime/pyproject.toml {runtime['version']}, pyproject.toml {bundler['version']}, "
         f"runtime_shim.__version__ {runtime_shim.__version__}: release both with one version"
     )
     pins = [
@@ -58,7 +61,7 @@ def test_one_version_for_both_distributions() -> None:
 
 
 def test_runtime_requires_only_what_every_load_needs() -> None:
-    runtime = _project(ROOT / "runtime" / "pyproject.toml")
+    runtime = _project(ROOT / "packages" / "trtx-runtime" / "pyproject.toml")
     assert runtime["name"] == "trtx-runtime"
     assert {canonicalize_name(Requirement(r).name) for r in runtime["dependencies"]} == RUNTIME_DEPENDENCIES
     assert {"trt", "nvcomp-cu13", "nvcomp-cu12", "onnxruntime"} <= set(runtime["optional-dependencies"])
@@ -79,7 +82,7 @@ def _setup_commands() -> list[str]:
 def test_readme_setup_commands_install_both_distributions_and_ci_runs_the_test_command() -> None:
     demo, tests = _setup_commands()
     for command in (demo, tests):
-        assert command.startswith("python3 -m pip install -e ./runtime -e '.["), command
+        assert command.startswith("python3 -m pip install -e ./packages/trtx-runtime -e '.["), command
     assert demo.endswith("&& trtx-bundle demo") and tests.endswith("&& python3 -m pytest -q")
     ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
     assert f"\n{tests} " in ci or f"\n{tests}\n" in ci, ".ci/run must run the README's test command word for word"
@@ -207,7 +210,7 @@ _REASONED = re.compile(r"^:\s*[A-Z]+[0-9]+(\s*,\s*[A-Z]+[0-9]+)*\s+-\s+\S")
 
 def test_every_noqa_says_why() -> None:
     offenders: dict[str, list[str]] = {}
-    for folder in ("runtime/runtime_shim", "bundler", "tests", "bench", "templates"):
+    for folder in ("packages/trtx-runtime/runtime_shim", "bundler", "tests", "bench", "templates"):
         for path in sorted((ROOT / folder).rglob("*.py")):
             rel = path.relative_to(ROOT).as_posix()
             for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):

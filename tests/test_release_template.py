@@ -70,7 +70,7 @@ def test_runtime_wheels_are_built_by_cibuildwheel_on_linux_and_windows() -> None
 def test_sdists_of_both_distributions_are_built_from_real_paths() -> None:
     runs = [s["run"] for s in _workflow()["jobs"]["sdists-and-bundler"]["steps"] if "run" in s]
     builds = [r.split() for r in runs if r.startswith("python -m build")]
-    assert [b[-1] for b in builds] == ["runtime", "."]
+    assert [b[-1] for b in builds] == ["packages/trtx-runtime", "."]
     for build in builds:
         assert (ROOT / build[-1] / "pyproject.toml").is_file()
 

@@ -2,7 +2,7 @@
 # Prepare .devwheels/d for benchmark and GPU-test runs on the lent GPU machine, which reaches no registry and takes
 # 64 MiB a call: zstandard, platformdirs and blake3 wheels for its Python 3.12, nvCOMP's library and the bf16
 # MiniLM (each zstd-compressed: 22 + 35 MB), and the setup script. From the project root, after
-# python3 -m pip install -e ./runtime -e '.[bench]':
+# python3 -m pip install -e ./packages/trtx-runtime -e '.[bench]':
 #   bash tools/bench_wheels.sh
 # then, in one device call with carry [".devwheels/d"]:   . .devwheels/d/setup.sh; python3 bench/bench_upload.py ...
 set -euo pipefail

@@ -4,7 +4,7 @@
 # the bf16 MiniLM, and exports what the benchmarks and the GPU tests need (PYTHONPATH with the runtime's own folder,
 # TRTX_NVCOMP_LIBRARY, TRTX_BENCH_DATA). The image there has numpy and cuda-bindings.
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .devwheels/d/*.whl 2>/dev/null
-export PYTHONPATH=/tmp/site:$PWD:$PWD/runtime PYTHONUNBUFFERED=1 TRTX_CACHE_DIR=/tmp/trtx-cache TRTX_BENCH_DATA=/tmp/benchdata
+export PYTHONPATH=/tmp/site:$PWD:$PWD/packages/trtx-runtime PYTHONUNBUFFERED=1 TRTX_CACHE_DIR=/tmp/trtx-cache TRTX_BENCH_DATA=/tmp/benchdata
 mkdir -p /tmp/benchdata /tmp/nvcomp
 python3 - <<'PY'
 import zstandard
@@ -24,5 +24,5 @@ trtx_build_planes() {
     cc -O3 -shared -fPIC -I"$inc" "$1/runtime_shim/store/_planes.c" -o "$1/runtime_shim/store/_planes$ext" 2>/dev/null ||
         echo "C helper not built in $1 (no compiler?): numpy fallback"
 }
-trtx_build_planes runtime
+trtx_build_planes packages/trtx-runtime
 python3 -c "from runtime_shim.store import reader; print('C helper:', 'built' if reader.native_join() else 'absent (numpy)')"

@@ -2,7 +2,7 @@
 # What the lent Hopper GPU (H100/H200, SM 9.0) can show: the real probe, doctor, load() falling back with the
 # reason, farm-job refusing with exit 3, and the test suite on a machine with a real NVIDIA driver.
 # Run through the device tool as call 2 of ../shared/tools/device-wheels.sh (it installs the wheels first), then
-# tools/device_install.sh installs this checkout's two distributions (trtx-runtime from ./runtime, trtx-bundler).
+# tools/device_install.sh installs this checkout's two distributions (trtx-runtime from ./packages/trtx-runtime, trtx-bundler).
 set -u
 test -d /root/stash || exit 3
 cat /root/stash/libs.part0 .devwheels/b/libs.part1 > "/tmp/$(cat .devwheels/b/libs.name)" &&

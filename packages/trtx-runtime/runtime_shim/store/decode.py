@@ -34,7 +34,7 @@ from .format import (
 )
 
 _built: ModuleType | None
-try:  # the optional C helper (runtime/setup.py)
+try:  # the optional C helper (packages/trtx-runtime/setup.py)
     _built = importlib.import_module(f"{__package__}._planes")
 except ImportError:
     _built = None

@@ -403,7 +403,8 @@ class Runner:
             return Outcome("bad", f"exit {r.exit_code} with {len(errors)} ERROR lines", err[-400:])
         what = errors[0][:300]
         if what.endswith("listed on stdout") and r.stdout.strip():  # verify: the problems themselves
-            what += " | " + r.stdout.strip().splitlines()[0].strip()[:200]
+            lines = r.stdout.strip().splitlines()
+            what += " | " + next((ln for ln in lines if ln.startswith(" ")), lines[0]).strip()[:200]
         return Outcome("error", f"exit {r.exit_code}: {what}")
 
     # ----------------------------------------------------------------- operations on a bundle

@@ -179,22 +179,23 @@ def _chunked_frame() -> tuple[bytes, str, int, int, bytes]:
     return _CHUNKED["frame"]
 
 
-def decode_everywhere(stored: bytes, enc: str, es: int, raw: int) -> dict[str, Any]:
+def decode_everywhere(
+    stored: bytes, enc: str, es: int, raw: int, before: bytes = b"", after: bytes = b""
+) -> dict[str, Any]:
     """The host decoder with and without the C helper, and the GPU planner (run on the host by the reference of
-    nvCOMP and the plane kernel): each name -> the decoded bytes, or ("refused", why); a crash raises."""
+    nvCOMP and the plane kernel) on the frame alone and, given the bytes around it in its file, on the frame among
+    its neighbours (nothing outside the frame may be read): each name -> the decoded bytes, or ("refused", why)."""
     import zstandard
 
-    from runtime_shim.gpu.planner import ENCODINGS, Cuts, FrameFormatError, plan_frames
     from runtime_shim.store.decode import decode_frame_into, native_built, use_native
-    from tests.test_gpu_decode import run_plan_on_host
 
-    def col(x: int) -> Any:
-        return np.array([x], dtype=np.int64)
-
+    places = {"": (b"", b"")}
+    if before or after:
+        places["-in-file"] = (before, after)
     got: dict[str, Any] = {}
     for native in (True, False) if native_built() else (False,):
         name = "native" if native else "numpy"
-        before = use_native(native)
+        was_native = use_native(native)
         try:
             out = bytearray(raw)
             try:
@@ -202,22 +203,37 @@ def decode_everywhere(stored: bytes, enc: str, es: int, raw: int) -> dict[str, A
                 got[f"host-{name}"] = bytes(out)
             except (ValueError, zstandard.ZstdError) as e:
                 got[f"host-{name}"] = ("refused", f"{type(e).__name__}: {e}"[:120])
-            buf = np.frombuffer(stored, dtype=np.uint8)
-            try:
-                plan = plan_frames(buf, col(0), col(len(buf)), col(raw), col(es), col(ENCODINGS[enc]), col(0))
-                cut = Cuts(plan, [(0, 1)], col(0)).cut(0, 1, buf)
-            except FrameFormatError as e:
-                got[f"planner-{name}"] = ("refused", f"FrameFormatError: {e}"[:120])
-                continue
-            dev = np.zeros(raw, dtype=np.uint8)
-            try:
-                run_plan_on_host(cut, buf, dev)
-                got[f"planner-{name}"] = dev.tobytes()
-            except zstandard.ZstdError as e:  # sound headers, corrupt entropy data: nvCOMP reports a bad status
-                got[f"planner-{name}"] = ("refused", f"nvCOMP status (reference ZstdError): {e}"[:120])
+            for where, (head, tail) in places.items():
+                got[f"planner{where}-{name}"] = _plan_on_host(
+                    head + stored + tail, len(head), len(stored), raw, es, enc
+                )
         finally:
-            use_native(before)
+            use_native(was_native)
     return got
+
+
+def _plan_on_host(buf_bytes: bytes, at: int, size: int, raw: int, es: int, enc: str) -> Any:
+    """One frame at ``at`` in ``buf_bytes``, planned, cut and run as the GPU would: its bytes, or ("refused", why)."""
+    import zstandard
+
+    from runtime_shim.gpu.planner import ENCODINGS, Cuts, FrameFormatError, plan_frames
+    from tests.test_gpu_decode import run_plan_on_host
+
+    def col(x: int) -> Any:
+        return np.array([x], dtype=np.int64)
+
+    buf = np.frombuffer(buf_bytes, dtype=np.uint8)
+    try:
+        plan = plan_frames(buf, col(at), col(size), col(raw), col(es), col(ENCODINGS[enc]), col(0))
+        cut = Cuts(plan, [(0, 1)], col(0)).cut(0, 1, buf)
+    except FrameFormatError as e:
+        return ("refused", f"FrameFormatError: {e}"[:120])
+    dev = np.zeros(raw, dtype=np.uint8)
+    try:
+        run_plan_on_host(cut, buf, dev)
+    except zstandard.ZstdError as e:  # sound headers, corrupt entropy data: nvCOMP reports a bad status
+        return ("refused", f"nvCOMP status (reference ZstdError): {e}"[:120])
+    return dev.tobytes()
 
 
 def _frame_of(r: Runner, case: Case) -> tuple[bytes, str, int, int, bytes, dict[str, Any] | None]:
@@ -235,11 +251,22 @@ def _frame_of(r: Runner, case: Case) -> tuple[bytes, str, int, int, bytes, dict[
     return stored, blob["encoding"], blob["element_size"], f["raw_size"], bytes(raw), doc
 
 
+def _around(r: Runner, case: Case) -> tuple[bytes, bytes]:
+    """The bytes of the weight file before and after the case's frame (none for the test frame)."""
+    if case.target == "chunked":
+        return b"", b""
+    doc = json.loads((r.corpus / case.model / "bundle" / "manifest.json").read_text())
+    f = doc["weights"]["blobs"][int(case.target[4:])]["frames"][0]
+    data = (r.corpus / case.model / "bundle" / doc["weights"]["file"]["path"]).read_bytes()
+    return data[: f["offset"]], data[f["offset"] + f["size"] :]
+
+
 def frame_case(r: Runner, case: Case, case_dir: Path, rng: random.Random) -> Outcome:
     stored, enc, es, raw, original, doc = _frame_of(r, case)
     head = rng.random() < 0.5  # half the cases in the frame's headers and tables, where the decoders' rules are
     mutated, desc = mutate_bytes(stored, case.mutation, rng, 0, min(len(stored), 48) if head else len(stored))
-    got = decode_everywhere(mutated, enc, es, raw)
+    around = _around(r, case)
+    got = decode_everywhere(mutated, enc, es, raw, *around)
     decoded = {v for v in got.values() if isinstance(v, bytes)}
     refused = [k for k, v in got.items() if not isinstance(v, bytes)]
     if len(decoded) > 1 or (decoded and refused):

@@ -80,9 +80,9 @@ def verify_bundle(bundle_dir: str | os.PathLike[str], *, header_check: HeaderChe
         problems += file_problems
         if header_check is not None and ref.path.startswith("engines/") and not file_problems:
             problems += _check_header(root, key, ref.path, header_check)
-    skeleton = manifest.skeleton.file
-    if not any(p.path == skeleton.path for p in problems):
-        problems += _check_skeleton_refs(root, manifest)
+    contents = {manifest.skeleton.file.path, manifest.weights.file.path}
+    if not any(p.path in contents for p in problems):
+        problems += _check_contents(root, manifest)
     for rel in unlisted_files(root, manifest):
         problems.append(
             Problem(
@@ -155,49 +155,26 @@ def _check_file(root: Path, key: str, rel: str, size: int, sha256: str) -> list[
     return []
 
 
-def _check_skeleton_refs(root: Path, manifest: Manifest) -> list[Problem]:
-    """The intact skeleton's external data against the weight index: every reference must name a tensor of the index
-    and read exactly its blob's bytes of the unpacked layout. (The index's own consistency is checked when the
-    manifest is parsed; this is what only the skeleton can tell, e.g. an index emptied of weights the model uses.)"""
-    import onnx
+def _check_contents(root: Path, manifest: Manifest) -> list[Problem]:
+    """What loading would find in the intact skeleton and weight file, checked by the shim's own code so that verify
+    and load() can never disagree: every external reference of the skeleton against the weight index
+    (fallback.plan_skeleton), and every frame of the weight file against its sha256, decoded, each blob against its
+    raw sha256 (the index's own consistency is checked when the manifest is parsed)."""
+    from runtime_shim.errors import BundleError
+    from runtime_shim.fallback import plan_skeleton
+    from runtime_shim.store.reader import WeightReader
 
-    ref = manifest.skeleton.file
-    try:
-        model = onnx.load_model_from_string((root / ref.path).read_bytes())
-    except Exception as e:  # protobuf raises DecodeError and others: any of them means "not a model"
-        return [Problem(kind="index", path=ref.path, message=f"not an ONNX model ({type(e).__name__}: {e})")]
-    w, layout = manifest.weights, manifest.skeleton.external_data
-    tensors = {t.name: t for t in w.tensors}
     problems: list[Problem] = []
-    for init in model.graph.initializer:
-        if init.data_location != onnx.TensorProto.EXTERNAL:
-            continue
-        info = {e.key: e.value for e in init.external_data}
-        t = tensors.get(init.name)
-        try:
-            span = (int(info.get("offset", "0")), int(info["length"]))
-        except (KeyError, ValueError):
-            span = None
-        if t is None:
-            problem = f"the skeleton's initializer {init.name!r} reads {layout}, but the weight index has no tensor of that name"
-        elif info.get("location") != layout or span != (w.blobs[t.blob].raw_offset, w.blobs[t.blob].nbytes):
-            blob = w.blobs[t.blob]
-            problem = (
-                f"the skeleton's initializer {init.name!r} reads {info.get('location')!r} at {info.get('offset')} "
-                f"+ {info.get('length')}, the weight index has it at {layout!r} {blob.raw_offset} + {blob.nbytes}"
-            )
-        else:
-            continue
-        problems.append(
-            Problem(
-                kind="index",
-                path=MANIFEST_NAME,
-                message=f"weights.tensors: {problem} (skeleton.file {ref.path})",
-                hint="the manifest's weight index does not match the bundle's skeleton; fetch or rebuild the bundle",
-            )
-        )
-        if len(problems) >= 10:
-            break
+    try:
+        plan_skeleton(manifest, root)
+    except BundleError as e:
+        problems.append(Problem(kind="index", path=manifest.skeleton.file.path, message=str(e), hint=e.hint))
+    try:
+        with WeightReader(root, manifest.weights, verify_raw=True) as reader:
+            for _ in reader.iter_blobs():
+                pass
+    except BundleError as e:
+        problems.append(Problem(kind="changed", path=manifest.weights.file.path, message=str(e), hint=e.hint))
     return problems
 
 

@@ -284,3 +284,25 @@ def test_engine_header_check_where_a_gpu_is_present(bundle: Path) -> None:
     assert verify_bundle(bundle, header_check=wrong_sm) == [] and len(seen) == 1 and len(seen[0]) == 64
     (p,) = verify_bundle(bundle, header_check=lambda h: ("INVALID", 32 | 2))
     assert p.kind == "engine" and "malformed engine" in p.message and p.path.startswith("engines/")
+
+
+def test_verify_decodes_every_frame_like_load_does(copy: Path) -> None:
+    """A frame changed and the weight file re-pinned as a whole (new name, sha256 and size in the manifest) passes
+    the file checks; verify must still find it, as load() would, by the frame's own sha256."""
+    import hashlib
+
+    m, _ = read_manifest(copy)
+    old = copy / m.weights.file.path
+    data = bytearray(old.read_bytes())
+    frame = m.weights.blobs[0].frames[0]
+    data[frame.offset + frame.size // 2] ^= 0x01
+    sha = hashlib.sha256(data).hexdigest()
+    new_rel = f"weights/{sha}{old.suffix}"
+    old.unlink()
+    (copy / new_rel).write_bytes(data)
+    doc = json.loads((copy / MANIFEST_NAME).read_text())
+    doc["weights"]["file"].update(path=new_rel, sha256=sha)
+    (copy / MANIFEST_NAME).write_text(json.dumps(doc, indent=1, sort_keys=True))
+    problems = [p for p in verify_bundle(copy) if p.kind != "warning"]
+    assert [p.path for p in problems] == [new_rel], problems
+    assert "frame" in problems[0].message and "sha256" in problems[0].message

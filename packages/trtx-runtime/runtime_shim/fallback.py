@@ -110,7 +110,7 @@ class _Plan:
     refs: list[_Ref]
 
 
-def _plan(manifest: Manifest, bundle_dir: Path) -> _Plan:
+def plan_skeleton(manifest: Manifest, bundle_dir: Path) -> _Plan:
     """The verified skeleton and, for each external reference in it, the blob it must read; IntegrityError where the
     skeleton points anywhere else, or where it and the manifest disagree on a tensor."""
     skeleton = read_verified(bundle_dir, manifest.skeleton.file, "skeleton.file")
@@ -178,7 +178,7 @@ def load_in_memory(manifest: Manifest, bundle_dir: Path, *, threads: int | None 
 
     Every blob is read and checked, also those the skeleton holds inline: a damaged weight file fails every load.
     """
-    plan = _plan(manifest, bundle_dir)
+    plan = plan_skeleton(manifest, bundle_dir)
     wanted = {r.blob for r in plan.refs}
     raw: dict[int, np.ndarray] = {}
     with WeightReader(bundle_dir, manifest.weights, threads=threads) as reader:  # checks every frame's sha256
@@ -214,7 +214,7 @@ def model_on_disk(manifest: Manifest, bundle_dir: Path, user_cache: UserCache) -
     For TensorRT for RTX's parser, which reads external data from files. Written from verified bytes every time and
     never reused; the dir is locked while in use, so a later run removes it if this process is killed.
     """
-    plan = _plan(manifest, bundle_dir)
+    plan = plan_skeleton(manifest, bundle_dir)
     parent = _temp_parent(user_cache)
     sweep_stale_temp_dirs(parent, TEMP_PREFIX)
     with owned_temp_dir(parent, TEMP_PREFIX) as folder:

@@ -155,6 +155,37 @@ def _check_file(root: Path, key: str, rel: str, size: int, sha256: str) -> list[
     return []
 
 
+def _check_skeleton_model(rel: str, skeleton: bytes) -> list[Problem]:
+    """The skeleton as a model ONNX Runtime could open: it parses, and has an IR version, an opset and a graph with
+    outputs (an empty file re-pinned parses as an empty model). onnx.checker is not used: it insists on reading the
+    external data files, which are the weight store's blobs, not files."""
+    import onnx
+
+    try:
+        model = onnx.load_model_from_string(skeleton)
+        missing = [
+            what
+            for what, ok in (
+                ("ir_version", model.ir_version > 0),
+                ("opset_import", len(model.opset_import) > 0),
+                ("graph.output", len(model.graph.output) > 0),
+            )
+            if not ok
+        ]
+    except Exception as e:  # protobuf's DecodeError and kin: any means "not a model"
+        missing = [f"a model ({type(e).__name__}: {e})"]
+    if not missing:
+        return []
+    return [
+        Problem(
+            kind="index",
+            path=rel,
+            message=f"not an ONNX model ONNX Runtime could open: no {', '.join(missing)}",
+            hint="fetch the bundle again, or rebuild it with 'trtx-bundle build'",
+        )
+    ]
+
+
 def _check_contents(root: Path, manifest: Manifest) -> list[Problem]:
     """What loading would find in the intact skeleton and weight file, checked by the shim's own code so that verify
     and load() can never disagree: every external reference of the skeleton against the weight index
@@ -166,9 +197,11 @@ def _check_contents(root: Path, manifest: Manifest) -> list[Problem]:
 
     problems: list[Problem] = []
     try:
-        plan_skeleton(manifest, root)
+        plan = plan_skeleton(manifest, root)
     except BundleError as e:
         problems.append(Problem(kind="index", path=manifest.skeleton.file.path, message=str(e), hint=e.hint))
+    else:
+        problems += _check_skeleton_model(manifest.skeleton.file.path, plan.skeleton)
     try:
         with WeightReader(root, manifest.weights, verify_raw=True) as reader:
             for _ in reader.iter_blobs():

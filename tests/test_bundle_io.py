@@ -306,3 +306,20 @@ def test_verify_decodes_every_frame_like_load_does(copy: Path) -> None:
     problems = [p for p in verify_bundle(copy) if p.kind != "warning"]
     assert [p.path for p in problems] == [new_rel], problems
     assert "frame" in problems[0].message and "sha256" in problems[0].message
+
+
+def test_verify_refuses_a_skeleton_re_pinned_to_an_empty_model(copy: Path) -> None:
+    """An empty file parses as an empty ModelProto with no external reference: only a look at the model can tell."""
+    import hashlib
+
+    m, _ = read_manifest(copy)
+    (copy / m.skeleton.file.path).unlink()
+    sha = hashlib.sha256(b"").hexdigest()
+    rel = f"skeleton/{sha}.onnx"
+    (copy / rel).write_bytes(b"")
+    doc = json.loads((copy / MANIFEST_NAME).read_text())
+    doc["skeleton"]["file"].update(path=rel, sha256=sha, size=0)
+    (copy / MANIFEST_NAME).write_text(json.dumps(doc, indent=1, sort_keys=True))
+    problems = [p for p in verify_bundle(copy) if p.kind != "warning"]
+    assert [p.path for p in problems] == [rel], problems
+    assert "not an ONNX model" in problems[0].message and "graph.output" in problems[0].message

@@ -142,20 +142,10 @@ def _plan(bundle: Path, cache: UserCache, machine: Machine, device: int | None) 
     if not bundle.is_file():
         return plan(bundle, cache, machine=machine, device=device)
     from runtime_shim.archive import read_archive_manifest
-    from runtime_shim.cache_key import model_id
-    from runtime_shim.select import assess, pick_gpu, rank_caches, rank_engines
+    from runtime_shim.select import plan_for
 
     manifest, warnings, raw = read_archive_manifest(bundle)
-    here = assess(machine, pick_gpu(machine, device))
-    have_user = here.key is not None and cache.has_runtime_cache(model_id(manifest), here.key)
-    return Plan(
-        manifest,
-        warnings,
-        here,
-        rank_engines(manifest, here),
-        rank_caches(manifest, here, have_user),
-        manifest_sha256=hashlib.sha256(raw).hexdigest(),
-    )
+    return plan_for(manifest, warnings, hashlib.sha256(raw).hexdigest(), cache, machine=machine, device=device)
 
 
 NATIVE_HINT = (

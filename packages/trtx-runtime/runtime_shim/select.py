@@ -319,6 +319,19 @@ class Plan:
 def plan(bundle_path: str | Path, user_cache: UserCache, *, machine: Machine, device: int | None = None) -> Plan:
     """Read and validate the manifest, then rank its engines and caches for ``machine`` (a probe) and its GPU."""
     manifest, warnings, manifest_sha256 = read_manifest_sha256(bundle_path)
+    return plan_for(manifest, warnings, manifest_sha256, user_cache, machine=machine, device=device)
+
+
+def plan_for(
+    manifest: Manifest,
+    warnings: list[str],
+    manifest_sha256: str,
+    user_cache: UserCache,
+    *,
+    machine: Machine,
+    device: int | None = None,
+) -> Plan:
+    """plan() for a manifest already read (from a directory, or in place from an archive)."""
     here = assess(machine, pick_gpu(machine, device))
     have_user = here.key is not None and user_cache.has_runtime_cache(model_id(manifest), here.key)
     return Plan(

@@ -51,21 +51,45 @@ def _choice_lines(title: str, choices: list[Choice]) -> list[str]:
     return out
 
 
-@main.command(exit_codes={0: "the report was printed (also when TensorRT for RTX cannot run here)"})
+@main.command(
+    exit_codes={
+        0: "the report was printed (also when TensorRT for RTX cannot run here); --selftest: every step passed",
+        1: "error: a message (ERROR ...) and a hint on stderr; --selftest: a step failed (the JSON report says which)",
+        3: "--selftest: TensorRT for RTX cannot run on this machine (verdict cannot_run, with the reason)",
+    }
+)
 @click.argument("bundle", required=False, type=click.Path(exists=True, path_type=Path))
 @click.option("--app", default="MyApp", show_default=True, help="App name: picks the user cache dir the app would use.")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), help="Use this cache dir instead.")
 @click.option("--device", type=int, help="GPU index to consider (default: the first TRT-RTX supports).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON report on stdout.")
+@click.option(
+    "--selftest",
+    is_flag=True,
+    help="Run the whole GPU path on the built-in demo model and print one JSON report to attach to a bug report.",
+)
 @render_errors
-def doctor(bundle: Path | None, app: str, cache_dir: Path | None, device: int | None, as_json: bool) -> None:
+def doctor(
+    bundle: Path | None, app: str, cache_dir: Path | None, device: int | None, as_json: bool, selftest: bool
+) -> None:
     """What this machine is, and what a bundle would run on here, and why.
 
     \b
     Prints the probe (OS, TRT-RTX, driver, GPUs), whether TensorRT for RTX can run here, and for BUNDLE
     the ranked engines and runtime caches with the reason each was taken or passed over. BUNDLE is a
     bundle directory or a .trtx archive (its manifest is read in place; nothing is extracted).
+
+    \b
+    --selftest (no BUNDLE) bundles the demo model in a temporary directory, builds a weightless engine
+    for this GPU, refits it from the weight store, saves the runtime cache and loads it again, and runs
+    every specialization strategy (lazy, eager, none) with CUDA graphs on and off, comparing each
+    output with ONNX Runtime on the original model. It prints one JSON report (machine, versions, each
+    step with its status, time and max abs difference, the verdict); where TensorRT for RTX cannot run
+    it says why (verdict cannot_run, exit code 3).
     """
+    if selftest:
+        _selftest(bundle, device)
+        return
     machine = probe()
     cache = UserCache(app, cache_dir)
     report: dict[str, Any] = {"machine": machine.to_dict(), "cache_dir": str(cache.dir)}
@@ -135,6 +159,23 @@ def doctor(bundle: Path | None, app: str, cache_dir: Path | None, device: int | 
         else f"TensorRT for RTX cannot run {'this bundle ' if bundle else ''}here: {why}"
     )
     result("\n".join(out))
+
+
+def _selftest(bundle: Path | None, device: int | None) -> None:
+    """doctor --selftest: the JSON report on stdout, one line on stderr, the verdict's exit code."""
+    if bundle is not None:
+        raise click.UsageError("--selftest runs on the built-in demo model: it takes no BUNDLE")
+    from .. import selftest as st
+
+    report = st.run_selftest(device=device)
+    emit_json(report.to_dict())
+    if report.verdict == "cannot_run":
+        click.echo(f"selftest cannot run here: {report.reason}", err=True)
+    elif report.verdict == "failed":
+        click.echo(f"selftest FAILED: {report.reason}", err=True)
+    else:
+        info(f"selftest passed: {len(report.steps)} steps in {report.seconds:.1f} s")
+    click.get_current_context().exit(report.exit_code)
 
 
 def _plan(bundle: Path, cache: UserCache, machine: Machine, device: int | None) -> Plan:

@@ -150,8 +150,8 @@ def run_selftest(
     )
     situation = assess(machine, gpu)
     blocker = situation.blocker
-    if blocker is None and device is not None and gpu is None:
-        blocker = f"no GPU with index {device} (found: {', '.join(str(g.index) for g in machine.gpus) or 'none'})"
+    if device is not None and gpu is None and machine.gpus:  # --device names a GPU this machine does not have
+        blocker = f"no GPU with index {device} (found: {', '.join(str(g.index) for g in machine.gpus)})"
     if blocker is not None or gpu is None:
         report.reason = f"TensorRT for RTX cannot run on this machine: {blocker or 'no NVIDIA GPU was found'}"
         report.steps = [Step(name=n, error="skipped: TensorRT for RTX cannot run on this machine") for n in STEPS]

@@ -159,6 +159,11 @@ def test_where_trt_rtx_cannot_run_it_says_why_with_exit_3(tmp_path, where) -> No
     assert not (tmp_path / "w").exists(), "nothing is written where it cannot run"
 
 
+def test_a_device_this_machine_lacks_cannot_run(tmp_path) -> None:
+    report = selftest.run_selftest(workdir=tmp_path / "w", device=3, probe=lambda: RTX4090_MACHINE)
+    assert report.exit_code == 3 and report.reason.endswith("no GPU with index 3 (found: 0)")
+
+
 @pytest.mark.skipif(WHY_NOT_HERE is None, reason="this machine has a GPU TensorRT for RTX supports: it can run")
 def test_doctor_selftest_cannot_run_on_this_machine() -> None:
     res = CliRunner().invoke(main, ["doctor", "--selftest"])

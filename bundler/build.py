@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from runtime_shim.errors import BundleError, EngineBuildError, ManifestError, ModelError
-from runtime_shim.fsutil import atomic_write, sha256_bytes
+from runtime_shim.fsutil import atomic_write, disk_errors, sha256_bytes
 from runtime_shim.manifest import (
     MANIFEST_NAME,
     Creator,
@@ -108,8 +108,21 @@ def build_bundle(
 ) -> BuildResult:
     """Turn ``onnx_path`` into a verified bundle at ``out_dir`` (see the module docstring for the directory rule).
 
-    ``probe`` replaces runtime_shim.machine.probe when deciding on a weightless engine (tests).
+    ``probe`` replaces runtime_shim.machine.probe when deciding on a weightless engine (tests). A full or read-only
+    disk is a BundleError naming the place; the temp directory is gone and nothing at ``out_dir`` changed.
     """
+    with disk_errors(out_dir, "write the bundle here"):
+        return _build_bundle(onnx_path, out_dir, options=options, progress=progress, probe=probe)
+
+
+def _build_bundle(
+    onnx_path: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    options: BuildOptions,
+    progress: Progress | None,
+    probe: Callable[[], Any] | None,
+) -> BuildResult:
     progress = progress or _Quiet()
     # abspath: "." or "bundle/" must still give a real name and parent for the temp sibling directory.
     src, out = Path(onnx_path), Path(os.path.abspath(out_dir))

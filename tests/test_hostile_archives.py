@@ -660,3 +660,31 @@ def test_mutated_part_json_ends_in_a_clean_error_or_a_sound_bundle(merge_bundle:
         assert _leftovers(tmp_path) == []
     assert fatal_free(merge_bundle) and outcomes["error"] > 0
     print(f"part.json mutations: {outcomes}")
+
+
+@pytest.mark.parametrize("disk_kind", ["read-only", "full"])
+@pytest.mark.parametrize("command", ["build", "run -o"])
+def test_build_and_run_output_on_a_bad_disk(
+    bundle: Path, tmp_path: Path, tmpfs: Callable[..., Path], command: str, disk_kind: str
+) -> None:
+    """Issue 11, hole 7: build and run -o write where the user says; a read-only or full disk is one ERROR line
+    naming the place, and nothing is left there."""
+    import numpy as np
+
+    disk = tmpfs("ro", ro=True) if disk_kind == "read-only" else tmpfs("full", size="1m")
+    if disk_kind == "full":
+        _fill(disk)
+    before = sorted(p.name for p in disk.iterdir())
+    if command == "build":
+        model = models.make_mlp(tmp_path / "m")
+        r = _cli("build", str(model), "-o", str(disk / "b"), "--shape", "x=1x64:4x64:16x64", "--no-weightful")
+    else:
+        np.save(tmp_path / "x.npy", np.ones((16, 64), dtype=np.float32))
+        env_cache = str(tmp_path / "cache")
+        r = _cli(
+            "run", str(bundle), "--input", f"x={tmp_path / 'x.npy'}", "-o", str(disk / "out"), "--cache-dir", env_cache
+        )
+    want = "Read-only file system" if disk_kind == "read-only" else "No space left on device"
+    line = _clean_failure(r, want)
+    assert str(disk) in line
+    assert sorted(p.name for p in disk.iterdir()) == before

@@ -21,6 +21,7 @@ from typing import Any
 import click
 
 from runtime_shim.errors import BundleError
+from runtime_shim.fsutil import os_error_hint, os_error_path
 
 from .. import __version__
 
@@ -44,6 +45,14 @@ def render_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             if e.hint:
                 click.echo(f"hint: {e.hint}", err=True)
             sys.exit(getattr(e, "exit_code", EXIT_ERROR))
+        except OSError as e:
+            # A file operation the library does not wrap (a full or read-only disk where the output goes, say):
+            # still one line naming the file. The traceback stays available with -vv, for a bug report.
+            logging.getLogger(__name__).debug("OSError in %s", fn.__name__, exc_info=True)
+            where = os_error_path(e)
+            click.secho(f"ERROR {where + ': ' if where else ''}{e.strerror or e}", fg="red", err=True)
+            click.echo(f"hint: {os_error_hint(e) or 'check the path and run it again'}", err=True)
+            sys.exit(EXIT_ERROR)
 
     return wrapper
 

@@ -5,14 +5,15 @@ from __future__ import annotations
 import hashlib
 import io
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
 import click
 import numpy as np
 
-from runtime_shim.errors import InputError
-from runtime_shim.fsutil import atomic_write
+from runtime_shim.errors import BundleError, InputError
+from runtime_shim.fsutil import atomic_write, disk_errors
 from runtime_shim.machine import Machine, probe, trt_rtx_supports
 from runtime_shim.select import Choice, Plan
 from runtime_shim.session import load, plan
@@ -289,21 +290,29 @@ def run(
         report = session.report
     saved: dict[str, Any] = {}
     used: set[str] = set()
-    if output_dir is not None:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    for name, array in outputs.items():
-        entry: dict[str, Any] = {"shape": list(array.shape), "dtype": array.dtype.name}
-        if output_dir is not None:
-            stem = re.sub(r"[^A-Za-z0-9._-]+", "_", name).lstrip(".") or "output"  # tensor names may hold '/' or ':'
-            while stem in used:  # two names that sanitize alike must not overwrite each other
-                stem += "_"
-            used.add(stem)
-            target = output_dir / f"{stem}.npy"
-            buf = io.BytesIO()
-            np.save(buf, array, allow_pickle=False)
-            atomic_write(target, buf.getvalue())
-            entry["file"] = str(target)
-        saved[name] = entry
+    created = output_dir is not None and not output_dir.exists()
+    try:
+        with disk_errors(output_dir or ".", "write the outputs here"):
+            if output_dir is not None:
+                output_dir.mkdir(parents=True, exist_ok=True)
+            for name, array in outputs.items():
+                entry: dict[str, Any] = {"shape": list(array.shape), "dtype": array.dtype.name}
+                if output_dir is not None:
+                    # tensor names may hold '/' or ':'
+                    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", name).lstrip(".") or "output"
+                    while stem in used:  # two names that sanitize alike must not overwrite each other
+                        stem += "_"
+                    used.add(stem)
+                    target = output_dir / f"{stem}.npy"
+                    buf = io.BytesIO()
+                    np.save(buf, array, allow_pickle=False)
+                    atomic_write(target, buf.getvalue())
+                    entry["file"] = str(target)
+                saved[name] = entry
+    except BundleError:
+        if created and output_dir is not None:  # a folder this run made holds only this run's outputs
+            shutil.rmtree(output_dir, ignore_errors=True)
+        raise
     if as_json:
         emit_json({"report": report.to_dict(), "outputs": saved})
         return

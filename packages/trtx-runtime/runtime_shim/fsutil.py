@@ -169,6 +169,19 @@ def os_error_path(e: OSError) -> str | None:
     return None if e.filename is None else os.fsdecode(e.filename)
 
 
+@contextlib.contextmanager
+def disk_errors(target: str | os.PathLike[str], what: str) -> Iterator[None]:
+    """Turn a failed write of ``what`` at ``target`` (full or read-only disk, permission, quota) into one BundleError
+    naming the file and what to do; other OSErrors pass through unchanged."""
+    try:
+        yield
+    except OSError as e:
+        hint = os_error_hint(e)
+        if hint is None:
+            raise
+        raise BundleError(f"{os_error_path(e) or target}: cannot {what}: {e.strerror or e}", hint=hint) from None
+
+
 # --------------------------------------------------------------------------- temp dirs that a later run can sweep
 # A crashed writer (kill -9, power loss) leaves its temp dir behind. Each owned temp dir is flock-ed by its owner
 # for as long as it lives, so a later run can tell a dead owner's dir (lock free) from a live one (lock held).

@@ -27,6 +27,7 @@ except Exception as e:
     print(type(e).__name__ + ":", e)
     print("hint:", getattr(e, "hint", None))
 '
+  echo "== trtx-bundle doctor --selftest (exit 3 and the reason where TRT-RTX cannot run)"; tb doctor --selftest; echo "rc=$?"
   echo "== trtx-bundle farm-job"; tb farm-job /tmp/demo/bundle -o /tmp/part; echo "rc=$?"
   test -e /tmp/part && echo "UNEXPECTED: /tmp/part exists" || echo "nothing written (/tmp/part absent)"
 } 2>&1 | tee "$out/hopper.log"

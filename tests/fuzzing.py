@@ -13,6 +13,7 @@ import json
 import multiprocessing
 import os
 import random
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
@@ -53,6 +54,15 @@ class Outcome:
 
 
 # --------------------------------------------------------------------------- byte, length and type mutations
+
+_ONNXRUNTIME_OWN = re.compile(r"^(\.ses|mat-debug-\d+\.log)$")
+
+
+def _onnxruntime_own(name: str) -> bool:
+    """A file ONNX Runtime itself leaves in $TMPDIR (not this project's code): never counted as left behind."""
+    return _ONNXRUNTIME_OWN.match(name) is not None
+
+
 def mutate_bytes(
     data: bytes, mutation: str, rng: random.Random, lo: int = 0, hi: int | None = None
 ) -> tuple[bytes, str]:
@@ -467,11 +477,12 @@ class Runner:
         if (case_dir / "precious" / "keep.txt").read_bytes() != b"existing data that no case may destroy\n":
             outcome = Outcome("bad", "existing data destroyed", outcome.detail)
         left = sorted(p.name for p in case_dir.iterdir() if p.name not in KEEP_NAMES)
-        # .ses: ONNX Runtime's own session marker (its telemetry also writes ~/.cache/Microsoft), not ours
-        left += sorted(f"$TMPDIR/{p.name}" for p in (self.sandbox / "tmp").iterdir() if p.name != ".ses")
+        # ONNX Runtime's own files, not ours: .ses, its session marker (its telemetry also writes ~/.cache/Microsoft),
+        # and mat-debug-<pid>.log, which libonnxruntime 1.30 writes (seen on the lent GPU machine's image)
+        left += sorted(f"$TMPDIR/{p.name}" for p in (self.sandbox / "tmp").iterdir() if not _onnxruntime_own(p.name))
         if left and outcome.kind != "bad":
             outcome = Outcome("bad", f"left behind: {left}", outcome.detail)
-        for p in [case_dir, *(p for p in (self.sandbox / "tmp").iterdir() if p.name != ".ses")]:
+        for p in [case_dir, *(p for p in (self.sandbox / "tmp").iterdir() if not _onnxruntime_own(p.name))]:
             _remove(p)
         return outcome
 

@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .archive import unpack_for
 from .backend import LoadOptions, TrtRuntimeFactory, open_backend, real_trt_runtime
 from .cache_key import model_id
 from .errors import BundleError
@@ -80,6 +79,8 @@ class Loader:
         user_cache = UserCache(app, cache_dir)
         user_cache.sweep()  # what runs killed mid-write left: a few directory listings when there is none
         if bundle_dir.is_file():  # a .trtx archive: unpacked (and checked) once into the user cache, then reused
+            from .archive import unpack_for  # tarfile and its compressors load only for archives
+
             bundle_dir = unpack_for(bundle_dir, user_cache)
         p = plan(bundle_dir, user_cache, machine=self.probe(), device=device)  # steps 1-4
         for w in p.warnings:

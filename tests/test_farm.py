@@ -350,3 +350,24 @@ def test_farm_job_on_a_model_trt_rtx_cannot_parse_stops_before_building(tmp_path
     assert "manifest.json" in str(e.value) and models.UNSUPPORTED_OP in str(e.value)
     assert "ONNX Runtime fallback" in (e.value.hint or "")
     assert fake.builds == 0 and not (tmp_path / "part").exists()
+
+
+@pytest.mark.skipif(SERVABLE, reason="this machine has a GPU TensorRT for RTX supports: it is not refused")
+def test_farm_job_takes_the_archive_too(tmp_path: Path, bundle: Path) -> None:
+    """A .trtx archive is extracted (checked) for the job; here the machine is then refused like for a directory,
+    and a damaged archive is one clean error. Nothing is left behind either way."""
+    from bundler.archive import pack_bundle
+
+    archive = pack_bundle(bundle, tmp_path / "b.trtx").path
+    listing = sorted(p.name for p in tmp_path.iterdir())
+    res = CliRunner().invoke(main, ["farm-job", str(archive), "-o", str(tmp_path / "part")])
+    assert res.exit_code == EXIT_UNSERVABLE, res.output
+    assert "ERROR this machine cannot serve TensorRT for RTX" in res.stderr
+    damaged = tmp_path / "damaged.trtx"
+    data = bytearray(archive.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # inside a pinned file's bytes: its sha256 no longer matches
+    damaged.write_bytes(data)
+    listing = sorted(p.name for p in tmp_path.iterdir())
+    res = CliRunner().invoke(main, ["farm-job", str(damaged), "-o", str(tmp_path / "part")])
+    assert res.exit_code == 1 and "Traceback" not in res.output and str(damaged) in res.stderr, res.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == listing

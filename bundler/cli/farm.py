@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import click
@@ -24,7 +27,7 @@ from .app import result as say
         "not even the -o/--out directory.",
     },
 )
-@click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("bundle", type=click.Path(exists=True, path_type=Path))
 @click.option(
     "-o",
     "--out",
@@ -60,6 +63,8 @@ def farm_job(
     """Build this GPU's weightless engine and pregenerate its runtime cache, as a part for `merge`.
 
     \b
+    BUNDLE is a bundle directory or its .trtx archive (extracted, verified, into a temporary
+    directory for the job; the part then merges into the bundle it was packed from).
     Runs on a farm machine (a CI runner with the target GPU). Serves CUDA device 0; pick another
     GPU with CUDA_VISIBLE_DEVICES. The engine is built only if BUNDLE has none for this SM and
     TRT-RTX version. The warm-up runs with EAGER kernel specialization under every profile.
@@ -70,9 +75,10 @@ def farm_job(
 
         settings = farm_settings(load_config(config_path).farm, source=str(config_path))
     extra = [*settings.warmup, *(parse_warmup_arg(w) for w in warmups)]
-    result = run_farm_job(
-        bundle, part_dir, warmups=extra, rounds=rounds or settings.rounds or DEFAULT_ROUNDS, progress=info
-    )
+    with _as_directory(bundle) as bundle_dir:
+        result = run_farm_job(
+            bundle_dir, part_dir, warmups=extra, rounds=rounds or settings.rounds or DEFAULT_ROUNDS, progress=info
+        )
     part = result.part
     k = part.runtime_cache.key
     if as_json:
@@ -147,3 +153,16 @@ def merge(bundle: Path, part_dirs: tuple[Path, ...], out: Path | None, prefer: s
         f"{len(report.conflicts)} conflict(s)"
     )
     say("\n".join(lines))
+
+
+@contextlib.contextmanager
+def _as_directory(bundle: Path) -> Iterator[Path]:
+    """The bundle directory itself, or an archive extracted (every file checked) into a temp dir for the job."""
+    if not bundle.is_file():
+        yield bundle
+        return
+    from runtime_shim.archive import extract_archive
+
+    with tempfile.TemporaryDirectory(prefix="trtx-farm-bundle-") as tmp:
+        extract_archive(bundle, Path(tmp) / "bundle")
+        yield Path(tmp) / "bundle"

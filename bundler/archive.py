@@ -15,9 +15,9 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from runtime_shim.archive import disk_errors, extract_archive
+from runtime_shim.archive import extract_archive
 from runtime_shim.errors import ArchiveError
-from runtime_shim.fsutil import atomic_writer
+from runtime_shim.fsutil import atomic_writer, disk_errors
 from runtime_shim.manifest import MANIFEST_NAME, Manifest, read_manifest
 
 from .bundle_io import raise_for_problems, verify_bundle

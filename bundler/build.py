@@ -111,7 +111,7 @@ def build_bundle(
     ``probe`` replaces runtime_shim.machine.probe when deciding on a weightless engine (tests). A full or read-only
     disk is a BundleError naming the place; the temp directory is gone and nothing at ``out_dir`` changed.
     """
-    with disk_errors(out_dir, "write the bundle here"):
+    with disk_errors(out_dir, "cannot write the bundle here", "nothing was written there"):
         return _build_bundle(onnx_path, out_dir, options=options, progress=progress, probe=probe)
 
 

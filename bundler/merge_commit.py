@@ -30,9 +30,9 @@ from runtime_shim.fsutil import (
     CHUNK,
     atomic_write,
     atomic_writer,
+    disk_errors,
     open_regular_file,
     os_error_hint,
-    os_error_path,
     owned_temp_dir,
     sweep_stale_temp_dirs,
 )
@@ -116,19 +116,13 @@ def commit(
     say: Callable[[str], None],
 ) -> None:
     """Write the merged bundle (see the module docstring); disk errors become MergeError, the bundle left as it was."""
-    try:
+    kept = "the bundle was left as it was" if in_place else "nothing was written"
+    with disk_errors(target, "cannot write the merged bundle", kept, error=MergeError):
         target.parent.mkdir(parents=True, exist_ok=True)
         for stale in sweep_stale_temp_dirs(target.parent, stage_prefix(target)):
             say(f"removed {stale}, left behind by a merge that did not finish")
         with owned_temp_dir(target.parent, stage_prefix(target)) as stage:
             _commit(bundle, target, stage, manifest, new_files, dropped, in_place=in_place, say=say)
-    except OSError as e:
-        kept = "the bundle was left as it was" if in_place else "nothing was written"
-        culprit = os_error_path(e)
-        at = f" (at {culprit})" if culprit and culprit != str(target) else ""
-        raise MergeError(
-            f"{target}: cannot write the merged bundle: {e.strerror or e}{at}; {kept}", hint=os_error_hint(e)
-        ) from None
 
 
 def _commit(

@@ -292,7 +292,7 @@ def run(
     used: set[str] = set()
     created = output_dir is not None and not output_dir.exists()
     try:
-        with disk_errors(output_dir or ".", "write the outputs here"):
+        with disk_errors(output_dir or ".", "cannot write the outputs here", "no output was kept"):
             if output_dir is not None:
                 output_dir.mkdir(parents=True, exist_ok=True)
             for name, array in outputs.items():

@@ -35,9 +35,9 @@ from .errors import ArchiveError, BundleError, IntegrityError, ManifestError
 from .fsutil import (
     CHUNK,
     atomic_writer,
+    disk_errors,
     open_regular_file,
     os_error_hint,
-    os_error_path,
     owned_temp_dir,
     sweep_stale_temp_dirs,
 )
@@ -75,17 +75,6 @@ def raise_file_problems(problems: list[FileProblem], *, what: str) -> None:
 def is_archive(path: str | os.PathLike[str]) -> bool:
     """Whether ``path`` names a file (an archive) rather than a bundle directory."""
     return Path(path).is_file()
-
-
-@contextmanager
-def disk_errors(target: Path, doing: str, kept: str) -> Iterator[None]:
-    """An OSError (full disk, read-only file system, permissions) becomes one BundleError naming the target."""
-    try:
-        yield
-    except OSError as e:
-        culprit = os_error_path(e)
-        at = f" (at {culprit})" if culprit and culprit != str(target) else ""
-        raise BundleError(f"{target}: {doing}: {e.strerror or e}{at}; {kept}", hint=os_error_hint(e)) from None
 
 
 @contextmanager

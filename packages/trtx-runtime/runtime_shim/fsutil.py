@@ -170,16 +170,17 @@ def os_error_path(e: OSError) -> str | None:
 
 
 @contextlib.contextmanager
-def disk_errors(target: str | os.PathLike[str], what: str) -> Iterator[None]:
-    """Turn a failed write of ``what`` at ``target`` (full or read-only disk, permission, quota) into one BundleError
-    naming the file and what to do; other OSErrors pass through unchanged."""
+def disk_errors(
+    target: str | os.PathLike[str], doing: str, kept: str, *, error: type[BundleError] = BundleError
+) -> Iterator[None]:
+    """An OSError while writing at ``target`` (full disk, read-only file system, permissions) becomes one ``error``
+    naming the target, what failed, the file it failed on where that is another one, and what was kept."""
     try:
         yield
     except OSError as e:
-        hint = os_error_hint(e)
-        if hint is None:
-            raise
-        raise BundleError(f"{os_error_path(e) or target}: cannot {what}: {e.strerror or e}", hint=hint) from None
+        culprit = os_error_path(e)
+        at = f" (at {culprit})" if culprit and culprit != str(target) else ""
+        raise error(f"{target}: {doing}: {e.strerror or e}{at}; {kept}", hint=os_error_hint(e)) from None
 
 
 # --------------------------------------------------------------------------- temp dirs that a later run can sweep

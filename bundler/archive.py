@@ -1,8 +1,9 @@
 """The one-file form of a bundle: pack to a deterministic tar; unpack only what its manifest pins, checked first.
 
 The archive is a plain (uncompressed) tar: the weight store is zstd already and engines barely compress,
-so compression would cost time for nothing. Entries: manifest.json first, then the pinned files in sorted
-order, all with mtime 0, uid/gid 0, mode 0644, so the same bundle always packs to the same bytes.
+so compression would cost time for nothing. Entries: manifest.json first, then its signature manifest.sig
+where there is one, then the pinned files in sorted order, all with mtime 0, uid/gid 0, mode 0644, so the
+same bundle always packs to the same bytes.
 
 Reading an archive (its rules against hostile archives, the in-place reads, the safe extraction) lives in
 runtime_shim.archive, which the runtime uses too (load() of a .trtx); unpack_bundle is its extraction.
@@ -10,6 +11,7 @@ runtime_shim.archive, which the runtime uses too (load() of a .trtx); unpack_bun
 
 from __future__ import annotations
 
+import io
 import os
 import tarfile
 from dataclasses import dataclass
@@ -19,6 +21,7 @@ from runtime_shim.archive import extract_archive
 from runtime_shim.errors import ArchiveError
 from runtime_shim.fsutil import atomic_writer, disk_errors
 from runtime_shim.manifest import MANIFEST_NAME, Manifest, read_manifest
+from runtime_shim.signing import SIGNATURE_NAME, read_signature
 
 from .bundle_io import raise_for_problems, verify_bundle
 
@@ -47,6 +50,7 @@ def pack_bundle(bundle_dir: str | os.PathLike[str], out_file: str | os.PathLike[
             hint="choose an output path outside the bundle directory",
         )
     manifest, _ = read_manifest(root)
+    signature = read_signature(root)  # travels right after the manifest it signs; a regular file, capped
     names = [MANIFEST_NAME] + sorted({ref.path for _, ref in manifest.files()})
     with disk_errors(out, "cannot write the archive", _BAD_DISK):
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -59,8 +63,12 @@ def pack_bundle(bundle_dir: str | os.PathLike[str], out_file: str | os.PathLike[
                     info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = 0, 0o644, 0, 0, "", ""
                     with open(path, "rb") as src:
                         tar.addfile(info, src)
+                    if name == MANIFEST_NAME and signature is not None:
+                        sig = tarfile.TarInfo(SIGNATURE_NAME)
+                        sig.size, sig.mtime, sig.mode, sig.uname, sig.gname = len(signature), 0, 0o644, "", ""
+                        tar.addfile(sig, io.BytesIO(signature))
         size = out.stat().st_size
-    return PackResult(path=out, size=size, files=len(names), left_out=extras)
+    return PackResult(path=out, size=size, files=len(names) + (signature is not None), left_out=extras)
 
 
 # --------------------------------------------------------------------------- unpack

@@ -15,6 +15,7 @@ from pathlib import Path
 from runtime_shim.errors import IntegrityError, ManifestError, SchemaVersionError
 from runtime_shim.fsutil import sha256_file
 from runtime_shim.manifest import MANIFEST_NAME, Manifest, read_manifest
+from runtime_shim.signing import SIGNATURE_NAME
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -84,6 +85,8 @@ def verify_bundle(bundle_dir: str | os.PathLike[str], *, header_check: HeaderChe
     if not any(p.path in contents for p in problems):
         problems += _check_contents(root, manifest)
     for rel in unlisted_files(root, manifest):
+        if rel == SIGNATURE_NAME:
+            continue  # the signature is the one file the manifest cannot pin; bundler/sign.py checks it
         problems.append(
             Problem(
                 kind="extra",

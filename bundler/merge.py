@@ -19,6 +19,7 @@ from runtime_shim.errors import IntegrityError
 from runtime_shim.fsutil import CHUNK, open_regular_file, os_error_hint
 from runtime_shim.machine import sm_text
 from runtime_shim.manifest import MANIFEST_NAME, CacheKey, Engine, FileRef, Manifest, RuntimeCache, read_manifest_sha256
+from runtime_shim.signing import SIGNATURE_NAME, signature_status
 
 from .bundle_io import check_pinned_files, raise_for_problems
 from .merge_commit import LOCK_TIMEOUT_S, MergeError, bundle_lock, commit
@@ -57,6 +58,7 @@ class MergeReport:
     caches_added: tuple[RuntimeCache, ...] = ()
     conflicts: tuple[CacheConflict, ...] = ()
     notes: tuple[str, ...] = field(default=())
+    signature_removed: bool = False  # the bundle was signed; the merged manifest is not (sign it again)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -67,6 +69,7 @@ class MergeReport:
             "caches_added": [c.to_dict() for c in self.caches_added],
             "conflicts": [c.to_dict() for c in self.conflicts],
             "notes": list(self.notes),
+            "signature_removed": self.signature_removed,
         }
 
 
@@ -170,6 +173,8 @@ def _merge(
     added_caches = tuple(c for c in caches if c.file.sha256 in cache_src)
     new_manifest = replace(manifest, engines=tuple(engines), runtime_caches=tuple(caches))
     Manifest.from_dict(new_manifest.to_dict(), source="the merged manifest")  # the same checks a reader will make
+    # A signature covers manifest.json's bytes: the merged manifest is another one, so the commit leaves it out.
+    unsigned = signature_status(bundle).present and not (new_manifest == manifest and out is None)
     report = MergeReport(
         bundle=bundle,
         out=target,
@@ -178,6 +183,7 @@ def _merge(
         caches_added=added_caches,
         conflicts=tuple(conflicts),
         notes=tuple(notes),
+        signature_removed=unsigned,
     )
     if new_manifest == manifest and out is None:
         say("nothing new: every engine and cache of these parts is already in the bundle")
@@ -194,6 +200,15 @@ def _merge(
         check_pinned_files(bundle, manifest, only=carried), what=f"{bundle}: cannot merge into a damaged bundle"
     )
     commit(bundle.resolve(), target, new_manifest, new_files, dropped, in_place=out is None, say=say)
+    if unsigned:
+        log.warning(
+            "%s: its signature (%s) does not cover the merged manifest and was %s; sign it again: "
+            "trtx-bundle sign %s --key PRIVATE.pem (or --keyless)",
+            bundle if out is None else target,
+            SIGNATURE_NAME,
+            "removed" if out is None else f"not carried over from {bundle}",
+            bundle if out is None else target,
+        )
     return report
 
 

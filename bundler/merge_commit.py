@@ -4,8 +4,9 @@ The new bundle is assembled in a temp directory beside the target (existing file
 copied while their sha256 is checked), then committed with one rename: to ``-o OUT``, or, in place, by
 atomically exchanging it with the bundle directory (Linux ``renameat2(RENAME_EXCHANGE)``). A crash before
 that point leaves the bundle exactly as it was. Where no atomic exchange exists (Windows, some file systems)
-the new files are moved in and manifest.json is replaced last: a crash then leaves the old manifest with
-every file it pins intact, but possibly unlisted files that ``verify`` reports as extra.
+the new files are moved in, the old signature (manifest.sig) set aside and manifest.json replaced last: a crash
+then leaves the old manifest with every file it pins intact (unsigned if the crash came between the two), but
+possibly unlisted files that ``verify`` reports as extra. A new bundle never carries the old signature.
 
 A crash also leaves the temp directory; it is flock-ed while its merge lives, so the next merge beside it
 removes it once its owner is gone (fsutil.owned_temp_dir). Merges of one bundle are serialized by a lock
@@ -37,6 +38,7 @@ from runtime_shim.fsutil import (
     sweep_stale_temp_dirs,
 )
 from runtime_shim.manifest import MANIFEST_NAME, FileRef, Manifest
+from runtime_shim.signing import SIGNATURE_NAME
 
 log = logging.getLogger(__name__)
 
@@ -206,6 +208,7 @@ def _move_in(
 ) -> None:
     """Move the new files into the bundle, then replace manifest.json; on an error, take the moved files out again."""
     placed: list[Path] = []
+    signature, set_aside = bundle / SIGNATURE_NAME, stage / SIGNATURE_NAME
     try:
         for rel in sorted(new_files):
             dest = bundle / rel
@@ -214,10 +217,15 @@ def _move_in(
             dest.parent.mkdir(parents=True, exist_ok=True)
             os.replace(stage / rel, dest)
             placed.append(dest)
+        # The old signature goes before the new manifest comes: never a stale signature beside a new manifest.
+        if os.path.lexists(signature):
+            os.replace(signature, set_aside)
         atomic_write(bundle / MANIFEST_NAME, manifest.to_json())
     except BaseException:
         for p in placed:
             p.unlink(missing_ok=True)
+        if os.path.lexists(set_aside):
+            os.replace(set_aside, signature)  # the old manifest stays, so its signature does too
         raise
     for rel in sorted(dropped):  # caches a conflict replaced: no longer listed, so they must go
         (bundle / rel).unlink(missing_ok=True)

@@ -237,12 +237,27 @@ def _dims(shape: list) -> str:
 @main.command(exit_codes={1: "the bundle has problems (listed on stdout), or it cannot be read"})
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the problems as JSON on stdout.")
-def verify(bundle: Path, as_json: bool) -> None:
+@click.option(
+    "--key",
+    "keys",
+    multiple=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Trusted PEM public key: manifest.sig must be a signature by it (repeat: by one of them).",
+)
+@click.option("--identity", help="Keyless: the signer's identity (e.g. the CI workflow's URL); with --issuer.")
+@click.option(
+    "--issuer", help="Keyless: the OIDC issuer of --identity (e.g. https://token.actions.githubusercontent.com)."
+)
+def verify(bundle: Path, as_json: bool, keys: tuple[Path, ...], identity: str | None, issuer: str | None) -> None:
     """Check the schema and every file's size and sha256; name what is missing, changed, truncated or extra.
 
     BUNDLE is a bundle directory or a .trtx archive. An archive is checked in place: every entry is read
     through the unpack rules and hashed, and nothing is written (engine headers are not checked there).
+    The signature (manifest.sig) is checked with --key, or --identity and --issuer; without them verify
+    only says whether the bundle is signed.
     """
+    if (identity is None) != (issuer is None) or (keys and identity):
+        raise click.UsageError("keyless verification takes --identity and --issuer together, and no --key")
     from ..bundle_io import Problem, verify_bundle
     from ..engines import local_header_check
 
@@ -259,9 +274,20 @@ def verify(bundle: Path, as_json: bool) -> None:
         if why_not and not as_json:
             info(why_not)
         problems = verify_bundle(bundle, header_check=header_check)
+    from ..sign import signature_check
+
+    signature, signature_problems = signature_check(bundle, keys=keys, identity=identity, issuer=issuer)
+    problems += signature_problems
     fatal = [p for p in problems if p.fatal]
     if as_json:
-        emit_json({"bundle": str(bundle), "ok": not fatal, "problems": [p.to_dict() for p in problems]})
+        emit_json(
+            {
+                "bundle": str(bundle),
+                "ok": not fatal,
+                "problems": [p.to_dict() for p in problems],
+                "signature": signature.to_dict() if signature else None,
+            }
+        )
     else:
         for p in problems:
             if not p.fatal:
@@ -281,7 +307,7 @@ def verify(bundle: Path, as_json: bool) -> None:
                 if bundle.is_file()
                 else "every file matches the manifest"
             )
-            result(f"OK {bundle}: {what}")
+            result(f"OK {bundle}: {what}" + (f"\nsignature: {signature.words()}" if signature else ""))
     if fatal:
         sys.exit(EXIT_ERROR)
 

@@ -21,6 +21,7 @@ from .errors import (
     ManifestError,
     ModelError,
     SchemaVersionError,
+    SignatureError,
 )
 
 __version__ = "0.1.0"
@@ -48,6 +49,7 @@ __all__ = [
     "InputError",
     "BackendUnavailableError",
     "CacheError",
+    "SignatureError",
     "__version__",
 ]
 

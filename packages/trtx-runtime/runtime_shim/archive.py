@@ -1,12 +1,15 @@
 """Bundle archives (.trtx, what `trtx-bundle pack` writes) read safely: in place, or unpacked once, every file checked.
 
-The archive is a plain tar: manifest.json first, then the pinned files. Reading takes manifest.json first
-(capped in size) and from then on the manifest's word over the archive's: every later entry must be a plain
-regular file (no sparse file, link, device or fifo) at a path the manifest pins, declaring exactly the pinned
-size, and appear once; its sha256 is checked as it is read. So a hostile archive can make an unpack write at
+The archive is a plain tar: manifest.json first, then its signature manifest.sig where the bundle is signed,
+then the pinned files. Reading takes manifest.json first (capped in size) and from then on the manifest's word
+over the archive's: every later entry must be a plain regular file (no sparse file, link, device or fifo) at a
+path the manifest pins, declaring exactly the pinned size, and appear once; its sha256 is checked as it is read.
+The one entry the manifest does not pin, manifest.sig, may only come right after it, capped at 1 MiB; whether
+it signs the manifest is signing.py's to check, where keys are trusted. So a hostile archive can make an unpack write at
 most the manifest's own total, and is refused by name at the first entry that breaks a rule.
 
 - ``read_archive_manifest``: the manifest alone, read in place (inspect, doctor).
+- ``read_archive_signature``: manifest.json's and manifest.sig's bytes, read in place (verify --key).
 - ``check_archive``: every entry streamed and hashed in place, nothing written (verify).
 - ``extract_archive``: into a new or empty directory, via a temp directory beside it, renamed into place only
   when every pinned file arrived intact (bundler's unpack).
@@ -42,6 +45,7 @@ from .fsutil import (
     sweep_stale_temp_dirs,
 )
 from .manifest import FILE_FOLDERS, MANIFEST_NAME, FileRef, Manifest
+from .signing import MAX_SIGNATURE_BYTES, SIGNATURE_NAME
 
 # manifest.json is read into memory before anything else; no real one comes near this.
 _MAX_MANIFEST_BYTES = 64 << 20
@@ -98,6 +102,14 @@ def read_archive_manifest(archive: str | os.PathLike[str]) -> tuple[Manifest, li
     return manifest, warnings, raw
 
 
+def read_archive_signature(archive: str | os.PathLike[str]) -> tuple[bytes, bytes | None]:
+    """(manifest.json's bytes, manifest.sig's bytes or None where the archive carries none), read in place."""
+    src = Path(archive)
+    with open_archive(src) as tar:
+        _manifest, raw = _read_manifest_entry(src, tar)
+        return raw, _read_signature_entry(src, tar)
+
+
 def check_archive(archive: str | os.PathLike[str]) -> Manifest:
     """Every entry checked by the unpack rules and hashed, in place (nothing written); raises on the first problem."""
     src = Path(archive)
@@ -144,15 +156,25 @@ def unpack_cached(archive: str | os.PathLike[str], cache_root: str | os.PathLike
     load() hashes its engines and caches again on every use, its weights as ``verify_weights`` says.
     """
     src = Path(archive)
-    manifest, _warnings, raw = read_archive_manifest(src)
+    manifest, _warnings, _raw = read_archive_manifest(src)
+    raw, signature = read_archive_signature(src)
     sha = hashlib.sha256(raw).hexdigest()
-    target = Path(cache_root) / f"{manifest.model.name[:40]}-{sha[:32]}".replace(os.sep, "_")
+    # A signed archive gets its own copy: another archive of the same manifest may carry another signature, or none.
+    signed = f"-{hashlib.sha256(signature).hexdigest()[:8]}" if signature is not None else ""
+    target = Path(cache_root) / f"{manifest.model.name[:40]}-{sha[:32]}{signed}".replace(os.sep, "_")
     existing = target / MANIFEST_NAME
-    try:
-        if existing.is_file() and existing.read_bytes() == raw:
-            return target
-    except OSError:
-        pass
+
+    def same_copy() -> bool:
+        try:
+            if not (existing.is_file() and existing.read_bytes() == raw):
+                return False
+            sig = target / SIGNATURE_NAME
+            return (sig.read_bytes() if sig.is_file() else None) == signature
+        except OSError:
+            return False
+
+    if same_copy():
+        return target
     if target.exists():
         # Copies arrive whole (one rename below), so this one was changed after it arrived: set it aside (one atomic
         # rename, so a concurrent load of the same archive cannot lose a good copy to it) and unpack again.
@@ -171,7 +193,7 @@ def unpack_cached(archive: str | os.PathLike[str], cache_root: str | os.PathLike
             os.rename(tmp / "bundle", target)  # whole, at once: readers never see a partial copy
         except OSError as e:
             # Another process unpacked the same archive at the same moment and its rename won: its copy is as good.
-            if existing.is_file() and existing.read_bytes() == raw:
+            if same_copy():
                 return target
             raise BundleError(
                 f"{target}: cannot put the unpacked bundle in place ({e.strerror or e})", hint=os_error_hint(e)
@@ -225,6 +247,28 @@ def _read_manifest_entry(src: Path, tar: tarfile.TarFile) -> tuple[Manifest, byt
     raise ArchiveError(f"{src}: no manifest.json at the start of the archive", hint=NOT_PACKED)
 
 
+def _read_signature_entry(src: Path, tar: tarfile.TarFile) -> bytes | None:
+    """manifest.sig's bytes where it is the next entry (pack writes it right after manifest.json), else None."""
+    member = tar.next()
+    if member is None or member.isdir():
+        return None
+    name = check_member(src, member, {MANIFEST_NAME})
+    return _signature_bytes(src, tar, member, first=True) if name == SIGNATURE_NAME else None
+
+
+def _signature_bytes(src: Path, tar: tarfile.TarFile, member: tarfile.TarInfo, *, first: bool) -> bytes:
+    if not first:
+        refuse(src, member.name, "a signature that does not come right after manifest.json")
+    if member.size > MAX_SIGNATURE_BYTES:
+        refuse(src, member.name, f"a signature of {member.size} bytes (at most {MAX_SIGNATURE_BYTES})")
+    reader = tar.extractfile(member)
+    assert reader is not None  # a regular member always has data
+    data = reader.read(member.size)
+    if len(data) != member.size:
+        raise ArchiveError(f"{src}: truncated inside {SIGNATURE_NAME}", hint="fetch the archive again")
+    return data
+
+
 def _pins(src: Path, manifest: Manifest) -> dict[str, tuple[str, FileRef]]:
     """Bundle path -> (key path, file ref) for every file the manifest pins."""
     pinned: dict[str, tuple[str, FileRef]] = {}
@@ -269,10 +313,20 @@ def _stream_pinned(
 ) -> None:
     """Every entry after the manifest, checked against the pins and hashed; ``sink(name)`` receives its bytes."""
     seen = {MANIFEST_NAME}
+    first = True
     while (member := tar.next()) is not None:
         name = check_member(src, member, seen)
         if member.isdir():
             continue
+        if name == SIGNATURE_NAME:
+            signature = _signature_bytes(src, tar, member, first=first)
+            out = sink(name)
+            if out is not None:
+                with out:
+                    out.write(signature)
+            first = False
+            continue
+        first = False
         if name not in pinned:
             refuse(src, member.name, "a file that manifest.json does not pin")
         key, ref = pinned[name]

@@ -1,8 +1,8 @@
 """What a bundle archive's tar entries may be: the member rules and the strict header reader that archive.py applies.
 
-Only bundle folders and bundle files (manifest.json, <folder>/<sha256>.<ext>), each once, as plain regular files;
-sparse members and oversized extended headers are refused inside tarfile's header parsing, before tarfile acts
-on what they declare. Every refusal is an ArchiveError naming the archive and the entry.
+Only bundle folders and bundle files (manifest.json, its signature manifest.sig, <folder>/<sha256>.<ext>), each
+once, as plain regular files; sparse members and oversized extended headers are refused inside tarfile's header
+parsing, before tarfile acts on what they declare. Every refusal is an ArchiveError naming the archive and the entry.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Any, NoReturn
 
 from .errors import ArchiveError
 from .manifest import FILE_FOLDERS, MANIFEST_NAME
+from .signing import SIGNATURE_NAME
 
 # pax and GNU long-name records hold a path and a few numbers; tarfile would read any declared size into memory.
 _MAX_HEADER_BYTES = 1 << 20
@@ -106,9 +107,9 @@ def check_member(src: Path, member: tarfile.TarInfo, seen: set[str]) -> str:
                 f"{src}: entry {raw!r} is a folder a bundle does not have (expected one of {', '.join(FILE_FOLDERS)})",
                 hint=_NOT_PACKED,
             )
-    elif name != MANIFEST_NAME and not _BUNDLE_FILE_RE.match(name):
+    elif name not in (MANIFEST_NAME, SIGNATURE_NAME) and not _BUNDLE_FILE_RE.match(name):
         raise ArchiveError(
-            f"{src}: entry {raw!r} is not a bundle file (expected manifest.json or <folder>/<sha256>.<ext>)",
+            f"{src}: entry {raw!r} is not a bundle file (expected manifest.json, manifest.sig or <folder>/<sha256>.<ext>)",
             hint=_NOT_PACKED,
         )
     if name in seen:

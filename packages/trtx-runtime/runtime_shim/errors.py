@@ -52,3 +52,7 @@ class BackendUnavailableError(BundleError):
 
 class CacheError(BundleError):
     """The user cache directory cannot be used (lock timeout, permissions)."""
+
+
+class SignatureError(BundleError):
+    """The bundle's signature (manifest.sig) is missing, corrupt, made by another key, or no longer covers manifest.json."""

@@ -23,6 +23,7 @@ class Report:
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     cache_dir: str = ""
+    signature: dict[str, Any] | None = None  # signing.SignatureStatus: present, verified (None: not checked), ...
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -38,6 +39,16 @@ class Report:
         if self.engine:
             out.append(f"engine: {self.engine.get('kind')} {self.engine.get('file', '')}")
         out.append(f"runtime cache: {self.runtime_cache or 'none (kernels compiled on first use)'}")
+        if self.signature is not None:
+            out.append(f"signature: {_signature_words(self.signature)}")
         out += [f"warning: {w}" for w in self.warnings]
         out.append("timings: " + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in self.timings.items()))
         return out
+
+
+def _signature_words(sig: dict[str, Any]) -> str:
+    if not sig.get("present"):
+        return "none (the bundle is not signed)"
+    if not sig.get("verified"):
+        return "present, not checked (no trusted keys given)"
+    return f"verified ({sig.get('kind')} {sig.get('key') or sig.get('identity')})"

@@ -12,7 +12,7 @@ import atexit
 import logging
 import time
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +27,7 @@ from .machine import probe as real_probe
 from .manifest import CacheKey, Engine, Manifest
 from .report import Report
 from .select import Plan, plan
+from .signing import TrustedKey, check_signature
 from .user_cache import UserCache
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -65,6 +66,7 @@ class Loader:
         device: int | None = None,
         weights_on_device: bool | None = None,
         verify_weights: str = "always",
+        trusted_keys: Sequence[TrustedKey] | None = None,
     ) -> Session:
         """Open a bundle for inference on this machine (see ``load()``)."""
         options = LoadOptions(
@@ -82,10 +84,14 @@ class Loader:
             from .archive import unpack_for  # tarfile and its compressors load only for archives
 
             bundle_dir = unpack_for(bundle_dir, user_cache)
+        # Before anything reads the bundle's files beyond its manifest: with trusted keys, a bundle that is not
+        # signed by one of them (or was changed since) goes no further, whichever backend would have run it.
+        signature = check_signature(bundle_dir, trusted_keys)
         p = plan(bundle_dir, user_cache, machine=self.probe(), device=device)  # steps 1-4
         for w in p.warnings:
             log.warning("%s", w)
         report = _first_report(p, bundle_dir, user_cache)
+        report.signature = signature.to_dict()
         impl, engine = open_backend(p, bundle_dir, user_cache, report, options, self.trt_runtime)  # steps 5-7
         report.timings["load_s"] = time.perf_counter() - t_start
         return Session(manifest=p.manifest, impl=impl, report=report, user_cache=user_cache, key=p.key, engine=engine)
@@ -102,6 +108,7 @@ def load(
     device: int | None = None,
     weights_on_device: bool | None = None,
     verify_weights: str = "always",
+    trusted_keys: Sequence[TrustedKey] | None = None,
 ) -> Session:
     """Open a bundle for inference on this machine: the engine, runtime cache and backend that fit it, or a clear error.
 
@@ -121,6 +128,11 @@ def load(
     decoding it, so what reaches TRT-RTX or ONNX Runtime is what the manifest pins. "always" (default) and "once"
     (kept for apps that pass it; it used to skip the hashing on later loads of an unchanged-looking file) are the
     same. Engines and caches are always hashed.
+
+    ``trusted_keys``: PEM public keys (paths or bytes). Given, the bundle must carry a signature (manifest.sig,
+    ``trtx-bundle sign``) by one of them over its manifest.json as it is now, or SignatureError is raised before any
+    other file of it is read (signing.py; needs the ``signing`` extra). None (default): nothing is checked, and
+    ``report.signature`` says whether the bundle is signed.
     """
     return Loader().load(
         bundle_path,
@@ -132,6 +144,7 @@ def load(
         device=device,
         weights_on_device=weights_on_device,
         verify_weights=verify_weights,
+        trusted_keys=trusted_keys,
     )
 
 

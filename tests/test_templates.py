@@ -47,14 +47,18 @@ def _shell_strings(node: Any, shell: bool = False) -> Iterator[str]:
 def commands(path: Path) -> list[list[str]]:
     """Every `trtx-bundle` command line in the template, split like a shell would (continuations joined)."""
     doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    return [argv for text in _shell_strings(doc) for argv in commands_in(text)]
+
+
+def commands_in(text: str) -> list[list[str]]:
+    """The `trtx-bundle` command lines of one shell string."""
     out = []
-    for text in _shell_strings(doc):
-        for line in text.replace("\\\n", " ").splitlines():
-            words = shlex.split(line, comments=True) if "trtx-bundle" in line else []
-            for i, word in enumerate(words):
-                if word == "trtx-bundle" and (i == 0 or words[i - 1] in ("&&", "||", ";", "|")):
-                    end = next((j for j in range(i + 1, len(words)) if words[j] in ("&&", "||", ";", "|")), len(words))
-                    out.append(words[i + 1 : end])
+    for line in text.replace("\\\n", " ").splitlines():
+        words = shlex.split(line, comments=True) if "trtx-bundle" in line else []
+        for i, word in enumerate(words):
+            if word == "trtx-bundle" and (i == 0 or words[i - 1] in ("&&", "||", ";", "|")):
+                end = next((j for j in range(i + 1, len(words)) if words[j] in ("&&", "||", ";", "|")), len(words))
+                out.append(words[i + 1 : end])
     return out
 
 
@@ -94,6 +98,25 @@ def test_every_command_and_flag_exists(template: str) -> None:
             assert g.split("=", 1)[0] in option_names(main), f"{where}: no global option {g}"
         used.add(sub)
     assert PIPELINE <= used, f"{template}: the pipeline should run {sorted(PIPELINE - used)} too"
+
+
+@pytest.mark.parametrize("template", CI_TEMPLATES)
+def test_the_merge_job_signs_keyless_after_merging_and_before_packing(template: str) -> None:
+    """Issue 14: the merged bundle is signed where the CI hands out an identity token, then verified and packed."""
+    doc = yaml.safe_load((TEMPLATES / template).read_text(encoding="utf-8"))
+    if template == "github-actions.yml":
+        job = doc["jobs"]["merge"]
+        assert job["permissions"]["id-token"] == "write", "the OIDC token keyless signing needs"
+        lines = [step["run"] for step in job["steps"] if "run" in step]
+    else:
+        job = doc["publish"]
+        assert job["id_tokens"]["SIGSTORE_ID_TOKEN"]["aud"] == "sigstore", "the OIDC token keyless signing needs"
+        lines = job["script"]
+    subcommands = [split(cmd)[1:] for line in lines for cmd in commands_in(line)]
+    order = [sub for sub, _ in subcommands]
+    assert ["sign", ["bundle", "--keyless"]] in [[sub, words] for sub, words in subcommands], order
+    assert order.index("merge") < order.index("sign") < order.index("verify") < order.index("pack"), order
+    assert any("trtx-runtime[signing]" in line for line in lines if "pip install" in line), "model-signing installed"
 
 
 def test_extraction_sees_flags_and_continuations(tmp_path: Path) -> None:

@@ -17,42 +17,42 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from runtime_shim.errors import BundleError, EngineBuildError, ManifestError, ModelError
+from runtime_shim.errors import EngineBuildError, ModelError
 from runtime_shim.fsutil import atomic_write, disk_errors, sha256_bytes
 from runtime_shim.manifest import (
     MANIFEST_NAME,
+    BundleManifest,
     Creator,
     FileRef,
     Manifest,
-    ModelInfo,
+    Model,
     ParseVerdict,
+    Profile,
+    Shape,
     Skeleton,
-    TrtRtx,
-    read_manifest,
+    TrtRtxTarget,
+    WeightStore,
 )
 from runtime_shim.trt.build import ModelParseError
 
 from . import __version__
-from .bundle_io import raise_for_problems, temp_sibling, unlisted_files, verify_bundle
-from .config import BuildOptions
+from .bundle_io import raise_for_problems, temp_sibling, verify_bundle
+from .config import BuildOptions, DimRanges
 from .dims import fit_profiles, fit_warmups
 from .engines import BuiltEngine, build_engines, plan_engines, trt_rtx_identity
-from .onnx_model import load_model, make_skeleton, write_normalized_model
-from .store_writer import write_weight_store
+from .onnx_model import LoadedModel, load_model, make_skeleton, write_normalized_model
+from .output_dir import OutputDirError, check_output_dir, move_into_place
+from .store_writer import DEFAULT_LEVEL, write_shared_store
 
-__all__ = ["BuildOptions", "BuildResult", "Progress", "build_bundle", "OutputDirError"]
+__all__ = ["BuildOptions", "BuildResult", "ModelSpec", "OutputDirError", "Progress", "build_bundle"]
 
 SKELETON_EXTERNAL_DATA = "weights.bin"
-
-
-class OutputDirError(BundleError):
-    """The output directory cannot be used as asked (not empty without --force, not a directory, ...)."""
 
 
 class Progress(Protocol):
@@ -78,45 +78,96 @@ class _Quiet:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ModelSpec:
+    """One model of a bundle: its ONNX file and what is set per model (the rest of BuildOptions is bundle-wide)."""
+
+    source: Path
+    name: str | None = None  # default: the ONNX file's stem
+    version: str = "0"
+    profiles: tuple[Profile, ...] = ()
+    dims: DimRanges = field(default_factory=dict)
+    warmup_shapes: tuple[Mapping[str, Shape], ...] = ()
+
+    @classmethod
+    def from_options(cls, source: str | os.PathLike[str], options: BuildOptions) -> ModelSpec:
+        """The single-model form: name, version and shapes from BuildOptions."""
+        return cls(
+            source=Path(source),
+            name=options.name,
+            version=options.version,
+            profiles=options.profiles,
+            dims=options.dims,
+            warmup_shapes=options.warmup_shapes,
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
 class BuildResult:
     bundle_dir: Path
-    manifest: Manifest
+    bundle: BundleManifest
     notes: tuple[str, ...] = ()  # e.g. why no weightless engine was built
     left_alone: tuple[str, ...] = ()  # files in the output directory that are not the bundle's (with force)
     seconds: dict[str, float] = field(default_factory=dict)  # per step, engines by label
 
     @property
+    def manifest(self) -> Manifest:
+        """The first model's view (the only one of a single-model bundle)."""
+        return self.bundle.views()[0]
+
+    @property
     def raw_weight_bytes(self) -> int:
-        return sum(b.nbytes for b in self.manifest.weights.blobs)
+        return sum(b.nbytes for b in self.bundle.weights.blobs)
 
     @property
     def stored_weight_bytes(self) -> int:
-        return self.manifest.weights.file.size
+        return self.bundle.weights.file.size
 
     @property
     def engine_bytes(self) -> int:
-        return sum(e.file.size for e in self.manifest.engines)
+        return sum(e.file.size for m in self.bundle.models for e in m.engines)
 
 
 def build_bundle(
-    onnx_path: str | os.PathLike[str],
+    onnx_path: str | os.PathLike[str] | None,
     out_dir: str | os.PathLike[str],
     *,
     options: BuildOptions,
+    models: Sequence[ModelSpec] = (),
     progress: Progress | None = None,
     probe: Callable[[], Any] | None = None,
 ) -> BuildResult:
-    """Turn ``onnx_path`` into a verified bundle at ``out_dir`` (see the module docstring for the directory rule).
+    """Turn ``onnx_path`` (or ``models``, several ONNX files) into a verified bundle at ``out_dir``.
 
+    With ``models`` every model gets its own skeleton, profiles, warm-ups, engines and parser verdict, and one weight
+    store holds all their tensors: a tensor identical in bytes and dtype across models is stored once. Name,
+    version and shapes then come from each ModelSpec, the rest of ``options`` applies to all.
     ``probe`` replaces runtime_shim.machine.probe when deciding on a weightless engine (tests). A full or read-only
     disk is a BundleError naming the place; the temp directory is gone and nothing at ``out_dir`` changed.
     """
+    specs = list(models) if models else [ModelSpec.from_options(_given(onnx_path), options)]
     with disk_errors(out_dir, "cannot write the bundle here", "nothing was written there"):
-        return _build_bundle(onnx_path, out_dir, options=options, progress=progress, probe=probe)
+        return _build_bundle(specs, out_dir, options=options, progress=progress, probe=probe)
+
+
+def _given(onnx_path: str | os.PathLike[str] | None) -> str | os.PathLike[str]:
+    if onnx_path is None:
+        raise ModelError("no model given", hint="pass an ONNX file")
+    return onnx_path
+
+
+@dataclass
+class _Model:
+    """One model while it is built."""
+
+    spec: ModelSpec
+    name: str
+    loaded: LoadedModel
+    profiles: tuple[Profile, ...]
+    warmups: tuple[Mapping[str, Shape], ...]
 
 
 def _build_bundle(
-    onnx_path: str | os.PathLike[str],
+    specs: list[ModelSpec],
     out_dir: str | os.PathLike[str],
     *,
     options: BuildOptions,
@@ -125,96 +176,64 @@ def _build_bundle(
 ) -> BuildResult:
     progress = progress or _Quiet()
     # abspath: "." or "bundle/" must still give a real name and parent for the temp sibling directory.
-    src, out = Path(onnx_path), Path(os.path.abspath(out_dir))
-    _check_output_dir(out, force=options.force)
+    out = Path(os.path.abspath(out_dir))
+    check_output_dir(out, force=options.force)
     seconds: dict[str, float] = {}
     notes: list[str] = []
+    several = len(specs) > 1
 
     def timed(label: str) -> AbstractContextManager[Any]:
         return _Timed(progress.step(label), seconds, label)
-
-    with timed("load model"):
-        model = load_model(src)
 
     def note(message: str) -> None:
         notes.append(message)
         progress.note(message)
 
-    # Before any file is written or engine built: a profile TRT-RTX would refuse costs nothing here.
-    profiles = fit_profiles(model, options.profiles, options.dims, source=str(src), note=note)
-    warmups = fit_warmups(model.inputs, profiles, options.warmup_shapes, source=str(src), note=note)
+    _check_names(specs)
+    todo: list[_Model] = []
+    for spec in specs:
+        name = spec.name or spec.source.stem
+        with timed(f"load model {name}" if several else "load model"):
+            loaded = load_model(spec.source)
+        # Before any file is written or engine built: a profile TRT-RTX would refuse costs nothing here.
+        src = str(spec.source)
+        profiles = fit_profiles(loaded, spec.profiles, spec.dims, source=src, note=note)
+        warmups = fit_warmups(loaded.inputs, profiles, spec.warmup_shapes, source=src, note=note)
+        todo.append(_Model(spec, name, loaded, profiles, warmups))
     plans = plan_engines(options, probe=probe, note=note)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_sibling(out, "building")
     placed = False
     try:
-        writer_kwargs = {k: v for k, v in (("level", options.level), ("threads", options.threads)) if v is not None}
         with timed("write weight store"):
-            store = write_weight_store(
-                model.weights,
+            index, tensors = write_shared_store(
+                [m.loaded.weights for m in todo],
                 tmp,
                 encoding=options.encoding,
+                level=options.level if options.level is not None else DEFAULT_LEVEL,
+                threads=options.threads,
                 progress=lambda done, total: progress.advance("write weight store", done, total),
-                **writer_kwargs,
             )
-        with timed("write skeleton"):
-            skeleton_bytes = make_skeleton(model, store, SKELETON_EXTERNAL_DATA)
-            ref = FileRef.for_content("skeleton", sha256_bytes(skeleton_bytes), len(skeleton_bytes))
-            (tmp / "skeleton").mkdir(exist_ok=True)
-            atomic_write(tmp / ref.path, skeleton_bytes)
-        built: list[BuiltEngine] = []
-        refused: ParseVerdict | None = None  # TRT-RTX's parser refused the model while building this GPU's engine
-        if plans:
-            # The normalized model's file name is fixed (onnx_model.SKELETON_NAME): TRT-RTX engine bytes depend
-            # on it (observed), so a random name would break byte-identical rebuilds.
-            # Beside the output, not in /tmp: a big model's weights fit where its bundle fits (often not in a tmpfs).
-            with tempfile.TemporaryDirectory(prefix=f".{out.name}.normalized-", dir=out.parent) as norm_dir:
-                with timed("write normalized model"):
-                    model_file = write_normalized_model(
-                        model, store, Path(norm_dir), SKELETON_EXTERNAL_DATA, skeleton=skeleton_bytes
-                    )
-                try:
-                    built = build_engines(
-                        Path(model_file), profiles, plans, tmp, step=progress.step, source=str(src), inputs=model.inputs
-                    )
-                except ModelParseError as e:
-                    if options.weightful:  # asked for an engine every user needs: the error says --no-weightful
-                        raise
-                    # Only this GPU's weightless engine was planned: bundle for the fallback, as without a GPU.
-                    refused = e.verdict
-        verdict = refused if refused is not None else None if built else _parse_verdict(src, timed, note)
-        if refused is not None:
-            note(_refused_note(src, refused))
-        for b in built:
-            seconds[
-                f"engine {b.engine.kind} {b.engine.platform} {list(b.engine.compute_capabilities) or 'default'}"
-            ] = b.seconds
         version, flavour = trt_rtx_identity()
-        manifest = Manifest(
-            model=ModelInfo(
-                name=options.name or src.stem,
-                version=options.version,
-                source_sha256=model.source_sha256,
-                opset=getattr(model, "opset", None),
+        bundle = BundleManifest(
+            trt_rtx=TrtRtxTarget(version=version, cuda_flavour=flavour),
+            weights=index,
+            models=tuple(
+                _build_model(
+                    m, index.with_tensors(t), plans, tmp, out, timed, note, seconds, several, options.weightful
+                )
+                for m, t in zip(todo, tensors)
             ),
-            inputs=tuple(model.inputs),
-            outputs=tuple(model.outputs),
-            profiles=profiles,
-            warmup_shapes=warmups,
-            trt_rtx=TrtRtx(version=version, cuda_flavour=flavour, verdict=verdict),
-            weights=store,
-            skeleton=Skeleton(file=ref, external_data=SKELETON_EXTERNAL_DATA),
-            engines=tuple(b.engine for b in built),
             creator=Creator(tool="trtx-bundler", version=__version__, created=_source_date_epoch()),
         )
         # Round-trip through the parser: what we write must be what every reader accepts.
-        manifest_json = manifest.to_json()
-        Manifest.from_json(manifest_json, source=f"{out}/{MANIFEST_NAME} (as built)")
+        manifest_json = bundle.to_json()
+        BundleManifest.from_json(manifest_json, source=f"{out}/{MANIFEST_NAME} (as built)")
         atomic_write(tmp / MANIFEST_NAME, manifest_json)
         with timed("verify"):
             raise_for_problems(verify_bundle(tmp), what=f"{out} (as built)")
-        left_alone = _move_into_place(tmp, out, manifest)
+        left_alone = move_into_place(tmp, out, bundle)
         placed = True
     finally:
         if not placed:
@@ -224,8 +243,85 @@ def _build_bundle(
             f"{out}: left {len(left_alone)} file(s) that are not part of the bundle: {', '.join(left_alone[:5])}"
             + (" ..." if len(left_alone) > 5 else "")
         )
-    return BuildResult(
-        bundle_dir=out, manifest=manifest, notes=tuple(notes), left_alone=tuple(left_alone), seconds=seconds
+    return BuildResult(bundle_dir=out, bundle=bundle, notes=tuple(notes), left_alone=tuple(left_alone), seconds=seconds)
+
+
+def _check_names(specs: Sequence[ModelSpec]) -> None:
+    names = [s.name or s.source.stem for s in specs]
+    for name in names:
+        if names.count(name) > 1:
+            files = ", ".join(str(s.source) for n, s in zip(names, specs) if n == name)
+            raise ModelError(
+                f"two models would be named {name!r} ({files}); each model of a bundle needs its own name",
+                hint="name them with --name, once per file in the order given (or name = in each [[model]] table)",
+            )
+
+
+def _build_model(
+    m: _Model,
+    store: WeightStore,
+    plans: Sequence[Any],
+    tmp: Path,
+    out: Path,
+    timed: Callable[[str], AbstractContextManager[Any]],
+    note: Callable[[str], None],
+    seconds: dict[str, float],
+    several: bool,
+    weightful: bool,
+) -> Model:
+    """The skeleton and engines of one model (into ``tmp``), and its manifest record."""
+    src = m.spec.source
+    suffix = f" {m.name}" if several else ""
+    with timed(f"write skeleton{suffix}"):
+        skeleton_bytes = make_skeleton(m.loaded, store, SKELETON_EXTERNAL_DATA)
+        ref = FileRef.for_content("skeleton", sha256_bytes(skeleton_bytes), len(skeleton_bytes))
+        (tmp / "skeleton").mkdir(exist_ok=True)
+        atomic_write(tmp / ref.path, skeleton_bytes)
+    built: list[BuiltEngine] = []
+    refused: ParseVerdict | None = None  # TRT-RTX's parser refused the model while building this GPU's engine
+    if plans:
+        # The normalized model's file name is fixed (onnx_model.SKELETON_NAME): TRT-RTX engine bytes depend
+        # on it (observed), so a random name would break byte-identical rebuilds.
+        # Beside the output, not in /tmp: a big model's weights fit where its bundle fits (often not in a tmpfs).
+        with tempfile.TemporaryDirectory(prefix=f".{out.name}.normalized-", dir=out.parent) as norm_dir:
+            with timed(f"write normalized model{suffix}"):
+                model_file = write_normalized_model(
+                    m.loaded, store, Path(norm_dir), SKELETON_EXTERNAL_DATA, skeleton=skeleton_bytes
+                )
+            try:
+                built = build_engines(
+                    Path(model_file),
+                    m.profiles,
+                    plans,
+                    tmp,
+                    step=(lambda label: timed(f"{label}{suffix}")) if several else timed,
+                    source=str(src),
+                    inputs=m.loaded.inputs,
+                )
+            except ModelParseError as e:
+                if weightful:  # asked for an engine every user needs: the error says --no-weightful
+                    raise
+                # Only this GPU's weightless engine was planned: bundle for the fallback, as without a GPU.
+                refused = e.verdict
+    verdict = refused if refused is not None else None if built else _parse_verdict(src, timed, note)
+    if refused is not None:
+        note(_refused_note(src, refused))
+    for b in built:
+        label = f"engine {b.engine.kind} {b.engine.platform} {list(b.engine.compute_capabilities) or 'default'}"
+        seconds[label + suffix] = b.seconds
+    return Model(
+        name=m.name,
+        version=m.spec.version,
+        source_sha256=m.loaded.source_sha256,
+        opset=getattr(m.loaded, "opset", None),
+        inputs=tuple(m.loaded.inputs),
+        outputs=tuple(m.loaded.outputs),
+        profiles=m.profiles,
+        warmup_shapes=m.warmups,
+        verdict=verdict,
+        tensors=store.tensors,
+        skeleton=Skeleton(file=ref, external_data=SKELETON_EXTERNAL_DATA),
+        engines=tuple(b.engine for b in built),
     )
 
 
@@ -285,59 +381,3 @@ def _source_date_epoch() -> int | None:
             f"SOURCE_DATE_EPOCH: expected an integer (unix seconds), got {value!r}",
             hint="unset it or set it to e.g. $(git log -1 --format=%ct)",
         ) from None
-
-
-# --------------------------------------------------------------------------- output directory
-def _check_output_dir(out: Path, *, force: bool) -> None:
-    if out.is_symlink():
-        raise OutputDirError(
-            f"{out}: is a symbolic link; a bundle is written only into a real directory",
-            hint="pass the link's target, or choose another output path",
-        )
-    if out.exists() and not out.is_dir():
-        raise OutputDirError(f"{out}: exists and is not a directory", hint="choose another output path")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise OutputDirError(
-            f"{out}: exists and is not empty; refusing to write a bundle into it",
-            hint="choose a new directory, or pass --force to replace the bundle's own files there "
-            "(other files are never deleted)",
-        )
-
-
-def _move_into_place(tmp: Path, out: Path, new_manifest: Manifest) -> list[str]:
-    """Put the finished bundle at ``out``; returns the files found there that are not the bundle's (left alone)."""
-    if not out.exists():
-        os.rename(tmp, out)
-        return []
-    # An existing directory is kept (its inode, owner and mode, and any shell sitting in it): files move in.
-    old_files: set[str] = set()
-    with contextlib.suppress(ManifestError, OSError):
-        old_manifest, _ = read_manifest(out)
-        old_files = {ref.path for _, ref in old_manifest.files()}
-    new_files = {ref.path for _, ref in new_manifest.files()}
-    # Content files first (a name is its content, so replacing one is harmless), then the manifest: the
-    # commit point. A crash in between leaves the old manifest, still pointing at files that are there.
-    for rel in sorted(new_files):
-        dest = out / rel
-        if dest.parent.exists() and not dest.parent.is_dir():
-            raise OutputDirError(
-                f"{dest.parent}: is a file where the bundle needs a folder; not touched",
-                hint="move that file away, or build into a new directory",
-            )
-        dest.parent.mkdir(exist_ok=True)
-        if dest.is_symlink() or (dest.exists() and not dest.is_file()):
-            raise OutputDirError(
-                f"{dest}: exists and is not a regular file; not touched",
-                hint="move it away, or build into a new directory",
-            )
-        os.replace(tmp / rel, dest)
-    os.replace(tmp / MANIFEST_NAME, out / MANIFEST_NAME)
-    for rel in sorted(old_files - new_files):
-        with contextlib.suppress(FileNotFoundError):
-            (out / rel).unlink()
-    shutil.rmtree(tmp, ignore_errors=True)  # only empty folders remain in it by now
-    for folder in ("engines", "caches", "weights", "skeleton"):
-        with contextlib.suppress(OSError):
-            (out / folder).rmdir()  # only if empty
-    # tmp was verified before it moved: only files that are not the bundle's are left to report (no second hashing pass).
-    return unlisted_files(out, new_manifest)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from runtime_shim.errors import IntegrityError, ManifestError, SchemaVersionError
 from runtime_shim.fsutil import sha256_file
-from runtime_shim.manifest import MANIFEST_NAME, Manifest, read_manifest
+from runtime_shim.manifest import MANIFEST_NAME, BundleManifest, Manifest, read_manifest
 from runtime_shim.signing import SIGNATURE_NAME
 
 
@@ -107,7 +107,7 @@ def check_pinned_files(root: Path, manifest: Manifest, *, only: set[str] | None 
     return problems
 
 
-def unlisted_files(root: Path, manifest: Manifest) -> list[str]:
+def unlisted_files(root: Path, manifest: Manifest | BundleManifest) -> list[str]:
     """Entries under ``root`` that ``manifest`` does not pin (manifest.json itself aside), sorted; nothing is hashed."""
     pinned = {MANIFEST_NAME} | {ref.path for _, ref in manifest.files()}
     return [rel for rel in _walk(root) if rel not in pinned]

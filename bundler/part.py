@@ -143,9 +143,10 @@ def base_sha256(manifest: Manifest) -> str:
     A part made for an earlier state of a bundle (before another part was merged) still fits it when this
     matches, so parts can be merged one at a time.
     """
-    d = manifest.to_dict()
-    for key in ("engines", "runtime_caches", "creator"):
-        d.pop(key, None)
+    model = manifest.as_model().to_dict()
+    for key in ("engines", "runtime_caches"):
+        model.pop(key, None)
+    d = {"model": model, "weights": manifest.weights.index().to_dict(), "trt_rtx": manifest.whole().trt_rtx.to_dict()}
     return sha256_bytes(json.dumps(d, sort_keys=True, separators=(",", ":")).encode("utf-8"))
 
 

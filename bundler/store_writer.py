@@ -24,7 +24,17 @@ import zstandard
 
 from runtime_shim.errors import ModelError
 from runtime_shim.fsutil import atomic_writer, sha256_bytes
-from runtime_shim.manifest import DTYPES, WEIGHT_ENCODINGS, Blob, FileRef, Frame, WeightStore, WeightTensor
+from runtime_shim.manifest import (
+    DTYPES,
+    WEIGHT_ENCODINGS,
+    Blob,
+    FileRef,
+    Frame,
+    StoreIndex,
+    WeightStore,
+    WeightTensor,
+)
+from runtime_shim.store.digest import DEFAULT_FRAME_DIGEST, Digest, digest_function
 from runtime_shim.store.format import (
     CHUNK_TABLE_HEAD,
     FLOAT_DTYPES,
@@ -137,9 +147,11 @@ def _chunked(plane: memoryview, level: int | None) -> bytes:
     return b"".join([table, *frames])
 
 
-def _encode_and_hash(raw: memoryview, encoding: str, element_size: int, level: int) -> tuple[bytes, str]:
+def _encode_and_hash(
+    raw: memoryview, encoding: str, element_size: int, level: int, digest: Digest
+) -> tuple[bytes, str]:
     stored = encode_frame(raw, encoding, element_size, level)
-    return stored, sha256_bytes(stored)
+    return stored, digest(stored)
 
 
 def as_bytes(data: Buffer) -> memoryview:
@@ -196,20 +208,54 @@ def write_weight_store(
     threads: int | None = None,
     progress: Progress | None = None,
     alignment: int = ALIGNMENT,
+    frame_digest: str = DEFAULT_FRAME_DIGEST,
 ) -> WeightStore:
-    """Write ``bundle_dir/weights/<sha256>.trtxw`` atomically and return its index for the manifest.
+    """Write ``bundle_dir/weights/<sha256>.trtxw`` atomically for one model and return its index for the manifest.
 
     ``tensors`` are Weight (or (name, dtype, shape, data) tuples) in the order the manifest lists them.
     ``encoding`` "zstd-byteplane" applies the split to floating dtypes only and plain zstd to the rest.
     """
+    index, (model_tensors,) = write_shared_store(
+        [tensors],
+        bundle_dir,
+        encoding=encoding,
+        level=level,
+        chunk_bytes=chunk_bytes,
+        threads=threads,
+        progress=progress,
+        alignment=alignment,
+        frame_digest=frame_digest,
+    )
+    return index.with_tensors(model_tensors)
+
+
+def write_shared_store(
+    models: Sequence[Iterable[Weight | tuple]],
+    bundle_dir: str | os.PathLike[str],
+    *,
+    encoding: str = "zstd-byteplane",
+    level: int = DEFAULT_LEVEL,
+    chunk_bytes: int = DEFAULT_CHUNK,
+    threads: int | None = None,
+    progress: Progress | None = None,
+    alignment: int = ALIGNMENT,
+    frame_digest: str = DEFAULT_FRAME_DIGEST,
+) -> tuple[StoreIndex, list[tuple[WeightTensor, ...]]]:
+    """One weight store for several models: a tensor whose bytes and dtype another tensor (of any model) has is
+    stored once. Returns the shared index and each model's tensors, in the order given."""
     if encoding not in WEIGHT_ENCODINGS:
         raise ValueError(f"encoding {encoding!r}: expected one of {', '.join(WEIGHT_ENCODINGS)}")
     if chunk_bytes < 8:
         raise ValueError(f"chunk_bytes {chunk_bytes}: expected at least 8")
-    weights = [t if isinstance(t, Weight) else Weight(t[0], t[1], tuple(int(d) for d in t[2]), t[3]) for t in tensors]
-    names = collections.Counter(w.name for w in weights)
-    if dupes := sorted(n for n, c in names.items() if c > 1):
-        raise ModelError(f"weight names must be unique; repeated: {', '.join(map(repr, dupes[:5]))}")
+    groups = [
+        [t if isinstance(t, Weight) else Weight(t[0], t[1], tuple(int(d) for d in t[2]), t[3]) for t in tensors]
+        for tensors in models
+    ]
+    for group in groups:  # names are per model: two models may each have their own "fc.weight"
+        names = collections.Counter(w.name for w in group)
+        if dupes := sorted(n for n, c in names.items() if c > 1):
+            raise ModelError(f"weight names must be unique; repeated: {', '.join(map(repr, dupes[:5]))}")
+    weights = [w for group in groups for w in group]
     raws = [as_bytes(w.data) for w in weights]
     for i, (w, raw) in enumerate(zip(weights, raws)):
         _check(w, i, raw)
@@ -218,6 +264,7 @@ def write_weight_store(
         shas = list(pool.map(sha256_bytes, raws))
     plan = _plan(weights, raws, shas, alignment)
     total = sum(len(raws[i]) for i in plan.firsts)
+    digest = digest_function(frame_digest)
 
     folder = Path(bundle_dir) / "weights"
     folder.mkdir(parents=True, exist_ok=True)
@@ -230,13 +277,13 @@ def write_weight_store(
             f.write(MAGIC)
             offset, done = len(MAGIC), 0
             for b, (stored_frames, blob_encoding, element_size) in enumerate(
-                _encode_blobs(plan, weights, raws, encoding, level, chunk_bytes, pool, 4 * threads)
+                _encode_blobs(plan, weights, raws, encoding, level, chunk_bytes, pool, 4 * threads, digest)
             ):
                 frames = []
-                for raw_size, stored, stored_sha in stored_frames:
+                for raw_size, stored, stored_digest in stored_frames:
                     f.write(stored)
                     file_hash.update(stored)
-                    frames.append(Frame(offset=offset, size=len(stored), raw_size=raw_size, sha256=stored_sha))
+                    frames.append(Frame(offset=offset, size=len(stored), raw_size=raw_size, digest=stored_digest))
                     offset += len(stored)
                 raw = raws[plan.firsts[b]]
                 blobs.append(
@@ -259,26 +306,28 @@ def write_weight_store(
         if staging.exists():
             staging.unlink()
     raw_size = max((b.raw_offset + b.nbytes for b in blobs), default=0)
-    store = WeightStore(
-        file=ref,
-        raw_size=raw_size,
-        alignment=alignment,
-        blobs=tuple(blobs),
-        tensors=tuple(
-            WeightTensor(name=w.name, dtype=w.dtype, shape=tuple(w.shape), blob=plan.blob_of[i])
-            for i, w in enumerate(weights)
-        ),
-    )
+    index = StoreIndex(file=ref, raw_size=raw_size, alignment=alignment, frame_digest=frame_digest, blobs=tuple(blobs))
+    per_model, start = [], 0
+    for group in groups:
+        per_model.append(
+            tuple(
+                WeightTensor(name=w.name, dtype=w.dtype, shape=tuple(w.shape), blob=plan.blob_of[start + k])
+                for k, w in enumerate(group)
+            )
+        )
+        start += len(group)
     log.info(
-        "weight store %s: %d tensors in %d blobs, %d raw bytes -> %d stored (%s)",
+        "weight store %s: %d tensors of %d model(s) in %d blobs, %d raw bytes -> %d stored (%s, frames by %s)",
         ref.path,
         len(weights),
+        len(groups),
         len(blobs),
         total,
         ref.size,
         encoding,
+        frame_digest,
     )
-    return store
+    return index, per_model
 
 
 def _encode_blobs(
@@ -290,8 +339,9 @@ def _encode_blobs(
     chunk_bytes: int,
     pool: cf.Executor,
     window: int,
+    digest: Digest,
 ) -> Iterable[tuple[list[tuple[int, bytes, str]], str, int]]:
-    """Per blob, in order: its stored frames [(raw_size, stored bytes, their sha256)], the encoding chosen, the element size.
+    """Per blob, in order: its stored frames [(raw_size, stored bytes, their digest)], the encoding chosen, the element size.
 
     Frames are submitted ahead across blob boundaries with a bounded window, so small blobs keep every thread busy
     while memory stays bounded by the window (plus one blob's frames).
@@ -314,7 +364,7 @@ def _encode_blobs(
         nonlocal queued
         while queued < window and (b := next(blobs, None)) is not None:
             enc, element_size, pieces = blob_params(b)
-            futs = [pool.submit(_encode_and_hash, piece, enc, element_size, level) for piece in pieces]
+            futs = [pool.submit(_encode_and_hash, piece, enc, element_size, level, digest) for piece in pieces]
             jobs.append((enc, element_size, pieces, futs))
             queued += len(futs)
 
@@ -325,5 +375,5 @@ def _encode_blobs(
         stored = [fut.result() for fut in futs]
         nbytes = sum(len(p) for p in pieces)
         if enc != "none" and (nbytes == 0 or sum(len(s) for s, _ in stored) > nbytes * (1 - MIN_SAVING)):
-            enc, element_size, stored = "none", 1, [(bytes(p), sha256_bytes(p)) for p in pieces]
+            enc, element_size, stored = "none", 1, [(bytes(p), digest(p)) for p in pieces]
         yield [(len(p), s, sha) for p, (s, sha) in zip(pieces, stored)], enc, element_size

@@ -637,10 +637,16 @@ def _file_refs(obj: Any) -> list[dict[str, Any]]:
     return []
 
 
+def _frame_digest(doc: Any, stored: bytes) -> str:
+    from runtime_shim.store.digest import digest_function
+
+    return digest_function(doc["weights"].get("frame_digest", "sha256"))(stored)
+
+
 def mutate_index(bundle: Path, doc: Any, mutation: str, rng: random.Random) -> tuple[str, str]:
     """Mutations of the weight index that keep it well-typed: the consistency checks must catch them."""
     w = doc["weights"]
-    blobs, tensors = w["blobs"], w["tensors"]
+    blobs, tensors = w["blobs"], doc["models"][0]["tensors"]
     if mutation == "tensor-other-blob":
         t = rng.choice(tensors)
         t["blob"] = rng.choice([i for i in range(len(blobs)) if i != t["blob"]] or [t["blob"] + 1])
@@ -653,7 +659,7 @@ def mutate_index(bundle: Path, doc: Any, mutation: str, rng: random.Random) -> t
         if mutation.endswith("+repin"):  # the frame hash names the bytes now read: only the index can tell
             data = (bundle / w["file"]["path"]).read_bytes()
             if 0 <= f["offset"] and f["offset"] + f["size"] <= len(data):
-                f["sha256"] = _sha(data[f["offset"] : f["offset"] + f["size"]])
+                f["digest"] = _frame_digest(doc, data[f["offset"] : f["offset"] + f["size"]])
                 desc += " (frame hash re-pinned)"
     elif mutation == "raw-size-2g":
         w["raw_size"], desc = 2 << 30, "raw_size 2 GiB"
@@ -663,7 +669,7 @@ def mutate_index(bundle: Path, doc: Any, mutation: str, rng: random.Random) -> t
         b["frames"][-1]["raw_size"] += (1 << 40) - sum(f["raw_size"] for f in b["frames"])
         desc = "a blob of 1 TiB"
     elif mutation == "empty-index":
-        w["blobs"], w["tensors"], w["raw_size"], desc = [], [], 0, "no blobs, no tensors"
+        w["blobs"], doc["models"][0]["tensors"], w["raw_size"], desc = [], [], 0, "no blobs, no tensors"
     else:
         raise ValueError(mutation)
     return json.dumps(doc, indent=1, sort_keys=True), desc

@@ -501,3 +501,16 @@ SUBGRAPH_BUNDLABLE: list[tuple[str, Callable[[Path], Path], ProfileDict]] = [
     ("loop_weights", make_loop_weights, {"x": _batch((SUBGRAPH_D,))}),
     ("scan_weights", make_scan_weights, {"x": _batch((SUBGRAPH_D,))}),
 ]
+
+
+# --------------------------------------------------------------------------- manifest JSON edits in tests
+def frame_digest(doc: Mapping, stored: bytes) -> str:
+    """The digest a manifest dict pins a frame's stored bytes by (its weights.frame_digest: blake3 or sha256)."""
+    from runtime_shim.store.digest import digest_function
+
+    return digest_function(doc["weights"].get("frame_digest", "sha256"))(stored)
+
+
+def model0(doc: Mapping) -> dict:
+    """The first (in these tests, only) model of a schema 2 manifest dict."""
+    return doc["models"][0]

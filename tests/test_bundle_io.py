@@ -108,9 +108,9 @@ def test_newer_schema_is_refused_with_a_hint(copy: Path) -> None:
 
 
 def test_broken_manifest(copy: Path) -> None:
-    (copy / MANIFEST_NAME).write_text('{"schema_version": 1, "model": {}}')
+    (copy / MANIFEST_NAME).write_text('{"schema_version": 2, "models": [{}]}')
     (p,) = verify_bundle(copy)
-    assert p.kind == "schema" and "model.name: missing" in p.message
+    assert p.kind == "schema" and "trt_rtx: missing" in p.message
     (copy / MANIFEST_NAME).unlink()
     (p,) = verify_bundle(copy)
     assert p.kind == "schema" and "not found" in p.message
@@ -305,7 +305,7 @@ def test_verify_decodes_every_frame_like_load_does(copy: Path) -> None:
     (copy / MANIFEST_NAME).write_text(json.dumps(doc, indent=1, sort_keys=True))
     problems = [p for p in verify_bundle(copy) if p.kind != "warning"]
     assert [p.path for p in problems] == [new_rel], problems
-    assert "frame" in problems[0].message and "sha256" in problems[0].message
+    assert "frame" in problems[0].message and "blake3" in problems[0].message
 
 
 def test_verify_refuses_a_skeleton_re_pinned_to_an_empty_model(copy: Path) -> None:
@@ -318,7 +318,7 @@ def test_verify_refuses_a_skeleton_re_pinned_to_an_empty_model(copy: Path) -> No
     rel = f"skeleton/{sha}.onnx"
     (copy / rel).write_bytes(b"")
     doc = json.loads((copy / MANIFEST_NAME).read_text())
-    doc["skeleton"]["file"].update(path=rel, sha256=sha, size=0)
+    models.model0(doc)["skeleton"]["file"].update(path=rel, sha256=sha, size=0)
     (copy / MANIFEST_NAME).write_text(json.dumps(doc, indent=1, sort_keys=True))
     problems = [p for p in verify_bundle(copy) if p.kind != "warning"]
     assert [p.path for p in problems] == [rel], problems

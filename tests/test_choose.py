@@ -82,7 +82,7 @@ def manifest(engines: tuple[Engine, ...] = (), caches: tuple[RuntimeCache, ...] 
                 raw_offset=0,
                 encoding="none",
                 element_size=1,
-                frames=(Frame(offset=8, size=64, raw_size=64, sha256=_sha("f")),),
+                frames=(Frame(offset=8, size=64, raw_size=64, digest=_sha("f")),),
             ),
         ),
         tensors=(WeightTensor(name="w", dtype="float32", shape=(4, 4), blob=0),),

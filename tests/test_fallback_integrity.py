@@ -114,7 +114,7 @@ def _reread_as_planes(bundle: Path, name: str) -> np.ndarray:
     manifest over the same files that means other weights. Returns what the tensor then holds."""
     doc = json.loads((bundle / "manifest.json").read_text())
     w = doc["weights"]
-    blob = w["blobs"][next(t["blob"] for t in w["tensors"] if t["name"] == name)]
+    blob = w["blobs"][next(t["blob"] for t in models.model0(doc)["tensors"] if t["name"] == name)]
     assert blob["encoding"] == "zstd"
     raw = np.frombuffer(_raw_of(bundle, name), dtype=np.uint8)
     planes = raw.reshape(4, -1).T.reshape(-1)  # element i, byte k = plane k, element i
@@ -162,7 +162,7 @@ def test_a_manifest_that_maps_a_tensor_elsewhere_than_the_skeleton_is_refused(bu
     second = tmp_path / "second"
     shutil.copytree(first, second)
     doc = json.loads((second / "manifest.json").read_text())
-    tensors = {t["name"]: t for t in doc["weights"]["tensors"]}
+    tensors = {t["name"]: t for t in models.model0(doc)["tensors"]}
     tensors["w2"]["blob"] = tensors["w1"]["blob"]
     (second / "manifest.json").write_text(json.dumps(doc, indent=1, sort_keys=True))
     np.testing.assert_array_equal(_load(first, tmp_path / "c"), _ort(onnx_path))
@@ -198,7 +198,7 @@ def test_a_deleted_weight_file_fails_trtx_bundle_run(bundle, tmp_path) -> None:
 def _repin_skeleton(bundle: Path, edit) -> None:
     """Change the skeleton with ``edit(ModelProto)`` and pin the result in the manifest, as a forger would."""
     doc = json.loads((bundle / "manifest.json").read_text())
-    ref = doc["skeleton"]["file"]
+    ref = models.model0(doc)["skeleton"]["file"]
     model = onnx.load_from_string((bundle / ref["path"]).read_bytes())
     edit(model)
     data = model.SerializeToString()
@@ -238,7 +238,7 @@ def test_a_skeleton_that_points_elsewhere_is_refused(bundle, tmp_path, monkeypat
 def test_a_skeleton_and_manifest_that_disagree_on_a_shape_are_refused(bundle, tmp_path) -> None:
     path, _ = bundle
     doc = json.loads((path / "manifest.json").read_text())
-    next(t for t in doc["weights"]["tensors"] if t["name"] == "w2")["shape"] = [32, 128]  # same bytes, other shape
+    next(t for t in models.model0(doc)["tensors"] if t["name"] == "w2")["shape"] = [32, 128]  # same bytes, other shape
     (path / "manifest.json").write_text(json.dumps(doc, indent=1, sort_keys=True))
     with pytest.raises(IntegrityError, match=r"'w2': the skeleton says float32 \[64, 64\] in blob \d+, the manifest"):
         _load(path, tmp_path / "c")

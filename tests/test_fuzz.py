@@ -301,7 +301,7 @@ def _rewrite_frame(bundle: Path, doc: dict[str, Any], k: int, mutated: bytes) ->
         for g in blob["frames"]:
             if g["offset"] > at:
                 g["offset"] += delta
-    f["size"], f["sha256"] = len(mutated), _sha(mutated)
+    f["size"], f["digest"] = len(mutated), models.frame_digest(doc, mutated)
     path.unlink()
     new = path.with_name(_sha(data) + path.suffix)
     new.write_bytes(data)

@@ -90,9 +90,9 @@ def _one_line_error(text: str, *words: str) -> None:
 
 # --------------------------------------------------------------------------- hole 1: the weight index
 def _largest_tensor_to_smallest_blob(d: dict) -> None:
-    w = d["weights"]
-    big = max(range(len(w["tensors"])), key=lambda i: w["blobs"][w["tensors"][i]["blob"]]["nbytes"])
-    w["tensors"][big]["blob"] = min(range(len(w["blobs"])), key=lambda b: w["blobs"][b]["nbytes"])
+    w, tensors = d["weights"], models.model0(d)["tensors"]
+    big = max(range(len(tensors)), key=lambda i: w["blobs"][tensors[i]["blob"]]["nbytes"])
+    tensors[big]["blob"] = min(range(len(w["blobs"])), key=lambda b: w["blobs"][b]["nbytes"])
 
 
 def _blob_of_a_tebibyte(d: dict) -> None:
@@ -102,7 +102,8 @@ def _blob_of_a_tebibyte(d: dict) -> None:
 
 
 def _empty_index(d: dict) -> None:
-    d["weights"].update(blobs=[], tensors=[], raw_size=0)
+    d["weights"].update(blobs=[], raw_size=0)
+    models.model0(d)["tensors"] = []
 
 
 def _overlapping_frames(d: dict) -> None:
@@ -111,7 +112,7 @@ def _overlapping_frames(d: dict) -> None:
 
 
 INDEX_EDITS = [
-    (_largest_tensor_to_smallest_blob, r"weights.tensors[", "bytes, but its blob"),
+    (_largest_tensor_to_smallest_blob, r"models[0].tensors[", "bytes, but its blob"),
     (lambda d: d["weights"].update(raw_size=2 << 30), "weights.raw_size", "2147483648, expected"),
     (_blob_of_a_tebibyte, "weights.blobs[0].frames[", "more than zstd can decode to"),
     (_empty_index, "weights.file.size", "the index lists no weights"),
@@ -203,7 +204,7 @@ def test_a_write_through_a_shared_mapping_after_a_load_is_caught_by_the_next_loa
     with open(path, "r+b") as f, mmap.mmap(f.fileno(), 0) as shared:
         shared[at] = shared[at]  # the page is now writable and dirty in this mapping: later writes fault no more
         with _load(bundle, RecordingFakeTrtRuntime(m), tmp_path) as s:
-            assert s.report.engine["weights_check"] == "every frame's sha256 checked as it was read"
+            assert s.report.engine["weights_check"] == "every frame's blake3 checked as it was read"
         before = os.stat(path)
         shared[at] ^= 0x10  # another process's write through its mapping: no write() call, no size change
         after = os.stat(path)
@@ -213,7 +214,7 @@ def test_a_write_through_a_shared_mapping_after_a_load_is_caught_by_the_next_loa
         shared[at] ^= 0x10
     # A file identity (size, mtime, ctime, inode) cannot tell: the kernel did not move the times here.
     assert (before.st_size, before.st_ino) == (after.st_size, after.st_ino)
-    _one_line_error(str(e.value), str(path), f"frame {len(m.weights.blobs[-1].frames) - 1}", "sha256")
+    _one_line_error(str(e.value), str(path), f"frame {len(m.weights.blobs[-1].frames) - 1}", "blake3")
     assert "set_weights" not in fake.names_called()  # refused before anything reached TRT-RTX
 
 
@@ -286,7 +287,7 @@ def test_a_bundle_file_that_is_not_a_regular_file_or_is_huge_is_refused_by_every
 
 def test_a_driver_version_of_5000_digits_is_a_clean_manifest_error(built, bundle, tmp_path) -> None:
     def add_cache(d: dict) -> None:
-        d["runtime_caches"] = [
+        models.model0(d)["runtime_caches"] = [
             {
                 "key": {
                     "os": "linux",
@@ -307,7 +308,7 @@ def test_a_driver_version_of_5000_digits_is_a_clean_manifest_error(built, bundle
         runtime_shim.load(bundle, "T", cache_dir=tmp_path / "c")
     _one_line_error(str(e.value), "manifest.json", "runtime_caches[0].key.driver_version", "(5000 characters)")
     assert len(str(e.value)) < 400
-    _edit(bundle, lambda d: d["runtime_caches"][0]["key"].update(driver_version="580.95", gpu_name="G" * 100_000))
+    _edit(bundle, lambda d: models.model0(d)["runtime_caches"][0]["key"].update(driver_version="580.95", gpu_name="G" * 100_000))
     r = _cli(built, bundle, tmp_path, "verify")
     assert r.exit_code == 1
     _one_line_error(r.stdout + r.stderr, "runtime_caches[0].key.gpu_name", "at most 256 characters")

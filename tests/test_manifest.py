@@ -12,10 +12,11 @@ import pytest
 
 from bundler.part import Part, WarmupRun
 from runtime_shim import manifest as manifest_module
-from runtime_shim.errors import ManifestError, SchemaVersionError
+from runtime_shim.errors import ManifestError, ModelChoiceError, SchemaVersionError
 from runtime_shim.manifest import (
     SCHEMA_VERSION,
     Blob,
+    BundleManifest,
     CacheKey,
     Creator,
     Engine,
@@ -41,7 +42,7 @@ SHA = "ab" * 32
 
 
 def _manifest() -> Manifest:
-    frame = Frame(offset=8, size=50, raw_size=128, sha256=SHA)
+    frame = Frame(offset=8, size=50, raw_size=128, digest=SHA)
     blob = Blob(sha256=SHA, nbytes=128, raw_offset=0, encoding="zstd", element_size=1, frames=(frame,))
     return Manifest(
         model=ModelInfo(name="m", version="1.0"),
@@ -77,35 +78,35 @@ def test_round_trip_is_canonical():
     "edit, message",
     [
         (
-            lambda d: d["weights"]["blobs"][0]["frames"][0].update(sha256="xyz"),
-            "weights.blobs[0].frames[0].sha256: expected 64 lowercase hex",
+            lambda d: d["weights"]["blobs"][0]["frames"][0].update(digest="xyz"),
+            "weights.blobs[0].frames[0].digest: expected 64 lowercase hex",
         ),
-        (lambda d: d["inputs"][0].update(dtype="complex64"), "inputs[0].dtype: expected one of"),
+        (lambda d: d["models"][0]["inputs"][0].update(dtype="complex64"), "models[0].inputs[0].dtype: expected one of"),
         (
-            lambda d: d["profiles"][0]["shapes"]["x"].update(min=[32, 8]),
-            "profiles[0].shapes.x: axis 0: expected min <= opt <= max, got 32 / 4 / 16",
+            lambda d: d["models"][0]["profiles"][0]["shapes"]["x"].update(min=[32, 8]),
+            "models[0].profiles[0].shapes.x: axis 0: expected min <= opt <= max, got 32 / 4 / 16",
         ),
         (
-            lambda d: d["profiles"][0]["shapes"].update(z={"min": [1], "opt": [1], "max": [1]}),
-            "profiles[0].shapes.z: no input of that name",
+            lambda d: d["models"][0]["profiles"][0]["shapes"].update(z={"min": [1], "opt": [1], "max": [1]}),
+            "models[0].profiles[0].shapes.z: no input of that name",
         ),
-        (lambda d: d["weights"]["tensors"][0].update(blob=3), "weights.tensors[0].blob: index 3 out of range"),
+        (lambda d: d["models"][0]["tensors"][0].update(blob=3), "models[0].tensors[0].blob: index 3 out of range"),
         (
             lambda d: d["weights"]["file"].update(path="../../etc/passwd"),
             "weights.file.path: expected '<engines|caches|weights|skeleton>/<sha256>.<ext>'",
         ),
         (
-            lambda d: d["skeleton"]["file"].update(path="skeleton/" + "cd" * 32 + ".onnx"),
-            "skeleton.file.path: file name",
+            lambda d: d["models"][0]["skeleton"]["file"].update(path="skeleton/" + "cd" * 32 + ".onnx"),
+            "models[0].skeleton.file.path: file name",
         ),
         (
-            lambda d: d["skeleton"].update(external_data="../w.bin"),
-            "skeleton.external_data: expected a plain file name",
+            lambda d: d["models"][0]["skeleton"].update(external_data="../w.bin"),
+            "models[0].skeleton.external_data: expected a plain file name",
         ),
         (lambda d: d.pop("trt_rtx"), "trt_rtx: missing (required)"),
-        (lambda d: d["model"].update(name=7), "model.name: expected a string, got int"),
+        (lambda d: d["models"][0].update(name=7), "models[0].name: expected a string, got int"),
         (
-            lambda d: d.update(
+            lambda d: d["models"][0].update(
                 runtime_caches=[
                     {
                         "key": {
@@ -122,7 +123,7 @@ def test_round_trip_is_canonical():
                     }
                 ]
             ),
-            "runtime_caches[0].engines: " + SHA + " is not the sha256 of any engine",
+            "models[0].runtime_caches[0].engines: " + SHA + " is not the sha256 of any engine",
         ),
     ],
 )
@@ -147,12 +148,14 @@ def test_newer_major_is_refused_with_a_hint():
 def test_unknown_keys_are_warnings_with_their_path():
     d = _dict()
     d["signature"] = "new in a later minor"
-    d["engines"] = []
+    d["models"][0]["engines"] = []
+    d["models"][0]["license"] = "MIT"
     d["weights"]["blobs"][0]["dictionary"] = 1
     m, warnings = Manifest.from_dict(copy.deepcopy(d))
     assert m == _manifest()
     assert warnings == [
         "weights.blobs[0].dictionary: unknown key ignored (written by a newer trtx-bundler?)",
+        "models[0].license: unknown key ignored (written by a newer trtx-bundler?)",
         "signature: unknown key ignored (written by a newer trtx-bundler?)",
     ]
 
@@ -229,7 +232,9 @@ def _records() -> dict[type, Record]:
         tool_version="0.1.0",
         created=1700000000,
     )
-    records: list[Record] = [full, full.model, *full.inputs, *full.profiles, full.profiles[0].shapes["x"], full.trt_rtx]
+    whole = full.whole()
+    records: list[Record] = [whole, whole.models[0], whole.trt_rtx, whole.weights, full.model, full.trt_rtx]
+    records += [*full.inputs, *full.profiles, full.profiles[0].shapes["x"]]
     records += [full.weights, full.weights.file, full.weights.blobs[0], full.weights.blobs[0].frames[0]]
     records += [full.weights.tensors[0], engine, key, cache, full.skeleton, full.creator, warm, part]
     records += [full.trt_rtx.verdict, full.trt_rtx.verdict.unsupported_ops[0]]  # type: ignore[union-attr]
@@ -272,25 +277,28 @@ def test_keys_come_out_in_declaration_order_and_dotted_keys_nest():
         # wrong type, at every depth, with the key path
         (lambda d: d["weights"].update(alignment=True), "weights.alignment: expected an integer, got a boolean"),
         (lambda d: d["weights"]["file"].update(size="5"), "weights.file.size: expected an integer, got a string"),
-        (lambda d: d["model"].update(name=None), "model.name: expected a string, got null"),
-        (lambda d: d["inputs"].append([1]), "inputs[1]: expected an object, got a list"),
-        (lambda d: d.update(inputs={"x": 1}), "inputs: expected a list, got an object"),
-        (lambda d: d["profiles"][0]["shapes"].update(x=[1, 8]), "profiles[0].shapes.x: expected an object, got a list"),
+        (lambda d: d["models"][0].update(name=None), "models[0].name: expected a string, got null"),
+        (lambda d: d["models"][0]["inputs"].append([1]), "models[0].inputs[1]: expected an object, got a list"),
+        (lambda d: d["models"][0].update(inputs={"x": 1}), "models[0].inputs: expected a list, got an object"),
         (
-            lambda d: d["weights"]["tensors"][0].update(shape="8x4"),
-            "weights.tensors[0].shape: expected a list, got a string",
+            lambda d: d["models"][0]["profiles"][0]["shapes"].update(x=[1, 8]),
+            "models[0].profiles[0].shapes.x: expected an object, got a list",
         ),
         (
-            lambda d: d["weights"]["tensors"][0].update(shape=[8, -4]),
-            "weights.tensors[0].shape: expected a list of integers >= 0",
+            lambda d: d["models"][0]["tensors"][0].update(shape="8x4"),
+            "models[0].tensors[0].shape: expected a list, got a string",
         ),
         (
-            lambda d: d.update(warmup_shapes=[[2, 8]]),
-            "warmup_shapes[0]: expected an object of input name -> shape, got a list",
+            lambda d: d["models"][0]["tensors"][0].update(shape=[8, -4]),
+            "models[0].tensors[0].shape: expected a list of integers >= 0",
         ),
         (
-            lambda d: d["warmup_shapes"][0].update(x="2x8"),
-            "warmup_shapes[0].x: expected a list of integers >= 0, got '2x8'",
+            lambda d: d["models"][0].update(warmup_shapes=[[2, 8]]),
+            "models[0].warmup_shapes[0]: expected an object of input name -> shape, got a list",
+        ),
+        (
+            lambda d: d["models"][0]["warmup_shapes"][0].update(x="2x8"),
+            "models[0].warmup_shapes[0].x: expected a list of integers >= 0, got '2x8'",
         ),
         (
             lambda d: d["weights"]["blobs"][0].update(element_size=3),
@@ -306,7 +314,10 @@ def test_keys_come_out_in_declaration_order_and_dotted_keys_nest():
             lambda d: d["weights"]["blobs"][0]["frames"][0].pop("offset"),
             "weights.blobs[0].frames[0].offset: missing (required)",
         ),
-        (lambda d: d["skeleton"].pop("external_data"), "skeleton.external_data: missing (required)"),
+        (
+            lambda d: d["models"][0]["skeleton"].pop("external_data"),
+            "models[0].skeleton.external_data: missing (required)",
+        ),
         (lambda d: d["creator"].pop("tool"), "creator.tool: missing (required)"),
         (lambda d: d.pop("weights"), "weights: missing (required)"),
     ],
@@ -321,9 +332,10 @@ def test_wrong_types_and_missing_keys_name_the_key_path(edit, message):
 
 def test_optional_keys_may_be_missing_or_null():
     d = _dict()
-    for key in ("engines", "runtime_caches", "creator", "warmup_shapes"):
-        d.pop(key)
-    d["model"].update(version=None, opset=None)
+    d.pop("creator")
+    for key in ("engines", "runtime_caches", "warmup_shapes"):
+        d["models"][0].pop(key)
+    d["models"][0].update(version=None, opset=None)
     m, warnings = Manifest.from_dict(d)
     assert warnings == []
     assert (m.engines, m.runtime_caches, m.creator, m.warmup_shapes) == ((), (), Creator(), ())
@@ -404,3 +416,100 @@ def test_the_manifest_module_still_exports_the_moved_names():
         "WEIGHT_ENCODINGS",
     ):
         assert getattr(manifest_module, name) is not None and name in manifest_module.__all__
+
+
+# --------------------------------------------------------------------------- schema 1, and several models (schema 2)
+def _schema_1(d: dict) -> dict:
+    """The schema 1 form of a one-model schema 2 manifest dict (what bundles written before schema 2 hold)."""
+    (model,) = d["models"]
+    v1 = {"schema_version": 1, "creator": d["creator"], "trt_rtx": dict(d["trt_rtx"])}
+    v1["model"] = {k: model[k] for k in ("name", "version", "source_sha256", "opset") if k in model}
+    for k in ("inputs", "outputs", "profiles", "warmup_shapes", "skeleton", "engines", "runtime_caches"):
+        if k in model:
+            v1[k] = model[k]
+    if "parse" in model:
+        v1["trt_rtx"]["parse"] = model["parse"]
+    weights = {k: v for k, v in d["weights"].items() if k != "frame_digest"}
+    weights["blobs"] = [
+        {**b, "frames": [{("sha256" if k == "digest" else k): v for k, v in f.items()} for f in b["frames"]]}
+        for b in weights["blobs"]
+    ]
+    weights["tensors"] = model["tensors"]
+    v1["weights"] = weights
+    return v1
+
+
+def test_a_schema_1_manifest_reads_as_one_model_with_sha256_frame_pins():
+    full = _records()[BundleManifest]
+    d = json.loads(json.dumps(full.to_dict()))
+    m, warnings = Manifest.from_dict(_schema_1(d))
+    assert warnings == []
+    assert m.weights.frame_digest == "sha256"
+    assert dataclasses.replace(m.weights, frame_digest=full.weights.frame_digest) == full.views()[0].weights
+    assert m.trt_rtx == full.views()[0].trt_rtx and m.engines == full.models[0].engines
+    # written back, it is schema 2 and keeps the sha256 pins (upgrade re-pins them)
+    again = json.loads(m.to_json())
+    assert again["schema_version"] == 2 and again["weights"]["frame_digest"] == "sha256"
+
+
+def test_a_schema_1_manifest_error_names_schema_2_key_paths_and_says_so():
+    d = _schema_1(_dict())
+    d["inputs"][0]["dtype"] = "complex64"
+    with pytest.raises(ManifestError) as e:
+        Manifest.from_dict(d)
+    assert "models[0].inputs[0].dtype: expected one of" in str(e.value)
+    assert "schema_version 1" in str(e.value)
+
+
+def _two_models() -> BundleManifest:
+    one = _manifest()
+    other = dataclasses.replace(
+        one,
+        model=ModelInfo(name="head"),
+        weights=one.weights.with_tensors((WeightTensor(name="W2", dtype="float32", shape=(32,), blob=0),)),
+        skeleton=Skeleton(file=FileRef.for_content("skeleton", "ef" * 32, 11)),
+    )
+    return one.whole().with_view(other)
+
+
+def test_several_models_share_one_store_and_each_is_a_view():
+    bundle = _two_models()
+    parsed, warnings = BundleManifest.from_json(bundle.to_json())
+    assert parsed == bundle and warnings == [] and parsed.names == ("m", "head")
+    head = parsed.view("head")
+    assert head.model.name == "head" and [t.name for t in head.weights.tensors] == ["W2"]
+    assert head.weights.blobs == parsed.view("m").weights.blobs  # one store
+    # a view edited and written back keeps the other model
+    edited = dataclasses.replace(head, warmup_shapes=())
+    again, _ = BundleManifest.from_json(edited.to_json())
+    assert again.names == ("m", "head") and again.view("m") == parsed.view("m")
+    # every file once: the shared weight file is listed once
+    paths = [ref.path for _, ref in parsed.files()]
+    assert len(paths) == len(set(paths)) == 3
+
+
+def test_a_bundle_of_several_models_needs_a_name_and_lists_them():
+    raw = _two_models().to_json()
+    with pytest.raises(ModelChoiceError) as e:
+        Manifest.from_json(raw)
+    assert "2 models (m, head)" in str(e.value) and "model=" in (e.value.hint or "")
+    with pytest.raises(ModelChoiceError, match="no model named 'tail'; the bundle holds 'm', 'head'"):
+        Manifest.from_json(raw, model="tail")
+    assert Manifest.from_json(raw, model="head")[0].model.name == "head"
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda d: d["models"][1].update(name="m"), "models[1].name: duplicate model name 'm'"),
+        (lambda d: d["models"][1]["tensors"][0].update(blob=5), "models[1].tensors[0].blob: index 5 out of range"),
+        (lambda d: d["models"][1]["tensors"][0].update(shape=[33]), "models[1].tensors[0]: float32 [33] is 132 bytes"),
+        (lambda d: d.update(models=[]), "models: expected at least one model"),
+    ],
+)
+def test_cross_model_rules_name_the_model(edit, message):
+    d = json.loads(_two_models().to_json())
+    edit(d)
+    with pytest.raises(ManifestError) as e:
+        BundleManifest.from_dict(d)
+    assert message in str(e.value)

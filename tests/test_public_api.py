@@ -65,6 +65,7 @@ def test_all_names_resolve_and_every_error_class_is_public() -> None:
     assert {"load", "Loader", "Session", "Report", "probe", "Machine", "clear_cache", "BundleError"} <= set(
         runtime_shim.__all__
     )
+    assert {"apply_update", "DeltaError"} <= set(runtime_shim.__all__)
     error_classes = {
         n for n, v in vars(runtime_shim.errors).items() if isinstance(v, type) and issubclass(v, Exception)
     }

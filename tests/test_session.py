@@ -189,7 +189,7 @@ def test_bundle_from_another_trt_rtx_version(mlp, tmp_path) -> None:
 
     def older(d):
         d["trt_rtx"]["version"] = "1.6.0.0"
-        for e in d["engines"]:
+        for e in models.model0(d)["engines"]:
             e["trt_rtx_version"] = "1.6.0.0"
 
     _rewrite(bundle, older)

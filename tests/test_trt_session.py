@@ -495,7 +495,7 @@ def test_weights_are_hashed_on_every_load_and_a_change_is_caught(mlp, tmp_path) 
     bundle, m, feeds = mlp
     for verify in ("always", "once", "always"):  # "once" is kept as a name only: every load hashes every frame
         with _load(bundle, RecordingFakeTrtRuntime(m), tmp_path, verify_weights=verify) as s:
-            assert s.report.engine["weights_check"] == "every frame's sha256 checked as it was read"
+            assert s.report.engine["weights_check"] == "every frame's blake3 checked as it was read"
     # Damage one stored byte, same size, and put the modification time back: every frame is hashed, the damage caught.
     path = bundle / m.weights.file.path
     before = path.stat()
@@ -506,7 +506,7 @@ def test_weights_are_hashed_on_every_load_and_a_change_is_caught(mlp, tmp_path) 
     import os
 
     os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
-    with pytest.raises(IntegrityError, match=r"frame \d+ .*sha256"):
+    with pytest.raises(IntegrityError, match=r"frame \d+ .*blake3"):
         _load(bundle, RecordingFakeTrtRuntime(m), tmp_path)
 
 

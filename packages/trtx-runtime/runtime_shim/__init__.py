@@ -14,11 +14,13 @@ from .errors import (
     BackendUnavailableError,
     BundleError,
     CacheError,
+    DeltaError,
     EngineBuildError,
     InputError,
     IntegrityError,
     MachineError,
     ManifestError,
+    ModelChoiceError,
     ModelError,
     SchemaVersionError,
     SignatureError,
@@ -37,12 +39,15 @@ __all__ = [
     "Gpu",
     # the per-user cache
     "clear_cache",
+    # updates (trtx-bundle diff makes them)
+    "apply_update",
     # errors
     "BundleError",
     "ManifestError",
     "SchemaVersionError",
     "IntegrityError",
     "ModelError",
+    "ModelChoiceError",
     "EngineBuildError",
     "ArchiveError",
     "MachineError",
@@ -50,10 +55,12 @@ __all__ = [
     "BackendUnavailableError",
     "CacheError",
     "SignatureError",
+    "DeltaError",
     "__version__",
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .delta import apply_update
     from .machine import Gpu, Machine, probe
     from .report import Report
     from .session import Loader, Session, load
@@ -68,6 +75,7 @@ _LAZY = {
     "Machine": "machine",
     "Gpu": "machine",
     "clear_cache": "user_cache",
+    "apply_update": "delta",
 }
 
 

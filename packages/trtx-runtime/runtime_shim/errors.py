@@ -54,5 +54,13 @@ class CacheError(BundleError):
     """The user cache directory cannot be used (lock timeout, permissions)."""
 
 
+class ModelChoiceError(BundleError):
+    """The bundle holds several models and none was named, or none has the name given."""
+
+
 class SignatureError(BundleError):
     """The bundle's signature (manifest.sig) is missing, corrupt, made by another key, or no longer covers manifest.json."""
+
+
+class DeltaError(ArchiveError):
+    """An update file (.trtxd) is corrupt, truncated or hostile, or was made for another bundle than the one given."""

@@ -1,362 +1,240 @@
-"""The bundle schema: manifest.json as frozen records, each field declared once (schema.Record), serialized canonically.
+"""The bundle's manifest.json: one weight store shared by one or more models, each with its own graph and artifacts.
 
-Compatibility rule (documented in docs/BUNDLE_FORMAT.md): ``schema_version`` is the major version. A newer
-major is refused; unknown keys are what a newer minor adds, so they are reported as warnings and dropped.
+``BundleManifest`` is the file (schema 2, docs/BUNDLE_FORMAT.md): the TRT-RTX target, the weight store index, the
+models, the creator. ``Manifest`` is what everything that works on one model reads: that model's records and the
+store as it sees it (its tensors), in the shape a single-model bundle always had. A view writes back through its
+bundle (``to_json``), so code that edits one model keeps the others.
+
+Compatibility rule: ``schema_version`` is the major version. A newer major is refused; unknown keys are what a newer
+minor adds, so they are reported as warnings and dropped. Schema 1 (one model, frames pinned by sha256) is read by
+rewriting its JSON into schema 2's layout (``_from_schema_1``); ``trtx-bundle upgrade`` rewrites the file.
 """
 
 from __future__ import annotations
 
-import re
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
 from .bundle_files import FILE_FOLDERS, FileRef
-from .errors import ManifestError, SchemaVersionError
+from .errors import ManifestError, ModelChoiceError, SchemaVersionError
 from .fsutil import sha256_bytes
-from .schema import (
-    SHA_RE,
-    Codec,
-    Count,
-    Ints,
-    Key,
-    ListOf,
-    Name,
-    Record,
-    Sha256,
-    at,
-    canonical_json,
-    ints_check,
-    kind_name,
-    one_of,
-    parse_json,
-    read_json_bytes,
+from .records import (
+    CUDA_FLAVOURS,
+    ENGINE_KINDS,
+    PARSE_STATUSES,
+    PLATFORMS,
+    SHAPES_BY_INPUT,
+    CacheKey,
+    Creator,
+    Dim,
+    Engine,
+    Label,
+    ModelInfo,
+    ParseVerdict,
+    Profile,
+    RuntimeCache,
+    Shape,
+    ShapeRange,
+    Skeleton,
+    TensorSpec,
+    TrtRtx,
+    TrtRtxTarget,
+    UnsupportedOp,
+    _optional_label,
 )
-from .store_index import DTYPES, WEIGHT_ENCODINGS, Blob, DType, Frame, WeightStore, WeightTensor
+from .schema import Key, ListOf, Record, Sha256, at, canonical_json, kind_name, parse_json, read_json_bytes
+from .store_index import DTYPES, WEIGHT_ENCODINGS, Blob, DType, Frame, StoreIndex, WeightStore, WeightTensor
 
-# The records of the weight store index and the file naming rule live in their own modules; callers import them here.
 __all__ = [
     "CUDA_FLAVOURS",
     "DTYPES",
     "ENGINE_KINDS",
     "FILE_FOLDERS",
     "MANIFEST_NAME",
+    "PARSE_STATUSES",
     "PLATFORMS",
     "SCHEMA_VERSION",
     "SHAPES_BY_INPUT",
     "WEIGHT_ENCODINGS",
     "Blob",
+    "BundleManifest",
     "CacheKey",
     "Creator",
+    "DType",
     "Dim",
     "Engine",
     "FileRef",
     "Frame",
     "Manifest",
+    "Model",
     "ModelInfo",
-    "PARSE_STATUSES",
     "ParseVerdict",
     "Profile",
     "RuntimeCache",
     "Shape",
     "ShapeRange",
     "Skeleton",
+    "StoreIndex",
     "TensorSpec",
     "TrtRtx",
+    "TrtRtxTarget",
     "UnsupportedOp",
     "WeightStore",
     "WeightTensor",
+    "read_bundle_manifest",
     "read_manifest",
     "read_manifest_sha256",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MANIFEST_NAME = "manifest.json"
-
-ENGINE_KINDS = ("weightless", "weightful")
-PLATFORMS = ("linux_x86_64", "windows_amd64")
-CUDA_FLAVOURS = ("cu12", "cu13")
-
 _CORRUPT_HINT = "the file is corrupt or truncated; fetch the bundle again"
 
-Dim = int | str
-Shape = Ints  # a tuple of integers >= 0
 
-
-# Checks of one JSON value (the problem, or None), for Key(check=...).
-def _dims(v: list) -> str | None:
-    for d in v:
-        if (
-            isinstance(d, bool)
-            or not isinstance(d, (int, str))
-            or (isinstance(d, int) and d < -1)
-            or (isinstance(d, str) and not d)
-        ):
-            return f"expected dims as integers >= 0 (or -1) or dimension names, got {v!r}"
-    return None
-
-
-def _sha256_list(v: list) -> str | None:
-    return None if all(isinstance(s, str) and SHA_RE.match(s) for s in v) else "expected a list of sha256 hex strings"
-
-
-def _driver_version(v: str) -> str | None:
-    # At most 6 parts of at most 9 digits: the shim compares versions as integers, and a longer one is no driver's.
-    if re.fullmatch(r"\d{1,9}(\.\d{1,9}){0,5}", v):
-        return None
-    return f"expected a version like '580.95', got {_clip(v)}"
-
-
-# Names, versions and labels the shim compares, shows or keys caches by; no real one comes near this.
-MAX_LABEL = 256
-
-
-def _label(v: str) -> str | None:
-    if not v.strip():
-        return "expected a non-empty string"
-    return None if len(v) <= MAX_LABEL else f"expected at most {MAX_LABEL} characters, got {len(v)}: {_clip(v)}"
-
-
-def _optional_label(v: str) -> str | None:
-    return None if len(v) <= MAX_LABEL else f"expected at most {MAX_LABEL} characters, got {len(v)}: {_clip(v)}"
-
-
-def _clip(v: str) -> str:
-    """A value for an error message: whole when short, else its start and its length (messages stay one line)."""
-    return repr(v) if len(v) <= 40 else f"{v[:32]!r}... ({len(v)} characters)"
-
-
-def _plain_file_name(v: str) -> str | None:
-    ok = re.match(r"^[A-Za-z0-9._-]+$", v) and v not in (".", "..")
-    return None if ok else f"expected a plain file name, got {v!r}"
-
-
-EngineKind = Annotated[str, Key(check=one_of(ENGINE_KINDS))]
-Platform = Annotated[str, Key(check=one_of(PLATFORMS))]
-CudaFlavour = Annotated[str, Key(check=one_of(CUDA_FLAVOURS))]
-DriverVersion = Annotated[str, Key(check=_driver_version)]
-Label = Annotated[str, Key(check=_label)]
-
-
-class ShapesByInput(Codec):
-    """Input name -> shape (a list of integers >= 0), in name order: warm-up shapes."""
-
-    kinds, expected, identity = (Mapping,), "an object of input name -> shape", False
-
-    def read(self, value: Any, path: str, warnings: list[str]) -> Any:
-        out = {}
-        for name, shape in sorted(value.items()):
-            if not isinstance(shape, list) or ints_check(shape):
-                raise ManifestError(f"{path}.{name}: expected a list of integers >= 0, got {shape!r}")
-            out[name] = tuple(shape)
-        return out
-
-    def write(self, value: Any) -> Any:
-        return {k: list(v) for k, v in sorted(value.items())}
-
-
-SHAPES_BY_INPUT = ShapesByInput()
-
-
-# --------------------------------------------------------------------------- model and I/O
 @dataclass(frozen=True, kw_only=True)
-class ModelInfo(Record):
+class Model(Record):
+    """One model of the bundle: its graph, I/O, profiles, tensors (into the shared store) and its own artifacts."""
+
     name: Label
     version: Annotated[str, Key(check=_optional_label)] = "0"
     source_sha256: Sha256 | None = None  # of the ONNX file as given (external data not included)
     opset: int | None = None
-
-
-@dataclass(frozen=True, kw_only=True)
-class TensorSpec(Record):
-    """A model input or output. ``shape`` holds ints for fixed dims and names (or -1) for dynamic ones."""
-
-    name: Name
-    dtype: DType
-    shape: Annotated[tuple[Dim, ...], Key(check=_dims)]
-
-    @property
-    def dynamic_axes(self) -> tuple[int, ...]:
-        return tuple(i for i, d in enumerate(self.shape) if not isinstance(d, int) or d < 0)
-
-
-@dataclass(frozen=True, kw_only=True)
-class ShapeRange(Record):
-    min: Shape
-    opt: Shape
-    max: Shape
-
-    def contains(self, shape: Shape) -> bool:
-        return len(shape) == len(self.min) and all(lo <= s <= hi for lo, s, hi in zip(self.min, shape, self.max))
-
-    def problem(self) -> str | None:
-        """Why this range is invalid (ranks differ, or not min <= opt <= max per dim), or None."""
-        if not (len(self.min) == len(self.opt) == len(self.max)):
-            return f"min/opt/max have different ranks: {list(self.min)} / {list(self.opt)} / {list(self.max)}"
-        for axis, (lo, mid, hi) in enumerate(zip(self.min, self.opt, self.max)):
-            if not lo <= mid <= hi:
-                return f"axis {axis}: expected min <= opt <= max, got {lo} / {mid} / {hi}"
-        return None
-
-    def validate(self, path: str) -> None:
-        if problem := self.problem():
-            raise ManifestError(f"{path}: {problem}")
-
-
-@dataclass(frozen=True, kw_only=True)
-class Profile(Record):
-    """One optimization profile: a shape range for every dynamic input (fixed inputs may be listed too)."""
-
-    shapes: Mapping[str, ShapeRange]
-
-    def triples(self) -> dict[str, tuple[Shape, Shape, Shape]]:
-        """Input name -> (min, opt, max), sorted by name: one entry of trt_session.BuildRequest.profiles."""
-        return {k: (r.min, r.opt, r.max) for k, r in sorted(self.shapes.items())}
-
-
-def _node_names(v: list) -> str | None:
-    # Bounded like every other label: a hostile manifest cannot make inspect or doctor print megabytes.
-    if len(v) > 16 or not all(isinstance(s, str) and len(s) <= 256 for s in v):
-        return "expected at most 16 node names of at most 256 characters each"
-    return None
-
-
-def _detail(v: str) -> str | None:
-    return None if len(v) <= 2048 else f"expected at most 2048 characters, got {len(v)}"
-
-
-PARSE_STATUSES = ("ok", "failed", "not_checked")
-
-
-@dataclass(frozen=True, kw_only=True)
-class UnsupportedOp(Record):
-    """One op type TRT-RTX's parser refused: how many nodes of it, and the first few of their names."""
-
-    op: Name  # op type, "domain.Type" outside the default ONNX domain
-    count: Count
-    nodes: Annotated[tuple[str, ...], Key(check=_node_names)] = ()
-    detail: Annotated[str | None, Key(check=_detail)] = (
-        None  # the parser's reason, where it says more than "unsupported"
-    )
-
-
-@dataclass(frozen=True, kw_only=True)
-class ParseVerdict(Record):
-    """What TRT-RTX's parser said of the model when it was bundled (absent from JSON: no problem recorded)."""
-
-    status: Annotated[str, Key(check=one_of(PARSE_STATUSES))]  # ok | failed | not_checked
-    unsupported_ops: tuple[UnsupportedOp, ...] = ()
-    detail: Annotated[str | None, Key(check=_detail)] = (
-        None  # the parser's errors naming no node, or why it did not run
-    )
-
-    @property
-    def failed(self) -> bool:
-        return self.status == "failed"
-
-    def summary(self) -> str:
-        """One line: 'Det x3, MatMulInteger x1' (or the detail)."""
-        ops = ", ".join(f"{u.op} x{u.count}" for u in self.unsupported_ops)
-        return ops or self.detail or self.status
-
-
-@dataclass(frozen=True, kw_only=True)
-class TrtRtx(Record):
-    version: Label  # exact, e.g. "1.7.1.116": engines and caches run only on this version
-    cuda_flavour: CudaFlavour  # "cu12" | "cu13"
-    # Additive (schema 1 minor): written only when the parser refused the model or was not run, so bundles of
-    # models that parse keep their exact bytes; an older reader warns about the unknown key and ignores it.
-    verdict: Annotated[ParseVerdict | None, Key(name="parse")] = None  # JSON key "parse" (Record.parse is taken)
-
-    @property
-    def cannot_parse(self) -> ParseVerdict | None:
-        """The recorded verdict when TRT-RTX's parser refused the model (no engine can be built from it), else None."""
-        return self.verdict if self.verdict is not None and self.verdict.failed else None
-
-
-# --------------------------------------------------------------------------- engines and runtime caches
-@dataclass(frozen=True, kw_only=True)
-class Engine(Record):
-    kind: EngineKind  # "weightless" (stripped, refit from the weight store) | "weightful"
-    platform: Platform  # "linux_x86_64" | "windows_amd64"
-    compute_capabilities: Ints  # e.g. (89,) or (80, 86, 89, 120); () = TRT-RTX's default set
-    trt_rtx_version: Label
-    file: FileRef
-    built_by: Mapping[str, str] = field(default_factory=dict)  # tool version, host, gpu, ... (informational)
-
-
-@dataclass(frozen=True, kw_only=True)
-class CacheKey(Record):
-    """What TRT-RTX checks before it accepts a runtime cache; there is no fingerprint API, so we record it."""
-
-    os: Annotated[str, Key(check=one_of(("linux", "windows")))]
-    gpu_name: Label  # e.g. "NVIDIA GeForce RTX 4090"
-    pci_device_id: Count  # the SKU, e.g. 0x2684
-    sm: Count  # e.g. 89
-    driver_version: DriverVersion  # the driver that made the cache: the minimum that accepts it, e.g. "580.95"
-    cuda_flavour: CudaFlavour
-    trt_rtx_version: Label
-    cig: bool = False  # CUDA in Graphics
-
-
-@dataclass(frozen=True, kw_only=True)
-class RuntimeCache(Record):
-    key: CacheKey
-    engines: Annotated[tuple[str, ...], Key(check=_sha256_list)]  # sha256 of the engine files it was made with
-    file: FileRef
-    created: int | None = None  # unix seconds (for "keep the newest" on merge)
-
-
-# --------------------------------------------------------------------------- the rest of the bundle
-@dataclass(frozen=True, kw_only=True)
-class Skeleton(Record):
-    """The ONNX graph without weight data; its external data points at ``external_data`` (the unpacked layout)."""
-
-    file: FileRef
-    external_data: Annotated[str, Key(check=_plain_file_name, required=True)] = "weights.bin"
-
-
-@dataclass(frozen=True, kw_only=True)
-class Creator(Record):
-    tool: Annotated[str, Key(required=True)] = "trtx-bundler"
-    version: Annotated[str, Key(required=True)] = "0"
-    created: int | None = None  # SOURCE_DATE_EPOCH when set; None keeps builds byte-identical
-
-
-@dataclass(frozen=True, kw_only=True)
-class Manifest(Record):
-    schema_version: int = SCHEMA_VERSION  # checked before the rest is read (from_dict)
-    model: ModelInfo
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     profiles: tuple[Profile, ...]
     warmup_shapes: Annotated[tuple[Mapping[str, Shape], ...], Key(codec=ListOf(SHAPES_BY_INPUT))] = ()
-    trt_rtx: TrtRtx
-    weights: WeightStore
+    # TRT-RTX's parser verdict, written only when it refused the model or did not run (see ParseVerdict).
+    verdict: Annotated[ParseVerdict | None, Key(name="parse")] = None
+    tensors: tuple[WeightTensor, ...]
     skeleton: Skeleton
     engines: tuple[Engine, ...] = ()
     runtime_caches: tuple[RuntimeCache, ...] = ()
+
+    def validate(self, path: str) -> None:
+        """Names that refer across records: profile and warm-up inputs, the engines a runtime cache was made with."""
+        names = {t.name for t in self.inputs}
+        inputs = {t.name: t for t in self.inputs}
+        for i, p in enumerate(self.profiles):
+            for name, rng in p.shapes.items():
+                where = at(path, f"profiles[{i}].shapes.{name}")
+                if name not in names:
+                    raise ManifestError(f"{where}: no input of that name (inputs: {', '.join(sorted(names))})")
+                if len(rng.min) != len(inputs[name].shape):
+                    raise ManifestError(
+                        f"{where}: rank {len(rng.min)}, but the input has rank {len(inputs[name].shape)}"
+                    )
+        for i, w in enumerate(self.warmup_shapes):
+            for name in w:
+                if name not in names:
+                    raise ManifestError(f"{at(path, f'warmup_shapes[{i}].{name}')}: no input of that name")
+        engine_shas = {e.file.sha256 for e in self.engines}
+        for i, c in enumerate(self.runtime_caches):
+            for s in c.engines:
+                if s not in engine_shas:
+                    raise ManifestError(
+                        f"{at(path, f'runtime_caches[{i}].engines')}: {s} is not the sha256 of any engine of this model"
+                    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class BundleManifest(Record):
+    """manifest.json, schema 2 (docs/BUNDLE_FORMAT.md)."""
+
+    schema_version: int = SCHEMA_VERSION  # checked before the rest is read (from_dict)
+    trt_rtx: TrtRtxTarget
+    weights: StoreIndex
+    models: tuple[Model, ...]
     creator: Creator = field(default_factory=Creator)
 
     # ----------------------------------------------------------------- queries
-    def files(self) -> list[tuple[str, FileRef]]:
-        """Every file the manifest pins, with the key path that pins it (for verify and pack)."""
-        out = [("weights.file", self.weights.file), ("skeleton.file", self.skeleton.file)]
-        out += [(f"engines[{i}].file", e.file) for i, e in enumerate(self.engines)]
-        out += [(f"runtime_caches[{i}].file", c.file) for i, c in enumerate(self.runtime_caches)]
-        return out
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(m.name for m in self.models)
 
-    def input(self, name: str) -> TensorSpec:
-        for t in self.inputs:
-            if t.name == name:
-                return t
-        raise KeyError(name)
+    def view(self, name: str | None = None, *, source: str = "manifest.json") -> Manifest:
+        """One model as ``Manifest``; ``name`` may be left out when the bundle holds one model."""
+        if name is None:
+            if len(self.models) == 1:
+                return self._view(0)
+            raise ModelChoiceError(
+                f"{source}: the bundle holds {len(self.models)} models ({', '.join(self.names)}); say which one",
+                hint="pass model=NAME to load() (--model NAME on the command line)",
+            )
+        for i, m in enumerate(self.models):
+            if m.name == name:
+                return self._view(i)
+        raise ModelChoiceError(
+            f"{source}: no model named {name!r}; the bundle holds {', '.join(repr(n) for n in self.names)}",
+            hint="pass one of those names",
+        )
+
+    def views(self) -> list[Manifest]:
+        return [self._view(i) for i in range(len(self.models))]
+
+    def _view(self, i: int) -> Manifest:
+        m = self.models[i]
+        return Manifest(
+            schema_version=self.schema_version,
+            model=ModelInfo(name=m.name, version=m.version, source_sha256=m.source_sha256, opset=m.opset),
+            inputs=m.inputs,
+            outputs=m.outputs,
+            profiles=m.profiles,
+            warmup_shapes=m.warmup_shapes,
+            trt_rtx=TrtRtx(version=self.trt_rtx.version, cuda_flavour=self.trt_rtx.cuda_flavour, verdict=m.verdict),
+            weights=self.weights.with_tensors(m.tensors),
+            skeleton=m.skeleton,
+            engines=m.engines,
+            runtime_caches=m.runtime_caches,
+            creator=self.creator,
+            bundle=self,
+        )
+
+    def files(self) -> list[tuple[str, FileRef]]:
+        """Every file the manifest pins, once, with the key path that first pins it (for verify, pack and diff)."""
+        out = [("weights.file", self.weights.file)]
+        for i, m in enumerate(self.models):
+            p = f"models[{i}]"
+            out.append((f"{p}.skeleton.file", m.skeleton.file))
+            out += [(f"{p}.engines[{j}].file", e.file) for j, e in enumerate(m.engines)]
+            out += [(f"{p}.runtime_caches[{j}].file", c.file) for j, c in enumerate(m.runtime_caches)]
+        seen: set[str] = set()
+        return [(k, r) for k, r in out if not (r.path in seen or seen.add(r.path))]  # type: ignore[func-returns-value]
+
+    def with_view(self, view: Manifest) -> BundleManifest:
+        """This bundle with ``view``'s model (matched by name, else added) and its store index and TRT-RTX target."""
+        model = view.as_model()
+        models = list(self.models)
+        for i, m in enumerate(models):
+            if m.name == model.name:
+                models[i] = model
+                break
+        else:
+            models.append(model)
+        return dataclasses.replace(
+            self,
+            trt_rtx=TrtRtxTarget(version=view.trt_rtx.version, cuda_flavour=view.trt_rtx.cuda_flavour),
+            weights=view.weights.index(),
+            models=tuple(models),
+            creator=view.creator,
+        )
+
+    def validate(self, path: str) -> None:
+        if not self.models:
+            raise ManifestError(f"{at(path, 'models')}: expected at least one model")
+        seen: set[str] = set()
+        for i, m in enumerate(self.models):
+            if m.name in seen:
+                raise ManifestError(f"{at(path, f'models[{i}].name')}: duplicate model name {m.name!r}")
+            seen.add(m.name)
+            self.weights.with_tensors(m.tensors).check_tensors(at(path, f"models[{i}].tensors"), at(path, "weights"))
 
     # ----------------------------------------------------------------- (de)serialization
     @classmethod
-    def from_dict(cls, data: Any, *, source: str = "manifest.json") -> tuple[Manifest, list[str]]:
-        """Parse and validate; returns the manifest and the warnings (unknown keys). Raises ManifestError."""
+    def from_dict(cls, data: Any, *, source: str = "manifest.json") -> tuple[BundleManifest, list[str]]:
+        """Parse and validate (schema 1 or 2); returns the manifest and the warnings (unknown keys)."""
         warnings: list[str] = []
         if not isinstance(data, Mapping):
             raise ManifestError(f"{source}: expected a JSON object at the top level, got {kind_name(data)}")
@@ -370,41 +248,23 @@ class Manifest(Record):
             )
         if version < 1:
             raise ManifestError(f"{source}: schema_version: expected 1..{SCHEMA_VERSION}, got {version}")
+        note = ""
+        if version == 1:
+            data, note = _from_schema_1(data, source), " (a schema_version 1 manifest; key paths are schema 2's)"
         try:
             manifest = cls.parse(data, warnings=warnings)
         except ManifestError as e:
             if str(e).startswith(source):
                 raise
-            raise type(e)(f"{source}: {e}", hint=e.hint) from None
+            raise type(e)(f"{source}: {e}{note}", hint=e.hint) from None
         return manifest, warnings
-
-    def validate(self, path: str) -> None:
-        """Names that refer across records: profile and warm-up inputs, the engines a runtime cache was made with."""
-        names = {t.name for t in self.inputs}
-        for i, p in enumerate(self.profiles):
-            for name, rng in p.shapes.items():
-                where = at(path, f"profiles[{i}].shapes.{name}")
-                if name not in names:
-                    raise ManifestError(f"{where}: no input of that name (inputs: {', '.join(sorted(names))})")
-                spec = self.input(name)
-                if len(rng.min) != len(spec.shape):
-                    raise ManifestError(f"{where}: rank {len(rng.min)}, but the input has rank {len(spec.shape)}")
-        for i, w in enumerate(self.warmup_shapes):
-            for name in w:
-                if name not in names:
-                    raise ManifestError(f"{at(path, f'warmup_shapes[{i}].{name}')}: no input of that name")
-        engine_shas = {e.file.sha256 for e in self.engines}
-        for i, c in enumerate(self.runtime_caches):
-            for s in c.engines:
-                if s not in engine_shas:
-                    raise ManifestError(
-                        f"{at(path, f'runtime_caches[{i}].engines')}: {s} is not the sha256 of any engine in this bundle"
-                    )
 
     def to_dict(self) -> dict[str, Any]:
         d = super().to_dict()
-        if d["trt_rtx"].get("parse") is None:  # optional and additive: absent, not null (see TrtRtx.verdict)
-            del d["trt_rtx"]["parse"]
+        d["schema_version"] = SCHEMA_VERSION  # what is written is schema 2, whatever was read
+        for m in d["models"]:
+            if m.get("parse") is None:  # optional: absent, not null (see Model.verdict)
+                m.pop("parse", None)
         return d
 
     def to_json(self) -> bytes:
@@ -412,28 +272,154 @@ class Manifest(Record):
         return canonical_json(self.to_dict())
 
     @classmethod
-    def from_json(cls, data: bytes | str, *, source: str = "manifest.json") -> tuple[Manifest, list[str]]:
+    def from_json(cls, data: bytes | str, *, source: str = "manifest.json") -> tuple[BundleManifest, list[str]]:
         return cls.from_dict(parse_json(data, source=source, corrupt_hint=_CORRUPT_HINT), source=source)
 
 
-def read_manifest(bundle_dir: str | Path) -> tuple[Manifest, list[str]]:
-    """Read ``<bundle_dir>/manifest.json``; errors name the file."""
-    manifest, warnings, _raw = _read_manifest_bytes(bundle_dir)
-    return manifest, warnings
+@dataclass(frozen=True, kw_only=True)
+class Manifest:
+    """One model of a bundle, with the records a single-model manifest had (``BundleManifest.view``)."""
+
+    schema_version: int = SCHEMA_VERSION
+    model: ModelInfo
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    profiles: tuple[Profile, ...]
+    warmup_shapes: tuple[Mapping[str, Shape], ...] = ()
+    trt_rtx: TrtRtx
+    weights: WeightStore
+    skeleton: Skeleton
+    engines: tuple[Engine, ...] = ()
+    runtime_caches: tuple[RuntimeCache, ...] = ()
+    creator: Creator = field(default_factory=Creator)
+    # The whole manifest this view came from (None for a view built from scratch, e.g. by the bundler).
+    bundle: BundleManifest | None = field(default=None, compare=False, repr=False)
+
+    def files(self) -> list[tuple[str, FileRef]]:
+        """Every file this model uses (the shared weight file included), with the key path that pins it."""
+        i = self.bundle.names.index(self.model.name) if self.bundle and self.model.name in self.bundle.names else 0
+        p = f"models[{i}]"
+        out = [("weights.file", self.weights.file), (f"{p}.skeleton.file", self.skeleton.file)]
+        out += [(f"{p}.engines[{j}].file", e.file) for j, e in enumerate(self.engines)]
+        out += [(f"{p}.runtime_caches[{j}].file", c.file) for j, c in enumerate(self.runtime_caches)]
+        return out
+
+    def input(self, name: str) -> TensorSpec:
+        for t in self.inputs:
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+    def as_model(self) -> Model:
+        return Model(
+            name=self.model.name,
+            version=self.model.version,
+            source_sha256=self.model.source_sha256,
+            opset=self.model.opset,
+            inputs=self.inputs,
+            outputs=self.outputs,
+            profiles=self.profiles,
+            warmup_shapes=self.warmup_shapes,
+            verdict=self.trt_rtx.verdict,
+            tensors=self.weights.tensors,
+            skeleton=self.skeleton,
+            engines=self.engines,
+            runtime_caches=self.runtime_caches,
+        )
+
+    def whole(self) -> BundleManifest:
+        """The bundle's manifest with this model as it is here (the other models as they were)."""
+        if self.bundle is not None:
+            return self.bundle.with_view(self)
+        return BundleManifest(
+            trt_rtx=TrtRtxTarget(version=self.trt_rtx.version, cuda_flavour=self.trt_rtx.cuda_flavour),
+            weights=self.weights.index(),
+            models=(self.as_model(),),
+            creator=self.creator,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.whole().to_dict()
+
+    def to_json(self) -> bytes:
+        return self.whole().to_json()
+
+    @classmethod
+    def from_dict(
+        cls, data: Any, *, source: str = "manifest.json", model: str | None = None
+    ) -> tuple[Manifest, list[str]]:
+        """Parse a whole manifest and return one model's view (``model`` may be left out for a one-model bundle)."""
+        bundle, warnings = BundleManifest.from_dict(data, source=source)
+        return bundle.view(model, source=source), warnings
+
+    @classmethod
+    def from_json(
+        cls, data: bytes | str, *, source: str = "manifest.json", model: str | None = None
+    ) -> tuple[Manifest, list[str]]:
+        return cls.from_dict(parse_json(data, source=source, corrupt_hint=_CORRUPT_HINT), source=source, model=model)
 
 
-def read_manifest_sha256(bundle_dir: str | Path) -> tuple[Manifest, list[str], str]:
-    """:func:`read_manifest` plus the sha256 of the very bytes parsed (what farm parts name their bundle by)."""
-    manifest, warnings, raw = _read_manifest_bytes(bundle_dir)
-    return manifest, warnings, sha256_bytes(raw)
+def _from_schema_1(data: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """A schema 1 manifest's JSON in schema 2's layout: its one model under ``models``, its tensors with that model,
+    its frame ``sha256`` pins as ``digest`` with ``frame_digest`` sha256. Values are moved, not checked: the schema 2
+    parse that follows checks them (a value of the wrong type stays where the parse will name it)."""
+    out: dict[str, Any] = {"schema_version": SCHEMA_VERSION}
+    model: dict[str, Any] = {}
+    for key, value in data.items():
+        if key == "model" and isinstance(value, Mapping):
+            model.update(value)
+        elif key == "trt_rtx" and isinstance(value, Mapping):
+            out["trt_rtx"] = {k: v for k, v in value.items() if k != "parse"}
+            if "parse" in value:
+                model["parse"] = value["parse"]
+        elif key == "weights" and isinstance(value, Mapping):
+            weights = {k: v for k, v in value.items() if k != "tensors"}
+            weights["frame_digest"] = "sha256"
+            if isinstance(weights.get("blobs"), list):
+                weights["blobs"] = [_blob_from_schema_1(b) for b in weights["blobs"]]
+            if "tensors" in value:
+                model["tensors"] = value["tensors"]
+            out["weights"] = weights
+        elif key in ("inputs", "outputs", "profiles", "warmup_shapes", "skeleton", "engines", "runtime_caches"):
+            model[key] = value
+        elif key in ("model", "trt_rtx", "weights"):
+            raise ManifestError(f"{source}: {key}: expected an object, got {kind_name(value)}", hint=_CORRUPT_HINT)
+        elif key != "schema_version":
+            out[key] = value  # creator, and keys a newer minor added (warned about by the parse)
+    out["models"] = [model]
+    return out
 
 
-def _read_manifest_bytes(bundle_dir: str | Path) -> tuple[Manifest, list[str], bytes]:
+def _blob_from_schema_1(blob: Any) -> Any:
+    if not isinstance(blob, Mapping) or not isinstance(blob.get("frames"), list):
+        return blob
+    frames = [
+        {("digest" if k == "sha256" else k): v for k, v in f.items()} if isinstance(f, Mapping) else f
+        for f in blob["frames"]
+    ]
+    return {**blob, "frames": frames}
+
+
+# --------------------------------------------------------------------------- reading from a bundle directory
+def read_bundle_manifest(bundle_dir: str | Path) -> tuple[BundleManifest, list[str], str]:
+    """Read ``<bundle_dir>/manifest.json`` whole: the manifest, its warnings and the sha256 of the bytes parsed."""
     path = Path(bundle_dir) / MANIFEST_NAME
     raw = read_json_bytes(
         path,
         expected="a bundle directory with manifest.json at its root",
         missing_hint="pass the directory made by 'trtx-bundle build' (or 'unpack' an archive first)",
     )
-    manifest, warnings = Manifest.from_json(raw, source=str(path))
-    return manifest, warnings, raw
+    bundle, warnings = BundleManifest.from_json(raw, source=str(path))
+    return bundle, warnings, sha256_bytes(raw)
+
+
+def read_manifest(bundle_dir: str | Path, model: str | None = None) -> tuple[Manifest, list[str]]:
+    """One model of the bundle at ``bundle_dir`` (``model`` may be left out when it holds one); errors name the file."""
+    manifest, warnings, _sha = read_manifest_sha256(bundle_dir, model)
+    return manifest, warnings
+
+
+def read_manifest_sha256(bundle_dir: str | Path, model: str | None = None) -> tuple[Manifest, list[str], str]:
+    """:func:`read_manifest` plus the sha256 of the very bytes parsed (what farm parts name their bundle by)."""
+    bundle, warnings, sha = read_bundle_manifest(bundle_dir)
+    return bundle.view(model, source=str(Path(bundle_dir) / MANIFEST_NAME)), warnings, sha

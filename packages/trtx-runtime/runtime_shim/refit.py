@@ -45,12 +45,12 @@ class StoreWeights:
     TRT-RTX is what was hashed, whatever happens to the file meanwhile (docs/WEIGHT_STORE.md, "Verification").
     """
 
-    check = "every frame's sha256 checked as it was read"  # how the weights were checked, for the load report
-
     def __init__(self, manifest: Manifest, bundle_dir: Path) -> None:
         from .store.reader import WeightReader
 
         self.store = manifest.weights
+        # how the weights were checked, for the load report
+        self.check = f"every frame's {manifest.weights.frame_digest} checked as it was read"
         self.reader = WeightReader(bundle_dir, manifest.weights)
         self.decoded_on: str | None = None
         self.decode_why: str | None = None

@@ -11,6 +11,7 @@ from typing import Annotated
 from .bundle_files import FileRef
 from .errors import ManifestError
 from .schema import Count, Ints, Key, Name, Record, Sha256, one_of
+from .store.digest import DEFAULT_FRAME_DIGEST, FRAME_DIGESTS
 from .store.format import ENCODINGS, ITEMSIZE, MAGIC, PLANE_WIDTHS, ZSTD_MAX_RATIO, nbytes_for
 
 WEIGHT_ENCODINGS = ENCODINGS  # "none" | "zstd" | "zstd-byteplane": the format's own list (store/format.py)
@@ -43,7 +44,7 @@ class Frame(Record):
     offset: Count  # in the weight store file
     size: Count  # stored bytes
     raw_size: Count  # bytes after decoding
-    sha256: Sha256  # of the stored bytes, checked before decoding
+    digest: Sha256  # of the stored bytes (the store's frame_digest: BLAKE3 or sha256, 64 hex digits), checked before decoding
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -90,60 +91,25 @@ class Blob(Record):
 
 
 @dataclass(frozen=True, kw_only=True)
-class WeightTensor(Record):
-    name: Name  # the ONNX initializer name, which TRT-RTX refit uses
-    dtype: DType
-    shape: Ints
-    blob: Count  # index into WeightStore.blobs
-
-
-@dataclass(frozen=True, kw_only=True)
-class WeightStore(Record):
-    """Index of the weight store file (format: docs/WEIGHT_STORE.md)."""
+class StoreIndex(Record):
+    """The manifest's ``weights``: the weight store file and its blobs, shared by every model of the bundle."""
 
     file: FileRef
     raw_size: Count  # size of the unpacked layout, alignment padding included
     alignment: Annotated[int, Key(check=_alignment)]
+    # What every frame's ``digest`` is (store/digest.py); schema 1 manifests pinned frames by sha256.
+    frame_digest: Annotated[str, Key(check=one_of(FRAME_DIGESTS), required=True)] = DEFAULT_FRAME_DIGEST
     blobs: tuple[Blob, ...]
-    tensors: tuple[WeightTensor, ...]
-
-    def tensor(self, name: str) -> WeightTensor:
-        for t in self.tensors:
-            if t.name == name:
-                return t
-        raise KeyError(name)
 
     def validate(self, path: str) -> None:
-        """The index describes its file exactly, before a byte of it is read (docs/WEIGHT_STORE.md, "The index"):
-        each tensor's dtype x shape is its blob's size, the blobs lie back to back (aligned) in the unpacked layout
-        that ``raw_size`` ends, and the frames lie back to back in the file, in blob order, from the magic to its
-        end. So no reader, decoder or refit is ever handed a size the file does not back."""
-        self._check_tensors(path)
+        """The blobs lie back to back (aligned) in the unpacked layout that ``raw_size`` ends, and their frames lie back
+        to back in the file, in blob order, from the magic to its end (docs/WEIGHT_STORE.md, "The index")."""
         self._check_raw_layout(path)
         self._check_file_layout(path)
 
-    def _check_tensors(self, path: str) -> None:
-        names: set[str] = set()
-        for i, t in enumerate(self.tensors):
-            where = f"{path}.tensors[{i}]"
-            if t.name in names:
-                raise ManifestError(f"{where}.name: duplicate tensor name {t.name!r}")
-            names.add(t.name)
-            if t.blob >= len(self.blobs):
-                raise ManifestError(f"{where}.blob: index {t.blob} out of range ({len(self.blobs)} blobs)")
-            blob = self.blobs[t.blob]
-            if (need := nbytes_for(t.dtype, t.shape)) != blob.nbytes:
-                raise _bad(
-                    where,
-                    f"{t.dtype} {list(t.shape)} is {need} bytes, but its blob {t.blob} has {blob.nbytes} "
-                    f"({path}.blobs[{t.blob}].nbytes)",
-                )
-            if blob.encoding == "zstd-byteplane" and blob.element_size != ITEMSIZE[t.dtype]:
-                raise _bad(
-                    where,
-                    f"{t.dtype} has {ITEMSIZE[t.dtype]}-byte elements, but its blob {t.blob} is split into "
-                    f"{blob.element_size} byte planes ({path}.blobs[{t.blob}].element_size)",
-                )
+    def with_tensors(self, tensors: tuple[WeightTensor, ...]) -> WeightStore:
+        """The store as one model sees it: this index and that model's tensors."""
+        return WeightStore(**{f: getattr(self, f) for f in StoreIndex.__dataclass_fields__}, tensors=tensors)
 
     def _check_raw_layout(self, path: str) -> None:
         end = 0  # each blob starts where the one before it ends, rounded up to the alignment (what the writer does)
@@ -178,3 +144,60 @@ class WeightStore(Record):
                 f"{self.file.size} bytes, but the frames end at {pos}"
                 + ("; the index lists no weights" if not self.blobs else ""),
             )
+
+
+@dataclass(frozen=True, kw_only=True)
+class WeightTensor(Record):
+    name: Name  # the ONNX initializer name, which TRT-RTX refit uses
+    dtype: DType
+    shape: Ints
+    blob: Count  # index into the store's blobs
+
+
+@dataclass(frozen=True, kw_only=True)
+class WeightStore(StoreIndex):
+    """The weight store as one model reads it: the shared index and that model's tensors (docs/WEIGHT_STORE.md)."""
+
+    tensors: tuple[WeightTensor, ...]
+
+    def tensor(self, name: str) -> WeightTensor:
+        for t in self.tensors:
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+    def index(self) -> StoreIndex:
+        """The shared part, without this model's tensors."""
+        return StoreIndex(**{f: getattr(self, f) for f in StoreIndex.__dataclass_fields__})
+
+    def validate(self, path: str) -> None:
+        """The index describes its file exactly, before a byte of it is read (docs/WEIGHT_STORE.md, "The index"):
+        each tensor's dtype x shape is its blob's size, and the index's own layout rules (StoreIndex.validate). So no
+        reader, decoder or refit is ever handed a size the file does not back."""
+        self.check_tensors(f"{path}.tensors", path)
+        super().validate(path)
+
+    def check_tensors(self, tensors_path: str, path: str) -> None:
+        """Each tensor names a blob of its exact size (and plane width): ``tensors_path`` is where the manifest lists
+        the tensors (a model's ``tensors``), ``path`` where it lists the blobs (``weights``)."""
+        names: set[str] = set()
+        for i, t in enumerate(self.tensors):
+            where = f"{tensors_path}[{i}]"
+            if t.name in names:
+                raise ManifestError(f"{where}.name: duplicate tensor name {t.name!r}")
+            names.add(t.name)
+            if t.blob >= len(self.blobs):
+                raise ManifestError(f"{where}.blob: index {t.blob} out of range ({len(self.blobs)} blobs)")
+            blob = self.blobs[t.blob]
+            if (need := nbytes_for(t.dtype, t.shape)) != blob.nbytes:
+                raise _bad(
+                    where,
+                    f"{t.dtype} {list(t.shape)} is {need} bytes, but its blob {t.blob} has {blob.nbytes} "
+                    f"({path}.blobs[{t.blob}].nbytes)",
+                )
+            if blob.encoding == "zstd-byteplane" and blob.element_size != ITEMSIZE[t.dtype]:
+                raise _bad(
+                    where,
+                    f"{t.dtype} has {ITEMSIZE[t.dtype]}-byte elements, but its blob {t.blob} is split into "
+                    f"{blob.element_size} byte planes ({path}.blobs[{t.blob}].element_size)",
+                )

@@ -1,7 +1,7 @@
 """Weight store reader: streams, verifies and decodes the frames of a bundle's weight file on threads.
 
 Shim side: stdlib + numpy + zstandard only (ml_dtypes is used for bfloat16/float8 when importable). Every frame's
-stored bytes are checked against the manifest's sha256 before they are decoded (decode.py, by the rules of
+stored bytes are checked against the digest the manifest pins (store/digest.py) before they are decoded (decode.py, by the rules of
 format.py), and every decoded size is checked, so a tampered or truncated file fails with an IntegrityError naming
 the file, the blob, its tensors and the frame.
 """
@@ -21,6 +21,7 @@ import zstandard
 
 from ..errors import IntegrityError
 from ..fsutil import atomic_writer, open_regular_file, sha256_bytes
+from .digest import digest_function
 from ..manifest import Blob, WeightStore
 from .decode import decode_frame_into, decode_threads, native_join, scratch
 from .format import HINT_CORRUPT, ITEMSIZE, MAGIC, PACKED_DTYPES, PLANE_CHUNK, nbytes_for
@@ -77,13 +78,14 @@ class WeightReader:
     ) -> None:
         """``verify_raw`` also checks each decoded blob against its raw sha256 (frame hashes already cover the stored bytes).
 
-        ``verify_frames=False`` skips the per-frame sha256 (sizes and decoding are still checked): for benchmarks and
+        ``verify_frames=False`` skips the per-frame digest (sizes and decoding are still checked): for benchmarks and
         tests that measure the rest. The shim never turns it off: a file's identity (size, times, inode) cannot tell
         that its bytes are unchanged (a write through a shared mapping moves none of them), and a frame is hashed in
         this process's own memory, the very bytes then decoded (docs/WEIGHT_STORE.md, "Verification").
         """
         self.store = store
         self.verify_frames = verify_frames
+        self._digest = digest_function(store.frame_digest)
         self.path = Path(bundle_dir) / store.file.path
         self.threads = max(1, threads if threads is not None else min(8, os.cpu_count() or 1))
         self.verify_raw = verify_raw
@@ -150,21 +152,22 @@ class WeightReader:
 
     def _check_stored(self, index: int, j: int, stored: memoryview, got: int) -> None:
         """``stored`` holds frame j of blob index as read, of which ``got`` bytes came from the file: all of it, and
-        (unless verify_frames is off) its pinned sha256."""
+        (unless verify_frames is off) its pinned digest."""
         frame = self.store.blobs[index].frames[j]
         if got < frame.size:
             raise IntegrityError(
                 f"{self.where(index, j)}: file ends after {max(0, got)} bytes of it; truncated", hint=HINT_CORRUPT
             )
         if self.verify_frames:
-            actual = sha256_bytes(stored)
-            if actual != frame.sha256:
+            actual = self._digest(stored)
+            if actual != frame.digest:
                 raise IntegrityError(
-                    f"{self.where(index, j)}: sha256 {actual}, expected {frame.sha256}", hint=HINT_CORRUPT
+                    f"{self.where(index, j)}: {self.store.frame_digest} {actual}, expected {frame.digest}",
+                    hint=HINT_CORRUPT,
                 )
 
     def decode_frame(self, index: int, j: int, out: memoryview) -> None:
-        """Read, verify (sha256) and decode frame ``j`` of blob ``index`` into ``out`` (exactly its raw_size bytes).
+        """Read, verify (its digest) and decode frame ``j`` of blob ``index`` into ``out`` (exactly its raw_size bytes).
 
         The unit of work of this reader's threads, and of pipelines that place frames themselves
         (runtime_shim.gpu.upload); thread-safe.
@@ -222,7 +225,7 @@ class WeightReader:
 
     def read_frames(self, frames: Sequence[tuple[int, int]], out: memoryview) -> None:
         """Read frames that lie back to back in the file (``(blob, frame)`` pairs, in file order) as stored into
-        ``out`` with one read, and verify each one's sha256 (unless ``verify_frames`` is off)."""
+        ``out`` with one read, and verify each one's digest (unless ``verify_frames`` is off)."""
         out = memoryview(out).cast("B")
         metas = [self.store.blobs[i].frames[j] for i, j in frames]
         for (i, j), a, b in zip(frames[1:], metas, metas[1:]):

@@ -513,3 +513,13 @@ def test_cross_model_rules_name_the_model(edit, message):
     with pytest.raises(ManifestError) as e:
         BundleManifest.from_dict(d)
     assert message in str(e.value)
+
+
+def test_two_models_pinning_one_file_must_pin_it_alike():
+    d = json.loads(_two_models().to_json())
+    d["models"][1]["skeleton"]["file"] = dict(d["models"][0]["skeleton"]["file"], size=11)
+    with pytest.raises(ManifestError, match=r"models\[1\].skeleton.file: pins skeleton/.* as 11 bytes, but models\[0\]"):
+        BundleManifest.from_dict(d)
+    d["models"][1]["skeleton"]["file"]["size"] = d["models"][0]["skeleton"]["file"]["size"]
+    bundle, _ = BundleManifest.from_dict(d)  # an identical skeleton, pinned alike by both: listed once
+    assert [k for k, _ in bundle.files()] == ["weights.file", "models[0].skeleton.file"]

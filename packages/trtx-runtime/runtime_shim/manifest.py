@@ -194,14 +194,17 @@ class BundleManifest(Record):
 
     def files(self) -> list[tuple[str, FileRef]]:
         """Every file the manifest pins, once, with the key path that first pins it (for verify, pack and diff)."""
+        seen: set[str] = set()
+        return [(k, r) for k, r in self._all_files() if not (r.path in seen or seen.add(r.path))]  # type: ignore[func-returns-value]
+
+    def _all_files(self) -> list[tuple[str, FileRef]]:
         out = [("weights.file", self.weights.file)]
         for i, m in enumerate(self.models):
             p = f"models[{i}]"
             out.append((f"{p}.skeleton.file", m.skeleton.file))
             out += [(f"{p}.engines[{j}].file", e.file) for j, e in enumerate(m.engines)]
             out += [(f"{p}.runtime_caches[{j}].file", c.file) for j, c in enumerate(m.runtime_caches)]
-        seen: set[str] = set()
-        return [(k, r) for k, r in out if not (r.path in seen or seen.add(r.path))]  # type: ignore[func-returns-value]
+        return out
 
     def with_view(self, view: Manifest) -> BundleManifest:
         """This bundle with ``view``'s model (matched by name, else added) and its store index and TRT-RTX target."""
@@ -230,6 +233,14 @@ class BundleManifest(Record):
                 raise ManifestError(f"{at(path, f'models[{i}].name')}: duplicate model name {m.name!r}")
             seen.add(m.name)
             self.weights.with_tensors(m.tensors).check_tensors(at(path, f"models[{i}].tensors"), at(path, "weights"))
+        pins: dict[str, tuple[str, FileRef]] = {}  # models may share a file (an identical skeleton): one pin for it
+        for key, ref in self._all_files():
+            first = pins.setdefault(ref.path, (key, ref))
+            if first[1] != ref:
+                raise ManifestError(
+                    f"{at(path, key)}: pins {ref.path} as {ref.size} bytes, but {at(path, first[0])} pins it as "
+                    f"{first[1].size} bytes; one file has one size"
+                )
 
     # ----------------------------------------------------------------- (de)serialization
     @classmethod

@@ -395,3 +395,35 @@ def test_sign_again_replaces_the_signature_atomically(built: dict[str, Path], si
     assert cli("verify", signed, "--key", built["other_pub"]).exit_code == 0
     assert cli("verify", signed, "--key", built["pub"]).exit_code == 1
     assert not [p for p in os.listdir(signed) if p.endswith(".tmp")]
+
+
+# --------------------------------------------------------------------------- signatures of the wrong kind or scope
+def test_key_and_keyless_signatures_are_not_confused(built: dict[str, Path], signed: Path, tmp_path: Path) -> None:
+    """Checked before any network use: a key-made signature is refused for a keyless identity, and the reverse."""
+    r = cli("verify", signed, "--identity", "https://github.com/o/r/.github/workflows/w.yml@refs/heads/main")
+    assert r.exit_code == 2  # --issuer missing
+    r = cli("verify", signed, "--identity", "me@example.com", "--issuer", "https://accounts.example.com", "--json")
+    (problem,) = json.loads(r.stdout)["problems"]
+    assert r.exit_code == 1 and "made with a key pair" in problem["message"]
+    doc = json.loads((signed / SIGNATURE_NAME).read_bytes())
+    doc["verificationMaterial"] = {"certificate": {"rawBytes": base64.b64encode(b"not a certificate").decode()}}
+    (signed / SIGNATURE_NAME).write_text(json.dumps(doc))
+    with pytest.raises(SignatureError, match=r"keyless \(Sigstore certificate\) signature"):
+        load(signed, tmp_path, trusted_keys=[built["pub"]])
+
+
+def test_a_signature_over_more_than_the_manifest_is_refused(
+    built: dict[str, Path], signed: Path, tmp_path: Path
+) -> None:
+    """A genuine signature by the trusted key, but over a directory holding manifest.json and something else."""
+    from model_signing import hashing, signing
+
+    model = tmp_path / "model"
+    model.mkdir()
+    shutil.copy(signed / "manifest.json", model / "manifest.json")
+    (model / "other.bin").write_bytes(b"more")
+    config = signing.Config().use_elliptic_key_signer(private_key=built["key"])
+    config.set_hashing_config(hashing.Config().use_file_serialization(hashing_algorithm="sha256"))
+    config.sign(model, signed / SIGNATURE_NAME)
+    with pytest.raises(SignatureError, match=r"signs 2 file\(s\), not manifest.json alone"):
+        load(signed, tmp_path, trusted_keys=[built["pub"]])

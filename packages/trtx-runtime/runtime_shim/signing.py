@@ -166,24 +166,26 @@ def verify_signature(
             _run_library(
                 where, lambda verifying: verifying.Config().use_elliptic_key_verifier(public_key=pem), model, sig
             )
-        status = SignatureStatus(present=True, verified=True, kind="key", key=f"sha256:{match.fingerprint}")
-    else:
-        if envelope.kind != "keyless":
-            raise SignatureError(
-                f"{where}: {SIGNATURE_NAME} was made with a key pair (sha256:{envelope.key_hint}), but a keyless "
-                f"signature by {identity} was required",
-                hint="verify it with --key PUBLIC.pem",
-            )
-        _check_manifest_covered(envelope, sha, where)
-        with _staged(manifest, signature, None) as (model, sig, _pem):
-            _run_library(
-                where,
-                lambda verifying: verifying.Config().use_sigstore_verifier(identity=identity, oidc_issuer=issuer),
-                model,
-                sig,
-            )
-        status = SignatureStatus(present=True, verified=True, kind="keyless", identity=identity, issuer=issuer)
-    return SignatureStatus(**{**status.to_dict(), "manifest_sha256": sha})
+        return SignatureStatus(
+            present=True, verified=True, kind="key", key=f"sha256:{match.fingerprint}", manifest_sha256=sha
+        )
+    if envelope.kind != "keyless":
+        raise SignatureError(
+            f"{where}: {SIGNATURE_NAME} was made with a key pair (sha256:{envelope.key_hint}), but a keyless "
+            f"signature by {identity} was required",
+            hint="verify it with --key PUBLIC.pem",
+        )
+    _check_manifest_covered(envelope, sha, where)
+    with _staged(manifest, signature, None) as (model, sig, _pem):
+        _run_library(
+            where,
+            lambda verifying: verifying.Config().use_sigstore_verifier(identity=identity, oidc_issuer=issuer),
+            model,
+            sig,
+        )
+    return SignatureStatus(
+        present=True, verified=True, kind="keyless", identity=identity, issuer=issuer, manifest_sha256=sha
+    )
 
 
 def check_signature(

@@ -8,6 +8,10 @@ test -d /root/stash || exit 3
 cat /root/stash/libs.part0 .devwheels/b/libs.part1 > "/tmp/$(cat .devwheels/b/libs.name)" &&
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site /tmp/*.whl .devwheels/b/*.whl &&
   cp -r .devwheels/b/tensorrt_rtx /tmp/site/ || exit 4
+# tools/extra_wheels.sh's wheels (blake3, model-signing), carried in call 1 to /root/stash/e
+if test -d /root/stash/e; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site /root/stash/e/*.whl || exit 4
+fi
 . tools/device_install.sh
 export PYTHONUNBUFFERED=1 TRTX_CACHE_DIR=/tmp/trtx-cache
 tb() { python3 -c 'import sys; sys.argv[0] = "trtx-bundle"; from bundler.cli import main; main()' "$@"; }

@@ -1,43 +1,60 @@
-"""Farm jobs: on a machine with a target GPU, build its weightless engine and pregenerate its runtime cache as a *part*.
+"""Farm jobs: on a machine with a target GPU, build its weightless engines and pregenerate their runtime caches as *parts*.
 
-The part format is in bundler/part.py; ``merge`` (bundler/merge.py) folds parts into the bundle.
-
-The GPU work goes through the shim (runtime_shim.session / trt_session), behind the small ``FarmGpu``
-seam, so the bookkeeping here is tested on machines without a GPU and the GPU part only where one exists.
+One part per model of the bundle. The part format and the PART_DIR layout are in bundler/part.py; ``merge``
+(bundler/merge.py) folds parts into the bundle. The warm-up plan is in farm_warmup.py; the GPU work goes
+through the shim behind the small ``FarmGpu`` seam (farm_gpu.py), so the bookkeeping here is tested on machines
+without a GPU and the GPU part only where one exists.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import shutil
 import socket
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from runtime_shim import __version__
 from runtime_shim.cache_key import cache_key_for
 from runtime_shim.errors import BundleError, MachineError
-from runtime_shim.fsutil import atomic_write, sha256_bytes
+from runtime_shim.fsutil import sha256_bytes
 from runtime_shim.machine import Gpu, Machine, unsupported_reason
 from runtime_shim.machine import probe as real_probe
 from runtime_shim.manifest import (
     MANIFEST_NAME,
+    CacheKey,
     Engine,
     FileRef,
     Manifest,
-    Profile,
     RuntimeCache,
     Shape,
-    read_manifest_sha256,
+    read_bundle_manifest,
 )
 from runtime_shim.schema import kind_name
 
-from .part import Part, WarmupRun, base_sha256, write_part
+from .farm_gpu import FarmGpu, ShimGpu, overlay_bundle
+from .farm_warmup import parse_warmup_arg, warmup_plan, warmups_by_model
+from .part import Part, PartStage, WarmupRun, base_sha256, model_dirs
+
+__all__ = [
+    "DEFAULT_ROUNDS",
+    "EXIT_UNSERVABLE",
+    "FarmGpu",
+    "FarmResult",
+    "FarmSettings",
+    "ModelJob",
+    "ShimGpu",
+    "UnservableMachineError",
+    "check_servable",
+    "farm_settings",
+    "parse_warmup_arg",
+    "run_farm_job",
+    "warmup_plan",
+]
 
 log = logging.getLogger(__name__)
 
@@ -51,157 +68,51 @@ class UnservableMachineError(MachineError):
     exit_code = EXIT_UNSERVABLE
 
 
-# --------------------------------------------------------------------------- warm-up plan
-def parse_warmup_arg(value: str) -> dict[str, Shape]:
-    """``NAME=SHAPE[,NAME=SHAPE...]``: one warm-up run's shapes (dims joined by x), e.g. ``x=8x64``."""
-    from .config import ConfigError, parse_dims
+# --------------------------------------------------------------------------- results
+@dataclass(frozen=True, kw_only=True)
+class ModelJob:
+    """What the job did for one model: its part (at ``part_dir`` once written), or the error that stopped it."""
 
-    shapes: dict[str, Shape] = {}
-    for item in value.split(","):
-        name, sep, dims = item.partition("=")
-        if not sep or not name.strip():
-            raise ConfigError(f"--warmup {value!r}: expected NAME=SHAPE (e.g. x=8x64; several inputs: a=1x3,b=1x5)")
-        shapes[name.strip()] = parse_dims(dims, where=f"--warmup {value}")
-    return shapes
+    model: str
+    part_dir: Path | None = None
+    part: Part | None = None
+    engine_built: bool = False
+    error: BundleError | None = None
 
-
-def warmup_plan(manifest: Manifest, extra: Sequence[Mapping[str, Shape]] = ()) -> tuple[WarmupRun, ...]:
-    """Every (profile, full shape set) to run: each warm-up shape under every profile it fits.
-
-    Inputs a warm-up leaves out take the profile's opt shape (or their fixed shape). Without any warm-up
-    shape, each profile's min, opt and max are run, so the cache holds the kernels of its corners.
-    """
-    specs = {t.name: t for t in manifest.inputs}
-    warmups = list(manifest.warmup_shapes) + list(extra)
-    profiles: Sequence[Profile] = manifest.profiles or (Profile(shapes={}),)
-    for w in warmups:
-        for name, shape in w.items():
-            if name not in specs:
-                raise BundleError(
-                    f"warm-up {_fmt(w)}: the bundle has no input {name!r}", hint=f"inputs: {', '.join(specs)}"
-                )
-            if len(shape) != len(specs[name].shape):
-                raise BundleError(
-                    f"warm-up {_fmt(w)}: {name!r} has rank {len(specs[name].shape)}, got {len(shape)} dims"
-                )
-
-    def full(profile: Profile, given: Mapping[str, Shape]) -> dict[str, Shape] | None:
-        out: dict[str, Shape] = {}
-        for name, spec in specs.items():
-            rng = profile.shapes.get(name)
-            shape = given.get(name) or (
-                rng.opt if rng else tuple(d if isinstance(d, int) and d >= 0 else 1 for d in spec.shape)
-            )
-            if rng is not None and not rng.contains(shape):
-                return None
-            if rng is None and any(isinstance(d, int) and d >= 0 and d != s for d, s in zip(spec.shape, shape)):
-                return None
-            out[name] = tuple(shape)
-        return out
-
-    runs: list[WarmupRun] = []
-    for p, profile in enumerate(profiles):
-        candidates = warmups or [{n: getattr(r, c) for n, r in profile.shapes.items()} for c in ("min", "opt", "max")]
-        for w in candidates:
-            shapes = full(profile, w)
-            if shapes is not None and all(run.profile != p or run.shapes != shapes for run in runs):
-                runs.append(WarmupRun(profile=p, shapes=shapes))
-    for w in warmups:
-        if not any(all(run.shapes.get(n) == tuple(s) for n, s in w.items()) for run in runs):
-            raise BundleError(
-                f"warm-up {_fmt(w)} fits no optimization profile of the bundle",
-                hint="choose shapes inside a profile's min..max ('trtx-bundle inspect' lists them)",
-            )
-    return tuple(runs)
-
-
-def _fmt(shapes: Mapping[str, Shape]) -> str:
-    return ",".join(f"{n}={'x'.join(map(str, s))}" for n, s in sorted(shapes.items()))
-
-
-# --------------------------------------------------------------------------- the farm job
-class FarmGpu(Protocol):
-    """The GPU work of a farm job: the only seam tests replace (with a fake named as such)."""
-
-    def build_weightless(self, bundle_dir: Path, manifest: Manifest, workdir: Path) -> bytes:
-        """A STRIP_PLAN + REFIT_IDENTICAL engine for the current GPU (``ComputeCapability.CURRENT``)."""
-
-    def warm(
-        self, bundle_dir: Path, engine_sha256: str, runs: Sequence[WarmupRun], rounds: int, workdir: Path
-    ) -> tuple[bytes, tuple[WarmupRun, ...], Mapping[str, float]]:
-        """Load ``bundle_dir`` through the shim (EAGER), run every warm-up ``rounds`` times with the engine
-        whose sha256 is given, and return (serialized runtime cache, runs with timings, timings)."""
-
-
-class ShimGpu:
-    """The real GPU work, through the shim: runs only on a GPU TensorRT for RTX supports (tests: rtx_gpu marker)."""
-
-    def build_weightless(self, bundle_dir: Path, manifest: Manifest, workdir: Path) -> bytes:
-        from runtime_shim.fallback import model_on_disk
-        from runtime_shim.trt.build import BuildRequest, build_engine
-        from runtime_shim.user_cache import UserCache
-
-        # The skeleton plus the unpacked weight store is the normalized model `build` makes engines from, so the
-        # engine's refit names are the weight store's names.
-        with model_on_disk(manifest, bundle_dir, UserCache("trtx-farm", workdir / "user-cache")) as onnx_path:
-            profiles = [p.triples() for p in manifest.profiles]
-            source = str(bundle_dir / manifest.skeleton.file.path)  # errors name the bundle, not the temp copy
-            return build_engine(
-                BuildRequest(onnx_path=str(onnx_path), profiles=profiles, weightless=True, source=source)
-            )
-
-    def warm(
-        self, bundle_dir: Path, engine_sha256: str, runs: Sequence[WarmupRun], rounds: int, workdir: Path
-    ) -> tuple[bytes, tuple[WarmupRun, ...], Mapping[str, float]]:
-        import numpy as np
-
-        from runtime_shim.session import load
-        from runtime_shim.store.reader import numpy_dtype
-
-        t0 = time.perf_counter()
-        # A private cache dir: the job starts from an empty runtime cache, not from whatever this runner kept.
-        session = load(
-            bundle_dir,
-            app="trtx-farm",
-            cache_dir=workdir / "user-cache",
-            specialization="eager",
-            fallback="error",
-            device=0,
-        )
-        timings = {"load_s": time.perf_counter() - t0}
-        try:
-            if session.engine is None or session.engine.file.sha256 != engine_sha256:
-                raise BundleError(
-                    f"the shim loaded {session.report.engine} instead of the farm's engine {engine_sha256}",
-                    hint="run 'trtx-bundle doctor' on this runner to see why the engine was passed over",
-                )
-            done = []
-            t0 = time.perf_counter()
-            for run in runs:
-                inputs = {
-                    t.name: np.zeros(run.shapes[t.name], dtype=numpy_dtype(t.dtype)) for t in session.manifest.inputs
-                }
-                first = None
-                for i in range(rounds):
-                    t = time.perf_counter()
-                    # Every profile gets its own kernels in the cache, so each run names the profile it warms.
-                    session.run(inputs, profile=run.profile)
-                    first = time.perf_counter() - t if i == 0 else first
-                done.append(WarmupRun(profile=run.profile, shapes=run.shapes, first_run_s=first, rounds=rounds))
-            timings["warmup_s"] = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            blob = session.serialize_cache() or b""
-            timings["serialize_s"] = time.perf_counter() - t0
-        finally:
-            session.close()
-        return blob, tuple(done), timings
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "ok": self.error is None,
+            "part_dir": str(self.part_dir) if self.part_dir is not None else None,
+            "engine_built": self.engine_built,
+            "part": self.part.to_dict() if self.part is not None else None,
+            "error": str(self.error) if self.error is not None else None,
+            "hint": self.error.hint if self.error is not None else None,
+        }
 
 
 @dataclass(frozen=True, kw_only=True)
 class FarmResult:
+    """The whole job: one ``ModelJob`` per model of the bundle, in the bundle's order."""
+
     part_dir: Path
-    part: Part
-    engine_built: bool
+    models: tuple[ModelJob, ...]
+
+    @property
+    def failed(self) -> tuple[ModelJob, ...]:
+        return tuple(j for j in self.models if j.error is not None)
+
+    @property
+    def part(self) -> Part:
+        """The first part written (a one-model bundle's only one)."""
+        return next(j.part for j in self.models if j.part is not None)
+
+    @property
+    def engine_built(self) -> bool:
+        return next(j.engine_built for j in self.models if j.part is not None)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"part_dir": str(self.part_dir), "models": [j.to_dict() for j in self.models]}
 
 
 Progress = Callable[[str], None]
@@ -258,41 +169,115 @@ def run_farm_job(
     probe: Callable[[], Machine] | None = None,
     gpu_backend: FarmGpu | None = None,
 ) -> FarmResult:
-    """Make one part for this machine's GPU. Nothing is written unless the whole job succeeds."""
+    """Make a part for this machine's GPU for every model of the bundle, written at once into ``part_dir``.
+
+    What is wrong with the machine, the bundle or the arguments raises before any GPU work. A model whose work
+    fails (its parser verdict, the build, the warm-up) is reported in the result's ``ModelJob`` and the other
+    models' parts are still written; when every model fails, its error (or one naming each model's) is raised
+    and nothing is written.
+    """
     say = progress or (lambda _m: None)
     t_start = time.perf_counter()
     machine = (probe or real_probe)()
     gpu = check_servable(machine)  # before anything touches the disk
-    timings = {"probe_s": time.perf_counter() - t_start}
+    probe_s = time.perf_counter() - t_start
     bundle_dir, part_dir = Path(bundle_dir), Path(part_dir)
-    manifest, _warnings, manifest_sha = read_manifest_sha256(bundle_dir)  # merge checks the part was made for that sha
-    if manifest.trt_rtx.version != machine.trt_rtx_version or manifest.trt_rtx.cuda_flavour != machine.cuda_flavour:
+    # merge checks each part was made for that sha (or the same model base)
+    bundle, _warnings, manifest_sha = read_bundle_manifest(bundle_dir)
+    want = bundle.trt_rtx
+    if want.version != machine.trt_rtx_version or want.cuda_flavour != machine.cuda_flavour:
         raise MachineError(
-            f"{bundle_dir / MANIFEST_NAME}: trt_rtx is {manifest.trt_rtx.version} ({manifest.trt_rtx.cuda_flavour}), "
+            f"{bundle_dir / MANIFEST_NAME}: trt_rtx is {want.version} ({want.cuda_flavour}), "
             f"but this farm machine has TRT-RTX {machine.trt_rtx_version} ({machine.cuda_flavour}); engines and caches are version-locked",
-            hint=f"install tensorrt-rtx{'-cu12' if manifest.trt_rtx.cuda_flavour == 'cu12' else ''}=={manifest.trt_rtx.version} on this runner",
+            hint=f"install tensorrt-rtx{'-cu12' if want.cuda_flavour == 'cu12' else ''}=={want.version} on this runner",
         )
     if part_dir.exists() and (not part_dir.is_dir() or any(part_dir.iterdir())):
         raise BundleError(
             f"{part_dir}: already exists and is not an empty directory; a farm job never overwrites a part",
             hint="pass a new -o PART_DIR, or delete the old one",
         )
-    runs = warmup_plan(manifest, warmups)
     if rounds < 1:
         raise BundleError(f"--rounds: expected >= 1, got {rounds}")
-    key = cache_key_for(machine, gpu)
-    backend = gpu_backend or ShimGpu()
+    views = bundle.views()
+    several = len(views) > 1
+    extra = warmups_by_model(bundle, warmups)
+    plans = {}
+    for view in views:
+        try:
+            plans[view.model.name] = warmup_plan(view, extra[view.model.name])
+        except BundleError as e:
+            if not several:
+                raise
+            raise BundleError(f"model {view.model.name!r}: {e}", hint=e.hint) from None
+    job = _Job(
+        bundle_dir=bundle_dir,
+        manifest_sha=manifest_sha,
+        machine=machine,
+        gpu=gpu,
+        key=cache_key_for(machine, gpu),
+        backend=gpu_backend or ShimGpu(),
+        rounds=rounds,
+        probe_s=probe_s,
+    )
+    jobs: list[ModelJob] = []
+    dirs = model_dirs([v.model.name for v in views]) if several else [""]
+    with tempfile.TemporaryDirectory(prefix="trtx-farm-") as tmp, PartStage(part_dir) as stage:
+        for i, (view, subdir) in enumerate(zip(views, dirs)):
+            name = view.model.name
+            tell = (lambda m, n=name: say(f"{n}: {m}")) if several else say
+            try:
+                part, blobs = job.run(view, plans[name], Path(tmp) / str(i), tell)
+            except BundleError as e:
+                if several:
+                    say(f"{name}: FAILED: {e}")
+                jobs.append(ModelJob(model=name, error=e))
+                continue
+            where = stage.add(part, blobs, subdir)
+            jobs.append(ModelJob(model=name, part_dir=where, part=part, engine_built=part.engine is not None))
+        failed = [j for j in jobs if j.error is not None]
+        if len(failed) == len(jobs):
+            if len(jobs) == 1 and failed[0].error is not None:
+                raise failed[0].error
+            raise BundleError(
+                f"the farm job failed for every model of {bundle_dir}: "
+                + "; ".join(f"{j.model}: {j.error}" for j in failed),
+                hint="nothing was written; see each model's error above",
+            )
+        stage.commit()
+    ok = len(jobs) - len(failed)
+    say(f"part{'s' if ok > 1 else ''} written to {part_dir}" + (f" ({ok} of {len(jobs)} models)" if several else ""))
+    return FarmResult(part_dir=part_dir, models=tuple(jobs))
 
-    existing = [
-        e
-        for e in manifest.engines
-        if e.kind == "weightless"
-        and e.platform == machine.platform
-        and tuple(e.compute_capabilities) == (gpu.sm,)
-        and e.trt_rtx_version == machine.trt_rtx_version
-    ]
-    with tempfile.TemporaryDirectory(prefix="trtx-farm-") as tmp:
-        work = Path(tmp)
+
+@dataclass(frozen=True, kw_only=True)
+class _Job:
+    """What every model's work in one job shares: the bundle, this machine and its GPU."""
+
+    bundle_dir: Path
+    manifest_sha: str
+    machine: Machine
+    gpu: Gpu
+    key: CacheKey
+    backend: FarmGpu
+    rounds: int
+    probe_s: float
+
+    def run(
+        self, manifest: Manifest, runs: tuple[WarmupRun, ...], work: Path, say: Progress
+    ) -> tuple[Part, dict[str, bytes]]:
+        """One model's part and its files' bytes (by folder), or a BundleError saying why not."""
+        t_start = time.perf_counter()
+        machine, gpu = self.machine, self.gpu
+        timings = {"probe_s": self.probe_s}
+        existing = [
+            e
+            for e in manifest.engines
+            if e.kind == "weightless"
+            and e.platform == machine.platform
+            and tuple(e.compute_capabilities) == (gpu.sm,)
+            and e.trt_rtx_version == machine.trt_rtx_version
+        ]
+        work.mkdir(parents=True)
         new_engine: Engine | None = None
         engine_bytes = b""
         if existing:
@@ -302,21 +287,21 @@ def run_farm_job(
             refused = manifest.trt_rtx.cannot_parse
             if refused is not None:  # recorded at build: the parser would refuse it again, after a long wait here
                 raise BundleError(
-                    f"{bundle_dir / MANIFEST_NAME}: TensorRT for RTX's parser refused this model when it was bundled "
-                    f"({refused.summary()}): no weightless engine can be built from it",
+                    f"{self.bundle_dir / MANIFEST_NAME}: TensorRT for RTX's parser refused model {manifest.model.name!r} "
+                    f"when it was bundled ({refused.summary()}): no weightless engine can be built from it",
                     hint="users of this bundle run it through the ONNX Runtime fallback; to serve RTX GPUs, replace "
                     "or decompose those ops in the model and bundle it again",
                 )
             say(f"building the weightless engine for {gpu.name} (SM {gpu.sm_text}) ...")
             t = time.perf_counter()
-            engine_bytes = backend.build_weightless(bundle_dir, manifest, work)
+            engine_bytes = self.backend.build_weightless(self.bundle_dir, manifest, work)
             timings["build_s"] = time.perf_counter() - t
             engine_sha = sha256_bytes(engine_bytes)
             new_engine = Engine(
                 kind="weightless",
                 platform=machine.platform,
                 compute_capabilities=(gpu.sm,),
-                trt_rtx_version=machine.trt_rtx_version,
+                trt_rtx_version=machine.trt_rtx_version or "",
                 file=FileRef.for_content("engines", engine_sha, len(engine_bytes)),
                 built_by={
                     "tool": f"trtx-bundler {__version__}",
@@ -325,28 +310,29 @@ def run_farm_job(
                     "driver": machine.driver_version or "?",
                 },
             )
-        overlay = _overlay_bundle(bundle_dir, manifest, work / "bundle", new_engine, engine_bytes, engine_sha)
-        say(f"warming up {len(runs)} shape set(s) x {rounds} round(s) with EAGER specialization ...")
-        cache_bytes, done_runs, warm_timings = backend.warm(overlay, engine_sha, runs, rounds, work)
+        overlay = overlay_bundle(self.bundle_dir, manifest, work / "bundle", new_engine, engine_bytes, engine_sha)
+        say(f"warming up {len(runs)} shape set(s) x {self.rounds} round(s) with EAGER specialization ...")
+        cache_bytes, done_runs, warm_timings = self.backend.warm(overlay, engine_sha, runs, self.rounds, work)
         timings.update(warm_timings)
         if not cache_bytes:
             raise BundleError(
                 "the runtime cache came back empty after the warm-up", hint="run with -vv to see TRT-RTX's log"
             )
         cache_sha = sha256_bytes(cache_bytes)
+        timings["total_s"] = self.probe_s + time.perf_counter() - t_start
         part = Part(
-            bundle_manifest_sha256=manifest_sha,
+            bundle_manifest_sha256=self.manifest_sha,
             bundle_base_sha256=base_sha256(manifest),
             model=manifest.model.name,
             engine=new_engine,
             runtime_cache=RuntimeCache(
-                key=key,
+                key=self.key,
                 engines=(engine_sha,),
                 file=FileRef.for_content("caches", cache_sha, len(cache_bytes)),
                 created=int(time.time()),
             ),
             warmup=tuple(done_runs),
-            timings={k: round(v, 6) for k, v in {**timings, "total_s": time.perf_counter() - t_start}.items()},
+            timings={k: round(v, 6) for k, v in timings.items()},
             machine={
                 "host": socket.gethostname(),
                 "gpu_uuid": gpu.uuid,
@@ -356,36 +342,7 @@ def run_farm_job(
             },
             created=int(time.time()),
         )
-        write_part(part_dir, part, {"engines": engine_bytes, "caches": cache_bytes})
-    say(f"part written to {part_dir}")
-    return FarmResult(part_dir=part_dir, part=part, engine_built=new_engine is not None)
-
-
-def _overlay_bundle(
-    bundle_dir: Path, manifest: Manifest, dest: Path, new_engine: Engine | None, engine_bytes: bytes, engine_sha: str
-) -> Path:
-    """A throw-away bundle with only the farm's engine and no runtime cache, so the shim must load that engine
-    and start from an empty cache. Files are linked, not copied, where the file system allows."""
-    from dataclasses import replace
-
-    dest.mkdir(parents=True)
-    # A farm that built no engine loads one the bundle already has, so one of the two lists is never empty.
-    engines = [e for e in manifest.engines if e.file.sha256 == engine_sha] or [
-        e for e in (new_engine,) if e is not None
-    ]
-    overlay = replace(manifest, engines=tuple(engines), runtime_caches=())
-    for _where, ref in overlay.files():
-        target = dest / ref.path
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if new_engine is not None and ref.sha256 == engine_sha:
-            target.write_bytes(engine_bytes)  # private temp dir: nobody reads it before the job does
-            continue
-        try:
-            os.link(bundle_dir / ref.path, target)
-        except OSError:
-            shutil.copyfile(bundle_dir / ref.path, target)
-    atomic_write(dest / MANIFEST_NAME, overlay.to_json())
-    return dest
+        return part, {"engines": engine_bytes, "caches": cache_bytes}
 
 
 # --------------------------------------------------------------------------- [farm] in bundle.toml

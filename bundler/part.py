@@ -1,18 +1,24 @@
 """The farm part format: part.json (its own schema_version) and the part directory, written all at once.
 
 A part is a directory laid out like a bundle (``engines/<sha256>.engine``, ``caches/<sha256>.cache``) plus
-``part.json``, which names the bundle it was made for (sha256 of that bundle's manifest.json, and of its
-model, weights and profiles), the full runtime-cache key, the warm-up runs, timings and the tool version:
+``part.json``, which names the bundle it was made for (sha256 of that bundle's manifest.json, and of the model's
+base: its records minus engines and caches, the shared weight index and the TRT-RTX target), the model, the full
+runtime-cache key, the warm-up runs, timings and the tool version:
 
     {"kind": "trtx-bundler-part", "schema_version": 1,
      "bundle": {"manifest_sha256": ..., "base_sha256": ..., "model": "mlp"},
-     "engine": <a manifest.json engines[] entry> | null,        # null: the bundle already had one for this SM
-     "runtime_cache": <a manifest.json runtime_caches[] entry>, # key: os, gpu_name, pci_device_id, sm,
+     "engine": <a models[] engines[] entry> | null,             # null: the bundle already had one for this SM
+     "runtime_cache": <a models[] runtime_caches[] entry>,      # key: os, gpu_name, pci_device_id, sm,
                                                                 #   driver_version, cuda_flavour, trt_rtx_version, cig
      "warmup": [{"profile": 0, "shapes": {"x": [4, 64]}, "first_run_s": 0.8, "rounds": 2}],
      "timings": {"probe_s": ..., "build_s": ..., "load_s": ..., "warmup_s": ..., "serialize_s": ..., "total_s": ...},
      "machine": {"host": ..., "gpu_uuid": ..., "gpu_index": "0", "driver_version": "580.95.05", "platform": ...},
      "tool": {"tool": "trtx-bundler", "version": "0.1.0"}, "created": <unix seconds>}
+
+One part is for one model. The PART_DIR of a farm job (``farm-job -o PART_DIR``, one CI artifact) holds the part
+itself for a one-model bundle (PART_DIR/part.json), and one part per model in a sub-directory for a bundle of
+several (PART_DIR/<model>/part.json; ``model_dirs`` names them). ``read_parts`` reads either layout, so ``merge``
+takes a PART_DIR as CI hands it over.
 
 A newer schema_version is refused (merge with the trtx-bundler release the farm runs); unknown keys are warned
 about and dropped, as in manifest.json.
@@ -23,9 +29,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, ClassVar
@@ -126,15 +133,61 @@ class Part(Record):
             )
 
 
+_MISSING_HINT = (
+    "pass the directory 'trtx-bundle farm-job -o PART_DIR' wrote (CI: the downloaded artifact): it holds part.json, "
+    "or, for a bundle of several models, one folder per model holding its part.json"
+)
+
+
 def read_part(part_dir: str | os.PathLike[str]) -> tuple[Part, list[str]]:
     path = Path(part_dir) / PART_MANIFEST_NAME
     data = load_json_file(
         path,
         expected=f"a farm part directory with {PART_MANIFEST_NAME} at its root",
-        missing_hint="pass the directory 'trtx-bundle farm-job -o PART_DIR' wrote (CI: the downloaded artifact)",
+        missing_hint=_MISSING_HINT,
         corrupt_hint="the part is corrupt or truncated; run the farm job again",
     )
     return Part.from_dict(data, source=str(path))
+
+
+def read_parts(part_dir: str | os.PathLike[str]) -> list[tuple[Path, Part, list[str]]]:
+    """Every part in a farm job's PART_DIR, as (its directory, part, warnings): PART_DIR itself when it holds
+    part.json, else each sub-directory that does (a bundle of several models), in name order."""
+    root = Path(part_dir)
+    if root.is_dir() and not os.path.lexists(root / PART_MANIFEST_NAME):
+        # Links are not followed: a part's folders are written by farm-job, never linked.
+        subs = sorted(
+            p for p in root.iterdir() if p.is_dir() and not p.is_symlink() and os.path.lexists(p / PART_MANIFEST_NAME)
+        )
+        if subs:
+            return [(sub, *read_part(sub)) for sub in subs]
+    return [(root, *read_part(root))]
+
+
+_PORTABLE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+# Names Windows will not create a file or folder under, whatever the extension.
+_WINDOWS_RESERVED = {"con", "prn", "aux", "nul"} | {f"{d}{i}" for d in ("com", "lpt") for i in range(1, 10)}
+
+
+def model_dirs(names: Sequence[str]) -> list[str]:
+    """The folder of each model's part in a multi-model PART_DIR: the model's name where that is a portable
+    folder name, else ``model-<index>`` (names are free text, and a PART_DIR travels between Linux and Windows
+    runners, whose file systems ignore case). part.json names its model, so merge never reads the folder name."""
+    out: list[str] = []
+    taken: set[str] = set()
+    for i, name in enumerate(names):
+        plain = (
+            _PORTABLE_NAME.fullmatch(name)
+            and not name.endswith(".")
+            and name.split(".")[0].lower() not in _WINDOWS_RESERVED
+        )
+        candidate, n = (name if plain else f"model-{i}"), 0
+        while candidate.lower() in taken:
+            n += 1
+            candidate = f"model-{i}-{n}"
+        taken.add(candidate.lower())
+        out.append(candidate)
+    return out
 
 
 def base_sha256(manifest: Manifest) -> str:
@@ -150,20 +203,53 @@ def base_sha256(manifest: Manifest) -> str:
     return sha256_bytes(json.dumps(d, sort_keys=True, separators=(",", ":")).encode("utf-8"))
 
 
-def write_part(part_dir: Path, part: Part, blobs: Mapping[str, bytes]) -> None:
-    """Write the part into a temp dir beside PART_DIR, then rename it into place: all of it or nothing."""
-    part_dir.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{part_dir.name}.", suffix=".tmp", dir=part_dir.parent))
-    try:
+class PartStage:
+    """A PART_DIR written all at once: parts go into a temp dir beside it, which ``commit`` renames into place.
+
+    The temp dir is made at the first ``add``, so a job that fails before it leaves nothing, not even PART_DIR's
+    parent; leaving the ``with`` block without ``commit`` (an error) removes it.
+    """
+
+    def __init__(self, part_dir: Path) -> None:
+        self.part_dir = part_dir
+        self._stage: Path | None = None
+
+    def add(self, part: Part, blobs: Mapping[str, bytes], subdir: str = "") -> Path:
+        """Write one part (its files from ``blobs``, by folder: engines, caches) at PART_DIR[/subdir]; returns
+        where it will be once committed."""
+        if self._stage is None:
+            self.part_dir.parent.mkdir(parents=True, exist_ok=True)
+            self._stage = Path(
+                tempfile.mkdtemp(prefix=f".{self.part_dir.name}.", suffix=".tmp", dir=self.part_dir.parent)
+            )
+        dest = self._stage / subdir if subdir else self._stage
         for _where, ref in part.files():
             data = blobs[ref.path.split("/", 1)[0]]
-            (stage / ref.path).parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(stage / ref.path, data)
-        atomic_write(stage / PART_MANIFEST_NAME, part.to_json())
-        os.chmod(stage, 0o755)  # mkdtemp makes 0700; a part is meant to be uploaded and read by other jobs
+            (dest / ref.path).parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(dest / ref.path, data)
+        atomic_write(dest / PART_MANIFEST_NAME, part.to_json())
+        return self.part_dir / subdir if subdir else self.part_dir
+
+    def commit(self) -> None:
+        if self._stage is None:
+            raise ValueError("PartStage.commit: no part was added")
+        os.chmod(self._stage, 0o755)  # mkdtemp makes 0700; a part is meant to be uploaded and read by other jobs
         with contextlib.suppress(OSError):
-            part_dir.rmdir()  # an empty PART_DIR made by CI beforehand; a non-empty one was refused earlier
-        os.replace(stage, part_dir)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
+            self.part_dir.rmdir()  # an empty PART_DIR made by CI beforehand; a non-empty one was refused earlier
+        os.replace(self._stage, self.part_dir)
+        self._stage = None
+
+    def __enter__(self) -> PartStage:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._stage is not None:
+            shutil.rmtree(self._stage, ignore_errors=True)
+            self._stage = None
+
+
+def write_part(part_dir: Path, part: Part, blobs: Mapping[str, bytes]) -> None:
+    """Write one part at PART_DIR (a one-model bundle's layout): all of it or nothing."""
+    with PartStage(part_dir) as stage:
+        stage.add(part, blobs)
+        stage.commit()

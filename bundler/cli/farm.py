@@ -9,9 +9,18 @@ from pathlib import Path
 
 import click
 
+from runtime_shim.errors import BundleError
 from runtime_shim.machine import sm_text
 
-from ..farm import DEFAULT_ROUNDS, EXIT_UNSERVABLE, FarmSettings, farm_settings, parse_warmup_arg, run_farm_job
+from ..farm import (
+    DEFAULT_ROUNDS,
+    EXIT_UNSERVABLE,
+    FarmSettings,
+    ModelJob,
+    farm_settings,
+    parse_warmup_arg,
+    run_farm_job,
+)
 from ..merge import merge_parts
 from .app import emit_json, info, main, render_errors
 from .app import result as say
@@ -20,8 +29,9 @@ from .app import result as say
 @main.command(
     "farm-job",
     exit_codes={
-        0: "the part was written to the -o/--out directory",
-        1: "error (bundle, install, build or warm-up), with a message and a hint",
+        0: "the part (a part per model for a bundle of several) was written to the -o/--out directory",
+        1: "error (bundle, install, build or warm-up), with a message and a hint; where some models of a bundle of "
+        "several failed, the other models' parts are written and the message names the failed ones",
         EXIT_UNSERVABLE: "this machine cannot serve TensorRT for RTX: no NVIDIA GPU or driver, a GPU it does not "
         "support (e.g. SM 9.0 Hopper), or a driver too old; the message says what was found. Nothing is written, "
         "not even the -o/--out directory.",
@@ -34,14 +44,16 @@ from .app import result as say
     "part_dir",
     required=True,
     type=click.Path(path_type=Path),
-    help="Directory for the part (new or empty); written all at once when the job succeeds.",
+    help="Directory for the part (new or empty); written all at once when the job ends. A bundle of several "
+    "models gets one folder per model in it, each holding that model's part.",
 )
 @click.option(
     "--warmup",
     "warmups",
     multiple=True,
     metavar="NAME=SHAPE[,NAME=SHAPE]",
-    help="Extra warm-up shapes (dims joined by x, e.g. x=8x64), on top of the bundle's; repeatable.",
+    help="Extra warm-up shapes (dims joined by x, e.g. x=8x64), on top of the bundle's; repeatable. In a bundle of "
+    "several models, an input name applies to every model that has it; MODEL.INPUT names one model's.",
 )
 @click.option(
     "--rounds",
@@ -55,12 +67,18 @@ from .app import result as say
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="bundle.toml whose [farm] table adds warm-up shapes and rounds.",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print the part manifest as JSON on stdout.")
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print the part manifest as JSON on stdout; for a bundle of several models, each model's outcome "
+    "(model, ok, part_dir, engine_built, part, error, hint).",
+)
 @render_errors
 def farm_job(
     bundle: Path, part_dir: Path, warmups: tuple[str, ...], rounds: int | None, config_path: Path | None, as_json: bool
 ) -> None:
-    """Build this GPU's weightless engine and pregenerate its runtime cache, as a part for `merge`.
+    """Build this GPU's weightless engine and pregenerate its runtime cache, as a part for `merge`, for every model.
 
     \b
     BUNDLE is a bundle directory or its .trtx archive (extracted, verified, into a temporary
@@ -68,6 +86,7 @@ def farm_job(
     Runs on a farm machine (a CI runner with the target GPU). Serves CUDA device 0; pick another
     GPU with CUDA_VISIBLE_DEVICES. The engine is built only if BUNDLE has none for this SM and
     TRT-RTX version. The warm-up runs with EAGER kernel specialization under every profile.
+    A model that fails (e.g. one TensorRT for RTX could not parse) does not stop the others.
     """
     settings = FarmSettings()
     if config_path is not None:
@@ -79,15 +98,31 @@ def farm_job(
         result = run_farm_job(
             bundle_dir, part_dir, warmups=extra, rounds=rounds or settings.rounds or DEFAULT_ROUNDS, progress=info
         )
-    part = result.part
-    k = part.runtime_cache.key
     if as_json:
-        emit_json(part.to_dict())
-        return
-    say(
-        f"part {part_dir}: {'new weightless engine' if result.engine_built else 'engine from the bundle'}, runtime cache "
-        f"{part.runtime_cache.file.size} bytes for {k.gpu_name} (SM {sm_text(k.sm)}, {k.os}, driver {k.driver_version}); "
-        f"{len(part.warmup)} warm-up shape set(s) in {part.timings.get('total_s', 0):.1f} s"
+        # A one-model bundle: its part manifest, as always; several models: each model's outcome.
+        several = len(result.models) > 1
+        emit_json(result.to_dict() if several else result.part.to_dict())
+    else:
+        say("\n".join(_job_line(j, len(result.models) > 1) for j in result.models))
+    if result.failed:
+        done = [j.model for j in result.models if j.part is not None]
+        raise BundleError(
+            f"the farm job failed for {len(result.failed)} of {len(result.models)} models: "
+            + "; ".join(f"{j.model}: {j.error}" for j in result.failed),
+            hint=f"the parts of {', '.join(done)} were written to {part_dir} and merge as usual; "
+            "fix the failed models and run the job again with another -o PART_DIR",
+        )
+
+
+def _job_line(job: ModelJob, several: bool) -> str:
+    prefix = f"model {job.model}: " if several else ""
+    if job.part is None:
+        return f"{prefix}FAILED: {job.error}"
+    part, k = job.part, job.part.runtime_cache.key
+    return (
+        f"{prefix}part {job.part_dir}: {'new weightless engine' if job.engine_built else 'engine from the bundle'}, "
+        f"runtime cache {part.runtime_cache.file.size} bytes for {k.gpu_name} (SM {sm_text(k.sm)}, {k.os}, driver "
+        f"{k.driver_version}); {len(part.warmup)} warm-up shape set(s) in {part.timings.get('total_s', 0):.1f} s"
     )
 
 

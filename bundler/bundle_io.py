@@ -5,6 +5,7 @@ The one-file form (pack, unpack) lives in archive.py.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import stat
 import uuid
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from runtime_shim.errors import IntegrityError, ManifestError, SchemaVersionError
 from runtime_shim.fsutil import sha256_file
-from runtime_shim.manifest import MANIFEST_NAME, BundleManifest, Manifest, read_manifest
+from runtime_shim.manifest import MANIFEST_NAME, BundleManifest, Manifest, read_bundle_manifest, read_manifest
 from runtime_shim.signing import SIGNATURE_NAME
 
 
@@ -66,7 +67,7 @@ def verify_bundle(bundle_dir: str | os.PathLike[str], *, header_check: HeaderChe
             )
         ]
     try:
-        manifest, warnings = read_manifest(root)
+        bundle, warnings, _sha = read_bundle_manifest(root)
     except SchemaVersionError as e:
         return [Problem(kind="schema", path=MANIFEST_NAME, message=str(e), hint=e.hint)]
     except ManifestError as e:
@@ -76,15 +77,13 @@ def verify_bundle(bundle_dir: str | os.PathLike[str], *, header_check: HeaderChe
             )
         ]
     problems = [Problem(kind="warning", path=MANIFEST_NAME, message=w) for w in warnings]
-    for key, ref in manifest.files():
+    for key, ref in bundle.files():  # every pinned file once, whichever models share it
         file_problems = _check_file(root, key, ref.path, ref.size, ref.sha256)
         problems += file_problems
         if header_check is not None and ref.path.startswith("engines/") and not file_problems:
             problems += _check_header(root, key, ref.path, header_check)
-    contents = {manifest.skeleton.file.path, manifest.weights.file.path}
-    if not any(p.path in contents for p in problems):
-        problems += _check_contents(root, manifest)
-    for rel in unlisted_files(root, manifest):
+    problems += _check_contents(root, bundle, {p.path for p in problems})
+    for rel in unlisted_files(root, bundle):
         if rel == SIGNATURE_NAME:
             continue  # the signature is the one file the manifest cannot pin; bundler/sign.py checks it
         problems.append(
@@ -189,29 +188,47 @@ def _check_skeleton_model(rel: str, skeleton: bytes) -> list[Problem]:
     ]
 
 
-def _check_contents(root: Path, manifest: Manifest) -> list[Problem]:
-    """What loading would find in the intact skeleton and weight file, checked by the shim's own code so that verify
-    and load() can never disagree: every external reference of the skeleton against the weight index
-    (fallback.plan_skeleton), and every frame of the weight file against its sha256, decoded, each blob against its
-    raw sha256 (the index's own consistency is checked when the manifest is parsed)."""
+def _check_contents(root: Path, bundle: BundleManifest, damaged: set[str]) -> list[Problem]:
+    """What loading would find in the intact skeletons and weight file, checked by the shim's own code so that verify
+    and load() can never disagree: every external reference of each model's skeleton against that model's tensors
+    (fallback.plan_skeleton), and every frame of the shared weight file against its digest, decoded, each blob against
+    its raw sha256, once for all models (the index's own consistency is checked when the manifest is parsed). Files
+    in ``damaged`` already have a problem and are not read again."""
     from runtime_shim.errors import BundleError
-    from runtime_shim.fallback import plan_skeleton
     from runtime_shim.store.reader import WeightReader
 
     problems: list[Problem] = []
-    try:
-        plan = plan_skeleton(manifest, root)
-    except BundleError as e:
-        problems.append(Problem(kind="index", path=manifest.skeleton.file.path, message=str(e), hint=e.hint))
-    else:
-        problems += _check_skeleton_model(manifest.skeleton.file.path, plan.skeleton)
-    try:
-        with WeightReader(root, manifest.weights, verify_raw=True) as reader:
-            for _ in reader.iter_blobs():
-                pass
-    except BundleError as e:
-        problems.append(Problem(kind="changed", path=manifest.weights.file.path, message=str(e), hint=e.hint))
+    checked: dict[tuple[str, tuple[object, ...]], list[Problem]] = {}
+    if bundle.weights.file.path not in damaged:
+        for i, view in enumerate(bundle.views()):
+            rel = view.skeleton.file.path
+            if rel in damaged:
+                continue
+            # Models with the same skeleton and the same tensors (thousands, in a hostile manifest) are checked once.
+            seen = checked.get(same := (rel, view.weights.tensors))
+            if seen is None:
+                seen = checked[same] = _check_skeleton(root, view)
+            problems += [
+                dataclasses.replace(p, message=f"models[{i}] ({view.model.name!r}): {p.message}") for p in seen
+            ]
+        try:
+            with WeightReader(root, bundle.weights.with_tensors(()), verify_raw=True) as reader:
+                for _ in reader.iter_blobs():
+                    pass
+        except BundleError as e:
+            problems.append(Problem(kind="changed", path=bundle.weights.file.path, message=str(e), hint=e.hint))
     return problems
+
+
+def _check_skeleton(root: Path, view: Manifest) -> list[Problem]:
+    from runtime_shim.errors import BundleError
+    from runtime_shim.fallback import plan_skeleton
+
+    try:
+        plan = plan_skeleton(view, root)
+    except BundleError as e:
+        return [Problem(kind="index", path=view.skeleton.file.path, message=str(e), hint=e.hint)]
+    return _check_skeleton_model(view.skeleton.file.path, plan.skeleton)
 
 
 def _check_header(root: Path, key: str, rel: str, header_check: HeaderCheck) -> list[Problem]:

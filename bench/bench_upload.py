@@ -2,14 +2,17 @@
 
 Baseline: one cudaMemcpy of the model's raw bytes from a pinned buffer (median of --repeat). Pipeline:
 runtime_shim.gpu.upload.Uploader.upload(), device allocation included, with frames decoded either
-- on the host (decode=host): read + sha256-verify + decode every frame into a ring of pinned slots on T threads while
-  earlier slots copy on a non-default stream; or
-- on the GPU (decode=device, needs nvCOMP): read + sha256-verify the stored frames into the ring on T threads, copy
+- on the host (decode=host): read + verify (each frame's digest) + decode every frame into a ring of pinned slots on
+  T threads while earlier slots copy on a non-default stream; or
+- on the GPU (decode=device, needs nvCOMP): read + verify the stored frames into the ring on T threads, copy
   them to device staging memory, decode there with nvCOMP and the plane kernel, batch k decoding while k+1 copies.
-Both stores are measured: the default zstd-byteplane one and the uncompressed ("none") one. Also printed: host-only
-decode with the same threads, and the peak pinned memory against the model size.
+Both stores are measured: the default zstd-byteplane one and the uncompressed ("none") one, their frames pinned by
+--frame-digest (the bundler's default, BLAKE3, or schema 1's sha256), each row verified and not (verify_frames=False),
+so verified/unverified is a ratio of one run. Also printed: host-only decode with the same threads, and the peak
+pinned memory against the model size.
 
     python bench/bench_upload.py [--copies 8] [--dtype bf16] [--threads 1,4,8,16] [--repeat 5] [--decode host,device]
+        [--frame-digest blake3|sha256]
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import _data
 
 from bundler.store_writer import write_weight_store
 from runtime_shim.fsutil import sha256_bytes
+from runtime_shim.store.digest import DEFAULT_FRAME_DIGEST, FRAME_DIGESTS
 from runtime_shim.store.reader import WeightReader
 
 
@@ -100,6 +104,12 @@ def main() -> None:
         default=0,
         help="regroup the tensors into ~N MiB ones (a large model's profile; 0: as trained)",
     )
+    ap.add_argument(
+        "--frame-digest",
+        default=DEFAULT_FRAME_DIGEST,
+        choices=FRAME_DIGESTS,
+        help=f"what the stores pin their frames by (default: {DEFAULT_FRAME_DIGEST}, the bundler's)",
+    )
     args = ap.parse_args()
 
     rt = _data.cuda_runtime("bench_upload")
@@ -119,14 +129,20 @@ def main() -> None:
         weights = _data.merged(weights, args.merge_mib)
     print(
         f"GPU: {gpu_name(rt)}; {os.cpu_count()} CPUs; model {args.model}-{args.dtype} x{args.copies}"
-        f"{f' regrouped in ~{args.merge_mib} MiB tensors' if args.merge_mib else ''}: {len(weights)} tensors; frames of {args.frame_mib} MiB"
+        f"{f' regrouped in ~{args.merge_mib} MiB tensors' if args.merge_mib else ''}: {len(weights)} tensors; frames of {args.frame_mib} MiB, "
+        f"pinned by {args.frame_digest}"
     )
     with tempfile.TemporaryDirectory(dir=os.environ.get("TRTX_BENCH_TMP")) as tmp:
         stores = {}
         for enc in ("zstd-byteplane", "none"):
             t0 = time.perf_counter()
             stores[enc] = write_weight_store(
-                weights, Path(tmp) / enc, encoding=enc, threads=os.cpu_count(), chunk_bytes=int(args.frame_mib * 2**20)
+                weights,
+                Path(tmp) / enc,
+                encoding=enc,
+                threads=os.cpu_count(),
+                chunk_bytes=int(args.frame_mib * 2**20),
+                frame_digest=args.frame_digest,
             )
             print(f"  wrote {enc} store: {stores[enc].file.size / 1e6:.1f} MB in {time.perf_counter() - t0:.1f} s")
         raw = sum(b.nbytes for b in stores["none"].blobs)
@@ -137,9 +153,10 @@ def main() -> None:
         bw = raw / t_copy
         print(f"\nbaseline: pinned cudaMemcpy of {raw / 1e6:.1f} MB: {bw / 1e9:.2f} GB/s (median of {args.repeat})")
         print(
-            f"{'store':16s} {'decode':7s} {'sha256':6s} {'T':>3s} {'host-decode GB/s':>16s} {'pipeline GB/s':>14s} {'vs memcpy':>10s} {'pinned MiB':>11s}"
+            f"{'store':16s} {'decode':7s} {'verify':6s} {'T':>3s} {'host-decode GB/s':>16s} {'pipeline GB/s':>14s} {'vs memcpy':>10s} {'pinned MiB':>11s}"
         )
         rows = []
+        upload_s: dict[tuple[str, str, int, bool], float] = {}  # for verified/unverified, same run
         for enc in stores:
             for decode in decodes if enc != "none" else ["host"]:
                 rows += [(enc, decode, t, v) for t in threads for v in (True, False)]
@@ -166,6 +183,7 @@ def main() -> None:
                     stats.clear()
                     calls = []  # freed after the timing: cudaFree is not part of loading (the weights stay on the GPU)
                     t_up = _data.median_time(lambda calls=calls: calls.append(up.upload(reader)), args.repeat)
+                    upload_s[enc, decode, T, verify] = t_up
                     for dw in calls:
                         dw.free()
                     pinned = up.pinned_bytes
@@ -177,9 +195,15 @@ def main() -> None:
                 flush=True,
             )
             print(f"{'':16s} calling thread, per upload of {t_up * 1e3:.0f} ms: {spent}")
+        for (enc, decode, T, verify), t_verified in upload_s.items():
+            if verify and (t_plain := upload_s.get((enc, decode, T, False))):
+                print(
+                    f"verified/unverified ({args.frame_digest}), {enc}, decode {decode}, T={T}: "
+                    f"{t_plain / t_verified:.2f}x (target >= 0.8x)"
+                )
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(
-            f"\ntarget: pipeline >= 0.8x pinned memcpy. sha256 'no' = verify_frames=False (what a verified-once file would cost). "
+            f"\ntarget: pipeline >= 0.8x pinned memcpy. verify 'no' = verify_frames=False (no frame's {args.frame_digest} checked). "
             f"GPU decode also holds 6 x batch of device memory (batch: {args.batch_mib or 'half the stored bytes, 16-256'} MiB). peak RSS {rss:.0f} MiB (includes the source tensors)"
         )
 

@@ -34,7 +34,7 @@ from bundler.config import BuildOptions
 ROOT = Path(__file__).resolve().parent.parent
 RUNTIME_PACKAGE = ROOT / "packages" / "trtx-runtime" / "runtime_shim"
 FORBIDDEN = ("onnx", "click", "bundler")  # top-level import names the runtime must never import
-RUNTIME_DEPENDENCIES = {"numpy", "zstandard", "filelock", "platformdirs"}
+RUNTIME_DEPENDENCIES = {"numpy", "zstandard", "filelock", "platformdirs", "blake3"}
 
 
 def _project(path: Path) -> dict:

@@ -1,8 +1,9 @@
 """The ONNX Runtime path, for machines TensorRT for RTX cannot serve: skeleton + weights from memory, run on the CPU.
 
 Nothing is copied to disk and nothing is trusted from an earlier run. Every load reads the bundle's skeleton (checked
-against its sha256) and every frame of its weight file (each checked against its sha256 before it is decoded), and
-hands ONNX Runtime the decoded tensors by name (``SessionOptions.add_external_initializers``). ONNX Runtime takes
+against its sha256) and every frame of the model's blobs (each checked against its digest before it is decoded;
+blobs another live session of this process already read and checked are shared with it, read-only:
+shared_weights.py), and hands ONNX Runtime the decoded tensors by name (``SessionOptions.add_external_initializers``). ONNX Runtime takes
 initializers that way only for the top-level graph, and only those a node reads; a tensor elsewhere (a subgraph's,
 an attribute's), one nothing reads, or one of a type numpy cannot carry (bfloat16, float8, int4) is written inline
 into the in-memory copy of the skeleton instead.
@@ -30,6 +31,7 @@ import numpy as np
 from .errors import BackendUnavailableError, IntegrityError
 from .fsutil import open_regular_file, os_error_hint, owned_temp_dir, sha256_bytes, sweep_stale_temp_dirs
 from .manifest import FileRef, Manifest
+from .shared_weights import shared_blobs
 from .skeleton_refs import ExternalRef, external_refs, inline_refs
 from .store.format import HINT_CORRUPT, nbytes_for
 from .store.reader import WeightReader, numpy_dtype
@@ -165,7 +167,7 @@ class InMemoryModel:
     arrays: list[np.ndarray]  # must outlive the session: ONNX Runtime may refer to them
     source: str  # the skeleton's path, for messages
     _plan: _Plan
-    _raw: dict[int, np.ndarray]
+    _raw: dict[int, np.ndarray]  # every blob the model uses, decoded (shared_weights.py: held while this lives)
 
     def all_inline(self) -> bytes:
         """The skeleton with every external tensor inline: a whole model in one buffer, slower to open."""
@@ -174,17 +176,19 @@ class InMemoryModel:
 
 
 def load_in_memory(manifest: Manifest, bundle_dir: Path, *, threads: int | None = None) -> InMemoryModel:
-    """Read the skeleton and every frame of the weight store, verified, into an :class:`InMemoryModel`.
+    """Read the skeleton and every frame of this model's blobs, verified, into an :class:`InMemoryModel`.
 
-    Every blob is read and checked, also those the skeleton holds inline: a damaged weight file fails every load.
+    Every blob of the model's tensors is read and checked, also those the skeleton holds inline: a damaged weight
+    file fails every load that uses the damaged part. Blobs another session of this process holds (another model of
+    the bundle, sharing them) are taken from it, read-only, not read again (shared_weights.py).
     """
     plan = plan_skeleton(manifest, bundle_dir)
     wanted = {r.blob for r in plan.refs}
-    raw: dict[int, np.ndarray] = {}
-    with WeightReader(bundle_dir, manifest.weights, threads=threads) as reader:  # checks every frame's sha256
-        for index, buf in reader.iter_blobs():
-            if index in wanted:
-                raw[index] = np.frombuffer(buf, dtype=np.uint8)
+    used = sorted({t.blob for t in manifest.weights.tensors} | wanted)  # other models' blobs are theirs to read
+    with WeightReader(bundle_dir, manifest.weights, threads=threads) as reader:  # checks every frame's digest
+        # All kept, also the few small ones the skeleton holds inline: while this session lives, another model's
+        # load that shares them does not read them again.
+        raw = shared_blobs(reader, used)
     model = InMemoryModel(plan.skeleton, [], [], plan.where, plan, raw)
     for r in plan.refs:
         if r.by_name:

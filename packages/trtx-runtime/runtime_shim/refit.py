@@ -43,6 +43,8 @@ class StoreWeights:
 
     Every frame is hashed as it is read, on every load, into memory of this process: what is decoded and handed to
     TRT-RTX is what was hashed, whatever happens to the file meanwhile (docs/WEIGHT_STORE.md, "Verification").
+    Host-memory reads go through shared_weights.py (a blob another session of this process holds is not read again);
+    the GPU upload (``upload``) decodes into its own staging memory, per session.
     """
 
     def __init__(self, manifest: Manifest, bundle_dir: Path) -> None:
@@ -60,7 +62,13 @@ class StoreWeights:
         return t.dtype, math.prod(t.shape)  # Python ints: no overflow, whatever the manifest says
 
     def read(self, name: str) -> np.ndarray:
-        return self.reader.read_tensor(name)
+        """The tensor, read-only, over this process's one copy of its blob (shared_weights.py): tensors with identical
+        bytes, and sessions of other models of the bundle that hold the blob meanwhile, share it."""
+        from .shared_weights import shared_blobs
+        from .store.reader import shaped
+
+        t = self.store.tensor(name)
+        return shaped(shared_blobs(self.reader, [t.blob])[t.blob], t.dtype, t.shape)
 
     def upload(self, names: Sequence[str], open_uploader: Callable[..., Any]) -> Any:
         from .gpu.upload import SLOT_BYTES

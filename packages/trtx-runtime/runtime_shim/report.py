@@ -11,7 +11,8 @@ class Report:
     """What load() chose and why; ``to_dict()`` is JSON-ready, ``lines()`` is for people."""
 
     bundle: str
-    model: str
+    model: str  # the model this session runs
+    models: list[str] = field(default_factory=list)  # every model of the bundle, in manifest order
     backend: str = ""  # "tensorrt_rtx" | "onnxruntime"
     engine: dict[str, Any] | None = None
     runtime_cache: str | None = None  # which cache TRT-RTX accepted, in words
@@ -29,7 +30,9 @@ class Report:
         return asdict(self)
 
     def lines(self) -> list[str]:
-        out = [f"bundle {self.bundle} (model {self.model})", f"backend: {self.backend or 'none'}"]
+        others = [m for m in self.models if m != self.model]
+        of = f"; the bundle also holds {', '.join(others)}" if others else ""
+        out = [f"bundle {self.bundle} (model {self.model}{of})", f"backend: {self.backend or 'none'}"]
         if self.gpu:
             out.append(
                 f"GPU {self.gpu['index']}: {self.gpu['name']} (SM {self.gpu['sm_text']}, device 0x{self.gpu['pci_device_id']:04x})"

@@ -316,9 +316,19 @@ class Plan:
         return self.here.why_not
 
 
-def plan(bundle_path: str | Path, user_cache: UserCache, *, machine: Machine, device: int | None = None) -> Plan:
-    """Read and validate the manifest, then rank its engines and caches for ``machine`` (a probe) and its GPU."""
-    manifest, warnings, manifest_sha256 = read_manifest_sha256(bundle_path)
+def plan(
+    bundle_path: str | Path,
+    user_cache: UserCache,
+    *,
+    machine: Machine,
+    device: int | None = None,
+    model: str | None = None,
+) -> Plan:
+    """Read and validate the manifest, then rank ``model``'s engines and caches for ``machine`` (a probe) and its GPU.
+
+    ``model`` may be left out for a one-model bundle; else ModelChoiceError lists the names (manifest.py).
+    """
+    manifest, warnings, manifest_sha256 = read_manifest_sha256(bundle_path, model)
     return plan_for(manifest, warnings, manifest_sha256, user_cache, machine=machine, device=device)
 
 
@@ -331,7 +341,8 @@ def plan_for(
     machine: Machine,
     device: int | None = None,
 ) -> Plan:
-    """plan() for a manifest already read (from a directory, or in place from an archive)."""
+    """plan() for one model's manifest already read (``BundleManifest.view``: from a directory, or in place from an
+    archive). Its user-cache entries are that model's own (cache_key.model_id: its name and its skeleton's hash)."""
     here = assess(machine, pick_gpu(machine, device))
     have_user = here.key is not None and user_cache.has_runtime_cache(model_id(manifest), here.key)
     return Plan(

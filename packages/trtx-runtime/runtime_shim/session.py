@@ -24,9 +24,10 @@ from .errors import BundleError
 from .inputs import validate_inputs
 from .machine import Machine
 from .machine import probe as real_probe
-from .manifest import CacheKey, Engine, Manifest
+from .manifest import MANIFEST_NAME, CacheKey, Engine, Manifest, read_bundle_manifest
 from .report import Report
-from .select import Plan, plan
+from .select import Plan, plan_for
+from .select import plan as plan  # where doctor and older callers import it from
 from .signing import TrustedKey, check_signature
 from .user_cache import UserCache
 
@@ -67,8 +68,9 @@ class Loader:
         weights_on_device: bool | None = None,
         verify_weights: str = "always",
         trusted_keys: Sequence[TrustedKey] | None = None,
+        model: str | None = None,
     ) -> Session:
-        """Open a bundle for inference on this machine (see ``load()``)."""
+        """Open one model of a bundle for inference on this machine (see ``load()``)."""
         options = LoadOptions(
             specialization=specialization,
             cuda_graphs=cuda_graphs,
@@ -87,10 +89,15 @@ class Loader:
         # Before anything reads the bundle's files beyond its manifest: with trusted keys, a bundle that is not
         # signed by one of them (or was changed since) goes no further, whichever backend would have run it.
         signature = check_signature(bundle_dir, trusted_keys)
-        p = plan(bundle_dir, user_cache, machine=self.probe(), device=device)  # steps 1-4
+        # Step 1, and the model: with several and none named (or an unknown name), ModelChoiceError lists the names
+        # here, before the machine is probed or any other file is read.
+        bundle, warnings, manifest_sha256 = read_bundle_manifest(bundle_dir)
+        manifest = bundle.view(model, source=str(bundle_dir / MANIFEST_NAME))
+        p = plan_for(manifest, warnings, manifest_sha256, user_cache, machine=self.probe(), device=device)  # 2-4
         for w in p.warnings:
             log.warning("%s", w)
         report = _first_report(p, bundle_dir, user_cache)
+        report.models = list(bundle.names)
         report.signature = signature.to_dict()
         impl, engine = open_backend(p, bundle_dir, user_cache, report, options, self.trt_runtime)  # steps 5-7
         report.timings["load_s"] = time.perf_counter() - t_start
@@ -109,11 +116,17 @@ def load(
     weights_on_device: bool | None = None,
     verify_weights: str = "always",
     trusted_keys: Sequence[TrustedKey] | None = None,
+    model: str | None = None,
 ) -> Session:
-    """Open a bundle for inference on this machine: the engine, runtime cache and backend that fit it, or a clear error.
+    """Open a model of a bundle for inference on this machine: the engine, runtime cache and backend that fit it, or a
+    clear error.
 
     ``bundle_path``: a bundle directory, or a ``.trtx`` archive, unpacked (every file checked) once into the user cache
-    dir and reused by later loads (archive.py). ``app`` names the per-user cache dir (``cache_dir`` or
+    dir and reused by later loads (archive.py). ``model``: which model of the bundle to open, by name; it may be left
+    out when the bundle holds one model. With several and none named, or a name the bundle lacks, ModelChoiceError
+    (listing the names) is raised after reading the manifest, before anything else. Each Session is one model, with
+    its own engine and runtime cache (user-cache entries are per model); sessions of two models of one bundle in one
+    process read the weight blobs they share from disk once and hold one copy of them (shared_weights.py). ``app`` names the per-user cache dir (``cache_dir`` or
     ``$TRTX_CACHE_DIR`` replace it). ``fallback``: "onnxruntime"
     (default) runs on the CPU where TRT-RTX cannot, "error" raises BackendUnavailableError there. ``specialization``:
     dynamic-shape kernels "lazy" (default), "eager" or "none"; ``cuda_graphs`` captures whole-graph CUDA graphs.
@@ -145,6 +158,7 @@ def load(
         weights_on_device=weights_on_device,
         verify_weights=verify_weights,
         trusted_keys=trusted_keys,
+        model=model,
     )
 
 
@@ -170,7 +184,7 @@ def _first_report(p: Plan, bundle_dir: Path, user_cache: UserCache) -> Report:
 
 
 class Session:
-    """A loaded bundle: ``run(dict) -> dict``; saves its runtime cache on close(), at exit and on request."""
+    """One loaded model of a bundle: ``run(dict) -> dict``; saves its runtime cache on close(), at exit and on request."""
 
     def __init__(
         self,
@@ -190,6 +204,11 @@ class Session:
     @property
     def backend(self) -> str:
         return self.report.backend
+
+    @property
+    def model(self) -> str:
+        """The name of the bundle's model this session runs."""
+        return self.manifest.model.name
 
     def run(self, inputs: Mapping[str, np.ndarray], profile: int | None = None) -> dict[str, np.ndarray]:
         """Run once. ``profile`` picks the optimization profile (default: the first that holds the shapes)."""

@@ -21,9 +21,9 @@ import zstandard
 
 from ..errors import IntegrityError
 from ..fsutil import atomic_writer, open_regular_file, sha256_bytes
-from .digest import digest_function
 from ..manifest import Blob, WeightStore
 from .decode import decode_frame_into, decode_threads, native_join, scratch
+from .digest import digest_function
 from .format import HINT_CORRUPT, ITEMSIZE, MAGIC, PACKED_DTYPES, PLANE_CHUNK, nbytes_for
 
 # The reading API; format names that callers long imported from here stay importable (format.py is their home).
@@ -37,6 +37,7 @@ __all__ = [
     "native_join",
     "nbytes_for",
     "numpy_dtype",
+    "shaped",
 ]
 
 # Raw bytes of frames per task on the reader's threads (iter_blobs): per-task costs on the calling thread (submit,
@@ -319,7 +320,7 @@ class WeightReader:
         blob = self.store.blobs[t.blob]
         arr = np.empty(blob.nbytes, dtype=np.uint8)
         self.decode_blob_into(t.blob, arr.data)
-        return _shaped(arr, t.dtype, t.shape)
+        return shaped(arr, t.dtype, t.shape)
 
     def read_all(self) -> dict[str, np.ndarray]:
         """Every tensor by name. Tensors with identical bytes share one read-only buffer (so arrays are read-only)."""
@@ -330,7 +331,7 @@ class WeightReader:
         for index, buf in self.iter_blobs(sorted(by_blob)):
             raw = np.frombuffer(buf, dtype=np.uint8)
             for t in by_blob[index]:
-                arr = _shaped(raw, t.dtype, t.shape)
+                arr = shaped(raw, t.dtype, t.shape)
                 arr.flags.writeable = False
                 out[t.name] = arr
         return {t.name: out[t.name] for t in self.store.tensors}
@@ -353,7 +354,8 @@ class WeightReader:
             f.write(bytes(self.store.raw_size - pos))
 
 
-def _shaped(raw: np.ndarray, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
+def shaped(raw: np.ndarray, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
+    """A blob's raw bytes (uint8) as a tensor of ``dtype`` and ``shape`` (a view; packed 4-bit types stay bytes)."""
     if dtype in PACKED_DTYPES:
         return raw  # packed bytes: there is no numpy shape for half-byte elements
     return raw.view(numpy_dtype(dtype)).reshape(shape)

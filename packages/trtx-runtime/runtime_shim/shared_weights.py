@@ -1,0 +1,132 @@
+"""Decoded weight blobs shared by the sessions of one process: a blob two models of a bundle use is read once.
+
+A bundle's models share one weight store (docs/BUNDLE_FORMAT.md), so two sessions of one bundle in one process would
+read and decode the frames they share twice and hold two copies. ``shared_blobs`` hands out each decoded blob as one
+read-only array per process while any session still holds it: the ONNX Runtime fallback's in-memory initializers
+(fallback.py) and the host-memory refit (refit.py) take their blobs from here. The registry holds weak references
+only: a blob lives as long as some session (or a refit in progress) keeps it, and then its memory goes.
+
+What is shared was hashed frame by frame when this process first read it into its own memory (WeightReader), and is
+read-only from then on, so every later user gets the bytes its manifest pins (docs/WEIGHT_STORE.md, "Verification").
+A blob is shared only under the same key: the weight file's resolved path, the size and sha256 its manifest pins, the
+frame digest, and the blob's whole record (its frames' offsets, sizes and digests, its encoding). Two manifests that
+describe a blob differently, or another file, never get each other's bytes.
+
+The GPU upload path (gpu/upload.py) stays per session: it decodes straight into pinned staging memory for one
+engine's refit and frees it when the refit returns; TRT-RTX keeps its own copy of the weights on the GPU.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .store.reader import WeightReader
+    from .store_index import Blob
+
+BlobKey = tuple[str, int, str, str, "Blob"]
+
+
+class BlobRegistry:
+    """Decoded blobs by key, each held by weak reference; a blob being read by one thread is waited for by others."""
+
+    def __init__(self) -> None:
+        # Re-entrant: a weak reference's callback may run on this thread while it holds the lock (a collection).
+        self._lock = threading.RLock()
+        self._live: dict[BlobKey, weakref.ref[np.ndarray]] = {}
+        self._reading: dict[BlobKey, threading.Event] = {}
+
+    def __len__(self) -> int:
+        """How many blobs some session still holds."""
+        with self._lock:
+            return sum(1 for ref in self._live.values() if ref() is not None)
+
+    def nbytes(self) -> int:
+        """The bytes of the blobs some session still holds (one copy each)."""
+        with self._lock:
+            return sum(a.nbytes for a in (ref() for ref in self._live.values()) if a is not None)
+
+    def blobs(self, reader: WeightReader, indices: Iterable[int]) -> dict[int, np.ndarray]:
+        """Blob index -> its decoded bytes (a read-only uint8 array) for ``indices`` of ``reader``'s store.
+
+        Blobs alive in this process under the same key are reused; the others are read, verified and decoded with one
+        ``reader.iter_blobs`` pass (its threads) and registered. A blob another thread is reading is waited for.
+        """
+        keys = {i: blob_key(reader, i) for i in dict.fromkeys(indices)}
+        out: dict[int, np.ndarray] = {}
+        while len(out) < len(keys):
+            mine: list[int] = []
+            others: list[threading.Event] = []
+            with self._lock:
+                for i, key in keys.items():
+                    if i in out:
+                        continue
+                    ref = self._live.get(key)
+                    held = ref() if ref is not None else None
+                    if held is not None:
+                        out[i] = held
+                    elif key in self._reading:
+                        others.append(self._reading[key])
+                    else:
+                        self._reading[key] = threading.Event()
+                        mine.append(i)
+            if mine:
+                self._read(reader, mine, keys, out)
+            for event in others:  # then look again: what another thread failed to read is read here
+                event.wait()
+        return out
+
+    def _read(
+        self, reader: WeightReader, mine: list[int], keys: dict[int, BlobKey], out: dict[int, np.ndarray]
+    ) -> None:
+        try:
+            for i, buf in reader.iter_blobs(mine):
+                owner = _owning_array(buf)
+                owner.flags.writeable = False  # shared: no session may change what another runs
+                key = keys[i]
+                with self._lock:
+                    self._live[key] = weakref.ref(owner, self._forget(key))
+                    self._reading.pop(key).set()
+                out[i] = owner
+        finally:
+            with self._lock:  # a failed read leaves nothing claimed: a waiting thread tries itself
+                for i in mine:
+                    event = self._reading.pop(keys[i], None)
+                    if event is not None:
+                        event.set()
+
+    def _forget(self, key: BlobKey) -> Callable[[weakref.ref[np.ndarray]], None]:
+        def forget(ref: weakref.ref[np.ndarray]) -> None:
+            with self._lock:
+                if self._live.get(key) is ref:
+                    del self._live[key]
+
+        return forget
+
+
+def blob_key(reader: WeightReader, index: int) -> BlobKey:
+    """What makes two blobs the same bytes: the file (resolved path, pinned size and sha256) and the blob's record."""
+    store = reader.store
+    return (str(reader.path.resolve()), store.file.size, store.file.sha256, store.frame_digest, store.blobs[index])
+
+
+def _owning_array(buf: memoryview) -> np.ndarray:
+    # Views of an array keep the array that owns the memory alive, so the registry refers to that one: the weak
+    # reference then lives exactly as long as the memory does.
+    owner = buf.obj if isinstance(buf, memoryview) else None
+    if isinstance(owner, np.ndarray) and owner.flags.owndata and owner.dtype == np.uint8 and owner.nbytes == len(buf):
+        return owner
+    return np.frombuffer(buf, dtype=np.uint8).copy()
+
+
+REGISTRY = BlobRegistry()
+
+
+def shared_blobs(reader: WeightReader, indices: Iterable[int]) -> dict[int, np.ndarray]:
+    """``REGISTRY.blobs``: this process's one copy of each decoded blob (read-only), read where no session holds it."""
+    return REGISTRY.blobs(reader, indices)

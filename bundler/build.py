@@ -36,6 +36,7 @@ from runtime_shim.manifest import (
     Profile,
     Shape,
     Skeleton,
+    TensorSpec,
     TrtRtxTarget,
     WeightStore,
 )
@@ -53,6 +54,9 @@ from .store_writer import DEFAULT_LEVEL, write_shared_store
 __all__ = ["BuildOptions", "BuildResult", "ModelSpec", "OutputDirError", "Progress", "build_bundle"]
 
 SKELETON_EXTERNAL_DATA = "weights.bin"
+
+
+FitSpecs = Callable[[Sequence[tuple["ModelSpec", Sequence[TensorSpec]]]], Sequence["ModelSpec"]]
 
 
 class Progress(Protocol):
@@ -135,18 +139,21 @@ def build_bundle(
     models: Sequence[ModelSpec] = (),
     progress: Progress | None = None,
     probe: Callable[[], Any] | None = None,
+    fit_specs: FitSpecs | None = None,
 ) -> BuildResult:
     """Turn ``onnx_path`` (or ``models``, several ONNX files) into a verified bundle at ``out_dir``.
 
     With ``models`` every model gets its own skeleton, profiles, warm-ups, engines and parser verdict, and one weight
     store holds all their tensors: a tensor identical in bytes and dtype across models is stored once. Name,
     version and shapes then come from each ModelSpec, the rest of ``options`` applies to all.
-    ``probe`` replaces runtime_shim.machine.probe when deciding on a weightless engine (tests). A full or read-only
+    ``probe`` replaces runtime_shim.machine.probe when deciding on a weightless engine (tests). ``fit_specs`` is
+    called once every model is loaded, with each spec and its inputs, and returns the specs to build (the CLI
+    places MODEL.INPUT names there: bundler/model_options.py). A full or read-only
     disk is a BundleError naming the place; the temp directory is gone and nothing at ``out_dir`` changed.
     """
     specs = list(models) if models else [ModelSpec.from_options(_given(onnx_path), options)]
     with disk_errors(out_dir, "cannot write the bundle here", "nothing was written there"):
-        return _build_bundle(specs, out_dir, options=options, progress=progress, probe=probe)
+        return _build_bundle(specs, out_dir, options=options, progress=progress, probe=probe, fit_specs=fit_specs)
 
 
 def _given(onnx_path: str | os.PathLike[str] | None) -> str | os.PathLike[str]:
@@ -173,6 +180,7 @@ def _build_bundle(
     options: BuildOptions,
     progress: Progress | None,
     probe: Callable[[], Any] | None,
+    fit_specs: FitSpecs | None = None,
 ) -> BuildResult:
     progress = progress or _Quiet()
     # abspath: "." or "bundle/" must still give a real name and parent for the temp sibling directory.
@@ -190,11 +198,15 @@ def _build_bundle(
         progress.note(message)
 
     _check_names(specs)
-    todo: list[_Model] = []
+    loaded_models: list[LoadedModel] = []
     for spec in specs:
+        with timed(f"load model {spec.name or spec.source.stem}" if several else "load model"):
+            loaded_models.append(load_model(spec.source))
+    if fit_specs is not None:
+        specs = list(fit_specs([(s, m.inputs) for s, m in zip(specs, loaded_models)]))
+    todo: list[_Model] = []
+    for spec, loaded in zip(specs, loaded_models):
         name = spec.name or spec.source.stem
-        with timed(f"load model {name}" if several else "load model"):
-            loaded = load_model(spec.source)
         # Before any file is written or engine built: a profile TRT-RTX would refuse costs nothing here.
         src = str(spec.source)
         profiles = fit_profiles(loaded, spec.profiles, spec.dims, source=src, note=note)

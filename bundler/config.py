@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +19,6 @@ from typing import Any
 
 from runtime_shim.errors import BundleError
 from runtime_shim.manifest import (
-    PLATFORMS,
     WEIGHT_ENCODINGS,
     Profile,
     Shape,
@@ -28,11 +26,6 @@ from runtime_shim.manifest import (
     TensorSpec,
 )
 from runtime_shim.targets import SUPPORTED_SMS
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - 3.10
-    import tomli as tomllib
 
 
 class ConfigError(BundleError):
@@ -87,10 +80,29 @@ class BuildOptions:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """One [[model]] table of bundle.toml: a model of a multi-model bundle and its own shapes."""
+
+    where: str  # "bundle.toml: model[1]", for messages
+    source: Path | None = None  # relative paths are resolved against the toml's folder
+    name: str | None = None  # default: the source's stem
+    version: str | None = None
+    profiles: tuple[Profile, ...] = ()
+    dims: DimRanges = field(default_factory=dict)
+    warmup_shapes: tuple[Mapping[str, Shape], ...] = ()
+
+    @property
+    def model_name(self) -> str:
+        """The name the model gets: name, else the source's stem (read_config requires one of them)."""
+        return self.name or (self.source.stem if self.source else "")
+
+
+@dataclass(frozen=True, kw_only=True)
 class BundleConfig:
     """bundle.toml as read; None means 'not given' so the command line or the defaults decide."""
 
     source: str
+    models: tuple[ModelConfig, ...] = ()  # [[model]] tables (then name, version and the shapes below are unset)
     name: str | None = None
     version: str | None = None
     sms: tuple[int, ...] | None = None
@@ -134,15 +146,23 @@ def parse_range(text: str, *, where: str) -> ShapeRange:
     return rng
 
 
-def parse_shape_args(values: Sequence[str]) -> tuple[Profile, ...]:
-    """Turn repeated ``--shape NAME=RANGE`` values into profiles (rule in the module docstring)."""
-    per_input: dict[str, list[ShapeRange]] = {}
+def parse_shape_values(values: Sequence[str]) -> list[tuple[str, ShapeRange]]:
+    """``--shape NAME=RANGE`` values as (NAME, range) pairs, in the order given."""
+    out = []
     for value in values:
         name, sep, rest = value.partition("=")
         if not sep or not name.strip():
             raise ConfigError(f"--shape {value!r}: expected NAME=MIN:OPT:MAX", hint=f"use {SHAPE_FLAG_HELP}")
-        per_input.setdefault(name.strip(), []).append(parse_range(rest, where=f"--shape {value}"))
-    return _profiles_from_lists(per_input, where="--shape")
+        out.append((name.strip(), parse_range(rest, where=f"--shape {value}")))
+    return out
+
+
+def parse_shape_args(values: Sequence[str]) -> tuple[Profile, ...]:
+    """Turn repeated ``--shape NAME=RANGE`` values into profiles (rule in the module docstring)."""
+    per_input: dict[str, list[ShapeRange]] = {}
+    for name, rng in parse_shape_values(values):
+        per_input.setdefault(name, []).append(rng)
+    return profiles_from_lists(per_input, where="--shape")
 
 
 def parse_dim_range(text: str, *, where: str) -> DimRange:
@@ -158,18 +178,26 @@ def parse_dim_range(text: str, *, where: str) -> DimRange:
     return rng
 
 
-def parse_dim_args(values: Sequence[str]) -> dict[str, tuple[DimRange, ...]]:
-    """Turn repeated ``--dim NAME=RANGE`` values into dim name -> ranges (one per profile, or one for all)."""
-    per_dim: dict[str, list[DimRange]] = {}
+def parse_dim_values(values: Sequence[str]) -> list[tuple[str, DimRange]]:
+    """``--dim NAME=RANGE`` values as (NAME, range) pairs, in the order given."""
+    out = []
     for value in values:
         name, sep, rest = value.partition("=")
         if not sep or not name.strip():
             raise ConfigError(f"--dim {value!r}: expected NAME=MIN:OPT:MAX", hint=f"use {DIM_FLAG_HELP}")
-        per_dim.setdefault(name.strip(), []).append(parse_dim_range(rest, where=f"--dim {value}"))
+        out.append((name.strip(), parse_dim_range(rest, where=f"--dim {value}")))
+    return out
+
+
+def parse_dim_args(values: Sequence[str]) -> dict[str, tuple[DimRange, ...]]:
+    """Turn repeated ``--dim NAME=RANGE`` values into dim name -> ranges (one per profile, or one for all)."""
+    per_dim: dict[str, list[DimRange]] = {}
+    for name, rng in parse_dim_values(values):
+        per_dim.setdefault(name, []).append(rng)
     return {n: tuple(r) for n, r in sorted(per_dim.items())}
 
 
-def _profiles_from_lists(per_input: Mapping[str, list[ShapeRange]], *, where: str) -> tuple[Profile, ...]:
+def profiles_from_lists(per_input: Mapping[str, list[ShapeRange]], *, where: str) -> tuple[Profile, ...]:
     if not per_input:
         return ()
     counts = {n: len(r) for n, r in per_input.items()}
@@ -214,130 +242,11 @@ def fmt_shape(shape: Sequence[Any]) -> str:
 
 
 # --------------------------------------------------------------------------- bundle.toml
-_TOP_KEYS = {"model", "build", "profiles", "dims", "warmup", "farm"}
-
-
 def load_config(path: str | os.PathLike[str]) -> BundleConfig:
     """Read and validate bundle.toml (format: templates/bundle.toml). Errors carry the file and key path."""
-    path = Path(path)
-    src = str(path)
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{src}: not found", hint="pass --config with the path of an existing bundle.toml") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{src}: cannot read ({e})") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{src}: not valid TOML ({e})", hint="see templates/bundle.toml for the format") from None
-    _no_unknown(data, _TOP_KEYS, src, "")
-    model = _table(data, "model", src)
-    build = _table(data, "build", src)
-    _no_unknown(model, {"name", "version"}, src, "model.")
-    _no_unknown(build, {"sm", "weightful", "encoding", "level", "platforms"}, src, "build.")
+    from .config_file import read_config  # config_file builds on this module's parsers
 
-    sms = _opt(build, "sm", list, src, "build.")
-    if sms is not None:
-        bad = [s for s in sms if isinstance(s, bool) or not isinstance(s, int) or s not in SUPPORTED_SMS]
-        if bad:
-            raise ConfigError(
-                f"{src}: build.sm: {bad} are not TensorRT for RTX targets",
-                hint=f"choose from {', '.join(map(str, SUPPORTED_SMS))}",
-            )
-    encoding = _opt(build, "encoding", str, src, "build.")
-    if encoding is not None and encoding not in WEIGHT_ENCODINGS:
-        raise ConfigError(f"{src}: build.encoding: expected one of {', '.join(WEIGHT_ENCODINGS)}, got {encoding!r}")
-    platforms = _opt(build, "platforms", list, src, "build.")
-    if platforms is not None and (not platforms or any(p not in PLATFORMS for p in platforms)):
-        raise ConfigError(
-            f"{src}: build.platforms: expected a non-empty list from {', '.join(PLATFORMS)}, got {platforms!r}"
-        )
-
-    profiles = _read_profiles(data.get("profiles", []), src)
-    dims = _read_dims(_table(data, "dims", src), src)
-    warmups = _read_warmups(data.get("warmup", []), src)
-    return BundleConfig(
-        source=src,
-        name=_opt(model, "name", str, src, "model."),
-        version=_opt(model, "version", str, src, "model."),
-        sms=tuple(sms) if sms is not None else None,
-        weightful=_opt(build, "weightful", bool, src, "build."),
-        encoding=encoding,
-        level=_opt(build, "level", int, src, "build."),
-        platforms=tuple(platforms) if platforms is not None else None,
-        profiles=profiles,
-        dims=dims,
-        warmup_shapes=warmups,
-        farm=_table(data, "farm", src),
-    )
-
-
-def _read_profiles(raw: Any, src: str) -> tuple[Profile, ...]:
-    if not isinstance(raw, list):
-        raise ConfigError(f"{src}: profiles: expected an array of tables ([[profiles]]), got {type(raw).__name__}")
-    out = []
-    for i, table in enumerate(raw):
-        where = f"profiles[{i}]"
-        if not isinstance(table, dict):
-            raise ConfigError(f"{src}: {where}: expected a table")
-        _no_unknown(table, {"shapes"}, src, f"{where}.")
-        shapes = table.get("shapes")
-        if not isinstance(shapes, dict) or not shapes:
-            raise ConfigError(
-                f'{src}: {where}.shapes: expected a table of input name -> "MIN:OPT:MAX"',
-                hint='e.g. [profiles.shapes] then input = "1x3x224x224:4x3x224x224:16x3x224x224"',
-            )
-        ranges = {}
-        for name, text in sorted(shapes.items()):
-            if not isinstance(text, str):
-                raise ConfigError(f'{src}: {where}.shapes.{name}: expected a string like "1x3:4x3:8x3", got {text!r}')
-            ranges[name] = parse_range(text, where=f"{src}: {where}.shapes.{name}")
-        out.append(Profile(shapes=ranges))
-    return tuple(out)
-
-
-def _read_dims(table: Mapping[str, Any], src: str) -> dict[str, tuple[DimRange, ...]]:
-    out = {}
-    for name, value in sorted(table.items()):
-        texts = value if isinstance(value, list) else [value]
-        if not texts or not all(isinstance(t, (str, int)) and not isinstance(t, bool) for t in texts):
-            raise ConfigError(
-                f'{src}: dims.{name}: expected "MIN:OPT:MAX" (or an array of them, one per profile), got {value!r}',
-                hint='e.g. [dims] then seq_len = "1:128:512"',
-            )
-        out[name] = tuple(parse_dim_range(str(t), where=f"{src}: dims.{name}") for t in texts)
-    return out
-
-
-def _read_warmups(raw: Any, src: str) -> tuple[Mapping[str, Shape], ...]:
-    if not isinstance(raw, list):
-        raise ConfigError(f"{src}: warmup: expected an array of tables ([[warmup]])")
-    out = []
-    for i, table in enumerate(raw):
-        if not isinstance(table, dict) or not table:
-            raise ConfigError(f'{src}: warmup[{i}]: expected a table of input name -> "1x3x224x224"')
-        shapes = {}
-        for name, text in sorted(table.items()):
-            if not isinstance(text, str):
-                raise ConfigError(f'{src}: warmup[{i}].{name}: expected a string like "1x3x224x224", got {text!r}')
-            shapes[name] = parse_dims(text, where=f"{src}: warmup[{i}].{name}")
-        out.append(shapes)
-    return tuple(out)
-
-
-def _table(data: Mapping[str, Any], key: str, src: str) -> dict[str, Any]:
-    value = data.get(key, {})
-    if not isinstance(value, dict):
-        raise ConfigError(f"{src}: {key}: expected a table ([{key}]), got {type(value).__name__}")
-    return value
-
-
-def _opt(table: Mapping[str, Any], key: str, kind: type, src: str, prefix: str) -> Any:
-    if key not in table:
-        return None
-    value = table[key]
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise ConfigError(f"{src}: {prefix}{key}: expected {kind.__name__}, got {value!r}")
-    return value
+    return read_config(path)
 
 
 def _no_unknown(table: Mapping[str, Any], known: set[str], src: str, prefix: str) -> None:

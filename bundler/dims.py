@@ -328,6 +328,11 @@ def _missing_error(
 
 
 # --------------------------------------------------------------------------- small helpers
+def dynamic_dim_names(inputs: Sequence[TensorSpec]) -> list[str]:
+    """The names of the inputs' dynamic dims, each once, in the inputs' order (what --dim can name)."""
+    return list(dict.fromkeys(dim for t in inputs for _, dim in _dynamic(t)))
+
+
 def _dynamic(spec: TensorSpec) -> Iterator[tuple[int, str]]:
     """(axis, dim name) of each dynamic axis; an unnamed one (-1, from a manifest) gets its axis name."""
     for axis, dim in enumerate(spec.shape):

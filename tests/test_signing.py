@@ -427,3 +427,26 @@ def test_a_signature_over_more_than_the_manifest_is_refused(
     config.sign(model, signed / SIGNATURE_NAME)
     with pytest.raises(SignatureError, match=r"signs 2 file\(s\), not manifest.json alone"):
         load(signed, tmp_path, trusted_keys=[built["pub"]])
+
+
+def test_a_merge_that_fails_at_the_manifest_keeps_the_signature(
+    built: dict[str, Path], merge_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without the atomic exchange, the signature is set aside before the manifest is replaced: and put back if
+    the replace fails, since the old manifest stays."""
+    import bundler.merge_commit as merge_commit
+    from bundler.merge import MergeError
+
+    bundle = _signed_copy(merge_bundle, tmp_path / "bundle", built["key"])
+    real_write = merge_commit.atomic_write
+
+    def full_disk_at_the_bundle(path, data) -> None:
+        if Path(path).parent.resolve() == bundle.resolve():
+            raise OSError(28, "No space left on device", str(path))
+        real_write(path, data)
+
+    monkeypatch.setattr(merge_commit, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(merge_commit, "atomic_write", full_disk_at_the_bundle)
+    with pytest.raises(MergeError, match="No space left"):
+        merge_parts(bundle, [make_part(tmp_path / "p1", bundle)])
+    assert verify_bundle_signature(bundle, [built["pub"]]).verified

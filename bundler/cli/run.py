@@ -15,8 +15,9 @@ import numpy as np
 from runtime_shim.errors import BundleError, InputError
 from runtime_shim.fsutil import atomic_write, disk_errors
 from runtime_shim.machine import Machine, probe, trt_rtx_supports
+from runtime_shim.manifest import read_bundle_manifest
 from runtime_shim.select import Choice, Plan
-from runtime_shim.session import load, plan
+from runtime_shim.session import load
 from runtime_shim.user_cache import UserCache
 
 from .app import emit_json, info, main, render_errors, report_lines, result
@@ -60,6 +61,11 @@ def _choice_lines(title: str, choices: list[Choice]) -> list[str]:
     }
 )
 @click.argument("bundle", required=False, type=click.Path(exists=True, path_type=Path))
+@click.option(
+    "--model",
+    metavar="NAME",
+    help="Report only this model of BUNDLE (default: every model, each with its own engines and runtime caches).",
+)
 @click.option("--app", default="MyApp", show_default=True, help="App name: picks the user cache dir the app would use.")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), help="Use this cache dir instead.")
 @click.option("--device", type=int, help="GPU index to consider (default: the first TRT-RTX supports).")
@@ -71,7 +77,13 @@ def _choice_lines(title: str, choices: list[Choice]) -> list[str]:
 )
 @render_errors
 def doctor(
-    bundle: Path | None, app: str, cache_dir: Path | None, device: int | None, as_json: bool, selftest: bool
+    bundle: Path | None,
+    model: str | None,
+    app: str,
+    cache_dir: Path | None,
+    device: int | None,
+    as_json: bool,
+    selftest: bool,
 ) -> None:
     """What this machine is, and what a bundle would run on here, and why.
 
@@ -79,6 +91,12 @@ def doctor(
     Prints the probe (OS, TRT-RTX, driver, GPUs), whether TensorRT for RTX can run here, and for BUNDLE
     the ranked engines and runtime caches with the reason each was taken or passed over. BUNDLE is a
     bundle directory or a .trtx archive (its manifest is read in place; nothing is extracted).
+
+    \b
+    A bundle of several models: every model is reported, each with its own engines, runtime caches
+    and verdict (--json: bundle.models[]); --model NAME reports that one only (then bundle.engines
+    and bundle.runtime_caches are its own, as for a one-model bundle). "TensorRT for RTX can run"
+    means: every model reported can.
 
     \b
     --selftest (no BUNDLE) bundles the demo model in a temporary directory, builds a weightless engine
@@ -89,36 +107,47 @@ def doctor(
     it says why (verdict cannot_run, exit code 3).
     """
     if selftest:
+        if model is not None:
+            raise click.UsageError("--selftest runs on the built-in demo model: it takes no --model")
         _selftest(bundle, device)
         return
+    if model is not None and bundle is None:
+        raise click.UsageError("--model names a model of BUNDLE: give BUNDLE too")
     machine = probe()
     cache = UserCache(app, cache_dir)
     report: dict[str, Any] = {"machine": machine.to_dict(), "cache_dir": str(cache.dir)}
     from runtime_shim.select import assess, pick_gpu
 
+    plans: list[Plan] = []
     if bundle is not None:
-        p = _plan(bundle, cache, machine, device)
+        plans, names, warnings = _plans(bundle, model, cache, machine, device)
+        verdicts = [_verdict(p) for p in plans]
         report["bundle"] = {
             "path": str(bundle),
-            "model": p.manifest.model.name,
-            "trt_rtx_version": p.manifest.trt_rtx.version,
-            "engines": [c.to_dict() for c in p.engines],
-            "runtime_caches": [c.to_dict() for c in p.caches],
-            "warnings": p.warnings,
+            "models": [
+                {
+                    "model": p.manifest.model.name,
+                    "engines": [c.to_dict() for c in p.engines],
+                    "runtime_caches": [c.to_dict() for c in p.caches],
+                    "trt_rtx_can_run": ok,
+                    "why_not": why,
+                }
+                for p, (ok, why) in zip(plans, verdicts)
+            ],
+            "model_names": list(names),
+            "trt_rtx_version": plans[0].manifest.trt_rtx.version,
+            "warnings": warnings,
         }
-        blocker = p.blocker
-        taken = next(c for c in p.engines if c.taken)
-        can_run = taken.kind != "fallback"
-        why = blocker or (
-            None
-            if can_run
-            else "no engine in the bundle fits: "
-            + "; ".join(
-                c.reason
-                for c in p.engines
-                if c.kind in ("weightless", "weightful") or (c.kind == "build" and p.manifest.trt_rtx.cannot_parse)
+        if len(plans) == 1:  # one model reported: its choices where a one-model bundle always had them
+            report["bundle"].update(
+                model=plans[0].manifest.model.name,
+                engines=report["bundle"]["models"][0]["engines"],
+                runtime_caches=report["bundle"]["models"][0]["runtime_caches"],
             )
-        )
+        can_run = all(ok for ok, _ in verdicts)
+        whys = [(p.manifest.model.name, why) for p, (ok, why) in zip(plans, verdicts) if not ok]
+        same = len(whys) == len(plans) and len({w for _, w in whys}) == 1  # one reason for all (the machine's)
+        why = None if can_run else whys[0][1] if same else "; ".join(f"model {name}: {w}" for name, w in whys)
     else:
         blocker = assess(machine, pick_gpu(machine, device)).blocker
         can_run, why = blocker is None, blocker
@@ -150,10 +179,22 @@ def doctor(
         else f"CPU weight decoder: numpy fallback, 2-3x slower ({NATIVE_HINT})"
     )
     if bundle is not None:
-        out.append(f"bundle {bundle}: model {p.manifest.model.name}, made for TRT-RTX {p.manifest.trt_rtx.version}")
-        for w in p.warnings:
+        for w in report["bundle"]["warnings"]:
             info(f"warning: {w}")
-        out += _choice_lines("engines", p.engines) + _choice_lines("runtime caches", p.caches)
+        several = len(report["bundle"]["model_names"]) > 1
+        for p in plans:
+            out.append(
+                f"bundle {bundle}: model {p.manifest.model.name}"
+                + (f" (of {', '.join(report['bundle']['model_names'])})" if several else "")
+                + f", made for TRT-RTX {p.manifest.trt_rtx.version}"
+            )
+            out += _choice_lines("engines", p.engines) + _choice_lines("runtime caches", p.caches)
+            if len(plans) > 1 and not same:
+                ok, why_model = _verdict(p)
+                out.append(
+                    f"model {p.manifest.model.name}: TensorRT for RTX "
+                    + ("can run it" if ok else f"cannot: {why_model}")
+                )
     out.append(
         ("TensorRT for RTX can run here" + (" (this bundle: yes)" if bundle else ""))
         if can_run
@@ -179,15 +220,39 @@ def _selftest(bundle: Path | None, device: int | None) -> None:
     click.get_current_context().exit(report.exit_code)
 
 
-def _plan(bundle: Path, cache: UserCache, machine: Machine, device: int | None) -> Plan:
-    """select.plan() for a bundle directory; for an archive the same ranking from its manifest, read in place."""
-    if not bundle.is_file():
-        return plan(bundle, cache, machine=machine, device=device)
-    from runtime_shim.archive import read_archive_manifest
+def _verdict(p: Plan) -> tuple[bool, str | None]:
+    """(whether TRT-RTX would run this model here, why not)."""
+    taken = next(c for c in p.engines if c.taken)
+    if taken.kind != "fallback":
+        return True, None
+    return False, p.blocker or "no engine in the bundle fits: " + "; ".join(
+        c.reason
+        for c in p.engines
+        if c.kind in ("weightless", "weightful") or (c.kind == "build" and p.manifest.trt_rtx.cannot_parse)
+    )
+
+
+def _plans(
+    bundle: Path, model: str | None, cache: UserCache, machine: Machine, device: int | None
+) -> tuple[list[Plan], tuple[str, ...], list[str]]:
+    """(select.plan_for() of ``model``, or of every model, the bundle's model names, the manifest's warnings), from a
+    bundle directory or, read in place, from an archive's manifest."""
+    from runtime_shim.manifest import MANIFEST_NAME, BundleManifest
     from runtime_shim.select import plan_for
 
-    manifest, warnings, raw = read_archive_manifest(bundle)
-    return plan_for(manifest, warnings, hashlib.sha256(raw).hexdigest(), cache, machine=machine, device=device)
+    if bundle.is_file():
+        from runtime_shim.archive import read_archive_manifest
+
+        source = f"{bundle}: {MANIFEST_NAME}"
+        raw = read_archive_manifest(bundle)[2]  # the manifest's bytes, read in place and checked
+        whole, warnings = BundleManifest.from_json(raw, source=source)
+        sha = hashlib.sha256(raw).hexdigest()
+    else:
+        source = str(bundle / MANIFEST_NAME)
+        whole, warnings, sha = read_bundle_manifest(bundle)
+    views = [whole.view(model, source=source)] if model is not None else whole.views()
+    plans = [plan_for(v, warnings, sha, cache, machine=machine, device=device) for v in views]
+    return plans, whole.names, warnings
 
 
 NATIVE_HINT = (
@@ -206,7 +271,7 @@ def _parse_input(spec: str) -> tuple[str, Path]:
 def _load_array(name: str, path: Path) -> np.ndarray:
     try:
         return np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, EOFError) as e:  # EOFError: an empty file
         raise InputError(
             f"--input {name}={path}: cannot read a .npy array ({e})",
             hint="save it with numpy.save(path, array); pickled objects are refused",
@@ -215,6 +280,11 @@ def _load_array(name: str, path: Path) -> np.ndarray:
 
 @main.command()
 @click.argument("bundle", type=click.Path(exists=True, path_type=Path))
+@click.option(
+    "--model",
+    metavar="NAME",
+    help="The model of BUNDLE to run; needed when it holds several (the error lists their names).",
+)
 @click.option(
     "-i",
     "--input",
@@ -258,6 +328,7 @@ def _load_array(name: str, path: Path) -> np.ndarray:
 @render_errors
 def run(
     bundle: Path,
+    model: str | None,
     inputs: tuple[str, ...],
     output_dir: Path | None,
     app: str,
@@ -271,7 +342,8 @@ def run(
     """Run BUNDLE once on arrays from .npy files; save the outputs as .npy.
 
     BUNDLE is a bundle directory or a .trtx archive; an archive is unpacked once into the user cache
-    (every file checked), and later runs reuse that copy.
+    (every file checked), and later runs reuse that copy. A bundle of several models runs the one
+    --model names; without --model it is an error that lists the names (exit code 1).
     """
     feeds = {}
     for spec in inputs:
@@ -285,6 +357,7 @@ def run(
         cuda_graphs=not no_cuda_graphs,
         fallback=fallback,
         verify_weights=verify_weights,
+        model=model,
     ) as session:
         outputs = session.run(feeds)
         report = session.report

@@ -80,11 +80,13 @@ class Loader:
         )
         t_start = time.perf_counter()
         bundle_dir = Path(bundle_path)
+        source = str(bundle_dir / MANIFEST_NAME)  # what a ModelChoiceError names: the bundle as the app gave it
         user_cache = UserCache(app, cache_dir)
         user_cache.sweep()  # what runs killed mid-write left: a few directory listings when there is none
         if bundle_dir.is_file():  # a .trtx archive: unpacked (and checked) once into the user cache, then reused
             from .archive import unpack_for  # tarfile and its compressors load only for archives
 
+            source = f"{bundle_dir}: {MANIFEST_NAME}"
             bundle_dir = unpack_for(bundle_dir, user_cache)
         # Before anything reads the bundle's files beyond its manifest: with trusted keys, a bundle that is not
         # signed by one of them (or was changed since) goes no further, whichever backend would have run it.
@@ -92,7 +94,7 @@ class Loader:
         # Step 1, and the model: with several and none named (or an unknown name), ModelChoiceError lists the names
         # here, before the machine is probed or any other file is read.
         bundle, warnings, manifest_sha256 = read_bundle_manifest(bundle_dir)
-        manifest = bundle.view(model, source=str(bundle_dir / MANIFEST_NAME))
+        manifest = bundle.view(model, source=source)
         p = plan_for(manifest, warnings, manifest_sha256, user_cache, machine=self.probe(), device=device)  # 2-4
         for w in p.warnings:
             log.warning("%s", w)

@@ -169,7 +169,7 @@ def plan_models(
             f"--model-version given {len(versions)} times for {n} models ({listed})",
             hint="give it once (every model) or once per file, in the files' order",
         )
-    if c.name is not None and n > 1:
+    if c.name is not None and n > 1 and not names:
         raise ConfigError(
             f"{c.source}: model.name names one model, but {n} are built ({listed})",
             hint="name them with --name once per file, or with [[model]] tables (one per model)",

@@ -171,3 +171,54 @@ def test_farm_table_is_kept_for_the_farm(tmp_path: Path) -> None:
 def test_bad_sm_on_the_command_line() -> None:
     with pytest.raises(ConfigError, match=r"--sm: \[90\]"):
         make_options(BundleConfig(source="x"), sms=[86, 90])
+
+
+def test_model_tables(tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    path = tmp_path / "sub" / "bundle.toml"
+    path.write_text(
+        '[[model]]\nsource = "../det.onnx"\nversion = "2"\n[model.dims]\nbatch = ["1:2:4", "4:8:16"]\n'
+        '[[model]]\nname = "rec"\n[[model.profiles]]\n[model.profiles.shapes]\nx = "1x8:2x8:4x8"\n'
+        '[[model.warmup]]\nx = "2x8"\n[build]\nsm = [86]\n'
+    )
+    config = load_config(path)
+    det, rec = config.models
+    assert det.source == tmp_path / "sub" / ".." / "det.onnx" and det.model_name == "det" and det.version == "2"
+    assert det.dims == {"batch": (DimRange(1, 2, 4), DimRange(4, 8, 16))} and det.profiles == ()
+    assert rec.source is None and rec.model_name == "rec" and rec.warmup_shapes == ({"x": (2, 8)},)
+    assert rec.profiles == (Profile(shapes={"x": parse_range("1x8:2x8:4x8", where="t")}),)
+    assert config.sms == (86,) and config.name is None and not config.profiles
+
+
+def test_model_table_errors_name_the_table(tmp_path: Path) -> None:
+    cases = {
+        '[[model]]\nversion = "1"\n': "model[0]: expected source = ",
+        '[[model]]\nsource = "a.onnx"\nsize = 3\n': "model[0].size: unknown key",
+        '[[model]]\nsource = "a.onnx"\n[model.dims]\nn = "4:2:8"\n': "model[0].dims.n: expected 1 <= min",
+        '[[model]]\nsource = "a.onnx"\n[[model]]\nsource = "b.onnx"\n[[model.profiles]]\nshapes = 3\n': (
+            "model[1].profiles[0].shapes: expected a table"
+        ),
+        '[[model]]\nsource = "x/a.onnx"\n[[model]]\nname = "a"\n': "two [[model]] tables name the model 'a'",
+        '[dims]\nn = "1:2:3"\n[[model]]\nsource = "a.onnx"\n': "dims: with [[model]] tables, each model's",
+        "[[model]]\nsource = 3\n": "model[0].source: expected str",
+    }
+    for i, (text, expected) in enumerate(cases.items()):
+        path = tmp_path / f"b{i}.toml"
+        path.write_text(text)
+        with pytest.raises(ConfigError) as e:
+            load_config(path)
+        assert str(path) in str(e.value) and expected in str(e.value), (text, str(e.value))
+
+
+def test_model_name_in_a_single_model_table_names_one_model(tmp_path: Path) -> None:
+    from bundler.model_options import plan_models
+
+    path = tmp_path / "bundle.toml"
+    path.write_text('[model]\nname = "m"\nversion = "5"\n')
+    config = load_config(path)
+    (spec,) = plan_models(config, [tmp_path / "a.onnx"]).specs
+    assert (spec.name, spec.version) == ("m", "5")
+    with pytest.raises(ConfigError, match="model.name names one model, but 2 are built"):
+        plan_models(config, [tmp_path / "a.onnx", tmp_path / "b.onnx"])
+    specs = plan_models(config, [tmp_path / "a.onnx", tmp_path / "b.onnx"], names=["x", "y"]).specs
+    assert [(s.name, s.version) for s in specs] == [("x", "5"), ("y", "5")]

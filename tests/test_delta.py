@@ -31,6 +31,7 @@ from bundler.delta import diff_bundles
 from runtime_shim.delta_format import END_MAGIC, START_MAGIC, TRAILER, read_delta
 from runtime_shim.errors import BundleError, DeltaError, IntegrityError
 from runtime_shim.manifest import read_bundle_manifest
+from tests.test_hostile_archives import _fill, tmpfs  # noqa: F401 - tmpfs is a fixture, used by name
 from tests.test_merge import RTX5090, make_part, real_engine
 
 REPO = Path(__file__).resolve().parent.parent
@@ -555,3 +556,34 @@ def test_mutated_updates_end_in_a_clean_error_or_the_right_bundle(
         assert leftovers(tmp_path) == []
     assert outcomes["error"] > 0 and sum(outcomes.values()) == FUZZ_ROUNDS
     print(f"{case} update mutations: {outcomes}")
+
+
+# --------------------------------------------------------------------------- full disks
+def test_apply_onto_a_full_disk(
+    bundles: dict[str, Path],
+    deltas: dict[str, Path],
+    tmpfs: Callable[..., Path],  # noqa: F811 - the fixture imported above, by name
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """-o onto a full disk; in place where OLD fits but NEW beside it does not (refused by the free-space check, then
+    by the kernel's ENOSPC mid-file with that check out of the way): one error, the bundle kept, nothing left."""
+    import runtime_shim.delta_commit as commit
+
+    disk = tmpfs("full", size="1m")
+    _fill(disk)
+    r = _cli("apply", str(bundles["old_a"]), str(deltas["fine-tune"]), "-o", str(disk / "out"))
+    assert r.returncode == 1 and "Traceback" not in r.stderr and str(disk) in r.stderr, r.stderr
+    assert sorted(p.name for p in disk.iterdir()) == ["filler"]
+    size = sum(len(b) for b in tree(bundles["old_a"]).values())
+    small = tmpfs("small", size=f"{size // 1024 + 256}k")
+    bundle = small / "bundle"
+    shutil.copytree(bundles["old_a"], bundle)
+    before = tree(bundle)
+    r = _cli("apply", str(bundle), str(deltas["fine-tune"]))
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "bytes free, but the updated bundle needs" in r.stderr and "the bundle was left as it was" in r.stderr
+    monkeypatch.setattr(commit, "_check_free_space", lambda where, need, kept: None)
+    with pytest.raises(BundleError, match="cannot write the updated bundle: No space left on device") as e:
+        runtime_shim.apply_update(bundle, deltas["fine-tune"])
+    assert "the bundle was left as it was" in str(e.value) and "disk is full" in (e.value.hint or "")
+    assert tree(bundle) == before and leftovers(small) == []

@@ -62,7 +62,7 @@ def test_dynamic_input_without_profile_names_input_dims_and_flag() -> None:
         resolve_profiles([IMAGE, MASK], [], source="model.onnx")
     msg = str(e.value)
     assert "'input'" in msg and "[batch, 3, height, width]" in msg
-    assert "--shape input=1x3x1x1:8x3x8x8:64x3x64x64" in e.value.hint
+    assert "--shape input=1x3x1x1:8x3x8x8:64x3x64x64" in (e.value.hint or "")
 
 
 def test_fixed_model_needs_no_profile() -> None:
@@ -76,7 +76,7 @@ def test_rank_mismatch_fixed_dim_mismatch_and_unknown_input() -> None:
         resolve_profiles([IMAGE], parse_shape_args(["input=1x4x8x8:1x4x8x8:1x4x8x8"]), source="m")
     with pytest.raises(ConfigError, match="no model input named 'inputs'") as e:
         resolve_profiles([IMAGE], parse_shape_args(["inputs=1x3x8x8"]), source="m")
-    assert "input" in e.value.hint
+    assert "input" in (e.value.hint or "")
 
 
 def test_every_profile_covers_every_dynamic_input() -> None:
@@ -222,3 +222,13 @@ def test_model_name_in_a_single_model_table_names_one_model(tmp_path: Path) -> N
         plan_models(config, [tmp_path / "a.onnx", tmp_path / "b.onnx"])
     specs = plan_models(config, [tmp_path / "a.onnx", tmp_path / "b.onnx"], names=["x", "y"]).specs
     assert [(s.name, s.version) for s in specs] == [("x", "5"), ("y", "5")]
+
+
+def test_template_model_tables_example_parses(tmp_path: Path) -> None:
+    text = TEMPLATE.read_text(encoding="utf-8")
+    example = text[text.index("# [[model]]") : text.index("# [farm]")]
+    path = tmp_path / "bundle.toml"
+    path.write_text("\n".join(line.removeprefix("#").removeprefix(" ") for line in example.splitlines()))
+    det, rec = load_config(path).models
+    assert (det.model_name, rec.model_name, rec.version) == ("det", "recognizer", "2.0.1")
+    assert det.source == tmp_path / "det.onnx" and len(rec.profiles) == 1 and det.warmup_shapes

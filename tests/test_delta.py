@@ -178,6 +178,21 @@ def test_fine_tune_round_trip_per_encoding(tmp_path: Path, encoding: str) -> Non
     assert tree(tmp_path / "out") == tree(new) and got.weight_bytes_from_update == r.weight_bytes_literal
 
 
+def test_multi_model_bundle_one_model_fine_tuned(tmp_path: Path) -> None:
+    """Two models in one bundle (one weight store), one of them fine-tuned: the other's frames all come from OLD."""
+    from tests import models
+
+    shapes = ["--shape", f"deep.x=1x{WIDTH}:4x{WIDTH}:16x{WIDTH}", "--shape", "mlp.x=1x64:4x64:16x64"]
+    for name, changed in (("old", ()), ("new", (7,))):
+        deep = deep_model(tmp_path / f"{name}-src" / "deep.onnx", changed)
+        mlp = models.make_mlp(tmp_path / f"{name}-src")
+        cli("build", str(deep), str(mlp), "-o", str(tmp_path / name), *shapes, "--no-weightful")
+    r = diff_bundles(tmp_path / "old", tmp_path / "new", tmp_path / "u.trtxd")
+    assert r.weight_frames_copied == r.weight_frames - 1
+    runtime_shim.apply_update(tmp_path / "old", tmp_path / "u.trtxd")
+    assert tree(tmp_path / "old") == tree(tmp_path / "new")
+
+
 def test_python_api_in_place_and_twice(bundles: dict[str, Path], deltas: dict[str, Path], tmp_path: Path) -> None:
     bundle = old_copy(bundles, "fine-tune", tmp_path)
     got = runtime_shim.apply_update(bundle, deltas["fine-tune"])

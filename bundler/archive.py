@@ -20,7 +20,7 @@ from pathlib import Path
 from runtime_shim.archive import extract_archive
 from runtime_shim.errors import ArchiveError
 from runtime_shim.fsutil import atomic_writer, disk_errors
-from runtime_shim.manifest import MANIFEST_NAME, Manifest, read_manifest
+from runtime_shim.manifest import MANIFEST_NAME, BundleManifest, read_bundle_manifest
 from runtime_shim.signing import SIGNATURE_NAME, read_signature
 
 from .bundle_io import raise_for_problems, verify_bundle
@@ -49,9 +49,9 @@ def pack_bundle(bundle_dir: str | os.PathLike[str], out_file: str | os.PathLike[
             f"{out}: the archive cannot be written inside the bundle it packs ({root})",
             hint="choose an output path outside the bundle directory",
         )
-    manifest, _ = read_manifest(root)
+    bundle, _warnings, _sha = read_bundle_manifest(root)
     signature = read_signature(root)  # travels right after the manifest it signs; a regular file, capped
-    names = [MANIFEST_NAME] + sorted({ref.path for _, ref in manifest.files()})
+    names = [MANIFEST_NAME] + sorted({ref.path for _, ref in bundle.files()})  # every model's, a shared file once
     with disk_errors(out, "cannot write the archive", _BAD_DISK):
         out.parent.mkdir(parents=True, exist_ok=True)
         with atomic_writer(out) as f:
@@ -72,8 +72,9 @@ def pack_bundle(bundle_dir: str | os.PathLike[str], out_file: str | os.PathLike[
 
 
 # --------------------------------------------------------------------------- unpack
-def unpack_bundle(archive: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> Manifest:
-    """Extract a bundle archive into ``out_dir`` (new or empty), safely, and verify it. Returns its manifest.
+def unpack_bundle(archive: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> BundleManifest:
+    """Extract a bundle archive into ``out_dir`` (new or empty), safely, every model's files verified. Returns its
+    manifest.
 
     Every rule of runtime_shim.archive is checked before the bytes it guards are written; a refused or
     damaged archive leaves nothing at ``out_dir`` and nothing anywhere else.

@@ -16,7 +16,7 @@ from bundler.build import build_bundle
 from bundler.bundle_io import describe_bundle, verify_bundle
 from bundler.config import make_options
 from runtime_shim.errors import ArchiveError, IntegrityError
-from runtime_shim.manifest import MANIFEST_NAME, read_manifest
+from runtime_shim.manifest import MANIFEST_NAME, read_bundle_manifest, read_manifest
 from tests import models
 
 
@@ -133,7 +133,7 @@ def test_pack_is_deterministic_and_round_trips(bundle: Path, tmp_path: Path) -> 
     assert members[0].name == MANIFEST_NAME and [m.name for m in members[1:]] == sorted(m.name for m in members[1:])
     assert {(m.mtime, m.uid, m.gid, m.uname, m.mode) for m in members} == {(0, 0, 0, "", 0o644)}
     manifest = unpack_bundle(a.path, tmp_path / "out")
-    assert manifest == read_manifest(bundle)[0]
+    assert manifest == read_bundle_manifest(bundle)[0]
 
     def files(root: Path) -> dict:
         return {p.relative_to(root): p.read_bytes() for p in root.rglob("*") if p.is_file()}

@@ -8,12 +8,15 @@ The one entry the manifest does not pin, manifest.sig, may only come right after
 it signs the manifest is signing.py's to check, where keys are trusted. So a hostile archive can make an unpack write at
 most the manifest's own total, and is refused by name at the first entry that breaks a rule.
 
-- ``read_archive_manifest``: the manifest alone, read in place (inspect, doctor).
+- ``read_archive_bundle``: the whole manifest (every model), read in place (inspect);
+  ``read_archive_manifest`` one model's view of it (doctor, run).
 - ``read_archive_signature``: manifest.json's and manifest.sig's bytes, read in place (verify --key).
 - ``check_archive``: every entry streamed and hashed in place, nothing written (verify).
 - ``extract_archive``: into a new or empty directory, via a temp directory beside it, renamed into place only
   when every pinned file arrived intact (bundler's unpack).
-- ``unpack_cached``: once into a cache directory keyed by the manifest's sha256, then reused (load, run).
+- ``unpack_cached``: once into a cache directory keyed by the manifest's sha256, then reused (load, run); one copy
+  serves every model of the bundle.
+Every file the manifest pins is one entry, whichever models share it (``BundleManifest.files``).
 What each tar entry may be is archive_members.py's. The bundler's pack and unpack (bundler/archive.py) are built on
 this module; the runtime never imports the bundler.
 """
@@ -44,7 +47,7 @@ from .fsutil import (
     owned_temp_dir,
     sweep_stale_temp_dirs,
 )
-from .manifest import FILE_FOLDERS, MANIFEST_NAME, FileRef, Manifest
+from .manifest import FILE_FOLDERS, MANIFEST_NAME, BundleManifest, FileRef, Manifest
 from .signing import MAX_SIGNATURE_BYTES, SIGNATURE_NAME
 
 # manifest.json is read into memory before anything else; no real one comes near this.
@@ -93,13 +96,21 @@ def open_archive(archive: str | os.PathLike[str]) -> Iterator[tarfile.TarFile]:
         yield tar
 
 
-def read_archive_manifest(archive: str | os.PathLike[str]) -> tuple[Manifest, list[str], bytes]:
-    """(manifest, warnings, its bytes) read in place from the archive's first entry; no file is written."""
+def read_archive_bundle(archive: str | os.PathLike[str]) -> tuple[BundleManifest, list[str], bytes]:
+    """(the whole manifest, warnings, its bytes) read in place from the archive's first entry; no file is written."""
     src = Path(archive)
     with open_archive(src) as tar:
-        manifest, raw = _read_manifest_entry(src, tar)
-    _, warnings = Manifest.from_json(raw, source=f"{src}: {MANIFEST_NAME}")
-    return manifest, warnings, raw
+        _bundle, raw = _read_manifest_entry(src, tar)
+    bundle, warnings = BundleManifest.from_json(raw, source=f"{src}: {MANIFEST_NAME}")
+    return bundle, warnings, raw
+
+
+def read_archive_manifest(
+    archive: str | os.PathLike[str], model: str | None = None
+) -> tuple[Manifest, list[str], bytes]:
+    """(one model's view, warnings, the manifest's bytes) read in place; ``model`` may be left out for one model."""
+    bundle, warnings, raw = read_archive_bundle(archive)
+    return bundle.view(model, source=f"{archive}: {MANIFEST_NAME}"), warnings, raw
 
 
 def read_archive_signature(archive: str | os.PathLike[str]) -> tuple[bytes, bytes | None]:
@@ -110,7 +121,7 @@ def read_archive_signature(archive: str | os.PathLike[str]) -> tuple[bytes, byte
         return raw, _read_signature_entry(src, tar)
 
 
-def check_archive(archive: str | os.PathLike[str]) -> Manifest:
+def check_archive(archive: str | os.PathLike[str]) -> BundleManifest:
     """Every entry checked by the unpack rules and hashed, in place (nothing written); raises on the first problem."""
     src = Path(archive)
     with open_archive(src) as tar:
@@ -119,8 +130,8 @@ def check_archive(archive: str | os.PathLike[str]) -> Manifest:
     return manifest
 
 
-def extract_archive(archive: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> Manifest:
-    """Extract a bundle archive into ``out_dir`` (new or empty), safely, every pinned file checked. Returns its manifest.
+def extract_archive(archive: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> BundleManifest:
+    """Extract a bundle archive into ``out_dir`` (new or empty), safely, every pinned file of every model checked.
 
     Every rule of the module docstring is checked before the bytes it guards are written; a refused or
     damaged archive leaves nothing at ``out_dir`` and nothing anywhere else.
@@ -156,12 +167,14 @@ def unpack_cached(archive: str | os.PathLike[str], cache_root: str | os.PathLike
     load() hashes its engines and caches again on every use, its weights as ``verify_weights`` says.
     """
     src = Path(archive)
-    manifest, _warnings, _raw = read_archive_manifest(src)
     raw, signature = read_archive_signature(src)
+    bundle, _warnings = BundleManifest.from_json(raw, source=f"{src}: {MANIFEST_NAME}")
     sha = hashlib.sha256(raw).hexdigest()
     # A signed archive gets its own copy: another archive of the same manifest may carry another signature, or none.
     signed = f"-{hashlib.sha256(signature).hexdigest()[:8]}" if signature is not None else ""
-    target = Path(cache_root) / f"{manifest.model.name[:40]}-{sha[:32]}{signed}".replace(os.sep, "_")
+    # One copy for the whole bundle: every model of it loads from there (named after its first model, for people).
+    name = bundle.names[0][:40] + (f"+{len(bundle.names) - 1}" if len(bundle.names) > 1 else "")
+    target = Path(cache_root) / f"{name}-{sha[:32]}{signed}".replace(os.sep, "_")
     existing = target / MANIFEST_NAME
 
     def same_copy() -> bool:
@@ -211,7 +224,7 @@ def unpack_for(archive: str | os.PathLike[str], user_cache: Any) -> Path:
     return unpack_cached(archive, Path(user_cache.root) / "bundles")
 
 
-def _read_manifest_entry(src: Path, tar: tarfile.TarFile) -> tuple[Manifest, bytes]:
+def _read_manifest_entry(src: Path, tar: tarfile.TarFile) -> tuple[BundleManifest, bytes]:
     """manifest.json, which pack writes first; only the bundle's folders may come before it."""
     seen: set[str] = set()
     for _ in range(len(FILE_FOLDERS) + 1):
@@ -240,7 +253,7 @@ def _read_manifest_entry(src: Path, tar: tarfile.TarFile) -> tuple[Manifest, byt
         if len(raw) != member.size:
             raise ArchiveError(f"{src}: truncated inside manifest.json", hint="fetch the archive again")
         try:
-            manifest, _warnings = Manifest.from_json(raw, source=f"{src}: {MANIFEST_NAME}")
+            manifest, _warnings = BundleManifest.from_json(raw, source=f"{src}: {MANIFEST_NAME}")
         except ManifestError as e:
             raise ArchiveError(str(e), hint=e.hint or "fetch the archive again") from None
         return manifest, raw
@@ -269,8 +282,8 @@ def _signature_bytes(src: Path, tar: tarfile.TarFile, member: tarfile.TarInfo, *
     return data
 
 
-def _pins(src: Path, manifest: Manifest) -> dict[str, tuple[str, FileRef]]:
-    """Bundle path -> (key path, file ref) for every file the manifest pins."""
+def _pins(src: Path, manifest: BundleManifest) -> dict[str, tuple[str, FileRef]]:
+    """Bundle path -> (key path, file ref) for every file the manifest pins, of every model."""
     pinned: dict[str, tuple[str, FileRef]] = {}
     for key, ref in manifest.files():
         other = pinned.setdefault(ref.path, (key, ref))[1]

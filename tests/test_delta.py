@@ -323,6 +323,10 @@ def _other_new(bundles: dict[str, Path]) -> Edit:
     return edit
 
 
+def _weights_twice(header: dict, sections: list) -> None:
+    sections.insert(1, (header["weights"]["file"]["path"], b"x" * 10))
+
+
 # case -> (update it edits, edit, error class, words the message holds)
 HOSTILE: dict[str, tuple[str, Callable[[dict[str, Path]], Edit], type, str]] = {
     "literal bytes tampered": (
@@ -357,6 +361,7 @@ HOSTILE: dict[str, tuple[str, Callable[[dict[str, Path]], Edit], type, str]] = {
         "'../../evil.engine' is not a file",
     ),
     "absolute path": ("new engine", lambda b: _add_section("/etc/passwd"), DeltaError, "'/etc/passwd' is not a file"),
+    "weight file whole and as a recipe": ("fine-tune", lambda b: _weights_twice, DeltaError, "whole and as a recipe"),
     "duplicate section": ("new engine", lambda b: _add_section("manifest.json", b"{}"), DeltaError, "appears twice"),
     "zstd bomb": ("new engine", lambda b: _bomb, DeltaError, "decodes to more than"),
     "header names another NEW": (

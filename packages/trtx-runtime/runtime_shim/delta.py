@@ -197,6 +197,10 @@ def _plan(delta: DeltaFile, bundle: Path) -> _Plan:
             f"{delta.path}: section {stray[0]!r} is not a file that NEW's manifest pins",
             hint=NOT_A_DELTA,
         )
+    if recipe is not None and new.weights.file.path in carry:
+        raise DeltaError(
+            f"{delta.path}: carries {new.weights.file.path} twice: whole and as a recipe", hint=NOT_A_DELTA
+        )
     units = _weight_units(delta, bundle, old, new) if recipe is not None else []
     return _Plan(delta, bundle, old, new, new_raw, signature, reuse, carry, units)
 

@@ -1,4 +1,4 @@
-"""Bundle integrity: verify every pinned file (presence, type, size, sha256, extras), and describe a bundle for inspect.
+"""Bundle integrity: verify every pinned file of every model (presence, type, size, sha256, contents, extras).
 
 The one-file form (pack, unpack) lives in archive.py.
 """
@@ -12,10 +12,11 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from runtime_shim.errors import IntegrityError, ManifestError, SchemaVersionError
 from runtime_shim.fsutil import sha256_file
-from runtime_shim.manifest import MANIFEST_NAME, BundleManifest, Manifest, read_bundle_manifest, read_manifest
+from runtime_shim.manifest import MANIFEST_NAME, BundleManifest, Manifest, read_bundle_manifest
 from runtime_shim.signing import SIGNATURE_NAME
 
 
@@ -97,7 +98,9 @@ def verify_bundle(bundle_dir: str | os.PathLike[str], *, header_check: HeaderChe
     return problems
 
 
-def check_pinned_files(root: Path, manifest: Manifest, *, only: set[str] | None = None) -> list[Problem]:
+def check_pinned_files(
+    root: Path, manifest: Manifest | BundleManifest, *, only: set[str] | None = None
+) -> list[Problem]:
     """The problems of the files ``manifest`` pins under ``root`` (type, size, then sha256), or of ``only`` those paths."""
     problems: list[Problem] = []
     for key, ref in manifest.files():
@@ -285,46 +288,8 @@ def temp_sibling(path: Path, tag: str) -> Path:
 
 
 # --------------------------------------------------------------------------- inspect
-def describe_bundle(bundle_dir: str | os.PathLike[str]) -> dict:
-    """A summary of a bundle directory or archive for `inspect`: model, I/O, profiles, weights, engines, caches."""
-    from .coverage import coverage
+def describe_bundle(bundle_dir: str | os.PathLike[str], *, model: str | None = None) -> dict[str, Any]:
+    """The summary `inspect` shows: every model and the bytes they share (describe.py; ``model`` narrows it)."""
+    from .describe import describe_bundle as describe
 
-    root = Path(bundle_dir)
-    if root.is_file():  # a .trtx archive: its manifest, read in place (nothing is extracted)
-        from runtime_shim.archive import read_archive_manifest
-
-        manifest, warnings, _raw = read_archive_manifest(root)
-    else:
-        manifest, warnings = read_manifest(root)
-    w = manifest.weights
-    raw = sum(b.nbytes for b in w.blobs)
-    tensor_bytes = sum(w.blobs[t.blob].nbytes for t in w.tensors)  # before identical tensors were merged
-    encodings: dict[str, int] = {}
-    for b in w.blobs:
-        encodings[b.encoding] = encodings.get(b.encoding, 0) + 1
-    return {
-        "bundle": str(root),
-        "schema_version": manifest.schema_version,
-        "model": manifest.model.to_dict(),
-        "trt_rtx": {k: v for k, v in manifest.trt_rtx.to_dict().items() if k != "parse" or v is not None},
-        "inputs": [t.to_dict() for t in manifest.inputs],
-        "outputs": [t.to_dict() for t in manifest.outputs],
-        "profiles": [p.to_dict() for p in manifest.profiles],
-        "warmup_shapes": [{k: list(v) for k, v in s.items()} for s in manifest.warmup_shapes],
-        "weights": {
-            "file": w.file.path,
-            "tensors": len(w.tensors),
-            "blobs": len(w.blobs),
-            "tensor_bytes": tensor_bytes,
-            "raw_bytes": raw,
-            "stored_bytes": w.file.size,
-            "ratio": round(raw / w.file.size, 3) if w.file.size else None,
-            "encodings": dict(sorted(encodings.items())),
-        },
-        "skeleton": manifest.skeleton.to_dict(),
-        "engines": [e.to_dict() for e in manifest.engines],
-        "runtime_caches": [c.to_dict() for c in manifest.runtime_caches],
-        "coverage": coverage(manifest).to_dict(),  # per platform x SM: engine a user gets, GPUs with a cache
-        "creator": manifest.creator.to_dict(),
-        "warnings": warnings,
-    }
+    return describe(bundle_dir, model=model)

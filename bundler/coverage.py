@@ -1,7 +1,8 @@
-"""The coverage matrix of a bundle: per platform and SM, which engine a user gets and which GPUs have a runtime cache.
+"""The coverage matrix of a bundle: per model, platform and SM, which engine a user gets and which GPUs have a runtime cache.
 
 The engine column comes from the shim's own ranking (runtime_shim.select) run for a stand-in machine of
-each SM, so what ``inspect`` promises is what ``load`` does.
+each SM, so what ``inspect`` promises is what ``load`` does. Each model of a bundle has its own engines and
+caches, so its own matrix: ``coverage`` takes one model's view, ``coverage_by_model`` does every model.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any
 
 from runtime_shim.cache_key import serves_gpus_of
 from runtime_shim.machine import Gpu, Machine, sm_text
-from runtime_shim.manifest import PLATFORMS, Manifest, RuntimeCache
+from runtime_shim.manifest import PLATFORMS, BundleManifest, Manifest, RuntimeCache
 from runtime_shim.select import assess, rank_engines
 from runtime_shim.targets import SUPPORTED_SMS
 
@@ -59,9 +60,11 @@ class Coverage:
     rows: tuple[CoverageRow, ...]
     other_caches: tuple[RuntimeCache, ...]  # keys no row shows (another TRT-RTX version, an SM outside the targets)
     cannot_parse: str | None = None  # the ops TRT-RTX's parser refused when the model was bundled, in one line
+    model: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "model": self.model,
             "trt_rtx_version": self.trt_rtx_version,
             "cuda_flavour": self.cuda_flavour,
             "trt_rtx_cannot_parse": self.cannot_parse,
@@ -110,17 +113,28 @@ def coverage(manifest: Manifest) -> Coverage:
         rows=tuple(rows),
         other_caches=others,
         cannot_parse=refused.summary() if refused is not None else None,
+        model=manifest.model.name,
     )
+
+
+def coverage_by_model(bundle: BundleManifest) -> dict[str, Coverage]:
+    """Every model's matrix, by name, in the bundle's order."""
+    return {view.model.name: coverage(view) for view in bundle.views()}
 
 
 def _cache_dict(c: RuntimeCache) -> dict[str, Any]:
     return {**c.key.to_dict(), "file": c.file.path, "engines": list(c.engines), "created": c.created}
 
 
-def render(d: Mapping[str, Any]) -> list[str]:
-    """The matrix as text lines for `inspect`, from ``Coverage.to_dict()`` (what `inspect --json` prints)."""
+def render(d: Mapping[str, Any], *, with_model: bool = False) -> list[str]:
+    """The matrix as text lines for `inspect`, from ``Coverage.to_dict()`` (what `inspect --json` prints).
+
+    ``with_model`` (a bundle of several models): the heading and notes name the model.
+    """
+    model = d.get("model") if with_model else None
+    of = f" of model {model}" if model else ""
     lines = [
-        f"coverage (TensorRT for RTX {d['trt_rtx_version']}, {d['cuda_flavour']}): what a user's GPU gets",
+        f"coverage{of} (TensorRT for RTX {d['trt_rtx_version']}, {d['cuda_flavour']}): what a user's GPU gets",
         f"  {'platform':<14} {'SM':<5} {'engine':<11} runtime caches (GPU, device id, driver >=)",
     ]
     for r in d["rows"]:
@@ -135,7 +149,7 @@ def render(d: Mapping[str, Any]) -> list[str]:
         lines.append(f"  {r['platform']:<14} {sm_text(r['sm']):<5} {engine:<11} {caches}")
     if d.get("trt_rtx_cannot_parse"):
         lines.append(
-            f"  TensorRT for RTX {d['trt_rtx_version']} could not parse this model when it was bundled "
+            f"  TensorRT for RTX {d['trt_rtx_version']} could not parse {f'model {model}' if model else 'this model'} when it was bundled "
             f"({d['trt_rtx_cannot_parse']}): no GPU builds an engine from it; the ONNX Runtime fallback runs it"
         )
     if any(r["engine"] == "build" for r in d["rows"]):

@@ -37,7 +37,7 @@ from runtime_shim.fsutil import (
     owned_temp_dir,
     sweep_stale_temp_dirs,
 )
-from runtime_shim.manifest import MANIFEST_NAME, FileRef, Manifest
+from runtime_shim.manifest import MANIFEST_NAME, BundleManifest, FileRef
 from runtime_shim.signing import SIGNATURE_NAME
 
 log = logging.getLogger(__name__)
@@ -110,7 +110,7 @@ def bundle_lock(
 def commit(
     bundle: Path,
     target: Path,
-    manifest: Manifest,
+    manifest: BundleManifest,
     new_files: dict[str, tuple[Path, FileRef]],
     dropped: set[str],
     *,
@@ -131,7 +131,7 @@ def _commit(
     bundle: Path,
     target: Path,
     stage: Path,
-    manifest: Manifest,
+    manifest: BundleManifest,
     new_files: dict[str, tuple[Path, FileRef]],
     dropped: set[str],
     *,
@@ -204,7 +204,7 @@ def _exchange(a: Path, b: Path) -> bool:
 
 
 def _move_in(
-    stage: Path, bundle: Path, manifest: Manifest, new_files: dict[str, tuple[Path, FileRef]], dropped: set[str]
+    stage: Path, bundle: Path, manifest: BundleManifest, new_files: dict[str, tuple[Path, FileRef]], dropped: set[str]
 ) -> None:
     """Move the new files into the bundle, then replace manifest.json; on an error, take the moved files out again."""
     placed: list[Path] = []

@@ -181,8 +181,10 @@ def model_dirs(names: Sequence[str]) -> list[str]:
             and not name.endswith(".")
             and name.split(".")[0].lower() not in _WINDOWS_RESERVED
         )
-        candidate, n = (name if plain else f"model-{i}"), 0
-        while candidate.lower() in taken:
+        candidates = ([name] if plain else []) + [f"model-{i}"]
+        candidate = next((c for c in candidates if c.lower() not in taken), "")
+        n = 0
+        while not candidate or candidate.lower() in taken:
             n += 1
             candidate = f"model-{i}-{n}"
         taken.add(candidate.lower())

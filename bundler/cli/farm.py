@@ -165,21 +165,23 @@ def merge(bundle: Path, part_dirs: tuple[Path, ...], out: Path | None, prefer: s
         emit_json(report.to_dict())
         return
     lines: list[str] = []
-    for e in report.engines_added:
+    several = len(report.models) > 1
+    for added in report.engines_added:
+        e, of = added.record, _of(added.model, several)
         lines.append(
-            f"+ engine {e.kind} SM {', '.join(map(sm_text, e.compute_capabilities))} {e.platform} ({e.file.sha256[:12]})"
+            f"+ engine {e.kind} SM {', '.join(map(sm_text, e.compute_capabilities))} {e.platform} ({e.file.sha256[:12]}){of}"
         )
-    for c in report.caches_added:
-        k = c.key
+    for cached in report.caches_added:
+        k, size, of = cached.record.key, cached.record.file.size, _of(cached.model, several)
         lines.append(
-            f"+ runtime cache {k.gpu_name} 0x{k.pci_device_id:04x} {k.os} driver {k.driver_version} ({c.file.size} bytes)"
+            f"+ runtime cache {k.gpu_name} 0x{k.pci_device_id:04x} {k.os} driver {k.driver_version} ({size} bytes){of}"
         )
     for conflict in report.conflicts:
         k = conflict.key
         dropped = ", ".join(f"{src} ({sha[:12]})" for src, sha, _ in conflict.dropped)
         lines.append(
-            f"! conflict: two caches for {k.gpu_name} {k.os} driver {k.driver_version}: kept {conflict.kept} "
-            f"({conflict.kept_sha256[:12]}, {conflict.reason}); dropped {dropped}"
+            f"! conflict: two caches for {k.gpu_name} {k.os} driver {k.driver_version}{_of(conflict.model, several)}: "
+            f"kept {conflict.kept} ({conflict.kept_sha256[:12]}, {conflict.reason}); dropped {dropped}"
         )
     for note in report.notes:
         lines.append(f"note: {note}")
@@ -188,6 +190,10 @@ def merge(bundle: Path, part_dirs: tuple[Path, ...], out: Path | None, prefer: s
         f"{len(report.conflicts)} conflict(s)"
     )
     say("\n".join(lines))
+
+
+def _of(model: str, several: bool) -> str:
+    return f" for model {model}" if several else ""
 
 
 @contextlib.contextmanager

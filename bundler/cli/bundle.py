@@ -131,7 +131,7 @@ def build(
         "raw_weight_bytes": built.raw_weight_bytes,
         "stored_weight_bytes": built.stored_weight_bytes,
         "engines": [dict(_engine_dict(e), model=v.model.name) for v in views for e in v.engines],
-        "notes": list(built.notes),
+        "notes": [*plan.notes, *built.notes],
         "left_alone": list(built.left_alone),
         "step_seconds": {k: round(v, 3) for k, v in built.seconds.items()},
         "models": [_model_dict(v, sharing) for v in views],

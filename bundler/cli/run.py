@@ -237,15 +237,14 @@ def _plans(
 ) -> tuple[list[Plan], tuple[str, ...], list[str]]:
     """(select.plan_for() of ``model``, or of every model, the bundle's model names, the manifest's warnings), from a
     bundle directory or, read in place, from an archive's manifest."""
-    from runtime_shim.manifest import MANIFEST_NAME, BundleManifest
+    from runtime_shim.manifest import MANIFEST_NAME
     from runtime_shim.select import plan_for
 
     if bundle.is_file():
-        from runtime_shim.archive import read_archive_manifest
+        from runtime_shim.archive import read_archive_bundle
 
         source = f"{bundle}: {MANIFEST_NAME}"
-        raw = read_archive_manifest(bundle)[2]  # the manifest's bytes, read in place and checked
-        whole, warnings = BundleManifest.from_json(raw, source=source)
+        whole, warnings, raw = read_archive_bundle(bundle)
         sha = hashlib.sha256(raw).hexdigest()
     else:
         source = str(bundle / MANIFEST_NAME)

@@ -123,7 +123,10 @@ def key_id(key: CacheKey) -> str:
 def model_id(manifest: Manifest) -> str:
     """The user-cache folder of a bundle's runtime caches and engines built here."""
     # Kernels depend on the graph, not on weight values: the skeleton's hash names the cache family.
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", manifest.model.name)[:40] or "model"
+    name = manifest.model.name
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", name)[:40] or "model"
+    if slug != name:  # cut or rewritten: two model names of one bundle that read alike must not share entries
+        slug = f"{slug[:31]}+{sha256_bytes(name.encode())[:16]}"  # "+" is in no plain slug
     return f"{slug}-{manifest.skeleton.file.sha256[:16]}"
 
 

@@ -18,9 +18,11 @@ engine's refit and frees it when the refit returns; TRT-RTX keeps its own copy o
 
 from __future__ import annotations
 
+import os
 import threading
 import weakref
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -41,15 +43,13 @@ class BlobRegistry:
         self._live: dict[BlobKey, weakref.ref[np.ndarray]] = {}
         self._reading: dict[BlobKey, threading.Event] = {}
 
-    def __len__(self) -> int:
-        """How many blobs some session still holds."""
+    def held(self, weight_file: str | os.PathLike[str] | None = None) -> tuple[int, int]:
+        """(blobs, bytes) some session still holds, one copy each: of one weight file (its path), or of all."""
+        where = None if weight_file is None else str(Path(weight_file).resolve())
         with self._lock:
-            return sum(1 for ref in self._live.values() if ref() is not None)
-
-    def nbytes(self) -> int:
-        """The bytes of the blobs some session still holds (one copy each)."""
-        with self._lock:
-            return sum(a.nbytes for a in (ref() for ref in self._live.values()) if a is not None)
+            arrays = [ref() for key, ref in self._live.items() if where is None or key[0] == where]
+        alive = [a for a in arrays if a is not None]
+        return len(alive), sum(a.nbytes for a in alive)
 
     def blobs(self, reader: WeightReader, indices: Iterable[int]) -> dict[int, np.ndarray]:
         """Blob index -> its decoded bytes (a read-only uint8 array) for ``indices`` of ``reader``'s store.

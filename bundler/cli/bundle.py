@@ -219,76 +219,23 @@ def weights_words(r: Any) -> str:
 
 @main.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--model", "model", metavar="NAME", help="Show only this model of the bundle (and what it shares).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 @render_errors
-def inspect(bundle: Path, as_json: bool) -> None:
-    """Show what a bundle holds: model, I/O, profiles, weights, engines, runtime caches, coverage.
+def inspect(bundle: Path, model: str | None, as_json: bool) -> None:
+    """Show what a bundle holds: each model's I/O, profiles, weights, engines, runtime caches and coverage, and the
+    weight bytes its models share.
 
     BUNDLE is a bundle directory or a .trtx archive (its manifest is read in place; nothing is extracted).
     """
     from ..bundle_io import describe_bundle
+    from .inspect_text import render
 
-    d = describe_bundle(bundle)
+    d = describe_bundle(bundle, model=model)
     if as_json:
         emit_json(d)
-        return
-    model, w = d["model"], d["weights"]
-    out = [
-        f"bundle   {d['bundle']}",
-        f"model    {model['name']} {model['version']} (opset {model['opset']}; schema {d['schema_version']})",
-        f"TRT-RTX  {d['trt_rtx']['version']} ({d['trt_rtx']['cuda_flavour']})",
-        "inputs",
-    ]
-    out += [f"  {t['name']:<24} {t['dtype']:<9} {_dims(t['shape'])}" for t in d["inputs"]]
-    out += ["outputs"] + [f"  {t['name']:<24} {t['dtype']:<9} {_dims(t['shape'])}" for t in d["outputs"]]
-    out.append("profiles" + ("" if d["profiles"] else "  (none: every input is fixed)"))
-    for i, p in enumerate(d["profiles"]):
-        for n, r in p["shapes"].items():
-            out.append(
-                f"  [{i}] {n:<20} {'x'.join(map(str, r['min']))} : {'x'.join(map(str, r['opt']))} : {'x'.join(map(str, r['max']))}"
-            )
-    if d["warmup_shapes"]:
-        out += ["warm-up"] + [
-            f"  [{i}] " + ", ".join(f"{n}={'x'.join(map(str, s))}" for n, s in ws.items())
-            for i, ws in enumerate(d["warmup_shapes"])
-        ]
-    ratio = f"{w['ratio']:.2f}x" if w["ratio"] else "-"
-    out.append(
-        f"weights  {w['tensors']} tensors in {w['blobs']} blobs: {w['raw_bytes']:,} bytes raw -> {w['stored_bytes']:,} stored ({ratio}; "
-        + ", ".join(f"{k} x{v}" for k, v in w["encodings"].items())
-        + ")"
-        if w["raw_bytes"]
-        else "weights  none (the model has no weights)"
-    )
-    verdict = d["trt_rtx"].get("parse")
-    if verdict is not None:
-        ops = ", ".join(f"{u['op']} x{u['count']} ({', '.join(u['nodes'])})" for u in verdict["unsupported_ops"])
-        out.append(
-            f"TRT-RTX  parser: {verdict['status']}"
-            + (f": {ops or verdict['detail']}" if ops or verdict["detail"] else "")
-        )
-    out.append("engines" + ("" if d["engines"] else "  (none)"))
-    for e in d["engines"]:
-        targets = ", ".join(map(sm_text, e["compute_capabilities"])) or "TRT-RTX default targets"
-        out.append(
-            f"  {e['kind']:<10} {e['platform']:<13} SM {targets:<24} {e['file']['size']:>12,} bytes  {e['file']['sha256'][:12]}"
-        )
-    out.append("runtime caches" + ("" if d["runtime_caches"] else "  (none)"))
-    for c in d["runtime_caches"]:
-        k = c["key"]
-        out.append(
-            f"  {k['gpu_name']} (SM {k['sm']}, {k['os']}, driver >= {k['driver_version']}, {k['cuda_flavour']}): {c['file']['size']:,} bytes"
-        )
-    from ..coverage import render as render_coverage
-
-    out += render_coverage(d["coverage"])
-    created = d["creator"]["created"]
-    out.append(
-        f"created  by {d['creator']['tool']} {d['creator']['version']}"
-        + (f" at {created} (SOURCE_DATE_EPOCH)" if created is not None else "")
-    )
-    out += [f"warning: {msg}" for msg in d["warnings"]]
-    result("\n".join(out))
+    else:
+        result(render(d))
 
 
 def _dims(shape: list) -> str:

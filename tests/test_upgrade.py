@@ -159,6 +159,25 @@ def test_upgrade_rewrites_only_the_manifest(built: dict[str, Any], v1: Path, tmp
         np.testing.assert_array_equal(got, want)
 
 
+def test_a_bundle_with_an_engine_upgrades_too(tmp_path: Path) -> None:
+    """Engines stay with their model through schema 1 and back; their files keep their bytes."""
+    model = models.make_mlp(tmp_path / "m")
+    r = cli("build", model, "-o", tmp_path / "b", "--shape", "x=1x64:4x64:16x64", "--sm", "89", "-q")
+    assert r.exit_code == 0, r.output
+    built = (tmp_path / "b" / MANIFEST_NAME).read_bytes()
+    v2 = json.loads(built)
+    assert v2["models"][0]["engines"], "a weightful engine was built"
+    weight_file = (tmp_path / "b" / v2["weights"]["file"]["path"]).read_bytes()
+    (tmp_path / "b" / MANIFEST_NAME).write_bytes(canonical_json(to_schema_1(v2, weight_file)))
+    before = snapshot(tmp_path / "b")
+    assert cli("upgrade", tmp_path / "b", "-q").exit_code == 0
+    after = snapshot(tmp_path / "b")
+    assert after[MANIFEST_NAME] == built
+    assert {k: v for k, v in after.items() if k != MANIFEST_NAME} == {
+        k: v for k, v in before.items() if k != MANIFEST_NAME
+    }
+
+
 def test_upgrade_is_idempotent(v1: Path) -> None:
     assert cli("upgrade", v1, "-q").exit_code == 0
     upgraded = snapshot(v1)

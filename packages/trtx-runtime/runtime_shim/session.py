@@ -126,13 +126,15 @@ def load(
     ``bundle_path``: a bundle directory, or a ``.trtx`` archive, unpacked (every file checked) once into the user cache
     dir and reused by later loads (archive.py). ``model``: which model of the bundle to open, by name; it may be left
     out when the bundle holds one model. With several and none named, or a name the bundle lacks, ModelChoiceError
-    (listing the names) is raised after reading the manifest, before anything else. Each Session is one model, with
-    its own engine and runtime cache (user-cache entries are per model); sessions of two models of one bundle in one
-    process read the weight blobs they share from disk once and hold one copy of them (shared_weights.py). ``app`` names the per-user cache dir (``cache_dir`` or
-    ``$TRTX_CACHE_DIR`` replace it). ``fallback``: "onnxruntime"
-    (default) runs on the CPU where TRT-RTX cannot, "error" raises BackendUnavailableError there. ``specialization``:
-    dynamic-shape kernels "lazy" (default), "eager" or "none"; ``cuda_graphs`` captures whole-graph CUDA graphs.
-    ``device``: the CUDA device (default: the first GPU TRT-RTX supports).
+    lists the names as soon as the manifest is read (with ``trusted_keys``, once its signature is checked), before
+    the machine is probed or any other file is read. A Session is one model, with its own engine and runtime cache
+    (user-cache entries are per model); sessions of models of one bundle in one process read the weight blobs they
+    share from disk once and hold one copy of them (shared_weights.py).
+
+    ``app`` names the per-user cache dir (``cache_dir`` or ``$TRTX_CACHE_DIR`` replace it). ``fallback``:
+    "onnxruntime" (default) runs on the CPU where TRT-RTX cannot, "error" raises BackendUnavailableError there.
+    ``specialization``: dynamic-shape kernels "lazy" (default), "eager" or "none"; ``cuda_graphs`` captures
+    whole-graph CUDA graphs. ``device``: the CUDA device (default: the first GPU TRT-RTX supports).
 
     ``weights_on_device`` (engines refit from the weight store): None (default) streams the weights to the GPU through
     gpu/upload.py's pinned-ring pipeline and refits from device pointers, and refits from host memory only where that
@@ -140,9 +142,10 @@ def load(
     error; False: host memory (every tensor decoded into host RAM, TRT-RTX copies it over).
 
     ``verify_weights``: every load hashes every frame of the weight file it reads, into this process's memory, before
-    decoding it, so what reaches TRT-RTX or ONNX Runtime is what the manifest pins. "always" (default) and "once"
-    (kept for apps that pass it; it used to skip the hashing on later loads of an unchanged-looking file) are the
-    same. Engines and caches are always hashed.
+    decoding it, so what reaches TRT-RTX or ONNX Runtime is what the manifest pins (a blob another live session of
+    this process read and checked from the same pinned file is shared with it, read-only). "always" (default) and
+    "once" (kept for apps that pass it; it used to skip the hashing on later loads of an unchanged-looking file) are
+    the same. Engines and caches are always hashed.
 
     ``trusted_keys``: PEM public keys (paths or bytes). Given, the bundle must carry a signature (manifest.sig,
     ``trtx-bundle sign``) by one of them over its manifest.json as it is now, or SignatureError is raised before any
@@ -186,7 +189,7 @@ def _first_report(p: Plan, bundle_dir: Path, user_cache: UserCache) -> Report:
 
 
 class Session:
-    """One loaded model of a bundle: ``run(dict) -> dict``; saves its runtime cache on close(), at exit and on request."""
+    """One model of a bundle, loaded: ``run(dict) -> dict``; saves its runtime cache on close(), at exit, on request."""
 
     def __init__(
         self,

@@ -17,7 +17,7 @@ from typing import Protocol
 
 from runtime_shim.errors import BundleError
 from runtime_shim.fsutil import atomic_write
-from runtime_shim.manifest import MANIFEST_NAME, BundleManifest, Engine, Manifest
+from runtime_shim.manifest import MANIFEST_NAME, BundleManifest, Engine, Manifest, read_bundle_manifest
 
 from .part import WarmupRun
 
@@ -61,10 +61,12 @@ class ShimGpu:
         from runtime_shim.store.reader import numpy_dtype
 
         t0 = time.perf_counter()
+        (model,) = read_bundle_manifest(bundle_dir)[0].names  # the overlay: one model (overlay_bundle)
         # A private cache dir: the job starts from an empty runtime cache, not from whatever this runner kept.
         session = load(
             bundle_dir,
             app="trtx-farm",
+            model=model,
             cache_dir=workdir / "user-cache",
             specialization="eager",
             fallback="error",

@@ -31,7 +31,7 @@ from bundler.farm import EXIT_UNSERVABLE, run_farm_job
 from bundler.farm_warmup import warmups_by_model
 from bundler.merge import MergeError, merge_parts
 from bundler.part import Part, PartStage, base_sha256, model_dirs, read_parts
-from runtime_shim.errors import BundleError, EngineBuildError, ManifestError
+from runtime_shim.errors import BackendUnavailableError, BundleError, EngineBuildError, ManifestError
 from runtime_shim.fsutil import sha256_bytes
 from runtime_shim.manifest import CacheKey, Engine, FileRef, RuntimeCache, read_bundle_manifest
 
@@ -488,3 +488,42 @@ def test_signed_multi_model_bundle_loses_its_signature_on_merge(tmp_path: Path, 
     report = merge_parts(bundle, [make_model_part(tmp_path / "p", bundle, "rec")])
     assert report.signature_removed and not (bundle / "manifest.sig").exists()
     assert fatal(verify_bundle(bundle)) == []
+
+
+@pytest.mark.skipif(SERVABLE, reason="this machine has a GPU TensorRT for RTX supports: the warm-up would run")
+def test_shim_warmup_loads_one_model_of_the_overlay(tmp_path: Path, bundle: Path) -> None:
+    """The real GPU seam up to the backend choice: the overlay of one model of a several-model bundle loads
+    through the shim with its model name, and where TRT-RTX cannot run that is a clean error, not a crash."""
+    from bundler.farm_gpu import ShimGpu, overlay_bundle
+
+    view = read_bundle_manifest(bundle)[0].view("rec")
+    engine = b"weightless engine of rec"
+    new = Engine(
+        kind="weightless",
+        platform="linux_x86_64",
+        compute_capabilities=(89,),
+        trt_rtx_version=view.trt_rtx.version,
+        file=FileRef.for_content("engines", sha256_bytes(engine), len(engine)),
+    )
+    overlay = overlay_bundle(bundle, view, tmp_path / "overlay", new, engine, new.file.sha256)
+    assert read_bundle_manifest(overlay)[0].names == ("rec",) and fatal(verify_bundle(overlay)) == []
+    with pytest.raises(BackendUnavailableError) as e:
+        ShimGpu().warm(overlay, new.file.sha256, (), 1, tmp_path / "work")
+    assert "cannot run this bundle here" in str(e.value)
+
+
+@pytest.mark.rtx_gpu
+@pytest.mark.skipif(
+    not SERVABLE,
+    reason="needs a GPU TensorRT for RTX supports (SM 7.5/8.x/12.x) as CUDA device 0: "
+    "weightless builds, EAGER warm-up and cache serialization run only there",
+)
+def test_farm_job_on_a_real_rtx_gpu_covers_every_model(tmp_path: Path, bundle: Path) -> None:  # pragma: no cover
+    res = CliRunner().invoke(main, ["farm-job", str(bundle), "-o", str(tmp_path / "part"), "--json"])
+    assert res.exit_code == 0, res.output
+    assert [(m["model"], m["ok"]) for m in json.loads(res.stdout)["models"]] == [("det", True), ("rec", True)]
+    merge_parts(bundle, [tmp_path / "part"])
+    assert fatal(verify_bundle(bundle)) == []
+    for name in ("det", "rec"):
+        view = read_bundle_manifest(bundle)[0].view(name)
+        assert len(view.engines) == 1 and len(view.runtime_caches) == 1

@@ -193,10 +193,11 @@ def model_dirs(names: Sequence[str]) -> list[str]:
 
 
 def base_sha256(manifest: Manifest) -> str:
-    """Identity of what engines and caches are made from: the manifest minus the farm-filled lists and creation data.
+    """Identity of what one model's engines and caches are made from: that model's record minus the farm-filled
+    lists (engines, runtime caches), plus the weight store index all models share and the TRT-RTX target.
 
-    A part made for an earlier state of a bundle (before another part was merged) still fits it when this
-    matches, so parts can be merged one at a time.
+    A part made for an earlier state of a bundle (before another part was merged, into this model or another)
+    still fits it when this matches, so parts can be merged one at a time.
     """
     model = manifest.as_model().to_dict()
     for key in ("engines", "runtime_caches"):

@@ -118,7 +118,7 @@ def shared_bytes(bundle: BundleManifest, users: dict[int, list[int]] | None = No
         if len(who) > 1:
             groups.setdefault(tuple(who), []).append(b)
     blobs = bundle.weights.blobs
-    by_models = [
+    by_models: list[dict[str, Any]] = [
         {
             "models": [bundle.models[i].name for i in who],
             "blobs": len(bs),

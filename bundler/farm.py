@@ -372,11 +372,18 @@ def farm_settings(table: Mapping[str, Any], *, source: str) -> FarmSettings:
         )
     warmups = []
     for i, item in enumerate(raw):
-        if not isinstance(item, Mapping) or not item or not all(isinstance(v, str) for v in item.values()):
+        # TOML reads a model's input, { det.x = "8x64" }, as a table in the table: flattened to "det.x".
+        flat = {
+            f"{k}.{k2}" if isinstance(v, Mapping) else k: v2
+            for k, v in (item.items() if isinstance(item, Mapping) else ())
+            for k2, v2 in (v.items() if isinstance(v, Mapping) else ((None, v),))
+        }
+        if not isinstance(item, Mapping) or not flat or not all(isinstance(v, str) for v in flat.values()):
             raise ConfigError(
-                f'{source}: farm.warmup[{i}]: expected a table of input name -> "dims", e.g. {{ x = "8x64" }}'
+                f'{source}: farm.warmup[{i}]: expected a table of input name -> "dims", e.g. {{ x = "8x64" }} '
+                '(one model\'s input in a bundle of several: { det.x = "8x64" })'
             )
-        warmups.append({k: parse_dims(v, where=f"{source}: farm.warmup[{i}].{k}") for k, v in sorted(item.items())})
+        warmups.append({k: parse_dims(v, where=f"{source}: farm.warmup[{i}].{k}") for k, v in sorted(flat.items())})
     rounds = table.get("rounds")
     if rounds is not None and (isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1):
         raise ConfigError(f"{source}: farm.rounds: expected an integer >= 1, got {rounds!r}")

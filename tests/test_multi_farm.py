@@ -527,3 +527,16 @@ def test_farm_job_on_a_real_rtx_gpu_covers_every_model(tmp_path: Path, bundle: P
     for name in ("det", "rec"):
         view = read_bundle_manifest(bundle)[0].view(name)
         assert len(view.engines) == 1 and len(view.runtime_caches) == 1
+
+
+def test_farm_settings_take_a_models_input(tmp_path: Path) -> None:
+    """bundle.toml's [farm].warmup names one model's input as TOML reads { det.x = "8x64" }: a table in the table."""
+    import tomllib
+
+    from bundler.config import ConfigError
+    from bundler.farm import farm_settings
+
+    table = tomllib.loads('warmup = [{ det.x = "8x64", "input.1" = "1x3" }, { x = "2x64" }]')
+    assert farm_settings(table, source="b.toml").warmup == ({"det.x": (8, 64), "input.1": (1, 3)}, {"x": (2, 64)})
+    with pytest.raises(ConfigError, match=r"farm.warmup\[0\].*det\.x"):
+        farm_settings(tomllib.loads("warmup = [{ det = { x = 8 } }]"), source="b.toml")

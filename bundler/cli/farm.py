@@ -147,8 +147,8 @@ def _job_line(job: ModelJob, several: bool) -> str:
     default="newest",
     show_default=True,
     metavar="newest|oldest|PART_DIR",
-    help="Which cache wins when two differ for one key: the newest, the oldest, or the one from this part "
-    "(or BUNDLE). Conflicts are always reported.",
+    help="Which cache wins when two differ for one key: the newest, the oldest, or the one from this PART_DIR "
+    "(every model's part in it; PART_DIR/MODEL for one) or BUNDLE. Conflicts are always reported.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the merge report as JSON on stdout.")
 @render_errors
@@ -156,6 +156,8 @@ def merge(bundle: Path, part_dirs: tuple[Path, ...], out: Path | None, prefer: s
     """Fold farm parts into BUNDLE: engines and runtime caches, after checking each part.
 
     \b
+    A PART_DIR is what one farm-job wrote: one part, or for a bundle of several models one folder
+    per model. Each part goes into the model it names; the other models are left as they were.
     Each part must be made for this bundle (sha256 of its manifest.json, or the same model, weights
     and profiles), for the same TensorRT for RTX version, and match its hashes. Nothing is changed
     unless every part passes; in place, the bundle is replaced atomically, so a crash leaves it as it was.

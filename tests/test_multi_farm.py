@@ -362,8 +362,10 @@ def test_parts_of_two_runners_merge_in_one_call(tmp_path: Path, bundle: Path) ->
         for c in model["runtime_caches"]:
             assert (bundle / c["file"]["path"]).read_bytes().startswith(f"cache {name} ".encode())
     assert fatal(verify_bundle(bundle)) == []
+    manifest = (bundle / "manifest.json").read_bytes()
     res = CliRunner().invoke(main, ["merge", str(bundle), str(tmp_path / "r4090")])
     assert res.exit_code == 0 and "0 engine(s), 0 cache(s) added" in res.stdout
+    assert "nothing new" in res.stderr and (bundle / "manifest.json").read_bytes() == manifest
 
 
 def test_merging_one_model_leaves_the_other_untouched(tmp_path: Path, bundle: Path) -> None:

@@ -24,6 +24,7 @@ import runtime_shim
 from runtime_shim import Loader
 from runtime_shim.cache_key import built_engine_name, cache_key_for, model_id
 from runtime_shim.errors import IntegrityError, ModelChoiceError
+from runtime_shim.fallback import model_on_disk
 from runtime_shim.fsutil import atomic_write
 from runtime_shim.manifest import Engine, FileRef, read_bundle_manifest
 from runtime_shim.refit import StoreWeights
@@ -378,3 +379,38 @@ def test_doctor_lists_each_models_own_engines(tmp_path) -> None:
     whole, _, _ = read_bundle_manifest(bundle)
     assert files == {m.name: {e.file.path for e in m.engines} for m in whole.models}
     assert files["det"] and files["cls"] and not files["det"] & files["cls"]
+
+
+def test_the_model_on_disk_for_an_engine_build_holds_only_that_models_weights(pair, tmp_path) -> None:
+    bundle, sources = pair
+    whole, _, _ = read_bundle_manifest(bundle)
+    det, rec = whole.views()
+    own = {t.blob for t in rec.weights.tensors}
+    with model_on_disk(rec, bundle, UserCache("T", tmp_path / "c")) as onnx_path:
+        np.testing.assert_array_equal(_ort(onnx_path, FEEDS)["y"], _ort(sources["rec"], FEEDS)["y"])
+        raw = (onnx_path.parent / rec.skeleton.external_data).read_bytes()
+    assert len(raw) == whole.weights.raw_size
+    for i, blob in enumerate(whole.weights.blobs):
+        part = raw[blob.raw_offset : blob.raw_offset + blob.nbytes]
+        assert (hashlib.sha256(part).hexdigest() == blob.sha256) == (i in own)  # det's own layer: zeros
+    assert not own >= {t.blob for t in det.weights.tensors}
+
+
+def test_a_failed_read_leaves_nothing_held_or_claimed(pair, tmp_path) -> None:
+    bundle, sources = pair
+    weights = _weight_file(bundle)
+    good = weights.read_bytes()
+    whole, _, _ = read_bundle_manifest(bundle)
+    last = whole.weights.blobs[-1].frames[-1]
+    damaged = bytearray(good)
+    damaged[last.offset] ^= 0xFF
+    weights.write_bytes(bytes(damaged))
+    used_by = {m.name: {t.blob for t in m.tensors} for m in whole.models}
+    broken = next(n for n, b in used_by.items() if len(whole.weights.blobs) - 1 in b)
+    with pytest.raises(IntegrityError):
+        runtime_shim.load(bundle, "T", cache_dir=tmp_path / "c", model=broken)
+    gc.collect()
+    assert REGISTRY.held(weights) == (0, 0)
+    weights.write_bytes(good)  # repaired: the same blobs are read again, not waited for
+    with runtime_shim.load(bundle, "T", cache_dir=tmp_path / "c", model=broken) as s:
+        np.testing.assert_array_equal(s.run(FEEDS)["y"], _ort(sources[broken], FEEDS)["y"])

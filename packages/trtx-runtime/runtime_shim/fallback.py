@@ -11,7 +11,8 @@ Every external reference in the skeleton must name the bundle's weight layout at
 skeleton and the manifest agree on what each tensor holds, and ONNX Runtime never looks for a file itself.
 
 TensorRT for RTX's ONNX parser reads external data only from files: ``model_on_disk`` writes skeleton + unpacked
-weights into a private temp dir for the length of one engine build, from verified bytes each time, and removes it.
+weights (this model's blobs; zeros where other models' sit) into a private temp dir for the length of one engine
+build, from verified bytes each time, and removes it.
 """
 
 from __future__ import annotations
@@ -157,6 +158,11 @@ def plan_skeleton(manifest: Manifest, bundle_dir: Path) -> _Plan:
     return _Plan(skeleton, where, refs)
 
 
+def _model_blobs(manifest: Manifest, plan: _Plan) -> list[int]:
+    """The blobs this model's tensors and skeleton use: in a bundle of several models, the others' are theirs."""
+    return sorted({t.blob for t in manifest.weights.tensors} | {r.blob for r in plan.refs})
+
+
 # --------------------------------------------------------------------------- the model in memory
 @dataclass
 class InMemoryModel:
@@ -183,12 +189,10 @@ def load_in_memory(manifest: Manifest, bundle_dir: Path, *, threads: int | None 
     the bundle, sharing them) are taken from it, read-only, not read again (shared_weights.py).
     """
     plan = plan_skeleton(manifest, bundle_dir)
-    wanted = {r.blob for r in plan.refs}
-    used = sorted({t.blob for t in manifest.weights.tensors} | wanted)  # other models' blobs are theirs to read
     with WeightReader(bundle_dir, manifest.weights, threads=threads) as reader:  # checks every frame's digest
         # All kept, also the few small ones the skeleton holds inline: while this session lives, another model's
         # load that shares them does not read them again.
-        raw = shared_blobs(reader, used)
+        raw = shared_blobs(reader, _model_blobs(manifest, plan))
     model = InMemoryModel(plan.skeleton, [], [], plan.where, plan, raw)
     for r in plan.refs:
         if r.by_name:
@@ -224,7 +228,7 @@ def model_on_disk(manifest: Manifest, bundle_dir: Path, user_cache: UserCache) -
     with owned_temp_dir(parent, TEMP_PREFIX) as folder:
         (folder / MODEL_NAME).write_bytes(plan.skeleton)
         with WeightReader(bundle_dir, manifest.weights) as reader:  # checks every frame's sha256 as it decodes
-            reader.unpack_raw(folder / manifest.skeleton.external_data)
+            reader.unpack_raw(folder / manifest.skeleton.external_data, _model_blobs(manifest, plan))
         yield folder / MODEL_NAME
 
 

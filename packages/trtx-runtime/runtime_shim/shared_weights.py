@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 import threading
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,6 +31,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .store.reader import WeightReader
     from .store_index import Blob
 
+# WeightReader.identity (the file's resolved path, pinned size and sha256, frame digest), then the blob's whole record
 BlobKey = tuple[str, int, str, str, "Blob"]
 
 
@@ -57,7 +58,7 @@ class BlobRegistry:
         Blobs alive in this process under the same key are reused; the others are read, verified and decoded with one
         ``reader.iter_blobs`` pass (its threads) and registered. A blob another thread is reading is waited for.
         """
-        keys = {i: blob_key(reader, i) for i in dict.fromkeys(indices)}
+        keys = {i: (*reader.identity, reader.store.blobs[i]) for i in dict.fromkeys(indices)}
         out: dict[int, np.ndarray] = {}
         while len(out) < len(keys):
             mine: list[int] = []
@@ -85,7 +86,7 @@ class BlobRegistry:
         self, reader: WeightReader, mine: list[int], keys: dict[int, BlobKey], out: dict[int, np.ndarray]
     ) -> None:
         try:
-            for i, buf in reader.iter_blobs(mine):
+            for i, buf in _decoded(reader, mine):
                 owner = _owning_array(buf)
                 owner.flags.writeable = False  # shared: no session may change what another runs
                 key = keys[i]
@@ -109,10 +110,14 @@ class BlobRegistry:
         return forget
 
 
-def blob_key(reader: WeightReader, index: int) -> BlobKey:
-    """What makes two blobs the same bytes: the file (resolved path, pinned size and sha256) and the blob's record."""
-    store = reader.store
-    return (str(reader.path.resolve()), store.file.size, store.file.sha256, store.frame_digest, store.blobs[index])
+def _decoded(reader: WeightReader, indices: list[int]) -> Iterator[tuple[int, memoryview]]:
+    # One blob (a refit asks tensor by tensor): no thread pool for it, and one frame is decoded on this thread.
+    if len(indices) == 1:
+        buf = np.empty(reader.store.blobs[indices[0]].nbytes, dtype=np.uint8)
+        reader.decode_blob_into(indices[0], buf.data)
+        yield indices[0], buf.data
+    else:
+        yield from reader.iter_blobs(indices)
 
 
 def _owning_array(buf: memoryview) -> np.ndarray:

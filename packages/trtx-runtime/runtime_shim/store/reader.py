@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures as cf
+import functools
 import mmap
 import os
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import zstandard
@@ -45,6 +47,7 @@ __all__ = [
 # are small. A small model gets smaller tasks, down to TASK_RAW_MIN, so that every thread still has some.
 TASK_RAW = 4 << 20
 TASK_RAW_MIN = 256 << 10
+ZEROS_PER_WRITE = 4 << 20  # zeros written per call where unpack_raw leaves a gap
 
 
 def numpy_dtype(dtype: str) -> np.dtype:
@@ -122,6 +125,12 @@ class WeightReader:
 
     def close(self) -> None:
         self._file.close()
+
+    @functools.cached_property
+    def identity(self) -> tuple[str, int, str, str]:
+        """This weight file as pinned: (resolved path, pinned size, pinned sha256, frame digest); decoded blobs are
+        shared between readers of one identity only (runtime_shim/shared_weights.py)."""
+        return (str(self.path.resolve()), self.store.file.size, self.store.file.sha256, self.store.frame_digest)
 
     def __enter__(self) -> WeightReader:
         return self
@@ -336,9 +345,13 @@ class WeightReader:
                 out[t.name] = arr
         return {t.name: out[t.name] for t in self.store.tensors}
 
-    def unpack_raw(self, path: str | os.PathLike[str]) -> None:
-        """Write the unpacked raw layout (each blob at its raw_offset, zero padding between) atomically, streaming."""
-        order = sorted(range(len(self.store.blobs)), key=lambda i: self.store.blobs[i].raw_offset)
+    def unpack_raw(self, path: str | os.PathLike[str], blobs: Iterable[int] | None = None) -> None:
+        """Write the unpacked raw layout (each blob at its raw_offset, zero padding between) atomically, streaming.
+
+        ``blobs``: only these (one model's of a bundle's shared store), zeros where the others would be.
+        """
+        wanted = range(len(self.store.blobs)) if blobs is None else set(blobs)
+        order = sorted(wanted, key=lambda i: self.store.blobs[i].raw_offset)
         with atomic_writer(path) as f:
             pos = 0
             for index, buf in self.iter_blobs(order):
@@ -348,10 +361,17 @@ class WeightReader:
                         f"{self.path}: {self._what(index)} raw_offset {blob.raw_offset} overlaps the previous blob (ends at {pos})",
                         hint=HINT_CORRUPT,
                     )
-                f.write(bytes(blob.raw_offset - pos))
+                _write_zeros(f, blob.raw_offset - pos)
                 f.write(buf)
                 pos = blob.raw_offset + blob.nbytes
-            f.write(bytes(self.store.raw_size - pos))
+            _write_zeros(f, self.store.raw_size - pos)
+
+
+def _write_zeros(f: Any, count: int) -> None:
+    # In pieces: the gap where other models' blobs sit may be gigabytes.
+    while count > 0:
+        f.write(bytes(min(count, ZEROS_PER_WRITE)))
+        count -= ZEROS_PER_WRITE
 
 
 def shaped(raw: np.ndarray, dtype: str, shape: tuple[int, ...]) -> np.ndarray:

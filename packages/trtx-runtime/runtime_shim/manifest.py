@@ -139,6 +139,16 @@ class Model(Record):
                     )
 
 
+def _listed(names: tuple[str, ...], show: Any, most: int = 20) -> str:
+    """Model names for a message: at most ``most`` of them (a hostile manifest may hold thousands)."""
+    more = f" and {len(names) - most} more" if len(names) > most else ""
+    return ", ".join(show(n) for n in names[:most]) + more
+
+
+def _clip(name: str, most: int = 80) -> str:
+    return name if len(name) <= most else f"{name[:most]}... ({len(name)} characters)"
+
+
 @dataclass(frozen=True, kw_only=True)
 class BundleManifest(Record):
     """manifest.json, schema 2 (docs/BUNDLE_FORMAT.md)."""
@@ -160,14 +170,14 @@ class BundleManifest(Record):
             if len(self.models) == 1:
                 return self._view(0)
             raise ModelChoiceError(
-                f"{source}: the bundle holds {len(self.models)} models ({', '.join(self.names)}); say which one",
+                f"{source}: the bundle holds {len(self.models)} models ({_listed(self.names, str)}); say which one",
                 hint="pass model=NAME to load() (--model NAME on the command line)",
             )
         for i, m in enumerate(self.models):
             if m.name == name:
                 return self._view(i)
         raise ModelChoiceError(
-            f"{source}: no model named {name!r}; the bundle holds {', '.join(repr(n) for n in self.names)}",
+            f"{source}: no model named {_clip(name)!r}; the bundle holds {_listed(self.names, repr)}",
             hint="pass one of those names",
         )
 

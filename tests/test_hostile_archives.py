@@ -688,3 +688,88 @@ def test_build_and_run_output_on_a_bad_disk(
     line = _clean_failure(r, want)
     assert str(disk) in line
     assert sorted(p.name for p in disk.iterdir()) == before
+
+
+# --------------------------------------------------------------------------- multi-model archives
+@pytest.fixture(scope="module")
+def multi_archive(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A bundle of three models, det and twin built from one ONNX file (so they pin one skeleton), and its archive."""
+    from bundler.build import ModelSpec
+    from bundler.config import BuildOptions
+
+    root = tmp_path_factory.mktemp("multi")
+    mlp, conv = models.make_mlp(root / "m"), models.make_conv(root / "m")
+    batch = models.as_profiles({"x": ((1, 64), (4, 64), (16, 64))})
+    image = models.as_profiles({"input": ((1, 3, 16, 16), (2, 3, 32, 32), (4, 3, 64, 64))})
+    specs = [
+        ModelSpec(source=mlp, name="det", profiles=batch),
+        ModelSpec(source=conv, name="conv", profiles=image),
+        ModelSpec(source=mlp, name="twin", profiles=batch),
+    ]
+    build_bundle(None, root / "bundle", options=BuildOptions(weightful=False, weightless=False), models=specs)
+    return root / "bundle", pack_bundle(root / "bundle", root / "multi.trtx").path
+
+
+def _with_models(edit: Callable[[list], None]) -> Callable[[list, str], list]:
+    """An archive case: the manifest's models edited by ``edit``, every other entry as packed."""
+
+    def case(entries: list, _shared: str) -> list:
+        doc = json.loads(entries[0][1])
+        edit(doc["models"])
+        return _manifest_with(json.dumps(doc).encode())(entries)
+
+    return case
+
+
+def _grow_skeleton_pin(ms: list) -> None:
+    ms[2]["skeleton"]["file"]["size"] += 1  # twin pins det's skeleton with another size
+
+
+MULTI_CASES: dict[str, tuple[Callable[[list, str], list], str]] = {
+    "same-name": (_with_models(lambda ms: ms[2].update(name="det")), "models[2].name: duplicate model name 'det'"),
+    "one-path-two-sizes": (_with_models(_grow_skeleton_pin), "models[2].skeleton.file: pins skeleton/"),
+    "name-100k": (_with_models(lambda ms: ms[1].update(name="n" * 100_000)), "expected at most 256 characters"),
+    "no-models": (_with_models(lambda ms: ms.clear()), "models: expected at least one model"),
+    "shared-file-twice": (lambda e, shared: e + [x for x in e if x[0].name == shared], "appears twice"),
+    "shared-file-missing": (
+        lambda e, shared: [x for x in e if x[0].name != shared],
+        "not in the archive (pinned by models[0].skeleton.file)",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MULTI_CASES))
+def test_hostile_multi_model_archive_is_refused_before_writing(
+    multi_archive: tuple[Path, Path], tmp_path: Path, case: str
+) -> None:
+    bundle, archive = multi_archive
+    shared = read_manifest(bundle, "det")[0].skeleton.file.path
+    edit, expected = MULTI_CASES[case]
+    bad = _raw_tar(tmp_path / "bad.trtx", edit(_entries(archive), shared))
+    with pytest.raises(BundleError) as e:
+        unpack_bundle(bad, tmp_path / "out")
+    assert expected in str(e.value) and str(bad) in str(e.value) and len(str(e.value)) < 2000
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.trtx"]  # no output, no temp dir, nothing else
+    if case == "same-name":  # the CLI: one ERROR line, exit 1; verify of the archive says the same
+        _clean_failure(_cli("unpack", str(bad), "-o", str(tmp_path / "out")), "duplicate model name")
+        r = _cli("verify", str(bad))
+        assert r.returncode == 1 and "duplicate model name" in r.stdout and "Traceback" not in r.stderr
+
+
+def test_thousands_of_models_in_an_archive_unpack_in_one_copy(multi_archive: tuple[Path, Path], tmp_path: Path) -> None:
+    """3000 models pinning the same two files: every file is one entry, unpacked once; the CLI's lines stay short."""
+    bundle, archive = multi_archive
+    doc = json.loads((bundle / MANIFEST_NAME).read_bytes())
+    doc["models"] = [dict(doc["models"][0], name=f"m{i}") for i in range(3000)]
+    many = _raw_tar(tmp_path / "many.trtx", _manifest_with(json.dumps(doc).encode())(_entries(archive)))
+    with pytest.raises(BundleError, match="does not pin"):  # conv's skeleton: pinned by no model any more
+        unpack_bundle(many, tmp_path / "refused")
+    kept = [x for x in _entries(archive) if x[0].name != read_manifest(bundle, "conv")[0].skeleton.file.path]
+    many = _raw_tar(tmp_path / "many.trtx", _manifest_with(json.dumps(doc).encode())(kept))
+    assert unpack_bundle(many, tmp_path / "out").names[-1] == "m2999"
+    assert verify_bundle(tmp_path / "out") == []
+    r = _cli("unpack", str(many), "-o", str(tmp_path / "out2"))
+    assert r.returncode == 0 and "and 2995 more models" in r.stdout and len(r.stdout) < 500
+    r = _cli("inspect", str(many), "--model", "nope")
+    line = _clean_failure(r, "no model named 'nope'", "and 2980 more")
+    assert len(line) < 1000

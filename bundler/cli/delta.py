@@ -25,9 +25,15 @@ def _progress(progress: StderrProgress, label: str) -> Callable[[str, int, int],
     type=click.Path(dir_okay=False, path_type=Path),
     help="Update file to write (.trtxd).",
 )
+@click.option(
+    "--level",
+    type=click.IntRange(1, 22),
+    help="zstd level for the whole files the update carries (engines, caches); default 10. 19 packs real engines "
+    "~5% smaller, ~100x slower.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 @render_errors
-def diff(old: Path, new: Path, output: Path, as_json: bool) -> None:
+def diff(old: Path, new: Path, output: Path, level: int | None, as_json: bool) -> None:
     """Write an update file that turns bundle OLD into bundle NEW, holding only the bytes OLD lacks.
 
     \b
@@ -36,11 +42,11 @@ def diff(old: Path, new: Path, output: Path, as_json: bool) -> None:
     weight file, only the others travel. Users run: trtx-bundle apply BUNDLE update.trtxd
     (apps: runtime_shim.apply_update). docs/DELTA.md describes the format.
     """
-    from ..delta import diff_bundles
+    from ..delta import DEFAULT_LEVEL, diff_bundles
 
     progress = StderrProgress()
     with progress.step("write update"):
-        r = diff_bundles(old, new, output, progress=_progress(progress, "write update"))
+        r = diff_bundles(old, new, output, level=level or DEFAULT_LEVEL, progress=_progress(progress, "write update"))
     if as_json:
         emit_json(r.to_dict())
         return

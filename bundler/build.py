@@ -40,6 +40,7 @@ from runtime_shim.manifest import (
     TrtRtxTarget,
     WeightStore,
 )
+from runtime_shim.signing import SIGNATURE_NAME
 from runtime_shim.trt.build import ModelParseError
 
 from . import __version__
@@ -245,8 +246,13 @@ def _build_bundle(
         atomic_write(tmp / MANIFEST_NAME, manifest_json)
         with timed("verify"):
             raise_for_problems(verify_bundle(tmp), what=f"{out} (as built)")
-        left_alone = move_into_place(tmp, out, bundle)
+        left_alone, unsigned = move_into_place(tmp, out, bundle)
         placed = True
+        if unsigned:
+            note(
+                f"{out}: removed {SIGNATURE_NAME}: it signed the manifest this build replaced; "
+                f"sign the bundle again (trtx-bundle sign {out} --key PRIVATE.pem)"
+            )
     finally:
         if not placed:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from runtime_shim.errors import BundleError, ManifestError
 from runtime_shim.manifest import MANIFEST_NAME, BundleManifest, read_bundle_manifest
+from runtime_shim.signing import SIGNATURE_NAME
 
 from .bundle_io import unlisted_files
 
@@ -38,11 +39,12 @@ def check_output_dir(out: Path, *, force: bool) -> None:
         )
 
 
-def move_into_place(tmp: Path, out: Path, new_manifest: BundleManifest) -> list[str]:
-    """Put the finished bundle at ``out``; returns the files found there that are not the bundle's (left alone)."""
+def move_into_place(tmp: Path, out: Path, new_manifest: BundleManifest) -> tuple[list[str], bool]:
+    """Put the finished bundle at ``out``; returns the files found there that are not the bundle's (left alone), and
+    whether a signature (manifest.sig) over the old manifest was removed because the new manifest differs."""
     if not out.exists():
         os.rename(tmp, out)
-        return []
+        return [], False
     # An existing directory is kept (its inode, owner and mode, and any shell sitting in it): files move in.
     old_files: set[str] = set()
     with contextlib.suppress(ManifestError, OSError):
@@ -65,7 +67,18 @@ def move_into_place(tmp: Path, out: Path, new_manifest: BundleManifest) -> list[
                 hint="move it away, or build into a new directory",
             )
         os.replace(tmp / rel, dest)
-    os.replace(tmp / MANIFEST_NAME, out / MANIFEST_NAME)
+    # A signature signs the old manifest's bytes: beside a different manifest it would only ever fail to verify.
+    # It moves aside first and comes back if the commit fails, so no stale signature ever sits by a new manifest.
+    sig, aside = out / SIGNATURE_NAME, tmp / f".old-{SIGNATURE_NAME}"
+    stale = sig.is_file() and not sig.is_symlink() and _bytes_or_none(out / MANIFEST_NAME) != new_manifest.to_json()
+    if stale:
+        os.replace(sig, aside)
+    try:
+        os.replace(tmp / MANIFEST_NAME, out / MANIFEST_NAME)
+    except BaseException:
+        if stale:
+            os.replace(aside, sig)
+        raise
     for rel in sorted(old_files - new_files):
         with contextlib.suppress(FileNotFoundError):
             (out / rel).unlink()
@@ -74,4 +87,11 @@ def move_into_place(tmp: Path, out: Path, new_manifest: BundleManifest) -> list[
         with contextlib.suppress(OSError):
             (out / folder).rmdir()  # only if empty
     # tmp was verified before it moved: only files that are not the bundle's are left to report (no second hashing pass).
-    return unlisted_files(out, new_manifest)
+    return [f for f in unlisted_files(out, new_manifest) if f != SIGNATURE_NAME], stale
+
+
+def _bytes_or_none(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None

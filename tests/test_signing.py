@@ -450,3 +450,17 @@ def test_a_merge_that_fails_at_the_manifest_keeps_the_signature(
     with pytest.raises(MergeError, match="No space left"):
         merge_parts(bundle, [make_part(tmp_path / "p1", bundle)])
     assert verify_bundle_signature(bundle, [built["pub"]]).verified
+
+
+def test_a_rebuild_that_changes_the_manifest_removes_the_signature_and_says_so(
+    built: dict[str, Path], signed: Path
+) -> None:
+    model = built["root"] / "m" / "mlp.onnx"
+    same = cli("build", model, "-o", signed, "--shape", "x=1x64:4x64:16x64", "--no-weightful", "--force", "-q")
+    assert same.exit_code == 0, same.output
+    assert (signed / SIGNATURE_NAME).is_file(), "the same manifest bytes: the signature still holds"
+    assert verify_bundle_signature(signed, [built["pub"]]).verified
+    other = cli("build", model, "-o", signed, "--shape", "x=1x64:8x64:32x64", "--no-weightful", "--force")
+    assert other.exit_code == 0, other.output
+    assert not (signed / SIGNATURE_NAME).exists()
+    assert f"removed {SIGNATURE_NAME}" in other.stderr and "sign the bundle again" in other.stderr

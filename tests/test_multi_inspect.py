@@ -222,3 +222,34 @@ def test_engines_of_each_model_are_shown_verified_and_packed(sources: dict[str, 
     (b / engine_of_rec).write_bytes(b"")
     (p,) = verify_bundle(b)
     assert p.kind == "truncated" and "models[1].engines[0].file.size" in p.message
+
+
+# --------------------------------------------------------------------------- hostile manifests (directories)
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        (lambda d: d["models"][3].update(name="det"), "models[3].name: duplicate model name 'det'"),
+        (lambda d: d["models"][1].update(name="n" * 100_000), "models[1].name: expected at most 256 characters"),
+        (lambda d: d["models"][3]["skeleton"]["file"].update(size=1), "models[3].skeleton.file: pins skeleton/"),
+    ],
+    ids=["same-name", "name-100k", "one-path-two-sizes"],
+)
+def test_hostile_model_entries_are_one_short_schema_problem(copy: Path, edit, expected: str) -> None:  # type: ignore[no-untyped-def]
+    _edit(copy, edit)
+    (p,) = verify_bundle(copy)
+    assert p.kind == "schema" and expected in p.message and len(p.message) < 1000
+    for command in (("verify", copy), ("inspect", copy), ("inspect", copy, "--json")):
+        r = _cli(*command)
+        assert r.exit_code == 1 and expected in r.output and len(r.output) < 2000, command
+
+
+def test_thousands_of_models_without_their_tensors(copy: Path) -> None:
+    """2000 models, each a copy of det without its tensors: one problem per model, each naming it; the skeleton
+    they share is read once (same file, same tensors); the CLI lists 20 and says how many more."""
+    _edit(copy, lambda d: d.update(models=[dict(d["models"][0], name=f"m{i}", tensors=[]) for i in range(2000)]))
+    problems = verify_bundle(copy)
+    assert len(problems) == 2000 + 2  # and the two skeletons (rec's, conv's) no model pins any more
+    assert problems[1999].message.startswith("models[1999] ('m1999'): ")
+    r = _cli("verify", copy)
+    assert r.exit_code == 1 and "... and 1982 more (--json lists them all)" in r.output and len(r.output) < 20_000
+    assert len(json.loads(_cli("verify", copy, "--json").output)["problems"]) == 2002

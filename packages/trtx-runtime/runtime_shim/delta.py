@@ -93,10 +93,11 @@ def apply_update(
     the bundle is left as it was.
     """
     bundle = Path(os.path.abspath(bundle_dir))
-    in_place = out is None or Path(os.path.abspath(out)) == bundle
+    out_dir = None if out is None else Path(os.path.abspath(out))
+    in_place = out_dir is None or out_dir == bundle
     if in_place:
         bundle = bundle.resolve()
-    target = bundle if in_place else Path(os.path.abspath(out))  # type: ignore[arg-type]
+    target = out_dir if out_dir is not None and not in_place else bundle
     if bundle.is_file():
         raise BundleError(
             f"{bundle}: a file; apply updates a bundle directory",

@@ -304,6 +304,9 @@ def budget_from_env(default_cases: int) -> tuple[int | None, float | None]:
 
 # --------------------------------------------------------------------------- carrying out one case (in the worker)
 MANIFEST_EXTRAS = ("tensor-other-blob", "shift-offset", "shift-offset+repin", "raw-size-2g", "blob-1t", "empty-index")
+# A second model (or hundreds) beside the bundle's one: a valid twin, or one that breaks a rule between models.
+MODEL_MUTATIONS = ("model-twin", "model-same-name", "model-no-tensors", "model-other-size", "models-300")
+MANIFEST_EXTRAS += MODEL_MUTATIONS
 TAR_MUTATIONS = (
     "member-fifo",
     "member-symlink",
@@ -670,6 +673,23 @@ def mutate_index(bundle: Path, doc: Any, mutation: str, rng: random.Random) -> t
         desc = "a blob of 1 TiB"
     elif mutation == "empty-index":
         w["blobs"], doc["models"][0]["tensors"], w["raw_size"], desc = [], [], 0, "no blobs, no tensors"
+    elif mutation in MODEL_MUTATIONS:
+        desc = _mutate_models(doc["models"], mutation, rng)
     else:
         raise ValueError(mutation)
     return json.dumps(doc, indent=1, sort_keys=True), desc
+
+
+def _mutate_models(ms: list[Any], mutation: str, rng: random.Random) -> str:
+    """Copies of the first model added beside it (a deep copy each: JSON text), changed as ``mutation`` says."""
+    n = 300 if mutation == "models-300" else 1  # thousands: tests/test_multi_inspect.py
+    twins = [json.loads(json.dumps(ms[0])) for _ in range(n)]
+    for i, t in enumerate(twins):
+        t["name"] = ms[0]["name"] if mutation == "model-same-name" else f"twin{i}"
+    if mutation == "model-no-tensors":  # its skeleton still refers to every tensor
+        twins[0]["tensors"] = []
+    if mutation == "model-other-size":  # one skeleton pinned with two sizes
+        twins[0]["skeleton"]["file"]["size"] += rng.choice((-1, 1, 1 << 40))
+    at = rng.choice((0, len(ms)))  # before or after the bundle's own model
+    ms[at:at] = twins
+    return f"{mutation}: {n} model(s) added"

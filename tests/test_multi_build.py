@@ -353,3 +353,20 @@ def test_no_model_given(tmp_path: Path) -> None:
     r = run("build", "-o", tmp_path / "out")
     assert r.code == 1 and "no model given" in r.err and "[[model]]" in r.err
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_place_takes_the_longest_model_prefix_then_the_whole_name() -> None:
+    from bundler.model_options import place
+
+    owners = {"det": ["x", "v2.x"], "det.v2": ["x"], "rec": ["input.1"]}
+    assert place("det.v2.x", {"det.v2": ["x"], "det": ["y"]}, kind="input", where="w") == ("det.v2", "x")
+    assert place("input.1", owners, kind="input", where="w") == ("rec", "input.1")
+    assert place("rec.input.1", owners, kind="input", where="w") == ("rec", "input.1")
+    with pytest.raises(ConfigError, match="2 models have an input named 'x': det, det.v2"):
+        place("x", owners, kind="input", where="w")
+    assert place("det.v2.x", owners, kind="input", where="w") == ("det.v2", "x")  # the longest model name wins
+    # "a.x": input "x" of model a, and the whole name of b's input: refused.
+    with pytest.raises(ConfigError, match="ambiguous"):
+        place("a.x", {"a": ["x"], "b": ["a.x"]}, kind="input", where="w")
+    # One model: a name it lacks stays whole, for its own checks to report with its inputs.
+    assert place("nope", {"m": ["x"]}, kind="input", where="w") == ("m", "nope")

@@ -167,6 +167,7 @@ def test_shared_frames_are_read_once_and_freed_with_the_last_session(pair, tmp_p
     np.testing.assert_array_equal(rec.run(FEEDS)["y"], _ort(sources["rec"], FEEDS)["y"])
     det.close()
     assert REGISTRY.held(weight_file)[0] == len({t.blob for t in whole.models[1].tensors})  # rec's, still in use
+    np.testing.assert_array_equal(rec.run(FEEDS)["y"], _ort(sources["rec"], FEEDS)["y"])  # det's close is det's
     rec.close()
     gc.collect()
     assert REGISTRY.held(weight_file) == (0, 0)

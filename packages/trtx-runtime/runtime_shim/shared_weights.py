@@ -101,6 +101,11 @@ class BlobRegistry:
                     if event is not None:
                         event.set()
 
+    def _after_fork(self) -> None:
+        # The child has only the forking thread: a read another thread had claimed will never finish there.
+        self._lock = threading.RLock()
+        self._reading.clear()
+
     def _forget(self, key: BlobKey) -> Callable[[weakref.ref[np.ndarray]], None]:
         def forget(ref: weakref.ref[np.ndarray]) -> None:
             with self._lock:
@@ -130,6 +135,8 @@ def _owning_array(buf: memoryview) -> np.ndarray:
 
 
 REGISTRY = BlobRegistry()
+if hasattr(os, "register_at_fork"):  # not on Windows, which does not fork
+    os.register_at_fork(after_in_child=REGISTRY._after_fork)
 
 
 def shared_blobs(reader: WeightReader, indices: Iterable[int]) -> dict[int, np.ndarray]:

@@ -26,7 +26,7 @@ def _parse_sms(_ctx: click.Context, _param: click.Parameter, value: str | None) 
 
 
 @main.command()
-@click.argument("models", nargs=-1, type=click.Path(dir_okay=False, path_type=Path), metavar="MODEL.onnx...")
+@click.argument("models", nargs=-1, type=click.Path(dir_okay=False, path_type=Path), metavar="[MODEL.onnx]...")
 @click.option(
     "-o",
     "--output",

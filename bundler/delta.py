@@ -12,6 +12,7 @@ frames are streamed in chunks.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -31,7 +32,16 @@ from runtime_shim.delta_format import (
     frame_hasher,
 )
 from runtime_shim.errors import BundleError, IntegrityError
-from runtime_shim.fsutil import CHUNK, atomic_writer, disk_errors, open_regular_file, read_regular_file, sha256_bytes
+from runtime_shim.fsutil import (
+    CHUNK,
+    atomic_writer,
+    disk_errors,
+    open_regular_file,
+    owned_temp_dir,
+    read_regular_file,
+    sha256_bytes,
+    sweep_stale_temp_dirs,
+)
 from runtime_shim.manifest import MANIFEST_NAME, BundleManifest, FileRef, read_bundle_manifest
 from runtime_shim.signing import MAX_SIGNATURE_BYTES, SIGNATURE_NAME
 from runtime_shim.store.format import MAGIC
@@ -76,14 +86,28 @@ def diff_bundles(
     level: int = DEFAULT_LEVEL,
     progress: Progress | None = None,
 ) -> DiffResult:
-    """Write the update file ``out`` that turns the bundle at ``old_dir`` into the one at ``new_dir`` (atomically)."""
-    old_path, new_path, out_path = Path(old_dir), Path(new_dir), Path(out)
-    for p in (old_path, new_path):
-        if p.is_file():
-            raise BundleError(
-                f"{p}: a file; diff compares bundle directories",
-                hint="unpack the archive first (trtx-bundle unpack FILE -o DIR)",
-            )
+    """Write the update file ``out`` that turns the bundle at ``old_dir`` into the one at ``new_dir`` (atomically).
+
+    Either may be a ``.trtx`` archive: it is unpacked (and checked) into a temp directory beside ``out`` first."""
+    with contextlib.ExitStack() as stack:
+        old_path, new_path = (_as_directory(Path(p), Path(out), stack) for p in (old_dir, new_dir))
+        return _diff(old_path, new_path, Path(out), level=level, progress=progress)
+
+
+def _as_directory(path: Path, out: Path, stack: contextlib.ExitStack) -> Path:
+    if not path.is_file():
+        return path
+    from runtime_shim.archive import extract_archive
+
+    with disk_errors(out, f"cannot unpack {path} beside the update", "nothing was written"):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        sweep_stale_temp_dirs(out.parent, f".{out.name}.diff-")
+        tmp = stack.enter_context(owned_temp_dir(out.parent, f".{out.name}.diff-"))
+        extract_archive(path, tmp / "bundle")
+    return tmp / "bundle"
+
+
+def _diff(old_path: Path, new_path: Path, out_path: Path, *, level: int, progress: Progress | None) -> DiffResult:
     old, _w, old_sha = read_bundle_manifest(old_path)
     new, _w, new_sha = read_bundle_manifest(new_path)
     new_raw = read_regular_file(new_path / MANIFEST_NAME, 64 << 20, "manifest.json", error=IntegrityError)

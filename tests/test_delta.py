@@ -193,6 +193,15 @@ def test_multi_model_bundle_one_model_fine_tuned(tmp_path: Path) -> None:
     assert tree(tmp_path / "old") == tree(tmp_path / "new")
 
 
+def test_diff_reads_archives_too(bundles: dict[str, Path], deltas: dict[str, Path], tmp_path: Path) -> None:
+    from bundler.archive import pack_bundle
+
+    old, new = (pack_bundle(bundles[k], tmp_path / f"{k}.trtx").path for k in CASES["fine-tune"])
+    cli("diff", str(old), str(new), "-o", str(tmp_path / "u.trtxd"))
+    assert (tmp_path / "u.trtxd").read_bytes() == deltas["fine-tune"].read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([old.name, new.name, "u.trtxd"])
+
+
 def test_python_api_in_place_and_twice(bundles: dict[str, Path], deltas: dict[str, Path], tmp_path: Path) -> None:
     bundle = old_copy(bundles, "fine-tune", tmp_path)
     got = runtime_shim.apply_update(bundle, deltas["fine-tune"])

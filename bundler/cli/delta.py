@@ -15,8 +15,8 @@ def _progress(progress: StderrProgress, label: str) -> Callable[[str, int, int],
 
 
 @main.command("diff")
-@click.argument("old", type=click.Path(file_okay=False, path_type=Path))
-@click.argument("new", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("old", type=click.Path(path_type=Path))
+@click.argument("new", type=click.Path(path_type=Path))
 @click.option(
     "-o",
     "--output",
@@ -40,7 +40,8 @@ def diff(old: Path, new: Path, output: Path, level: int | None, as_json: bool) -
     It carries NEW's manifest.json (and manifest.sig where NEW is signed), the files NEW pins
     that OLD lacks, and NEW's weight file as a recipe: frames OLD has are copied from OLD's
     weight file, only the others travel. Users run: trtx-bundle apply BUNDLE update.trtxd
-    (apps: runtime_shim.apply_update). docs/DELTA.md describes the format.
+    (apps: runtime_shim.apply_update). OLD and NEW may be .trtx archives (unpacked beside
+    the update first). docs/DELTA.md describes the format.
     """
     from ..delta import DEFAULT_LEVEL, diff_bundles
 

@@ -55,8 +55,6 @@ from .store_writer import DEFAULT_LEVEL, write_shared_store
 __all__ = ["BuildOptions", "BuildResult", "ModelSpec", "OutputDirError", "Progress", "build_bundle"]
 
 SKELETON_EXTERNAL_DATA = "weights.bin"
-
-
 FitSpecs = Callable[[Sequence[tuple["ModelSpec", Sequence[TensorSpec]]]], Sequence["ModelSpec"]]
 
 
@@ -147,10 +145,9 @@ def build_bundle(
     With ``models`` every model gets its own skeleton, profiles, warm-ups, engines and parser verdict, and one weight
     store holds all their tensors: a tensor identical in bytes and dtype across models is stored once. Name,
     version and shapes then come from each ModelSpec, the rest of ``options`` applies to all.
-    ``probe`` replaces runtime_shim.machine.probe when deciding on a weightless engine (tests). ``fit_specs`` is
-    called once every model is loaded, with each spec and its inputs, and returns the specs to build (the CLI
-    places MODEL.INPUT names there: bundler/model_options.py). A full or read-only
-    disk is a BundleError naming the place; the temp directory is gone and nothing at ``out_dir`` changed.
+    ``probe`` replaces runtime_shim.machine.probe when deciding on a weightless engine (tests). ``fit_specs`` gets
+    each spec with its loaded model's inputs and returns the specs to build (the CLI's MODEL.INPUT names: model_options).
+    A full or read-only disk is a BundleError naming the place; the temp directory is gone, ``out_dir`` unchanged.
     """
     specs = list(models) if models else [ModelSpec.from_options(_given(onnx_path), options)]
     with disk_errors(out_dir, "cannot write the bundle here", "nothing was written there"):

@@ -28,7 +28,7 @@ from runtime_shim.fallback import model_on_disk
 from runtime_shim.fsutil import atomic_write
 from runtime_shim.manifest import Engine, FileRef, read_bundle_manifest
 from runtime_shim.refit import StoreWeights
-from runtime_shim.shared_weights import REGISTRY
+from runtime_shim.shared_weights import REGISTRY, shared_blobs
 from runtime_shim.store.reader import WeightReader
 from runtime_shim.user_cache import UserCache
 
@@ -415,3 +415,17 @@ def test_a_failed_read_leaves_nothing_held_or_claimed(pair, tmp_path) -> None:
     weights.write_bytes(good)  # repaired: the same blobs are read again, not waited for
     with runtime_shim.load(bundle, "T", cache_dir=tmp_path / "c", model=broken) as s:
         np.testing.assert_array_equal(s.run(FEEDS)["y"], _ort(sources[broken], FEEDS)["y"])
+
+
+def test_a_reader_that_skips_the_frame_digests_shares_nothing(pair, reads) -> None:
+    bundle, _ = pair
+    whole, _, _ = read_bundle_manifest(bundle)
+    det, rec = whole.views()
+    blob = det.weights.tensor("fc1.weight").blob
+    with WeightReader(bundle, det.weights, verify_frames=False) as unchecked, WeightReader(bundle, rec.weights) as r:
+        mine = shared_blobs(unchecked, [blob])[blob]
+        assert REGISTRY.held(_weight_file(bundle)) == (0, 0)  # what was not hashed is never handed to a load
+        theirs = shared_blobs(r, [blob])[blob]
+        assert not np.shares_memory(mine, theirs) and np.array_equal(mine, theirs)
+    offsets = [f.offset for f in whole.weights.blobs[blob].frames]
+    assert all(_counts(reads, bundle)[o] == 2 for o in offsets)

@@ -56,8 +56,11 @@ class BlobRegistry:
         """Blob index -> its decoded bytes (a read-only uint8 array) for ``indices`` of ``reader``'s store.
 
         Blobs alive in this process under the same key are reused; the others are read, verified and decoded with one
-        ``reader.iter_blobs`` pass (its threads) and registered. A blob another thread is reading is waited for.
+        ``reader.iter_blobs`` pass (its threads) and registered. A blob another thread is reading is waited for. A
+        reader that checks otherwise than load() does (``verify_frames`` off, ``verify_raw`` on) shares nothing.
         """
+        if not reader.verify_frames or reader.verify_raw:  # checked otherwise than a load checks: kept apart
+            return {i: _read_only(_owning_array(buf)) for i, buf in _decoded(reader, list(dict.fromkeys(indices)))}
         keys = {i: (*reader.identity, reader.store.blobs[i]) for i in dict.fromkeys(indices)}
         out: dict[int, np.ndarray] = {}
         while len(out) < len(keys):
@@ -87,8 +90,7 @@ class BlobRegistry:
     ) -> None:
         try:
             for i, buf in _decoded(reader, mine):
-                owner = _owning_array(buf)
-                owner.flags.writeable = False  # shared: no session may change what another runs
+                owner = _read_only(_owning_array(buf))  # shared: no session may change what another runs
                 key = keys[i]
                 with self._lock:
                     self._live[key] = weakref.ref(owner, self._forget(key))
@@ -123,6 +125,11 @@ def _decoded(reader: WeightReader, indices: list[int]) -> Iterator[tuple[int, me
         yield indices[0], buf.data
     else:
         yield from reader.iter_blobs(indices)
+
+
+def _read_only(array: np.ndarray) -> np.ndarray:
+    array.flags.writeable = False
+    return array
 
 
 def _owning_array(buf: memoryview) -> np.ndarray:

@@ -242,6 +242,30 @@ def test_signature_travels_and_the_old_one_goes(bundles: dict[str, Path], tmp_pa
     assert tree(old) == tree(new), "a signature of OLD never stays beside NEW's manifest"
 
 
+def test_trusted_keys_check_the_new_signature_before_writing(bundles: dict[str, Path], tmp_path: Path) -> None:
+    from runtime_shim.errors import SignatureError
+    from tests.test_signing import make_keys
+
+    private, public = make_keys(tmp_path, "publisher")
+    _other_private, other_public = make_keys(tmp_path, "other")
+    new = tmp_path / "new"
+    shutil.copytree(bundles["new_a"], new)
+    cli("sign", str(new), "--key", str(private))
+    diff_bundles(bundles["old_a"], new, tmp_path / "signed.trtxd")
+    diff_bundles(bundles["old_a"], bundles["new_a"], tmp_path / "unsigned.trtxd")
+    bundle = old_copy(bundles, "fine-tune", tmp_path)
+    before = tree(bundle)
+    for update, key, words in (
+        ("unsigned.trtxd", public, "is not signed"),
+        ("signed.trtxd", other_public, "signed by another key"),
+    ):
+        with pytest.raises(SignatureError, match=words):
+            runtime_shim.apply_update(bundle, tmp_path / update, trusted_keys=[key])
+        assert tree(bundle) == before and leftovers(tmp_path) == []
+    out = json.loads(cli("apply", str(bundle), str(tmp_path / "signed.trtxd"), "--key", str(public), "--json"))
+    assert out["signed"] and tree(bundle) == tree(new)
+
+
 def test_without_an_atomic_exchange_files_are_moved_in(
     bundles: dict[str, Path], deltas: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -78,9 +78,17 @@ def diff(old: Path, new: Path, output: Path, level: int | None, as_json: bool) -
     type=click.Path(file_okay=False, path_type=Path),
     help="Write the new bundle to this new (or empty) directory and leave BUNDLE as it is.",
 )
+@click.option(
+    "--key",
+    "keys",
+    multiple=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Trusted PEM public key (repeatable): the new bundle must be signed by one of them, checked before anything "
+    "is written.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 @render_errors
-def apply(bundle: Path, update: Path, out: Path | None, as_json: bool) -> None:
+def apply(bundle: Path, update: Path, out: Path | None, keys: tuple[Path, ...], as_json: bool) -> None:
     """Turn BUNDLE into the new bundle UPDATE was made for (trtx-bundle diff), atomically.
 
     \b
@@ -92,7 +100,9 @@ def apply(bundle: Path, update: Path, out: Path | None, as_json: bool) -> None:
 
     progress = StderrProgress()
     with progress.step("apply update"):
-        r = apply_update(bundle, update, out, progress=_progress(progress, "apply update"))
+        r = apply_update(
+            bundle, update, out, trusted_keys=list(keys) or None, progress=_progress(progress, "apply update")
+        )
     if as_json:
         emit_json(r.to_dict())
         return

@@ -16,17 +16,17 @@ import contextlib
 import hashlib
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any, BinaryIO
 
 from .delta_commit import checked, commit, create, lock_for, reuse
 from .delta_format import LITERALS, MAX_MANIFEST_BYTES, NOT_A_DELTA, DeltaFile, frame_hasher, read_delta
-from .errors import BundleError, DeltaError, IntegrityError, ManifestError
+from .errors import BundleError, DeltaError, IntegrityError, ManifestError, SignatureError
 from .fsutil import CHUNK, disk_errors, open_regular_file
 from .manifest import MANIFEST_NAME, BundleManifest, FileRef, read_bundle_manifest
-from .signing import MAX_SIGNATURE_BYTES, SIGNATURE_NAME
+from .signing import MAX_SIGNATURE_BYTES, SIGNATURE_NAME, TrustedKey
 from .store.format import MAGIC
 
 log = logging.getLogger(__name__)
@@ -83,6 +83,7 @@ def apply_update(
     delta_path: str | os.PathLike[str],
     out: str | os.PathLike[str] | None = None,
     *,
+    trusted_keys: TrustedKey | Sequence[TrustedKey] | None = None,
     progress: Progress | None = None,
 ) -> AppliedUpdate:
     """Turn the bundle at ``bundle_dir`` (OLD) into the NEW that ``delta_path`` was made for, atomically.
@@ -90,7 +91,8 @@ def apply_update(
     In place by default (OLD is replaced only once NEW is whole and verified); with ``out``, NEW goes to that new (or
     empty) directory and OLD is left untouched. Raises DeltaError for an update that is damaged, hostile or made for
     another bundle, IntegrityError where OLD's own files are damaged, BundleError (and kin) otherwise; in every case
-    the bundle is left as it was.
+    the bundle is left as it was. With ``trusted_keys`` (PEM public keys, as for ``load``), NEW must carry a signature
+    by one of them over its manifest.json, checked before anything is written (SignatureError otherwise).
     """
     bundle = Path(os.path.abspath(bundle_dir))
     out_dir = None if out is None else Path(os.path.abspath(out))
@@ -115,6 +117,8 @@ def apply_update(
                 )
     with lock_for(bundle, required=in_place):
         plan = _plan(delta, bundle)
+        if trusted_keys is not None:
+            _check_signed(plan, trusted_keys)
         kept = "the bundle was left as it was" if in_place else "nothing was written"
         commit(
             bundle,
@@ -204,6 +208,20 @@ def _plan(delta: DeltaFile, bundle: Path) -> _Plan:
         )
     units = _weight_units(delta, bundle, old, new) if recipe is not None else []
     return _Plan(delta, bundle, old, new, new_raw, signature, reuse, carry, units)
+
+
+def _check_signed(plan: _Plan, trusted_keys: TrustedKey | Sequence[TrustedKey]) -> None:
+    from .signing import verify_signature
+
+    keys = [trusted_keys] if isinstance(trusted_keys, (str, bytes, bytearray, os.PathLike)) else list(trusted_keys)
+    where = f"{plan.delta.path}: the bundle it makes"
+    if plan.signature is None:
+        raise SignatureError(
+            f"{where} is not signed (the update carries no {SIGNATURE_NAME}), but a signature by a trusted key was "
+            "required",
+            hint="fetch the publisher's signed update (trtx-bundle sign NEW, then diff OLD NEW)",
+        )
+    verify_signature(plan.new_raw, plan.signature, keys, where=where)
 
 
 def _weight_units(delta: DeltaFile, bundle: Path, old: BundleManifest, new: BundleManifest) -> list[_Unit]:

@@ -98,10 +98,7 @@ def open_archive(archive: str | os.PathLike[str]) -> Iterator[tarfile.TarFile]:
 
 def read_archive_bundle(archive: str | os.PathLike[str]) -> tuple[BundleManifest, list[str], bytes]:
     """(the whole manifest, warnings, its bytes) read in place from the archive's first entry; no file is written."""
-    src = Path(archive)
-    with open_archive(src) as tar:
-        _bundle, raw = _read_manifest_entry(src, tar)
-    bundle, warnings = BundleManifest.from_json(raw, source=f"{src}: {MANIFEST_NAME}")
+    bundle, warnings, raw, _signature = _read_head(Path(archive), signature=False)
     return bundle, warnings, raw
 
 
@@ -115,17 +112,23 @@ def read_archive_manifest(
 
 def read_archive_signature(archive: str | os.PathLike[str]) -> tuple[bytes, bytes | None]:
     """(manifest.json's bytes, manifest.sig's bytes or None where the archive carries none), read in place."""
-    src = Path(archive)
+    _bundle, _warnings, raw, signature = _read_head(Path(archive), signature=True)
+    return raw, signature
+
+
+def _read_head(src: Path, *, signature: bool) -> tuple[BundleManifest, list[str], bytes, bytes | None]:
+    """The manifest (parsed once), its warnings, its bytes, and with ``signature`` the signature's bytes where one
+    follows it (without, nothing after the manifest is read: inspect reads the manifest alone)."""
     with open_archive(src) as tar:
-        _manifest, raw = _read_manifest_entry(src, tar)
-        return raw, _read_signature_entry(src, tar)
+        bundle, raw, warnings = _read_manifest_entry(src, tar)
+        return bundle, warnings, raw, _read_signature_entry(src, tar) if signature else None
 
 
 def check_archive(archive: str | os.PathLike[str]) -> BundleManifest:
     """Every entry checked by the unpack rules and hashed, in place (nothing written); raises on the first problem."""
     src = Path(archive)
     with open_archive(src) as tar:
-        manifest, _raw = _read_manifest_entry(src, tar)
+        manifest, _raw, _warnings = _read_manifest_entry(src, tar)
         _stream_pinned(src, tar, _pins(src, manifest), lambda name: None)
     return manifest
 
@@ -144,7 +147,7 @@ def extract_archive(archive: str | os.PathLike[str], out_dir: str | os.PathLike[
                 hint="choose a new directory, or remove that one yourself",
             )
     with open_archive(src) as tar:
-        manifest, raw = _read_manifest_entry(src, tar)
+        manifest, raw, _warnings = _read_manifest_entry(src, tar)
         pinned = _pins(src, manifest)
         with disk_errors(target, f"cannot unpack {src} here", "nothing was written"):
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -167,8 +170,7 @@ def unpack_cached(archive: str | os.PathLike[str], cache_root: str | os.PathLike
     load() hashes its engines and caches again on every use, its weights as ``verify_weights`` says.
     """
     src = Path(archive)
-    raw, signature = read_archive_signature(src)
-    bundle, _warnings = BundleManifest.from_json(raw, source=f"{src}: {MANIFEST_NAME}")
+    bundle, _warnings, raw, signature = _read_head(src, signature=True)
     sha = hashlib.sha256(raw).hexdigest()
     # A signed archive gets its own copy: another archive of the same manifest may carry another signature, or none.
     signed = f"-{hashlib.sha256(signature).hexdigest()[:8]}" if signature is not None else ""
@@ -224,7 +226,7 @@ def unpack_for(archive: str | os.PathLike[str], user_cache: Any) -> Path:
     return unpack_cached(archive, Path(user_cache.root) / "bundles")
 
 
-def _read_manifest_entry(src: Path, tar: tarfile.TarFile) -> tuple[BundleManifest, bytes]:
+def _read_manifest_entry(src: Path, tar: tarfile.TarFile) -> tuple[BundleManifest, bytes, list[str]]:
     """manifest.json, which pack writes first; only the bundle's folders may come before it."""
     seen: set[str] = set()
     for _ in range(len(FILE_FOLDERS) + 1):
@@ -253,10 +255,10 @@ def _read_manifest_entry(src: Path, tar: tarfile.TarFile) -> tuple[BundleManifes
         if len(raw) != member.size:
             raise ArchiveError(f"{src}: truncated inside manifest.json", hint="fetch the archive again")
         try:
-            manifest, _warnings = BundleManifest.from_json(raw, source=f"{src}: {MANIFEST_NAME}")
+            manifest, warnings = BundleManifest.from_json(raw, source=f"{src}: {MANIFEST_NAME}")
         except ManifestError as e:
             raise ArchiveError(str(e), hint=e.hint or "fetch the archive again") from None
-        return manifest, raw
+        return manifest, raw, warnings
     raise ArchiveError(f"{src}: no manifest.json at the start of the archive", hint=NOT_PACKED)
 
 

@@ -429,3 +429,21 @@ def test_a_reader_that_skips_the_frame_digests_shares_nothing(pair, reads) -> No
         assert not np.shares_memory(mine, theirs) and np.array_equal(mine, theirs)
     offsets = [f.offset for f in whole.weights.blobs[blob].frames]
     assert all(_counts(reads, bundle)[o] == 2 for o in offsets)
+
+
+def test_a_host_refit_takes_the_blobs_another_session_holds(pair, tmp_path, reads) -> None:
+    bundle, sources = pair
+    _with_stand_in_engines(bundle)
+    frames = _frames(bundle)
+    with runtime_shim.load(bundle, "T", cache_dir=tmp_path / "c", model="rec") as rec:  # no GPU here: ONNX Runtime
+        assert rec.backend == "onnxruntime"
+        whole, _, _ = read_bundle_manifest(bundle)
+        fake = RecordingFakeTrtRuntime(whole.view("det"))
+        loader = Loader(probe=lambda: MACHINE, trt_runtime=lambda device: fake)
+        with loader.load(bundle, "T", cache_dir=tmp_path / "c", model="det", weights_on_device=False) as det:
+            assert det.backend == "tensorrt_rtx" and det.report.engine["weights_from"] == "host"
+        # det's refit read only its own layer's frames: the others came from rec's session
+        assert _counts(reads, bundle) == dict.fromkeys(frames["det"] | frames["rec"], 1)
+        with WeightReader(bundle, whole.view("det").weights) as r:
+            assert fake.set == {t.name: r.read_tensor(t.name).tobytes() for t in whole.view("det").weights.tensors}
+        np.testing.assert_array_equal(rec.run(FEEDS)["y"], _ort(sources["rec"], FEEDS)["y"])

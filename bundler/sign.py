@@ -18,7 +18,7 @@ from typing import Any
 
 from runtime_shim.errors import BundleError, SignatureError
 from runtime_shim.fsutil import atomic_write, read_regular_file
-from runtime_shim.manifest import MANIFEST_NAME, Manifest
+from runtime_shim.manifest import MANIFEST_NAME, BundleManifest
 from runtime_shim.signing import (
     MAX_MANIFEST_BYTES,
     SIGNATURE_NAME,
@@ -85,7 +85,7 @@ def sign_bundle(
         raise_for_problems(verify_bundle(bundle), what=f"{bundle}: cannot sign")
         manifest_path = bundle / MANIFEST_NAME
         raw = read_regular_file(manifest_path, MAX_MANIFEST_BYTES, "the bundle's manifest.json")
-        Manifest.from_json(raw, source=str(manifest_path))
+        BundleManifest.from_json(raw, source=str(manifest_path))  # every model: the signature covers them all
         signature = _sign_bytes(bundle, raw, key_pem, identity_token)
         public = _public_pem(key_pem) if key_pem is not None else None
         status = (

@@ -464,3 +464,22 @@ def test_a_rebuild_that_changes_the_manifest_removes_the_signature_and_says_so(
     assert other.exit_code == 0, other.output
     assert not (signed / SIGNATURE_NAME).exists()
     assert f"removed {SIGNATURE_NAME}" in other.stderr and "sign the bundle again" in other.stderr
+
+
+def test_a_bundle_of_several_models_is_signed_once_for_all(built: dict[str, Path], tmp_path: Path) -> None:
+    from bundler.build import ModelSpec, build_bundle
+    from bundler.config import BuildOptions
+
+    a, b = models.make_mlp(tmp_path / "a"), models.make_fixed(tmp_path / "b")
+    bundle = tmp_path / "pipeline"
+    batch = models.as_profiles({"x": ((1, 64), (4, 64), (16, 64))})
+    specs = [ModelSpec(source=a, name="first", profiles=batch), ModelSpec(source=b, name="second")]
+    build_bundle(None, bundle, options=BuildOptions(weightful=False, weightless=False), models=specs)
+    r = cli("sign", bundle, "--key", built["key"])
+    assert r.exit_code == 0, r.output
+    assert cli("verify", bundle, "--key", built["pub"]).exit_code == 0
+    for name in ("first", "second"):
+        with load(bundle, tmp_path, model=name, trusted_keys=[built["pub"]]) as s:
+            assert s.report.signature["verified"] is True
+    with pytest.raises(SignatureError):
+        load(bundle, tmp_path, model="second", trusted_keys=[built["other_pub"]])

@@ -238,7 +238,24 @@ def _records() -> dict[type, Record]:
     records += [full.weights, full.weights.file, full.weights.blobs[0], full.weights.blobs[0].frames[0]]
     records += [full.weights.tensors[0], engine, key, cache, full.skeleton, full.creator, warm, part]
     records += [full.trt_rtx.verdict, full.trt_rtx.verdict.unsupported_ops[0]]  # type: ignore[union-attr]
+    records += _delta_records()
     return {type(r): r for r in records}
+
+
+def _delta_records() -> list[Record]:
+    """The update file's header (runtime_shim/delta_format.py) uses the same codec: its records round-trip too."""
+    from runtime_shim.delta_format import DeltaHeader, Op, Section, WeightsRecipe
+
+    manifest = Section(name="manifest.json", size=100)
+    section = Section(name="weights.literals", size=4, encoding="zstd")
+    ops = (Op(source="old", offset=8, size=10), Op(source="delta", size=4))
+    recipe = WeightsRecipe(
+        file=FileRef.for_content("weights", SHA, 22), source=FileRef.for_content("weights", "cd" * 32, 18), ops=ops
+    )
+    header = DeltaHeader(
+        old_manifest_sha256=SHA, new_manifest_sha256="cd" * 32, sections=(manifest, section), weights=recipe, tool="t"
+    )
+    return [section, *ops, recipe, header]
 
 
 def _all_record_classes() -> set[type]:
@@ -518,7 +535,9 @@ def test_cross_model_rules_name_the_model(edit, message):
 def test_two_models_pinning_one_file_must_pin_it_alike():
     d = json.loads(_two_models().to_json())
     d["models"][1]["skeleton"]["file"] = dict(d["models"][0]["skeleton"]["file"], size=11)
-    with pytest.raises(ManifestError, match=r"models\[1\].skeleton.file: pins skeleton/.* as 11 bytes, but models\[0\]"):
+    with pytest.raises(
+        ManifestError, match=r"models\[1\].skeleton.file: pins skeleton/.* as 11 bytes, but models\[0\]"
+    ):
         BundleManifest.from_dict(d)
     d["models"][1]["skeleton"]["file"]["size"] = d["models"][0]["skeleton"]["file"]["size"]
     bundle, _ = BundleManifest.from_dict(d)  # an identical skeleton, pinned alike by both: listed once

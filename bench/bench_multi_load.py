@@ -33,7 +33,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=7)
     args = ap.parse_args()
 
-    import onnxruntime  # noqa: F401  (imported before the first measurement: its own memory is not a session's)
+    import onnxruntime  # noqa: F401 - imported before the first measurement: its own memory is not a session's
 
     import runtime_shim
     from bundler.build import build_bundle

@@ -354,7 +354,9 @@ def test_doctor_reports_every_model_or_the_one_named(pair, tmp_path) -> None:
         d = json.loads(r.stdout)["bundle"]
         assert d["model"] == "rec" and [m["model"] for m in d["models"]] == ["rec"] and d["engines"]
     r = _runner().invoke(main, ["doctor", str(bundle), "--cache-dir", str(tmp_path / "c")])
-    assert r.exit_code == 0 and "model det (of det, rec)" in r.stdout and "model rec (of det, rec)" in r.stdout
+    assert (
+        r.exit_code == 0 and "2 models: det, rec\nmodel det, made for" in r.stdout and "\nmodel rec, made" in r.stdout
+    )
     r = _runner().invoke(main, ["doctor", str(bundle), "--model", "nope"])
     assert r.exit_code == 1 and "no model named 'nope'" in r.stderr
     for args in (["--selftest", "--model", "det"], ["--model", "det"]):
@@ -447,3 +449,15 @@ def test_a_host_refit_takes_the_blobs_another_session_holds(pair, tmp_path, read
         with WeightReader(bundle, whole.view("det").weights) as r:
             assert fake.set == {t.name: r.read_tensor(t.name).tobytes() for t in whole.view("det").weights.tensors}
         np.testing.assert_array_equal(rec.run(FEEDS)["y"], _ort(sources["rec"], FEEDS)["y"])
+
+
+def test_doctor_prints_twenty_models_in_full_and_counts_the_rest(tmp_path) -> None:
+    src = models.make_mlp(tmp_path / "src")
+    bundle = _build(tmp_path / "bundle", {f"m{i:02}": src for i in range(23)})
+    r = _runner().invoke(main, ["doctor", str(bundle), "--cache-dir", str(tmp_path / "c")])
+    assert r.exit_code == 0, r.stderr
+    assert "23 models: m00, m01" in r.stdout and "m19 and 3 more" in r.stdout
+    assert "\nmodel m19, made" in r.stdout and "\nmodel m20" not in r.stdout
+    assert "and 3 more models: --model NAME shows one, --json every one" in r.stdout
+    r = _runner().invoke(main, ["doctor", str(bundle), "--json", "--cache-dir", str(tmp_path / "c")])
+    assert len(json.loads(r.stdout)["bundle"]["models"]) == 23

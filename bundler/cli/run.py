@@ -23,6 +23,7 @@ from runtime_shim.user_cache import UserCache
 from .app import emit_json, info, main, render_errors, report_lines, result
 
 _MARK = {(True, True): "*", (True, False): "+", (False, False): "-"}
+SHOWN = 20  # models doctor prints in full; --json has every one
 
 
 def _machine_lines(m: Machine) -> list[str]:
@@ -94,9 +95,9 @@ def doctor(
 
     \b
     A bundle of several models: every model is reported, each with its own engines, runtime caches
-    and verdict (--json: bundle.models[]); --model NAME reports that one only (then bundle.engines
-    and bundle.runtime_caches are its own, as for a one-model bundle). "TensorRT for RTX can run"
-    means: every model reported can.
+    and verdict (--json: bundle.models[]; the text shows the first 20); --model NAME reports that one
+    only (then bundle.engines and bundle.runtime_caches are its own, as for a one-model bundle).
+    "TensorRT for RTX can run" means: every model reported can.
 
     \b
     --selftest (no BUNDLE) bundles the demo model in a temporary directory, builds a weightless engine
@@ -135,7 +136,7 @@ def doctor(
                 for p, (ok, why) in zip(plans, verdicts)
             ],
             "model_names": list(names),
-            "trt_rtx_version": plans[0].manifest.trt_rtx.version,
+            "trt_rtx_version": (version := plans[0].manifest.trt_rtx.version),
             "warnings": warnings,
         }
         if len(plans) == 1:  # one model reported: its choices where a one-model bundle always had them
@@ -147,7 +148,9 @@ def doctor(
         can_run = all(ok for ok, _ in verdicts)
         whys = [(p.manifest.model.name, why) for p, (ok, why) in zip(plans, verdicts) if not ok]
         same = len(whys) == len(plans) and len({w for _, w in whys}) == 1  # one reason for all (the machine's)
-        why = None if can_run else whys[0][1] if same else "; ".join(f"model {name}: {w}" for name, w in whys)
+        why = None if can_run else whys[0][1] if same else "; ".join(f"model {name}: {w}" for name, w in whys[:SHOWN])
+        if why and not same and len(whys) > SHOWN:
+            why += f"; and {len(whys) - SHOWN} more models (--json lists every one)"
     else:
         blocker = assess(machine, pick_gpu(machine, device)).blocker
         can_run, why = blocker is None, blocker
@@ -181,20 +184,18 @@ def doctor(
     if bundle is not None:
         for w in report["bundle"]["warnings"]:
             info(f"warning: {w}")
-        several = len(report["bundle"]["model_names"]) > 1
-        for p in plans:
-            out.append(
-                f"bundle {bundle}: model {p.manifest.model.name}"
-                + (f" (of {', '.join(report['bundle']['model_names'])})" if several else "")
-                + f", made for TRT-RTX {p.manifest.trt_rtx.version}"
-            )
+        names = report["bundle"]["model_names"]
+        if len(names) > 1:
+            more = f" and {len(names) - SHOWN} more" if len(names) > SHOWN else ""
+            out.append(f"bundle {bundle}: {len(names)} models: {', '.join(names[:SHOWN])}{more}")
+        for p, (ok, why_model) in list(zip(plans, verdicts))[:SHOWN]:
+            name = p.manifest.model.name
+            out.append(f"{'model' if len(names) > 1 else f'bundle {bundle}: model'} {name}, made for TRT-RTX {version}")
             out += _choice_lines("engines", p.engines) + _choice_lines("runtime caches", p.caches)
             if len(plans) > 1 and not same:
-                ok, why_model = _verdict(p)
-                out.append(
-                    f"model {p.manifest.model.name}: TensorRT for RTX "
-                    + ("can run it" if ok else f"cannot: {why_model}")
-                )
+                out.append(f"model {name}: TensorRT for RTX " + ("can run it" if ok else f"cannot: {why_model}"))
+        if len(plans) > SHOWN:
+            out.append(f"and {len(plans) - SHOWN} more models: --model NAME shows one, --json every one")
     out.append(
         ("TensorRT for RTX can run here" + (" (this bundle: yes)" if bundle else ""))
         if can_run

@@ -303,10 +303,12 @@ def budget_from_env(default_cases: int) -> tuple[int | None, float | None]:
 
 
 # --------------------------------------------------------------------------- carrying out one case (in the worker)
-MANIFEST_EXTRAS = ("tensor-other-blob", "shift-offset", "shift-offset+repin", "raw-size-2g", "blob-1t", "empty-index")
 # A second model (or hundreds) beside the bundle's one: a valid twin, or one that breaks a rule between models.
 MODEL_MUTATIONS = ("model-twin", "model-same-name", "model-no-tensors", "model-other-size", "models-300")
-MANIFEST_EXTRAS += MODEL_MUTATIONS
+MANIFEST_EXTRAS = (
+    *("tensor-other-blob", "shift-offset", "shift-offset+repin", "raw-size-2g", "blob-1t", "empty-index"),
+    *MODEL_MUTATIONS,
+)
 TAR_MUTATIONS = (
     "member-fifo",
     "member-symlink",

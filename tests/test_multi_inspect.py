@@ -6,11 +6,12 @@ from __future__ import annotations
 import json
 import shutil
 import tarfile
+from collections.abc import Callable
 from pathlib import Path
 
 import onnx
 import pytest
-from click.testing import CliRunner
+from click.testing import CliRunner, Result
 from onnx import numpy_helper
 
 from bundler.archive import pack_bundle, unpack_bundle
@@ -68,13 +69,13 @@ def copy(bundle: Path, tmp_path: Path) -> Path:
     return tmp_path / "copy"
 
 
-def _edit(bundle: Path, change) -> None:  # type: ignore[no-untyped-def]
+def _edit(bundle: Path, change: Callable[[dict], object]) -> None:
     doc = json.loads((bundle / MANIFEST_NAME).read_bytes())
     change(doc)
     (bundle / MANIFEST_NAME).write_text(json.dumps(doc))
 
 
-def _cli(*args: object):  # type: ignore[no-untyped-def]
+def _cli(*args: object) -> Result:
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
@@ -234,7 +235,9 @@ def test_engines_of_each_model_are_shown_verified_and_packed(sources: dict[str, 
     ],
     ids=["same-name", "name-100k", "one-path-two-sizes"],
 )
-def test_hostile_model_entries_are_one_short_schema_problem(copy: Path, edit, expected: str) -> None:  # type: ignore[no-untyped-def]
+def test_hostile_model_entries_are_one_short_schema_problem(
+    copy: Path, edit: Callable[[dict], object], expected: str
+) -> None:
     _edit(copy, edit)
     (p,) = verify_bundle(copy)
     assert p.kind == "schema" and expected in p.message and len(p.message) < 1000

@@ -91,7 +91,7 @@ def model_lines(d: Mapping[str, Any], *, schema: int | None) -> list[str]:
             f"  {k['gpu_name']} (SM {k['sm']}, {k['os']}, driver >= {k['driver_version']}, {k['cuda_flavour']}): "
             f"{c['file']['size']:,} bytes"
         )
-    return out + render_coverage(d["coverage"])
+    return out + render_coverage(d["coverage"], with_model=schema is None)
 
 
 def _shared_lines(d: Mapping[str, Any]) -> list[str]:

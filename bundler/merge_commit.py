@@ -16,12 +16,10 @@ file beside it: the second one waits, then reads the bundle as the first left it
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import hashlib
 import logging
 import os
 import shutil
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -37,6 +35,10 @@ from runtime_shim.fsutil import (
     owned_temp_dir,
     sweep_stale_temp_dirs,
 )
+from runtime_shim.fsutil import (
+    bundle_lock_path as lock_path,
+)
+from runtime_shim.fsutil import exchange_dirs as _exchange  # a module name of its own: tests switch it off
 from runtime_shim.manifest import MANIFEST_NAME, BundleManifest, FileRef
 from runtime_shim.signing import SIGNATURE_NAME
 
@@ -49,11 +51,6 @@ WAIT_REPEAT_S = 30.0
 
 class MergeError(BundleError):
     """A part does not belong in this bundle (another bundle, another TRT-RTX version) or cannot be merged."""
-
-
-def lock_path(bundle: Path) -> Path:
-    """The lock file of a (resolved) bundle directory: beside it, since the directory itself gets exchanged."""
-    return bundle.parent / f".{bundle.name}.merge.lock"
 
 
 def stage_prefix(target: Path) -> str:
@@ -185,22 +182,6 @@ def _link_or_copy(src: Path, dest: Path) -> None:
         os.link(src, dest)
     except OSError:
         shutil.copy2(src, dest)
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two directories (Linux renameat2 RENAME_EXCHANGE). False where that is not available."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).renameat2
-    except (AttributeError, OSError):
-        return False  # glibc < 2.28, or a libc without it
-    at_fdcwd, rename_exchange = -100, 2
-    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    err = ctypes.get_errno()
-    log.debug("renameat2(RENAME_EXCHANGE) failed: %s; falling back to moving files in", os.strerror(err))
-    return False
 
 
 def _move_in(

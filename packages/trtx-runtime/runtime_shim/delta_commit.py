@@ -12,12 +12,10 @@ lists, which ``verify`` reports). The temp directory of a killed apply is remove
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import hashlib
 import logging
 import os
 import shutil
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -25,17 +23,14 @@ from typing import BinaryIO
 from .delta_format import NOT_A_DELTA
 from .errors import BundleError, DeltaError, IntegrityError
 from .fsutil import CHUNK, disk_errors, open_regular_file, os_error_hint, owned_temp_dir, sweep_stale_temp_dirs
+from .fsutil import bundle_lock_path as lock_path
+from .fsutil import exchange_dirs as _exchange  # a module name of its own: tests switch it off
 from .manifest import FILE_FOLDERS, MANIFEST_NAME, BundleManifest, FileRef
 from .signing import SIGNATURE_NAME
 
 log = logging.getLogger(__name__)
 
 LOCK_TIMEOUT_S = 600.0
-
-
-def lock_path(bundle: Path) -> Path:
-    """The bundle's writer lock, beside it (the directory itself gets exchanged); the same file merge locks."""
-    return bundle.parent / f".{bundle.name}.merge.lock"
 
 
 @contextlib.contextmanager
@@ -126,21 +121,6 @@ def _fsync_dir(path: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two directories (Linux renameat2 RENAME_EXCHANGE). False where that is not available."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).renameat2
-    except (AttributeError, OSError):
-        return False  # glibc < 2.28, or a libc without it
-    at_fdcwd, rename_exchange = -100, 2
-    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    log.debug("renameat2(RENAME_EXCHANGE) failed: %s; moving files in instead", os.strerror(ctypes.get_errno()))
-    return False
 
 
 def _move_in(stage: Path, bundle: Path, new: BundleManifest, old_paths: set[str]) -> None:

@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import stat
+import sys
 import tempfile
 import time
 import uuid
@@ -291,3 +292,28 @@ def lock_holder(path: str | os.PathLike[str]) -> str | None:
     except OSError:
         name = ""
     return f"process {pid}" + (f" ({name})" if name else "")
+
+
+# --------------------------------------------------------------------------- writers of a whole bundle directory
+def bundle_lock_path(bundle: Path) -> Path:
+    """The writer lock of a (resolved) bundle directory that merge, sign, upgrade and apply_update take: beside the
+    directory, since the directory itself gets exchanged."""
+    return bundle.parent / f".{bundle.name}.merge.lock"
+
+
+def exchange_dirs(a: Path, b: Path) -> bool:
+    """Atomically swap two directories (Linux renameat2 RENAME_EXCHANGE). False where that is not available, and the
+    caller moves files in instead."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False  # glibc < 2.28, or a libc without it
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    log.debug("renameat2(RENAME_EXCHANGE) failed: %s; moving files in instead", os.strerror(ctypes.get_errno()))
+    return False

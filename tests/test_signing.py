@@ -483,3 +483,23 @@ def test_a_bundle_of_several_models_is_signed_once_for_all(built: dict[str, Path
             assert s.report.signature["verified"] is True
     with pytest.raises(SignatureError):
         load(bundle, tmp_path, model="second", trusted_keys=[built["other_pub"]])
+
+
+def test_a_manifest_swapped_in_after_the_signature_check_is_refused(
+    built: dict[str, Path], signed: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """load() parses the very bytes whose signature it checked: a manifest replaced between the two reads is refused."""
+    from runtime_shim import session
+
+    forged = json.loads((signed / "manifest.json").read_text())
+    forged["models"][0]["version"] = "forged"
+    real_check = session.check_signature
+
+    def check_then_swap(bundle_dir, keys):
+        status = real_check(bundle_dir, keys)
+        (Path(bundle_dir) / "manifest.json").write_text(json.dumps(forged))  # a writer racing the load
+        return status
+
+    monkeypatch.setattr(session, "check_signature", check_then_swap)
+    with pytest.raises(SignatureError, match="changed between its signature check and its reading"):
+        load(signed, tmp_path, trusted_keys=[built["pub"]])

@@ -20,7 +20,7 @@ import numpy as np
 
 from .backend import LoadOptions, TrtRuntimeFactory, open_backend, real_trt_runtime
 from .cache_key import model_id
-from .errors import BundleError
+from .errors import BundleError, SignatureError
 from .inputs import validate_inputs
 from .machine import Machine
 from .machine import probe as real_probe
@@ -94,6 +94,13 @@ class Loader:
         # Step 1, and the model: with several and none named (or an unknown name), ModelChoiceError lists the names
         # here, before the machine is probed or any other file is read.
         bundle, warnings, manifest_sha256 = read_bundle_manifest(bundle_dir)
+        if signature.verified and signature.manifest_sha256 != manifest_sha256:
+            # What is parsed must be the very bytes the signature covers: a manifest swapped in after the check is not.
+            raise SignatureError(
+                f"{bundle_dir / MANIFEST_NAME}: changed between its signature check and its reading "
+                f"(sha256 {manifest_sha256}, signed {signature.manifest_sha256})",
+                hint="something is writing into the bundle directory while it loads; load it again once it is done",
+            )
         manifest = bundle.view(model, source=source)
         p = plan_for(manifest, warnings, manifest_sha256, user_cache, machine=self.probe(), device=device)  # 2-4
         for w in p.warnings:

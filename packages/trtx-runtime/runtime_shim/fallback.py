@@ -147,11 +147,13 @@ def plan_skeleton(manifest: Manifest, bundle_dir: Path) -> _Plan:
         if ref.main:
             t = tensors.get(ref.name)
             if t is None:
-                raise IntegrityError(f"{what}: not in the manifest's weights.tensors", hint=HINT_CORRUPT)
+                raise IntegrityError(
+                    f"{what}: not among the model's tensors in the manifest (models[].tensors)", hint=HINT_CORRUPT
+                )
             if t.blob != index or t.dtype != dtype or tuple(t.shape) != ref.dims:
                 raise IntegrityError(
                     f"{what}: the skeleton says {dtype} {list(ref.dims)} in blob {index}, the manifest "
-                    f"{t.dtype} {list(t.shape)} in blob {t.blob} (weights.tensors)",
+                    f"{t.dtype} {list(t.shape)} in blob {t.blob} (the model's tensors)",
                     hint=HINT_CORRUPT,
                 )
         refs.append(_Ref(ref, index, ref.main and dtype in BY_NAME_DTYPES and ref.name in used))

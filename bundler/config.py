@@ -93,7 +93,7 @@ class ModelConfig:
 
     @property
     def model_name(self) -> str:
-        """The name the model gets: name, else the source's stem (read_config requires one of them)."""
+        """The name the model gets: name, else the source's stem (config_file.load_config requires one of them)."""
         return self.name or (self.source.stem if self.source else "")
 
 
@@ -241,14 +241,7 @@ def fmt_shape(shape: Sequence[Any]) -> str:
     return "[" + ", ".join(str(d) for d in shape) + "]"
 
 
-# --------------------------------------------------------------------------- bundle.toml
-def load_config(path: str | os.PathLike[str]) -> BundleConfig:
-    """Read and validate bundle.toml (format: templates/bundle.toml). Errors carry the file and key path."""
-    from .config_file import read_config  # config_file builds on this module's parsers
-
-    return read_config(path)
-
-
+# --------------------------------------------------------------------------- bundle.toml (read by config_file.py)
 def _no_unknown(table: Mapping[str, Any], known: set[str], src: str, prefix: str) -> None:
     unknown = sorted(set(table) - known)
     if unknown:

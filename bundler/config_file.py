@@ -37,7 +37,7 @@ _MODEL_KEYS = {"source", "name", "version", "profiles", "dims", "warmup"}
 _SHAPE_KEYS = ("profiles", "dims", "warmup")
 
 
-def read_config(path: str | os.PathLike[str]) -> BundleConfig:
+def load_config(path: str | os.PathLike[str]) -> BundleConfig:
     """Read and validate bundle.toml. Errors carry the file and key path."""
     path = Path(path)
     src = str(path)

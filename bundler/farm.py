@@ -356,7 +356,7 @@ class FarmSettings:
 
 
 def farm_settings(table: Mapping[str, Any], *, source: str) -> FarmSettings:
-    """Validate the [farm] table that bundler.config.load_config hands over unread."""
+    """Validate the [farm] table that bundler.config_file.load_config hands over unread."""
     from .config import ConfigError, _no_unknown, parse_dims
 
     _no_unknown(table, {"targets", "warmup", "rounds"}, source, "farm.")

@@ -10,12 +10,12 @@ from bundler.config import (
     BundleConfig,
     ConfigError,
     DimRange,
-    load_config,
     make_options,
     parse_dim_args,
     parse_range,
     parse_shape_args,
 )
+from bundler.config_file import load_config
 from bundler.dims import resolve_profiles
 from runtime_shim.manifest import Profile, ShapeRange, TensorSpec
 

@@ -17,7 +17,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 import runtime_shim
 from bundler.build import build_bundle
-from bundler.config import ConfigError, DimRange, load_config, make_options, parse_shape_args
+from bundler.config import ConfigError, DimRange, make_options, parse_shape_args
+from bundler.config_file import load_config
 from bundler.dims import fit_warmups, resolve_profiles
 from bundler.onnx_model import load_model
 from runtime_shim.errors import EngineBuildError, InputError

@@ -17,7 +17,8 @@ from onnx import numpy_helper
 from bundler.build import ModelSpec, build_bundle
 from bundler.bundle_io import verify_bundle
 from bundler.cli import main
-from bundler.config import BuildOptions, ConfigError, load_config
+from bundler.config import BuildOptions, ConfigError
+from bundler.config_file import load_config
 from bundler.model_options import plan_models
 from bundler.store_sharing import store_sharing
 from runtime_shim.errors import ModelError

@@ -21,7 +21,7 @@ import yaml
 from click.testing import CliRunner
 
 from bundler.cli import main
-from bundler.config import load_config
+from bundler.config_file import load_config
 from bundler.farm import farm_settings
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"

@@ -109,7 +109,8 @@ def build(
     each named after its file's stem, with one weight store: a tensor that models share is stored once.
     """
     from ..build import build_bundle
-    from ..config import load_config, make_options
+    from ..config import make_options
+    from ..config_file import load_config
     from ..model_options import plan_models
     from ..store_sharing import store_sharing
 

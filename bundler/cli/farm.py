@@ -90,7 +90,7 @@ def farm_job(
     """
     settings = FarmSettings()
     if config_path is not None:
-        from ..config import load_config
+        from ..config_file import load_config
 
         settings = farm_settings(load_config(config_path).farm, source=str(config_path))
     extra = [*settings.warmup, *(parse_warmup_arg(w) for w in warmups)]

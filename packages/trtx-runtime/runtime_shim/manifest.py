@@ -7,7 +7,7 @@ bundle (``to_json``), so code that edits one model keeps the others.
 
 Compatibility rule: ``schema_version`` is the major version. A newer major is refused; unknown keys are what a newer
 minor adds, so they are reported as warnings and dropped. Schema 1 (one model, frames pinned by sha256) is read by
-rewriting its JSON into schema 2's layout (``_from_schema_1``); ``trtx-bundle upgrade`` rewrites the file.
+rewriting its JSON into schema 2's layout (manifest_v1.py); ``trtx-bundle upgrade`` rewrites the file.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from typing import Annotated, Any
 from .bundle_files import FILE_FOLDERS, FileRef
 from .errors import ManifestError, ModelChoiceError, SchemaVersionError
 from .fsutil import sha256_bytes
+from .manifest_v1 import from_schema_1
 from .records import (
     CUDA_FLAVOURS,
     ENGINE_KINDS,
@@ -271,7 +272,7 @@ class BundleManifest(Record):
             raise ManifestError(f"{source}: schema_version: expected 1..{SCHEMA_VERSION}, got {version}")
         note = ""
         if version == 1:
-            data, note = _from_schema_1(data, source), " (a schema_version 1 manifest; key paths are schema 2's)"
+            data, note = from_schema_1(data, source), " (a schema_version 1 manifest; key paths are schema 2's)"
         try:
             manifest = cls.parse(data, warnings=warnings)
         except ManifestError as e:
@@ -378,47 +379,6 @@ class Manifest:
         cls, data: bytes | str, *, source: str = "manifest.json", model: str | None = None
     ) -> tuple[Manifest, list[str]]:
         return cls.from_dict(parse_json(data, source=source, corrupt_hint=_CORRUPT_HINT), source=source, model=model)
-
-
-def _from_schema_1(data: Mapping[str, Any], source: str) -> dict[str, Any]:
-    """A schema 1 manifest's JSON in schema 2's layout: its one model under ``models``, its tensors with that model,
-    its frame ``sha256`` pins as ``digest`` with ``frame_digest`` sha256. Values are moved, not checked: the schema 2
-    parse that follows checks them (a value of the wrong type stays where the parse will name it)."""
-    out: dict[str, Any] = {"schema_version": SCHEMA_VERSION}
-    model: dict[str, Any] = {}
-    for key, value in data.items():
-        if key == "model" and isinstance(value, Mapping):
-            model.update(value)
-        elif key == "trt_rtx" and isinstance(value, Mapping):
-            out["trt_rtx"] = {k: v for k, v in value.items() if k != "parse"}
-            if "parse" in value:
-                model["parse"] = value["parse"]
-        elif key == "weights" and isinstance(value, Mapping):
-            weights = {k: v for k, v in value.items() if k != "tensors"}
-            weights["frame_digest"] = "sha256"
-            if isinstance(weights.get("blobs"), list):
-                weights["blobs"] = [_blob_from_schema_1(b) for b in weights["blobs"]]
-            if "tensors" in value:
-                model["tensors"] = value["tensors"]
-            out["weights"] = weights
-        elif key in ("inputs", "outputs", "profiles", "warmup_shapes", "skeleton", "engines", "runtime_caches"):
-            model[key] = value
-        elif key in ("model", "trt_rtx", "weights"):
-            raise ManifestError(f"{source}: {key}: expected an object, got {kind_name(value)}", hint=_CORRUPT_HINT)
-        elif key != "schema_version":
-            out[key] = value  # creator, and keys a newer minor added (warned about by the parse)
-    out["models"] = [model]
-    return out
-
-
-def _blob_from_schema_1(blob: Any) -> Any:
-    if not isinstance(blob, Mapping) or not isinstance(blob.get("frames"), list):
-        return blob
-    frames = [
-        {("digest" if k == "sha256" else k): v for k, v in f.items()} if isinstance(f, Mapping) else f
-        for f in blob["frames"]
-    ]
-    return {**blob, "frames": frames}
 
 
 # --------------------------------------------------------------------------- reading from a bundle directory

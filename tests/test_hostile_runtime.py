@@ -308,7 +308,10 @@ def test_a_driver_version_of_5000_digits_is_a_clean_manifest_error(built, bundle
         runtime_shim.load(bundle, "T", cache_dir=tmp_path / "c")
     _one_line_error(str(e.value), "manifest.json", "runtime_caches[0].key.driver_version", "(5000 characters)")
     assert len(str(e.value)) < 400
-    _edit(bundle, lambda d: models.model0(d)["runtime_caches"][0]["key"].update(driver_version="580.95", gpu_name="G" * 100_000))
+    _edit(
+        bundle,
+        lambda d: models.model0(d)["runtime_caches"][0]["key"].update(driver_version="580.95", gpu_name="G" * 100_000),
+    )
     r = _cli(built, bundle, tmp_path, "verify")
     assert r.exit_code == 1
     _one_line_error(r.stdout + r.stderr, "runtime_caches[0].key.gpu_name", "at most 256 characters")

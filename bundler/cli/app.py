@@ -164,15 +164,19 @@ def main() -> None:
     """Package ONNX models for NVIDIA TensorRT for RTX.
 
     \b
-    A bundle holds weightless engines per GPU architecture, one compressed weight store,
-    pregenerated runtime caches and a manifest that pins every file by sha256.
+    A bundle holds one or more models: weightless engines per GPU architecture, one compressed
+    weight store shared by its models, pregenerated runtime caches and a manifest that pins
+    every file by sha256 (and a signature over it).
 
     \b
     Typical flow:
       trtx-bundle build model.onnx -o bundle/ --shape input=1x3x224x224:4x3x224x224:16x3x224x224
-      trtx-bundle verify bundle/
+      trtx-bundle build det.onnx rec.onnx -o ocr/   # several models, MODEL.INPUT in --shape
+      trtx-bundle farm-job bundle/ -o part/ ; trtx-bundle merge bundle/ part/   # on GPU runners
+      trtx-bundle sign bundle/ --key private.pem ; trtx-bundle verify bundle/ --key public.pem
       trtx-bundle pack bundle/ -o model.trtx
       trtx-bundle doctor model.trtx     # on the user's machine: what would run here, and why
+      trtx-bundle diff old/ new/ -o update.trtxd ; trtx-bundle apply bundle/ update.trtxd
 
     \b
     Results go to stdout, progress and diagnostics to stderr; --json prints JSON only.

@@ -439,7 +439,7 @@ def test_unpack_onto_a_full_disk(archive: Path, tmpfs: Callable[..., Path], monk
     # The write path itself, with the free-space check out of the way: the kernel's ENOSPC mid-file.
     import runtime_shim.archive as archive_mod
 
-    monkeypatch.setattr(archive_mod, "_check_free_space", lambda where, need: None)
+    monkeypatch.setattr(archive_mod, "require_free_space", lambda *a, **k: None)
     with pytest.raises(BundleError, match="cannot unpack .* here: No space left on device") as e:
         unpack_bundle(archive, disk / "out")
     assert "disk is full" in (e.value.hint or "")

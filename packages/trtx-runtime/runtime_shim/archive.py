@@ -45,6 +45,7 @@ from .fsutil import (
     open_regular_file,
     os_error_hint,
     owned_temp_dir,
+    require_free_space,
     sweep_stale_temp_dirs,
 )
 from .manifest import FILE_FOLDERS, MANIFEST_NAME, BundleManifest, FileRef, Manifest
@@ -129,7 +130,7 @@ def check_archive(archive: str | os.PathLike[str]) -> BundleManifest:
     src = Path(archive)
     with open_archive(src) as tar:
         manifest, _raw, _warnings = _read_manifest_entry(src, tar)
-        _stream_pinned(src, tar, _pins(src, manifest), lambda name: None)
+        _stream_pinned(src, tar, _pins(manifest), lambda name: None)
     return manifest
 
 
@@ -148,10 +149,16 @@ def extract_archive(archive: str | os.PathLike[str], out_dir: str | os.PathLike[
             )
     with open_archive(src) as tar:
         manifest, raw, _warnings = _read_manifest_entry(src, tar)
-        pinned = _pins(src, manifest)
+        pinned = _pins(manifest)
         with disk_errors(target, f"cannot unpack {src} here", "nothing was written"):
             target.parent.mkdir(parents=True, exist_ok=True)
-            _check_free_space(target.parent, len(raw) + sum(ref.size for _key, ref in pinned.values()))
+            need = len(raw) + sum(ref.size for _key, ref in pinned.values())
+            require_free_space(
+                target.parent,
+                need,
+                needs=f"the bundle needs {need}; nothing was written",
+                hint="free some space or unpack on another disk",
+            )
             prefix = f".{target.name}.unpack-"
             sweep_stale_temp_dirs(target.parent, prefix)
             with owned_temp_dir(target.parent, prefix) as tmp:
@@ -284,29 +291,10 @@ def _signature_bytes(src: Path, tar: tarfile.TarFile, member: tarfile.TarInfo, *
     return data
 
 
-def _pins(src: Path, manifest: BundleManifest) -> dict[str, tuple[str, FileRef]]:
-    """Bundle path -> (key path, file ref) for every file the manifest pins, of every model."""
-    pinned: dict[str, tuple[str, FileRef]] = {}
-    for key, ref in manifest.files():
-        other = pinned.setdefault(ref.path, (key, ref))[1]
-        if (other.size, other.sha256) != (ref.size, ref.sha256):
-            raise ArchiveError(
-                f"{src}: manifest.json pins {ref.path} twice with different sizes ({other.size}, {ref.size})",
-                hint=NOT_PACKED,
-            )
-    return pinned
-
-
-def _check_free_space(where: Path, need: int) -> None:
-    try:
-        usage = shutil.disk_usage(where)
-    except OSError:
-        return
-    if usage.total and usage.free < need:
-        raise BundleError(
-            f"{where}: {usage.free} bytes free, but the bundle needs {need}; nothing was written",
-            hint="free some space or unpack on another disk",
-        )
+def _pins(manifest: BundleManifest) -> dict[str, tuple[str, FileRef]]:
+    """Bundle path -> (key path, file ref) for every file the manifest pins, of every model (once each: the parse
+    refused a manifest that pins one path two ways)."""
+    return {ref.path: (key, ref) for key, ref in manifest.files()}
 
 
 def _extract_pinned(src: Path, tar: tarfile.TarFile, dest: Path, pinned: dict[str, tuple[str, FileRef]]) -> None:

@@ -15,14 +15,21 @@ import contextlib
 import hashlib
 import logging
 import os
-import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
 from .delta_format import NOT_A_DELTA
 from .errors import BundleError, DeltaError, IntegrityError
-from .fsutil import CHUNK, disk_errors, open_regular_file, os_error_hint, owned_temp_dir, sweep_stale_temp_dirs
+from .fsutil import (
+    CHUNK,
+    disk_errors,
+    open_regular_file,
+    os_error_hint,
+    owned_temp_dir,
+    require_free_space,
+    sweep_stale_temp_dirs,
+)
 from .fsutil import bundle_lock_path as lock_path
 from .fsutil import exchange_dirs as _exchange  # a module name of its own: tests switch it off
 from .manifest import FILE_FOLDERS, MANIFEST_NAME, BundleManifest, FileRef
@@ -80,7 +87,12 @@ def commit(
     with disk_errors(target, "cannot write the updated bundle", kept):
         parent = target.parent
         parent.mkdir(parents=True, exist_ok=True)
-        _check_free_space(parent, space, kept)
+        require_free_space(
+            parent,
+            space,
+            needs=f"the updated bundle needs {space} more; {kept}",
+            hint="free some space, or apply the update with -o to a place on another disk",
+        )
         prefix = f".{target.name}.apply-"
         for stale in sweep_stale_temp_dirs(parent, prefix):
             log.info("removed %s, left behind by an update that did not finish", stale)
@@ -98,18 +110,6 @@ def commit(
             if _exchange(stage, bundle):
                 return  # the stage now holds OLD; owned_temp_dir removes it
             _move_in(stage, bundle, new, {ref.path for _key, ref in old.files()})
-
-
-def _check_free_space(where: Path, need: int, kept: str) -> None:
-    try:
-        usage = shutil.disk_usage(where)
-    except OSError:
-        return
-    if usage.total and usage.free < need:
-        raise BundleError(
-            f"{where}: {usage.free} bytes free, but the updated bundle needs {need} more; {kept}",
-            hint="free some space, or apply the update with -o to a place on another disk",
-        )
 
 
 def _fsync_dir(path: Path) -> None:

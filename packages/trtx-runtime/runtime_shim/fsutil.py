@@ -317,3 +317,14 @@ def exchange_dirs(a: Path, b: Path) -> bool:
         return True
     log.debug("renameat2(RENAME_EXCHANGE) failed: %s; moving files in instead", os.strerror(ctypes.get_errno()))
     return False
+
+
+def require_free_space(where: Path, need: int, *, needs: str, hint: str) -> None:
+    """BundleError when the disk holding ``where`` has fewer than ``need`` bytes free, before anything is written
+    (``needs`` completes "N bytes free, but ..."). A disk whose usage cannot be read is not refused."""
+    try:
+        usage = shutil.disk_usage(where)
+    except OSError:
+        return
+    if usage.total and usage.free < need:
+        raise BundleError(f"{where}: {usage.free} bytes free, but {needs}", hint=hint)

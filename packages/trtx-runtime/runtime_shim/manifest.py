@@ -32,7 +32,6 @@ from .records import (
     Creator,
     Dim,
     Engine,
-    Label,
     ModelInfo,
     ParseVerdict,
     Profile,
@@ -44,9 +43,8 @@ from .records import (
     TrtRtx,
     TrtRtxTarget,
     UnsupportedOp,
-    _optional_label,
 )
-from .schema import Key, ListOf, Record, Sha256, at, canonical_json, kind_name, parse_json, read_json_bytes
+from .schema import Key, ListOf, Record, at, canonical_json, kind_name, parse_json, read_json_bytes
 from .store_index import DTYPES, WEIGHT_ENCODINGS, Blob, DType, Frame, StoreIndex, WeightStore, WeightTensor
 
 __all__ = [
@@ -96,13 +94,10 @@ _CORRUPT_HINT = "the file is corrupt or truncated; fetch the bundle again"
 
 
 @dataclass(frozen=True, kw_only=True)
-class Model(Record):
-    """One model of the bundle: its graph, I/O, profiles, tensors (into the shared store) and its own artifacts."""
+class Model(ModelInfo):
+    """One model of the bundle: who it is (ModelInfo's fields, flat in its models[] entry), its graph, I/O, profiles,
+    tensors (into the shared store) and its own artifacts."""
 
-    name: Label
-    version: Annotated[str, Key(check=_optional_label)] = "0"
-    source_sha256: Sha256 | None = None  # of the ONNX file as given (external data not included)
-    opset: int | None = None
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     profiles: tuple[Profile, ...]
